@@ -1,0 +1,44 @@
+"""Shared by every benchmark: print a markdown table and store it in docs/benchmarks.md.
+
+Each benchmark owns one section between ``<!-- BEGIN name -->`` / ``<!-- END name -->``
+markers, so benchmarks can be re-run one at a time without clobbering the others.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+SHARED_DATA = Path(os.environ.get("CATALENS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+HEADER = "# Benchmarks\n\nProduced by the scripts in `benchmarks/` (each writes its own section).\n"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table; floats get 3 significant decimals."""
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def write_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) section ``name`` of docs/benchmarks.md and print it."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    section = f"<!-- BEGIN {name} -->\n## {title}\n\n_Run {stamp} on {machine()}; `python benchmarks/{name}.py`._\n\n{body.strip()}\n<!-- END {name} -->"
+    print(section)
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else HEADER
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)

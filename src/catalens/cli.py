@@ -1,0 +1,57 @@
+"""The ``catalens`` command: a thin layer over the library API.
+
+Each sub-command lives in its own module under :mod:`catalens.commands` and exposes
+``register(subparsers)``; modules are discovered, so a stage adds a command by adding a file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from catalens import commands
+from catalens.runtime import MALLOC_ENV, tune_malloc_env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="catalens", description="Product photos to categories and tags.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"catalens.commands.{info.name}").register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return f"catalens {version('catalens')}"
+
+
+def _reexec_with_malloc_tuning(argv: list[str]) -> None:
+    """glibc reads MALLOC_* only at start-up: re-run once with them set (1.3-2.7x faster)."""
+    if os.environ.get("CATALENS_NO_MALLOC_TUNING") or all(k in os.environ for k in MALLOC_ENV):
+        return
+    if sys.platform != "linux":
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "catalens", *argv], tune_malloc_env())
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real command line (tests pass argv and stay in-process)
+        argv = sys.argv[1:]
+        _reexec_with_malloc_tuning(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        if os.environ.get("CATALENS_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2

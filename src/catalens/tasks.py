@@ -1,0 +1,66 @@
+"""Task descriptions shared by every stage: what is predicted and in which class order.
+
+A *class* task has exactly one label per image (softmax head); a *tags* task has a set
+of tags per image, several of which can hold at once (sigmoid head).
+
+Label encoding used everywhere (ingest → heads → evaluate):
+- class task: ``int64`` array ``(n,)`` of class indices into ``classes``; ``-1`` = missing.
+- tags task:  ``float32`` array ``(n, n_tags)`` of 0/1; ``NaN`` = missing for that image.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+
+TaskKind = Literal["class", "tags"]
+MISSING = -1
+
+
+@dataclass
+class TaskInfo:
+    """One task of a model: its kind, class (or tag) order, parent level and thresholds."""
+
+    name: str
+    kind: TaskKind
+    classes: list[str]
+    parent: str | None = None
+    thresholds: list[float] | None = None  # tags only: one decision threshold per tag
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskInfo":
+        return cls(**d)
+
+    def threshold_array(self) -> np.ndarray:
+        """Per-tag thresholds as an array (0.5 where none were tuned)."""
+        if self.kind != "tags":
+            raise ValueError(f"task '{self.name}' is a class task; thresholds apply to tags")
+        t = self.thresholds or [0.5] * len(self.classes)
+        return np.asarray(t, dtype=np.float32)
+
+
+def hierarchy_levels(tasks: list[TaskInfo]) -> list[list[str]]:
+    """Chains of class tasks linked by ``parent``, root first, e.g. [[master, sub, article]]."""
+    by_name = {t.name: t for t in tasks if t.kind == "class"}
+    children = {t.parent for t in by_name.values() if t.parent}
+    chains = []
+    for leaf in (t for t in by_name.values() if t.name not in children and t.parent):
+        chain = [leaf.name]
+        while by_name[chain[0]].parent:
+            parent = by_name[chain[0]].parent
+            if parent not in by_name:
+                raise ValueError(f"task '{chain[0]}' names parent '{parent}', which is not a class task")
+            if parent in chain:
+                raise ValueError(f"task parents form a cycle: {' > '.join([parent] + chain)}")
+            chain.insert(0, parent)
+        chains.append(chain)
+    return chains
