@@ -1,0 +1,79 @@
+"""Worker-side work of the engine: read bytes, hash, decode and resize (no torch here).
+
+Runs in worker processes; everything here is picklable and module-level.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from catalens.embed.cache import content_hash
+from catalens.ingest.images import DEFAULT_MAX_PIXELS, ImageProblem, Preprocess, load_rgb
+
+
+@dataclass
+class DecodeJob:
+    """What every worker needs, shipped once per worker at pool start."""
+
+    reader: object                  # callable path -> bytes (Catalogue.reader)
+    pre: Preprocess
+    known: frozenset = frozenset()  # content hashes already in the cache: skip decoding
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    hash_content: bool = True
+
+
+@dataclass
+class Decoded:
+    """One row's outcome: pixels, a cache hit, or a problem."""
+
+    row: int
+    key: str | None
+    pixels: np.ndarray | None = None   # (size, size, 3) uint8 when decoded
+    cached: bool = False
+    problem: str | None = None         # ImageProblem code
+    detail: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+_JOB: DecodeJob | None = None
+
+
+def init_worker(job: DecodeJob) -> None:
+    """Pool initializer: keep the job in the worker process."""
+    global _JOB
+    _JOB = job
+
+
+def _read(job: DecodeJob, path: str) -> bytes:
+    try:
+        return job.reader(path)
+    except FileNotFoundError:
+        raise ImageProblem("missing", f"no file at '{path}'") from None
+    except IsADirectoryError:
+        raise ImageProblem("not_an_image", f"'{path}' is a directory") from None
+    except PermissionError as e:
+        raise ImageProblem("missing", f"cannot read '{path}': {e}") from None
+
+
+def decode_one(row: int, path: str, job: DecodeJob | None = None) -> Decoded:
+    """Read, hash and (unless cached) decode one image."""
+    job = job or _JOB
+    key = None
+    try:
+        data = _read(job, path)
+        if not data:
+            raise ImageProblem("empty", "0 bytes")
+        key = content_hash(data) if job.hash_content else None
+        if key is not None and key in job.known:
+            return Decoded(row, key, cached=True)
+        notes: list[str] = []
+        pixels = load_rgb(data, job.pre, job.max_pixels, notes)
+        return Decoded(row, key, pixels=pixels, notes=tuple(notes))
+    except ImageProblem as p:
+        return Decoded(row, key, problem=p.code, detail=p.detail)
+
+
+def decode_block(items: list[tuple[int, str]]) -> list[Decoded]:
+    """A block of (row, path) pairs decoded in one worker call."""
+    return [decode_one(r, p) for r, p in items]
