@@ -148,8 +148,8 @@ def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root:
     bad = ~values.isin([0, 1]) & values.notna()
     if bad.to_numpy().any():
         r, c = np.argwhere(bad.to_numpy())[0]
-        raise ValueError(f"task '{name}': tag '{tags[c]}' at row {r} holds {values.iat[r, c]}; expected 0 or 1 "
-                         f"(or empty for unknown)")
+        raise ValueError(f"task '{name}': tag '{tags[c]}' of id '{df[id_col].iat[r]}' (table row {r + 2}) holds "
+                         f"{values.iat[r, c]:g}; expected 0 or 1 (or empty for unknown)")
     out = pd.DataFrame({f"{name}/{t}": values[t].to_numpy(dtype=float) for t in tags}, index=df.index)
     return out, tags
 
@@ -180,7 +180,7 @@ class TableSource:
             "path": _image_paths(df, spec.image, root),
             "split": [normalise_split(v, i + 2, spec.split) for i, v in enumerate(df[spec.split])]
             if spec.split else None,
-            "text": df[spec.text].where(df[spec.text].notna(), None) if spec.text else None,
+            "text": [v if isinstance(v, str) and v.strip() else None for v in df[spec.text]] if spec.text else None,
             "row": np.arange(len(df)) + 2,  # 1-based line number in the CSV, header is line 1
         })
         class_specs, tag_tasks = [], []

@@ -1,0 +1,55 @@
+"""Options shared by several sub-commands and their mapping onto :class:`catalens.config.Config`."""
+from __future__ import annotations
+
+import argparse
+
+from catalens.config import Config, load_config, parse_override
+
+
+def add_config_options(p: argparse.ArgumentParser, training: bool = False) -> None:
+    g = p.add_argument_group("configuration (defaults < --config file < flags < --set)")
+    g.add_argument("--config", metavar="FILE", help="YAML run configuration")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override any config key, e.g. --set head.lr=0.01 (repeatable)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default ~/.cache/catalens/embeddings)")
+    g.add_argument("--runtime", help="inference runtime: auto, eager, onnx, compile, bf16")
+    g.add_argument("--workers", type=int, help="decode processes (default: spare cores)")
+    g.add_argument("--batch-size", type=int, help="images per inference batch")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if training:
+        g.add_argument("--backbone", help="backbone name (efficientnet_lite0/1/2 offline, or any timm name)")
+        g.add_argument("--weights", metavar="FILE", help="backbone checkpoint (.safetensors/.pth), or 'random'")
+        g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
+        g.add_argument("--epochs", type=int)
+        g.add_argument("--strict", action="store_true", help="any image problem is fatal")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Resolve the configuration: defaults < --config < flags < --set."""
+    flags: dict = {}
+
+    def put(path: str, value) -> None:
+        if value is None or value is False:
+            return
+        node = flags
+        *parents, last = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+
+    put("seed", getattr(args, "seed", None))
+    put("cache_dir", getattr(args, "cache_dir", None))
+    put("engine.runtime", getattr(args, "runtime", None))
+    put("engine.workers", getattr(args, "workers", None))
+    put("engine.batch_size", getattr(args, "batch_size", None))
+    if getattr(args, "no_progress", False):
+        put("engine.progress", None)
+        flags.setdefault("engine", {})["progress"] = False
+    put("backbone.name", getattr(args, "backbone", None))
+    put("backbone.weights", getattr(args, "weights", None))
+    put("head.type", getattr(args, "head_type", None))
+    put("head.epochs", getattr(args, "epochs", None))
+    put("data.strict", getattr(args, "strict", None))
+    overrides = [flags] + [parse_override(s) for s in getattr(args, "set", [])]
+    return load_config(getattr(args, "config", None), overrides)

@@ -1,0 +1,141 @@
+"""One typed configuration for a run; defaults live here and nowhere else.
+
+Precedence: defaults < ``--config FILE`` (YAML) < command-line flags and ``--set a.b=v``.
+Unknown keys are rejected with the list of valid ones; the resolved config is saved in
+every model folder as ``config.yaml``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("CATALENS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "catalens")
+    return os.path.join(base, "embeddings")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    name: str = "efficientnet_lite0"
+    weights: str | None = None          # a checkpoint file, "random", or None (registry/hub weights)
+
+
+class EngineSettings(_Strict):
+    batch_size: int = Field(64, ge=1)
+    workers: int | None = Field(None, ge=0)   # decode processes; None = one per spare core
+    runtime: str = "auto"                     # auto | eager | onnx | compile | bf16
+    threads: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+class HeadConfig(_Strict):
+    type: str = "linear"                # see catalens.heads.HEADS
+    hidden: int = Field(0, ge=0)        # >0: one hidden layer of this width (type mlp)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(300, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(25, ge=1)     # epochs without validation improvement before stopping
+    loss_weights: dict[str, float] = Field(default_factory=dict)  # per task; default 1.0
+    class_weighting: Literal["none", "balanced", "sqrt"] = "none"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
+
+
+class DataConfig(_Strict):
+    val_fraction: float = Field(0.15, gt=0, lt=1)   # carved from train when no val split exists
+    test_fraction: float = Field(0.15, ge=0, lt=1)  # only when the data has no split at all
+    min_class_count: int = Field(3, ge=1)           # fewer training images: reported as too small
+    strict: bool = False                            # any image problem is fatal
+    max_pixels: int = Field(89_478_485, ge=1)       # decompression-bomb limit
+
+
+class Config(_Strict):
+    """The whole run configuration."""
+
+    seed: int = 0
+    cache_dir: str = Field(default_factory=default_cache_dir)
+    top_k: int = Field(5, ge=1)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    tracking: bool = True                           # log runs to MLflow when it is installed
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _errors_text(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent = _section(err["loc"][:-1])
+            lines.append(f"  {loc}: unknown key; valid keys here: {', '.join(parent.model_fields)}")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid configuration from {origin}:\n" + "\n".join(lines)
+
+
+def _section(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return model
+        model = field.annotation
+    return model
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``"head.lr=0.01"`` → ``{"head": {"lr": 0.01}}`` (the value parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects KEY=VALUE such as head.lr=0.01; got '{text}'")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[dict] | None = None) -> Config:
+    """Defaults < file < overrides (each a nested dict); raises ValueError naming bad keys."""
+    data: dict = {}
+    origin = "defaults"
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file '{p}' does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file '{p}' must hold a mapping of keys (seed, backbone, head, ...)")
+        data, origin = raw, f"'{p}'"
+    for o in overrides or []:
+        data = _deep_merge(data, o)
+        origin = f"{origin} + command line" if "command line" not in origin else origin
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(_errors_text(e, origin)) from None

@@ -1,0 +1,116 @@
+"""``catalens evaluate``: a model on labelled data → metrics.json + report.html."""
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalens.artifact import CatalensModel
+from catalens.config import Config
+from catalens.embed.cache import EmbeddingCache
+from catalens.embed.engine import stream_features
+from catalens.ingest.catalogue import Catalogue
+from catalens.ingest.sources import open_catalogue
+from catalens.tasks import MISSING
+from catalens.train.features import engine_config
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    report: Path
+    n_images: int
+    excluded: int
+
+
+def evaluation_rows(cat: Catalogue) -> tuple[Catalogue, str]:
+    """The rows to evaluate: the ``test`` split when there is one, else every row."""
+    if cat.has_split("test"):
+        return cat.split("test"), "test split"
+    if cat.frame["split"].notna().any():
+        raise ValueError("the data has splits but no 'test' split; evaluate a folder or table of "
+                         "test images, or add test rows")
+    return cat, "all rows (no split)"
+
+
+def _model_outputs(model: CatalensModel, cat: Catalogue, cfg: Config, n_examples: int = 24):
+    """Probabilities for every row, which rows decoded, and thumbnails of some rows."""
+    cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
+    probs = {t.name: np.zeros((len(cat), t.n_outputs), np.float32) for t in model.tasks}
+    ok = np.zeros(len(cat), dtype=bool)
+    problems: list[dict] = []
+    with torch.inference_mode():
+        for block in stream_features(cat, model.backbone, cache, engine_config(cfg)):
+            p = model.predict_proba_features(block.features)
+            for k, v in p.items():
+                probs[k][block.rows] = v
+            ok[block.rows] = block.ok
+            problems += block.problems
+    return probs, ok, problems
+
+
+def _examples(model: CatalensModel, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit: int = 24) -> list[dict]:
+    """Thumbnails of the most confident mistakes of the first class task."""
+    from PIL import Image
+
+    from catalens.ingest.images import decode
+
+    task = next((t for t in model.tasks if t.kind == "class"), None)
+    if task is None:
+        return []
+    yt, p = y[task.name], probs[task.name]
+    wrong = np.where(ok & (yt != MISSING) & (p.argmax(1) != yt))[0]
+    wrong = wrong[np.argsort(-p[wrong].max(1))][:limit]
+    out = []
+    for i in wrong:
+        try:
+            im = decode(cat.read_bytes(int(i)), draft_to=160)
+        except Exception:
+            continue
+        im.thumbnail((160, 160), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        out.append({"image_b64": base64.b64encode(buf.getvalue()).decode(), "correct": False,
+                    "caption": f"{cat.frame['id'].iat[i]}: true {task.classes[yt[i]]}, "
+                               f"predicted {task.classes[p[i].argmax()]} ({p[i].max():.2f})"})
+    return out
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
+                   log=print) -> EvalResult:
+    """Evaluate the model folder on ``data`` and write the report folder."""
+    from catalens.evaluate.metrics import compute_metrics
+    from catalens.evaluate.report import write_report
+
+    t0 = time.time()
+    model = CatalensModel.load(model_dir)
+    cat, which = evaluation_rows(open_catalogue(data))
+    log(f"evaluating {model_dir} on {len(cat)} images of {data} ({which})")
+    probs, ok, problems = _model_outputs(model, cat, cfg)
+    y_all = cat.encode(model.tasks)
+    y = {k: (np.where(ok, v, MISSING) if v.ndim == 1 else np.where(ok[:, None], v, np.nan)) for k, v in y_all.items()}
+    paths = [p for v in model.meta.get("hierarchy_paths", {}).values() for p in v]
+    metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None)
+    context = {"model": str(model_dir), "data": str(data), "rows": which, "images": len(cat),
+               "excluded": int((~ok).sum()), "problems": problems[:100],
+               "unknown_labels": cat.meta.get("unknown_labels", {}),
+               "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
+    report = write_report(report_dir, metrics, model.tasks, y, probs,
+                          title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
+                          context=context, examples=_examples(model, cat, y, probs, ok))
+    for name, m in metrics.items():
+        if isinstance(m, dict) and m.get("kind") == "class":
+            log(f"  {name}: accuracy {m['accuracy']:.4f}, top-5 {m['top5_accuracy']:.4f}, "
+                f"macro-F1 {m['macro_f1']:.4f}, weighted-F1 {m['weighted_f1']:.4f} (n={m['n']})")
+        elif isinstance(m, dict) and m.get("kind") == "tags":
+            log(f"  {name}: micro-F1 {m['micro_f1']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
+                f"mAP {m['mean_average_precision']:.4f} (n={m['n']})")
+    if problems:
+        log(f"  {len(problems)} images could not be read and are excluded (listed in metrics.json context)")
+    log(f"report: {report}")
+    return EvalResult(metrics, Path(report), len(cat), int((~ok).sum()))

@@ -1,0 +1,200 @@
+"""Multi-task heads with the scikit-learn estimator shape: ``fit / predict / predict_proba``.
+
+``MultiTaskHead(tasks).fit(X, Y)`` trains one :class:`~catalens.heads.net.MultiTaskNet`
+(softmax per class task, sigmoid per tags task) with a weighted, masked loss, AdamW,
+cosine learning-rate decay and early stopping on a validation set. Seeded and deterministic.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from catalens.heads.losses import class_weights, multitask_loss
+from catalens.heads.net import MultiTaskNet
+from catalens.registry import Registry
+from catalens.tasks import TaskInfo
+
+HEADS: Registry = Registry("head")
+
+
+class MultiTaskHead:
+    """One head per task over shared features; ``classes_`` maps task → class order."""
+
+    def __init__(self, tasks: list[TaskInfo], hidden: int = 0, dropout: float = 0.0, epochs: int = 300,
+                 batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4, patience: int = 25,
+                 loss_weights: dict[str, float] | None = None, class_weighting: str = "none",
+                 label_smoothing: float = 0.0, focal_gamma: float = 0.0, seed: int = 0,
+                 verbose: bool = False) -> None:
+        self.tasks = tasks
+        self.params = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, patience=patience, loss_weights=loss_weights or {},
+                           class_weighting=class_weighting, label_smoothing=label_smoothing,
+                           focal_gamma=focal_gamma, seed=seed)
+        self.verbose = verbose
+        self.net_: MultiTaskNet | None = None
+        self.history_: list[dict] = []
+
+    @property
+    def classes_(self) -> dict[str, list[str]]:
+        return {t.name: list(t.classes) for t in self.tasks}
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X: np.ndarray, Y: dict[str, np.ndarray], X_val: np.ndarray | None = None,
+            Y_val: dict[str, np.ndarray] | None = None) -> "MultiTaskHead":
+        """Train on features ``X (n, D)`` and labels ``Y`` (encoding of :mod:`catalens.tasks`)."""
+        p = self.params
+        gen = torch.Generator().manual_seed(p["seed"])
+        torch.manual_seed(p["seed"])
+        net = MultiTaskNet(X.shape[1], self.tasks, p["hidden"], p["dropout"])
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        net.mean.copy_(Xt.mean(0))
+        net.std.copy_(Xt.std(0).clamp_min(1e-6))
+        Yt = _to_tensors(Y, self.tasks)
+        weights = {t.name: class_weights(Y[t.name], t.n_outputs, p["class_weighting"])
+                   for t in self.tasks if t.kind == "class"}
+        opt = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        steps_per_epoch = max(1, -(-len(X) // p["batch_size"]))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["epochs"] * steps_per_epoch,
+                                                    pct_start=0.05, anneal_strategy="cos")
+        has_val = X_val is not None and Y_val is not None and len(X_val) > 0
+        if has_val:
+            Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
+            Yv = _to_tensors(Y_val, self.tasks)
+        best, best_state, bad = float("inf"), None, 0
+        self.history_ = []
+        for epoch in range(p["epochs"]):
+            net.train()
+            order = torch.randperm(len(X), generator=gen)
+            total = 0.0
+            for s in range(0, len(X), p["batch_size"]):
+                idx = order[s:s + p["batch_size"]]
+                loss = multitask_loss(net(Xt[idx]), {k: v[idx] for k, v in Yt.items()}, self.tasks,
+                                      p["loss_weights"], weights, p["label_smoothing"], p["focal_gamma"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+            row = {"epoch": epoch + 1, "train_loss": total / len(X)}
+            if has_val:
+                net.eval()
+                with torch.no_grad():
+                    vloss = float(multitask_loss(net(Xv), Yv, self.tasks, p["loss_weights"], weights))
+                row["val_loss"] = vloss
+                if vloss < best - 1e-5:
+                    best, best_state, bad = vloss, copy.deepcopy(net.state_dict()), 0
+                else:
+                    bad += 1
+            self.history_.append(row)
+            if self.verbose and (epoch % 20 == 0):
+                print(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+            if has_val and bad >= p["patience"]:
+                break
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        self.net_ = net.eval()
+        self.best_epoch_ = int(np.argmin([h.get("val_loss", h["train_loss"]) for h in self.history_])) + 1
+        return self
+
+    # --------------------------------------------------------------- inference
+    def _check_fitted(self) -> MultiTaskNet:
+        if self.net_ is None:
+            raise RuntimeError("this head is not fitted yet: call fit(X, Y) or load a model folder")
+        return self.net_
+
+    def predict_logits(self, X: np.ndarray, batch_size: int = 4096) -> dict[str, np.ndarray]:
+        net = self._check_fitted()
+        outs: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
+        with torch.inference_mode():
+            for s in range(0, len(X), batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(X[s:s + batch_size], dtype=np.float32))
+                for k, v in net(xb).items():
+                    outs[k].append(v.numpy())
+        return {k: np.concatenate(v) if v else np.zeros((0, self._n_out(k)), np.float32) for k, v in outs.items()}
+
+    def _n_out(self, name: str) -> int:
+        return next(t.n_outputs for t in self.tasks if t.name == name)
+
+    def predict_proba(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """``{task: (n, C)}``: softmax probabilities for class tasks, sigmoid per tag for tags."""
+        out = {}
+        logits = self.predict_logits(X)
+        for t in self.tasks:
+            z = logits[t.name].astype(np.float64)
+            if t.kind == "class":
+                e = np.exp(z - z.max(1, keepdims=True))
+                out[t.name] = (e / e.sum(1, keepdims=True)).astype(np.float32)
+            else:
+                out[t.name] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return out
+
+    def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """Class tasks: label array ``(n,)``; tags: boolean decisions ``(n, T)`` at stored thresholds."""
+        proba = self.predict_proba(X)
+        out = {}
+        for t in self.tasks:
+            if t.kind == "class":
+                out[t.name] = np.asarray(t.classes, dtype=object)[proba[t.name].argmax(1)]
+            else:
+                out[t.name] = proba[t.name] >= t.threshold_array()[None, :]
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> None:
+        """``head.safetensors`` + ``head.json`` (tasks, hyper-parameters, history)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        net = self._check_fitted()
+        state = {k: v.contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(folder / "head.safetensors"))
+        meta = {"type": type(self).__name__, "in_dim": int(net.mean.numel()), "params": self.params,
+                "tasks": [t.to_dict() for t in self.tasks], "history": self.history_}
+        (folder / "head.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MultiTaskHead":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "head.json").read_text())
+        tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
+        head = cls(tasks, **meta["params"])
+        net = MultiTaskNet(meta["in_dim"], tasks, meta["params"]["hidden"], meta["params"]["dropout"])
+        net.load_state_dict(load_file(str(folder / "head.safetensors")))
+        head.net_ = net.eval()
+        head.history_ = meta.get("history", [])
+        return head
+
+
+def _to_tensors(Y: dict[str, np.ndarray], tasks: list[TaskInfo]) -> dict[str, torch.Tensor]:
+    out = {}
+    for t in tasks:
+        y = Y[t.name]
+        out[t.name] = torch.from_numpy(y.astype(np.int64 if t.kind == "class" else np.float32))
+    return out
+
+
+@HEADS.register("linear")
+def linear_head(tasks: list[TaskInfo], **kw) -> MultiTaskHead:
+    """Softmax/sigmoid regression per task on standardised features."""
+    kw["hidden"] = 0
+    return MultiTaskHead(tasks, **kw)
+
+
+@HEADS.register("mlp")
+def mlp_head(tasks: list[TaskInfo], **kw) -> MultiTaskHead:
+    """One shared hidden layer (default 512, GELU, dropout 0.2) then a layer per task."""
+    kw["hidden"] = kw.get("hidden") or 512
+    kw["dropout"] = kw.get("dropout") or 0.2
+    return MultiTaskHead(tasks, **kw)
+
+
+def create_head(name: str, tasks: list[TaskInfo], **kw) -> MultiTaskHead:
+    """Build a registered head by name."""
+    return HEADS.create(name, tasks, **kw)

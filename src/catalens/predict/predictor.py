@@ -1,0 +1,123 @@
+"""``catalens predict``: a whole catalogue to parquet, streaming and resumable.
+
+Rows are processed in parts of ``part_rows``; each finished part is written atomically
+as ``OUT.parts/part-NNNNN.parquet``. A re-run skips finished parts (no duplicate, no
+missing row). When all parts exist they are merged, row group by row group (constant
+memory), into the single file ``OUT``, and the parts are removed. Rows whose image failed
+are kept, with the ``problem`` column set and null predictions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from catalens.artifact import CatalensModel
+from catalens.config import Config
+from catalens.embed.cache import EmbeddingCache
+from catalens.embed.engine import EngineConfig, stream_features
+from catalens.ingest.catalogue import Catalogue
+from catalens.predict.outputs import output_schema, prediction_columns
+
+
+@dataclass
+class PredictResult:
+    path: Path
+    rows: int
+    problems: int
+    seconds: float
+    resumed_parts: int
+
+
+def _part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:05d}.parquet"
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _base_columns(cat: Catalogue, rows: np.ndarray, problems: dict[int, str]) -> dict[str, list]:
+    f = cat.frame.iloc[rows]
+    return {"id": f["id"].astype(str).tolist(), "product_id": f["product_id"].astype(str).tolist(),
+            "path": f["path"].astype(str).tolist(),
+            "split": [s if isinstance(s, str) else None for s in f["split"]],
+            "problem": [problems.get(int(r)) for r in rows]}
+
+
+def predict_catalogue(model: CatalensModel, cat: Catalogue, out: str | Path, cfg: Config,
+                      engine: EngineConfig | None = None, part_rows: int = 8192, use_cache: bool = True,
+                      log=print) -> PredictResult:
+    """Predict every row of ``cat`` into the parquet file ``out`` (resumable)."""
+    t0 = time.time()
+    out = Path(out)
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    _check_parts_match(parts, model, cat, part_rows)
+    schema = output_schema(model.tasks)
+    n_parts = max(1, -(-len(cat) // part_rows))
+    done = [k for k in range(n_parts) if _part_path(parts, k).exists()]
+    if done:
+        log(f"resuming: {len(done)} of {n_parts} parts already written in {parts}")
+    cache = None
+    if use_cache:
+        cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
+    n_problems = 0
+    for k in range(n_parts):
+        if k in done:
+            continue
+        rows = np.arange(k * part_rows, min((k + 1) * part_rows, len(cat)))
+        table, bad = _predict_part(model, cat.subset(rows), rows, cache, engine, cfg.top_k, schema)
+        n_problems += bad
+        _write_atomic(table, _part_path(parts, k))
+    _merge(parts, n_parts, out, schema)
+    return PredictResult(out, len(cat), n_problems, time.time() - t0, len(done))
+
+
+def _predict_part(model, sub: Catalogue, rows: np.ndarray, cache, engine, top_k: int, schema) -> tuple[pa.Table, int]:
+    tables = []
+    bad = 0
+    with torch.inference_mode():
+        for block in stream_features(sub, model.backbone, cache, engine):
+            probs = model.predict_proba_features(block.features)
+            problems = {int(p["row"]): f"{p['problem']}: {p['detail']}" for p in block.problems}
+            bad += len(problems)
+            cols = _base_columns(sub, block.rows, problems)
+            cols.update(prediction_columns(model.tasks, probs, block.ok, top_k))
+            tables.append(pa.table(cols, schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table(), bad
+
+
+def _check_parts_match(parts: Path, model: CatalensModel, cat: Catalogue, part_rows: int) -> None:
+    """Refuse to resume parts written for another model, catalogue or part size."""
+    stamp = {"model": model.meta.get("created"), "rows": len(cat), "part_rows": part_rows,
+             "first_id": str(cat.frame["id"].iat[0]) if len(cat) else None,
+             "last_id": str(cat.frame["id"].iat[-1]) if len(cat) else None}
+    f = parts / "_run.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != stamp:
+            raise ValueError(f"'{parts}' holds parts of another run ({old}); delete it or choose another --out")
+    else:
+        f.write_text(json.dumps(stamp))
+
+
+def _merge(parts: Path, n_parts: int, out: Path, schema: pa.Schema) -> None:
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        for k in range(n_parts):
+            pf = pq.ParquetFile(_part_path(parts, k))
+            for i in range(pf.num_row_groups):
+                w.write_table(pf.read_row_group(i))
+    os.replace(tmp, out)
+    shutil.rmtree(parts)

@@ -1,0 +1,131 @@
+"""``catalens train``: ingest → embed (cached) → fit heads → tune thresholds → model folder."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catalens.artifact import CatalensModel
+from catalens.config import Config
+from catalens.embed.backbones import create_backbone
+from catalens.heads import create_head
+from catalens.ingest.catalogue import Catalogue
+from catalens.ingest.sources import open_catalogue
+from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
+from catalens.train.features import catalogue_features
+from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
+from catalens.train.splits import ensure_splits
+
+
+@dataclass
+class TrainResult:
+    model: CatalensModel
+    folder: Path
+    metrics: dict
+    seconds: float
+
+
+def training_tasks(cat: Catalogue) -> list[TaskInfo]:
+    """Tasks with the class order seen in the training split (other labels become unknown)."""
+    train = cat.frame[cat.frame["split"] == "train"]
+    out = []
+    for t in cat.tasks:
+        if t.kind == "class":
+            classes = sorted({str(v) for v in train[t.name].dropna()})
+            out.append(TaskInfo(t.name, "class", classes, t.parent))
+        else:
+            out.append(TaskInfo(t.name, "tags", list(t.classes)))
+    return out
+
+
+def known_paths(cat: Catalogue, tasks: list[TaskInfo]) -> dict[str, list[list[str]]]:
+    """For each hierarchy chain, the label paths seen in training (for consistency checks)."""
+    train = cat.frame[cat.frame["split"] == "train"]
+    out = {}
+    for chain in hierarchy_levels(tasks):
+        rows = train[chain].dropna().drop_duplicates()
+        out[" > ".join(chain)] = sorted(rows.astype(str).values.tolist())
+    return out
+
+
+def _select(Y: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in Y.items()}
+
+
+def _drop_unlabelled(tasks: list[TaskInfo], Y: dict[str, np.ndarray], ok: np.ndarray) -> np.ndarray:
+    """Rows usable for training: decoded, and labelled in at least one task."""
+    labelled = np.zeros(len(ok), dtype=bool)
+    for t in tasks:
+        y = Y[t.name]
+        labelled |= (y != MISSING) if t.kind == "class" else ~np.isnan(y).all(1)
+    return ok & labelled
+
+
+def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainResult:
+    """Train a model on ``data`` and write it to the folder ``out``; returns the result."""
+    from catalens.evaluate.metrics import compute_metrics
+    from catalens.evaluate.thresholds import tune_thresholds
+
+    t0 = time.time()
+    out = Path(out)
+    cat = open_catalogue(data)
+    cat, split_note = ensure_splits(cat, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    if split_note:
+        log(split_note)
+    fit_cat = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    log(f"data: {len(cat)} images ({cat.source}), training on {int((fit_cat.frame['split'] == 'train').sum())} "
+        f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
+        + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
+    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    feats = catalogue_features(fit_cat, backbone, cfg)
+    tasks = training_tasks(fit_cat)
+    Y = fit_cat.encode(tasks)
+    ingest_dir = out / "ingest"
+    summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count)
+    log(format_summary(summary, ingest_dir))
+    if cfg.data.strict and feats.problems:
+        raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; see {ingest_dir / 'problems.csv'}")
+    usable = _drop_unlabelled(tasks, Y, feats.ok)
+    is_train = (fit_cat.frame["split"] == "train").to_numpy() & usable
+    is_val = (fit_cat.frame["split"] == "val").to_numpy() & usable
+    if is_train.sum() == 0:
+        raise ValueError("no usable training images (all failed or unlabelled); see " + str(ingest_dir / "problems.csv"))
+    h = cfg.head
+    head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch_size=h.batch_size,
+                       lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
+                       class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
+                       focal_gamma=h.focal_gamma, seed=cfg.seed)
+    head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
+    log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
+    Yv = _select(Y, is_val)
+    probs_val = head.predict_proba(feats.features[is_val])
+    for t in tasks:
+        if t.kind == "tags":
+            t.thresholds = [float(x) for x in tune_thresholds(Yv[t.name], probs_val[t.name])] \
+                if is_val.any() else [0.5] * t.n_outputs
+    paths = known_paths(fit_cat, tasks)
+    val_metrics = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths)) if is_val.any() else {}
+    meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": str(data),
+            "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
+            "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
+            "head_config": h.model_dump()}
+    model = CatalensModel(backbone, head, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    if split_note:
+        cat.frame[["id", "product_id", "split"]].to_csv(ingest_dir / "split.csv", index=False)
+    model.save(out)
+    seconds = time.time() - t0
+    for name, m in val_metrics.items():
+        if isinstance(m, dict) and m.get("kind") == "class":
+            log(f"  val {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+        elif isinstance(m, dict) and m.get("kind") == "tags":
+            log(f"  val {name}: micro-F1 {m['micro_f1']:.4f}, mAP {m['mean_average_precision']:.4f}")
+    log(f"model written to {out} in {seconds:.1f}s")
+    return TrainResult(model, out, val_metrics, seconds)
+
+
+def _flat_paths(paths: dict[str, list[list[str]]]) -> list[list[str]]:
+    return [p for v in paths.values() for p in v]

@@ -1,0 +1,57 @@
+"""Shared fixtures: offline mode, a private cache, real data when present, small image sets."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CATALENS_NO_MALLOC_TUNING", "1")
+
+SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    os.environ["CATALENS_CACHE"] = str(tmp_path_factory.mktemp("catalens-cache"))
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED / "clothing-small").exists():
+        pytest.skip(f"real benchmark photos not found at {SHARED} (set CATALENS_SHARED_DATA)")
+    return SHARED
+
+
+def jpeg_bytes(color=(200, 30, 30), size=(96, 128), pattern: int = 0, mode="RGB", fmt="JPEG", **save) -> bytes:
+    """A small photo-like picture: coloured block with stripes when ``pattern``."""
+    rng = np.random.default_rng(sum(color) + pattern)
+    a = np.full((size[1], size[0], 3), 235, np.uint8)
+    a[size[1] // 5: -size[1] // 5, size[0] // 5: -size[0] // 5] = color
+    if pattern:
+        a[::pattern * 4, :, :] = 20
+    a = np.clip(a.astype(int) + rng.integers(-8, 8, a.shape), 0, 255).astype(np.uint8)
+    im = Image.fromarray(a, "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    """ROOT/{train,val,test}/{red,blue}/*.jpg: two visually distinct classes."""
+    root = tmp_path / "photos"
+    for split, n in (("train", 8), ("val", 3), ("test", 3)):
+        for cls, col in (("red", (210, 30, 30)), ("blue", (30, 40, 210))):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                (d / f"{cls}{i}.jpg").write_bytes(jpeg_bytes(col, pattern=i % 3))
+    return root
