@@ -57,7 +57,8 @@ class MultiTaskHead:
         weights = {t.name: class_weights(Y[t.name], t.n_outputs, p["class_weighting"])
                    for t in self.tasks if t.kind == "class"}
         opt = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
-        steps_per_epoch = max(1, -(-len(X) // p["batch_size"]))
+        bs = min(p["batch_size"], max(16, len(X) // 8))  # at least ~8 steps per epoch on small data
+        steps_per_epoch = max(1, -(-len(X) // bs))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["epochs"] * steps_per_epoch,
                                                     pct_start=0.05, anneal_strategy="cos")
         has_val = X_val is not None and Y_val is not None and len(X_val) > 0
@@ -70,8 +71,8 @@ class MultiTaskHead:
             net.train()
             order = torch.randperm(len(X), generator=gen)
             total = 0.0
-            for s in range(0, len(X), p["batch_size"]):
-                idx = order[s:s + p["batch_size"]]
+            for s in range(0, len(X), bs):
+                idx = order[s:s + bs]
                 loss = multitask_loss(net(Xt[idx]), {k: v[idx] for k, v in Yt.items()}, self.tasks,
                                       p["loss_weights"], weights, p["label_smoothing"], p["focal_gamma"])
                 opt.zero_grad(set_to_none=True)

@@ -1,0 +1,109 @@
+"""Contract tests over the head registry: learn, gradients flow, no NaN, deterministic, round-trip."""
+import numpy as np
+import pytest
+import torch
+
+from catalens.heads import HEADS, MultiTaskHead, create_head
+from catalens.heads.losses import class_weights, multitask_loss
+from catalens.tasks import TaskInfo
+
+TASKS = [TaskInfo("dept", "class", ["bottoms", "tops"]),
+         TaskInfo("cat", "class", ["jeans", "shirt", "skirt"], parent="dept"),
+         TaskInfo("pattern", "tags", ["striped", "checked"])]
+
+
+def toy(n=240, seed=0):
+    """Separable features: class c shifts dimension c; tags switch dimensions 5/6."""
+    rng = np.random.default_rng(seed)
+    cat = rng.integers(0, 3, n)
+    dept = np.where(cat == 1, 1, 0)
+    tags = rng.integers(0, 2, (n, 2)).astype(np.float32)
+    X = rng.normal(0, 1, (n, 16)).astype(np.float32)
+    X[np.arange(n), cat] += 4
+    X[:, 5] += 4 * tags[:, 0]
+    X[:, 6] += 4 * tags[:, 1]
+    return X, {"dept": dept, "cat": cat, "pattern": tags}
+
+
+def fitted(name, **kw):
+    X, Y = toy()
+    Xv, Yv = toy(80, seed=1)
+    return create_head(name, TASKS, epochs=100, lr=1e-2, seed=3, **kw).fit(X, Y, Xv, Yv)
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_learns_all_tasks(name):
+    head = fitted(name)
+    Xt, Yt = toy(200, seed=2)
+    pred = head.predict(Xt)
+    assert (pred["cat"] == np.array(TASKS[1].classes)[Yt["cat"]]).mean() > 0.95
+    assert (pred["dept"] == np.array(TASKS[0].classes)[Yt["dept"]]).mean() > 0.95
+    assert (pred["pattern"] == Yt["pattern"].astype(bool)).mean() > 0.95
+    proba = head.predict_proba(Xt)
+    np.testing.assert_allclose(proba["cat"].sum(1), 1.0, atol=1e-5)
+    assert head.classes_["cat"] == ["jeans", "shirt", "skirt"]
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_fit_is_deterministic(name):
+    a, b = fitted(name), fitted(name)
+    X, _ = toy(50, seed=5)
+    np.testing.assert_array_equal(a.predict_proba(X)["cat"], b.predict_proba(X)["cat"])
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_save_load_round_trip(name, tmp_path):
+    head = fitted(name)
+    head.save(tmp_path)
+    back = MultiTaskHead.load(tmp_path)
+    X, _ = toy(50, seed=6)
+    for t in TASKS:
+        np.testing.assert_array_equal(head.predict_proba(X)[t.name], back.predict_proba(X)[t.name])
+    assert back.params == head.params
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_gradients_flow_without_nan(name):
+    head = create_head(name, TASKS, epochs=1)
+    X, Y = toy(32)
+    head.fit(X, Y)
+    net = head.net_.train()
+    logits = net(torch.from_numpy(X))
+    targets = {"dept": torch.from_numpy(Y["dept"]), "cat": torch.from_numpy(Y["cat"]),
+               "pattern": torch.from_numpy(Y["pattern"])}
+    loss = multitask_loss(logits, targets, TASKS, {}, {})
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_missing_labels_do_not_contribute():
+    logits = {"cat": torch.tensor([[5.0, 0, 0], [0, 0, 5.0]]), "dept": torch.zeros(2, 2),
+              "pattern": torch.zeros(2, 2)}
+    full = multitask_loss(logits, {"cat": torch.tensor([0, 0]), "dept": torch.tensor([-1, -1]),
+                                   "pattern": torch.full((2, 2), float("nan"))}, TASKS, {}, {})
+    masked = multitask_loss(logits, {"cat": torch.tensor([0, -1]), "dept": torch.tensor([-1, -1]),
+                                     "pattern": torch.full((2, 2), float("nan"))}, TASKS, {}, {})
+    assert masked < full                       # the wrong row (label 0, logit on 2) was masked away
+    assert torch.isfinite(masked)
+
+
+def test_loss_weights_scale_task_losses():
+    logits = {"dept": torch.zeros(2, 2), "cat": torch.zeros(2, 3), "pattern": torch.zeros(2, 2)}
+    y = {"dept": torch.tensor([0, 1]), "cat": torch.tensor([-1, -1]), "pattern": torch.full((2, 2), float("nan"))}
+    one = multitask_loss(logits, y, TASKS, {}, {})
+    two = multitask_loss(logits, y, TASKS, {"dept": 2.0}, {})
+    assert torch.isclose(two, 2 * one)
+    assert torch.isclose(one, torch.log(torch.tensor(2.0)))
+
+
+def test_balanced_class_weights():
+    w = class_weights(np.array([0, 0, 0, 1, -1]), 3, "balanced")
+    # counts 3 and 1 (class 2 absent): inverse frequency, normalised over present classes
+    assert w[0] < w[1] and w[2] == 0
+    assert torch.isclose(w[:2].mean(), torch.tensor(1.0))
+
+
+def test_unfitted_head_says_so():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        create_head("linear", TASKS).predict(np.zeros((1, 16), np.float32))
