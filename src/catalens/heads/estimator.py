@@ -6,6 +6,7 @@ cosine learning-rate decay and early stopping on a validation set. Seeded and de
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -19,6 +20,17 @@ from catalens.registry import Registry
 from catalens.tasks import TaskInfo
 
 HEADS: Registry = Registry("head")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread inside the block (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class MultiTaskHead:
@@ -46,6 +58,10 @@ class MultiTaskHead:
     def fit(self, X: np.ndarray, Y: dict[str, np.ndarray], X_val: np.ndarray | None = None,
             Y_val: dict[str, np.ndarray] | None = None) -> "MultiTaskHead":
         """Train on features ``X (n, D)`` and labels ``Y`` (encoding of :mod:`catalens.tasks`)."""
+        with single_thread():  # tiny matmuls: thread hand-offs cost more than they save
+            return self._fit(X, Y, X_val, Y_val)
+
+    def _fit(self, X, Y, X_val, Y_val) -> "MultiTaskHead":
         p = self.params
         gen = torch.Generator().manual_seed(p["seed"])
         torch.manual_seed(p["seed"])
@@ -130,7 +146,7 @@ class MultiTaskHead:
                 e = np.exp(z - z.max(1, keepdims=True))
                 out[t.name] = (e / e.sum(1, keepdims=True)).astype(np.float32)
             else:
-                out[t.name] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+                out[t.name] = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # stable sigmoid
         return out
 
     def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
