@@ -1,0 +1,192 @@
+"""PNG figures of the evaluation report (matplotlib, Agg canvas, no pyplot global state).
+
+Each function draws one figure, writes it atomically (temporary file, then ``os.replace``)
+and returns the path written. Figures are built with ``matplotlib.figure.Figure`` on an
+Agg canvas, so they work headless, in threads, and never touch the user's pyplot backend.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from catalens.evaluate.metrics import N_CALIBRATION_BINS, pr_curve, reliability_bins
+
+MAX_CONFUSION_CLASSES = 40
+DPI = 110
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def most_confused(cm: np.ndarray, limit: int = MAX_CONFUSION_CLASSES) -> np.ndarray:
+    """Indices of the ``limit`` classes with the most errors (as true or as predicted class), in class order."""
+    cm = np.asarray(cm)
+    if cm.shape[0] <= limit:
+        return np.arange(cm.shape[0])
+    off = cm - np.diag(np.diag(cm))
+    errors = off.sum(axis=0) + off.sum(axis=1)
+    return np.sort(np.argsort(-errors, kind="mergesort")[:limit])
+
+
+def confusion_matrix_png(cm, classes: list[str], title: str, path: str | Path, normalise: bool = True) -> Path:
+    """Confusion matrix (rows = true, columns = predicted), row-normalised by default.
+
+    More than 40 classes: only the 40 most confused classes are drawn (the title says so).
+    Figure size and fonts scale with the number of classes so labels stay readable.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    keep = most_confused(cm)
+    sub = cm[np.ix_(keep, keep)]
+    names = [str(classes[i]) for i in keep]
+    if len(keep) < cm.shape[0]:
+        title = f"{title} ({len(keep)} most confused of {cm.shape[0]} classes)"
+    if normalise:
+        rows = cm[keep].sum(axis=1, keepdims=True)  # share of all rows of the true class
+        sub = np.divide(sub, rows, out=np.zeros_like(sub), where=rows > 0)
+    k = max(len(keep), 1)
+    side = float(np.clip(2.5 + 0.28 * k, 4.5, 22.0))
+    font = float(np.clip(280.0 / k, 6.0, 10.0))
+    fig = _new_figure(side + 1.2, side)
+    ax = fig.add_subplot()
+    vmax = 1.0 if normalise else max(float(sub.max()), 1.0)
+    im = ax.imshow(sub, cmap="Blues", vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(names)), names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=11)
+    if k <= 20:
+        for (i, j), v in np.ndenumerate(sub):
+            if v > 0:
+                ax.text(j, i, f"{v:.2f}" if normalise else f"{int(v)}", ha="center", va="center",
+                        fontsize=font * 0.85, color="white" if v > 0.55 * vmax else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _save(fig, path)
+
+
+def pr_curves_png(y, probs, tags: list[str], path: str | Path, thresholds=None, max_curves: int = 20) -> Path:
+    """Precision-recall curve per tag (NaN labels ignored), with the operating point of each threshold.
+
+    With more than ``max_curves`` tags, the ones with the most positives are drawn.
+    """
+    y, probs = np.asarray(y, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    positives = np.nansum(y, axis=0)
+    order = [j for j in np.argsort(-positives, kind="mergesort") if positives[j] > 0][:max_curves]
+    fig = _new_figure(7.5, 5.5)
+    ax = fig.add_subplot()
+    for j in order:
+        keep = ~np.isnan(y[:, j])
+        precision, recall, cuts = pr_curve(y[keep, j], probs[keep, j])
+        line, = ax.step(np.r_[0, recall], np.r_[precision[0], precision], where="post", lw=1.4,
+                        label=f"{tags[j]} (n+={int(positives[j])})")
+        if thresholds is not None:
+            at = np.flatnonzero(cuts >= thresholds[j])
+            if at.size:
+                ax.plot(recall[at[-1]], precision[at[-1]], "o", color=line.get_color(), ms=5)
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    shown = f" ({len(order)} of {len(tags)} tags)" if len(order) < len(tags) else ""
+    ax.set_title("precision-recall per tag" + shown + ("; dots = decision thresholds" if thresholds is not None else ""),
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if order:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no tag has a positive label", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def calibration_png(y, probs, path: str | Path, kind: str = "class", title: str = "",
+                    n_bins: int = N_CALIBRATION_BINS, pred_index=None) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, with the count of rows per bin.
+
+    ``kind="class"``: confidence = probability of the predicted class, correct = prediction
+    is right (rows labelled -1 left out). ``kind="tags"``: every labelled (row, tag) cell,
+    confidence = sigmoid output, "correct" = the tag is present.
+    """
+    conf, correct = _calibration_points(y, probs, kind, pred_index)
+    count, mean_conf, acc = reliability_bins(conf, correct, n_bins)
+    edges = np.linspace(0, 1, n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = _new_figure(6.0, 6.4)
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    used = count > 0
+    ax.bar(centres[used], acc[used], width=1 / n_bins, edgecolor="#1f4e79", color="#5b9bd5", alpha=0.8,
+           label="observed" if kind == "class" else "share positive")
+    ax.plot(mean_conf[used], acc[used], "o", color="#c00000", ms=3, label="mean confidence")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy" if kind == "class" else "share of tags present")
+    ax.set_title(title or "reliability diagram", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    hist.bar(centres, count, width=1 / n_bins, color="#a5a5a5", edgecolor="#7f7f7f")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel("confidence" if kind == "class" else "predicted probability")
+    hist.set_ylabel("rows" if kind == "class" else "cells")
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    return _save(fig, path)
+
+
+def _calibration_points(y, probs, kind: str, pred_index=None) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) pairs of labelled rows (class) or labelled cells (tags)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if kind == "tags":
+        y = np.asarray(y, dtype=np.float64)
+        keep = ~np.isnan(y)
+        return probs[keep], y[keep] > 0.5
+    y = np.asarray(y)
+    pred = probs.argmax(axis=1) if pred_index is None else np.asarray(pred_index)
+    keep = y >= 0
+    rows = np.flatnonzero(keep)
+    return probs[rows, pred[rows]], pred[rows] == y[rows]
+
+
+def class_counts_png(classes: list[str], counts, title: str, path: str | Path, top: int = 60) -> Path:
+    """Horizontal bars of rows per class, most frequent first (the ``top`` most frequent when more)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    order = np.argsort(-counts, kind="mergesort")[:top]
+    names = [str(classes[i]) for i in order]
+    height = float(np.clip(0.9 + 0.19 * len(order), 2.5, 14.0))
+    fig = _new_figure(7.0, height)
+    ax = fig.add_subplot()
+    ax.barh(range(len(order)), counts[order], color="#5b9bd5")
+    ax.set_yticks(range(len(order)), names, fontsize=float(np.clip(500 / max(len(order), 1), 6, 9)))
+    ax.invert_yaxis()
+    ax.set_xlabel("rows")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown = f" (top {len(order)} of {len(classes)})" if len(order) < len(classes) else ""
+    ax.set_title(title + shown, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
