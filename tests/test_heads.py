@@ -107,3 +107,18 @@ def test_balanced_class_weights():
 def test_unfitted_head_says_so():
     with pytest.raises(RuntimeError, match="not fitted"):
         create_head("linear", TASKS).predict(np.zeros((1, 16), np.float32))
+
+
+def test_temperature_scaling_calibrates_without_changing_argmax():
+    X, Y = toy()
+    Xv, Yv = toy(300, seed=1)
+    head = create_head("linear", TASKS, epochs=100, lr=1e-2, seed=3, weight_decay=0.0).fit(X, Y)
+    from catalens.heads.estimator import _nll
+
+    before = head.predict_proba(Xv)["cat"]
+    nll_before = _nll(head.predict_logits(Xv)["cat"], Yv["cat"], "class")
+    temps = head.calibrate(Xv, Yv)
+    after = head.predict_proba(Xv)["cat"]
+    assert set(temps) == {"dept", "cat", "pattern"} and temps["cat"] != 1.0
+    np.testing.assert_array_equal(before.argmax(1), after.argmax(1))
+    assert _nll(head.predict_logits(Xv)["cat"], Yv["cat"], "class") <= nll_before

@@ -105,12 +105,17 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                           context=context, examples=_examples(model, cat, y, probs, ok))
     for name, m in metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
-            log(f"  {name}: accuracy {m['accuracy']:.4f}, top-5 {m['top5_accuracy']:.4f}, "
-                f"macro-F1 {m['macro_f1']:.4f}, weighted-F1 {m['weighted_f1']:.4f} (n={m['n']})")
+            log(f"  {name}: accuracy {_f(m['accuracy'])}, top-5 {_f(m['top5_accuracy'])}, "
+                f"macro-F1 {_f(m['macro_f1'])}, weighted-F1 {_f(m['weighted_f1'])} (n={m['n']})")
         elif isinstance(m, dict) and m.get("kind") == "tags":
-            log(f"  {name}: micro-F1 {m['micro_f1']:.4f}, macro-F1 {m['macro_f1']:.4f}, "
-                f"mAP {m['mean_average_precision']:.4f} (n={m['n']})")
+            log(f"  {name}: micro-F1 {_f(m['micro_f1'])}, macro-F1 {_f(m['macro_f1'])}, "
+                f"mAP {_f(m['mean_average_precision'])} (n={m['n']})")
     if problems:
         log(f"  {len(problems)} images could not be read and are excluded (listed in metrics.json context)")
     log(f"report: {report}")
     return EvalResult(metrics, Path(report), len(cat), int((~ok).sum()))
+
+
+def _f(v) -> str:
+    """A metric for a log line ('n/a' when undefined, e.g. no labelled rows)."""
+    return "n/a" if v is None else f"{v:.4f}"

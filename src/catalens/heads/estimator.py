@@ -17,7 +17,7 @@ import torch
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.heads.net import MultiTaskNet
 from catalens.registry import Registry
-from catalens.tasks import TaskInfo
+from catalens.tasks import MISSING, TaskInfo
 
 HEADS: Registry = Registry("head")
 
@@ -115,7 +115,25 @@ class MultiTaskHead:
             net.load_state_dict(best_state)
         self.net_ = net.eval()
         self.best_epoch_ = int(np.argmin([h.get("val_loss", h["train_loss"]) for h in self.history_])) + 1
+        if has_val:
+            self.calibrate(X_val, Y_val)
         return self
+
+    def calibrate(self, X_val: np.ndarray, Y_val: dict[str, np.ndarray]) -> dict[str, float]:
+        """Temperature scaling per task on validation data (Guo et al. 2017): probabilities
+        become calibrated, the argmax (and so accuracy) is unchanged. Returns the temperatures."""
+        net = self._check_fitted()
+        net.temperature.fill_(1.0)
+        logits = self.predict_logits(X_val)
+        grid = np.exp(np.linspace(np.log(0.05), np.log(20.0), 121))
+        for i, t in enumerate(self.tasks):
+            z, y = logits[t.name].astype(np.float64), Y_val[t.name]
+            nll = [_nll(z / T, y, t.kind) for T in grid]
+            if np.all(np.isnan(nll)):
+                continue
+            net.temperature[i] = float(grid[int(np.nanargmin(nll))])
+        self.temperatures_ = {t.name: float(net.temperature[i]) for i, t in enumerate(self.tasks)}
+        return self.temperatures_
 
     # --------------------------------------------------------------- inference
     def _check_fitted(self) -> MultiTaskNet:
@@ -187,6 +205,22 @@ class MultiTaskHead:
         head.net_ = net.eval()
         head.history_ = meta.get("history", [])
         return head
+
+
+def _nll(z: np.ndarray, y: np.ndarray, kind: str) -> float:
+    """Mean negative log-likelihood of labelled rows (NaN when none)."""
+    if kind == "class":
+        keep = y != MISSING
+        if not keep.any():
+            return float("nan")
+        z = z[keep] - z[keep].max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float(-logp[np.arange(keep.sum()), y[keep]].mean())
+    known = ~np.isnan(y)
+    if not known.any():
+        return float("nan")
+    zz, yy = z[known], y[known]
+    return float(np.mean(np.logaddexp(0, zz) - yy * zz))
 
 
 def _to_tensors(Y: dict[str, np.ndarray], tasks: list[TaskInfo]) -> dict[str, torch.Tensor]:

@@ -26,10 +26,12 @@ class MultiTaskNet(nn.Module):
             width = hidden
         self.trunk = nn.Sequential(*layers)
         self.outputs = nn.ModuleDict({t.name: nn.Linear(width, t.n_outputs) for t in tasks})
+        # per-task temperature (task order), fitted on validation data after training
+        self.register_buffer("temperature", torch.ones(len(tasks)))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # (n, D) -> {task: (n, C)}
         z = self.trunk((x - self.mean) / self.std)
-        return {name: self.outputs[name](z) for name in self.task_names}
+        return {name: self.outputs[name](z) / self.temperature[i] for i, name in enumerate(self.task_names)}
 
 
 class ProbabilityNet(nn.Module):

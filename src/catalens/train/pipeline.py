@@ -120,12 +120,17 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
     seconds = time.time() - t0
     for name, m in val_metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
-            log(f"  val {name}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+            log(f"  val {name}: accuracy {_f(m['accuracy'])}, macro-F1 {_f(m['macro_f1'])}")
         elif isinstance(m, dict) and m.get("kind") == "tags":
-            log(f"  val {name}: micro-F1 {m['micro_f1']:.4f}, mAP {m['mean_average_precision']:.4f}")
+            log(f"  val {name}: micro-F1 {_f(m['micro_f1'])}, mAP {_f(m['mean_average_precision'])}")
     log(f"model written to {out} in {seconds:.1f}s")
     return TrainResult(model, out, val_metrics, seconds)
 
 
 def _flat_paths(paths: dict[str, list[list[str]]]) -> list[list[str]]:
     return [p for v in paths.values() for p in v]
+
+
+def _f(v) -> str:
+    """A metric for a log line ('n/a' when undefined, e.g. no labelled rows)."""
+    return "n/a" if v is None else f"{v:.4f}"
