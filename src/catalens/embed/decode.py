@@ -1,9 +1,16 @@
 """Worker-side work of the engine: read bytes, hash, decode and resize (no torch here).
 
 Runs in worker processes; everything here is picklable and module-level.
+
+Measured on clothing-small (400-900 px JPEGs, most 400 px on the short side) with one core:
+decode + bicubic resize to 256 + centre crop 224 runs at ~170 img/s, of which ~70% is the
+resize (the JPEG ``draft`` DCT scaling cannot help when the short side is under 2x the
+target). Shipping a decoded block back through the pool's pipe (pickle) costs ~0.2 ms per
+image, about 1% of the decode and inference cost, so pixels travel by pipe, not shared memory.
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +47,10 @@ _JOB: DecodeJob | None = None
 
 
 def init_worker(job: DecodeJob) -> None:
-    """Pool initializer: keep the job in the worker process."""
+    """Pool initializer: keep the job in the worker process; Ctrl-C is the main process's to handle."""
     global _JOB
     _JOB = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _read(job: DecodeJob, path: str) -> bytes:
@@ -77,3 +85,14 @@ def decode_one(row: int, path: str, job: DecodeJob | None = None) -> Decoded:
 def decode_block(items: list[tuple[int, str]]) -> list[Decoded]:
     """A block of (row, path) pairs decoded in one worker call."""
     return [decode_one(r, p) for r, p in items]
+
+
+def decode_rate(paths: list[str], job: DecodeJob, repeat: int = 1) -> float:
+    """Images per CPU-second of :func:`decode_one` in this process (read, hash, decode, resize)."""
+    import time
+
+    t = time.process_time()
+    for _ in range(repeat):
+        for i, p in enumerate(paths):
+            decode_one(i, p, job)
+    return repeat * len(paths) / max(time.process_time() - t, 1e-9)

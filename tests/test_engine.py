@@ -1,0 +1,212 @@
+"""The streaming engine and its inference runtimes."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from catalens.embed import engine as engine_mod
+from catalens.embed import runtimes as rt
+from catalens.embed.backbones import create_backbone
+from catalens.embed.cache import EmbeddingCache
+from catalens.embed.engine import EngineConfig, embed_catalogue, plan, stream_features
+from catalens.ingest.catalogue import Catalogue
+from catalens.ingest.images import load_rgb
+from tests.conftest import jpeg_bytes
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny timm network with random weights (160 px, 256 features): fast on any CPU."""
+    torch.manual_seed(0)
+    return create_backbone("test_efficientnet", weights="random")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_backbone("efficientnet_lite0")
+
+
+def _real_photos(n: int) -> list[Path]:
+    root = DATA / "clothing-small"
+    if not root.exists():
+        pytest.skip(f"real photos not found at {root}")
+    files = sorted(root.rglob("*.jpg"))
+    return files[:: max(1, len(files) // n)][:n]
+
+
+def _pixels(paths: list[Path], pre) -> np.ndarray:
+    return np.stack([load_rgb(p.read_bytes(), pre) for p in paths])
+
+
+def _catalogue(paths: list) -> Catalogue:
+    frame = pd.DataFrame({"id": [str(i) for i in range(len(paths))], "path": [str(p) for p in paths]})
+    return Catalogue(frame, [], Path("/"), "test")
+
+
+# ------------------------------------------------------------------ runtimes
+
+def test_onnx_matches_eager_on_real_pixels(lite0, tmp_path):
+    px = _pixels(_real_photos(12), lite0.preprocess)
+    rep = rt.runtime_parity(lite0, px, "onnx", cache_dir=tmp_path)
+    assert rep["ran"] == "onnx"
+    assert rep["max_abs_diff"] < 1e-3, rep
+    assert rep["min_cosine"] > 0.99999
+    assert rep["nn_agreement"] == 1.0
+    # the export is cached under the backbone fingerprint and reused
+    files = list(tmp_path.glob("*.onnx"))
+    assert [f.name for f in files] == [f"{lite0.fingerprint()}-s224.onnx"]
+    runner = rt.make_runner("onnx", lite0.module, 224, cache_dir=tmp_path, fingerprint=lite0.fingerprint())
+    assert runner.info["exported"] is False
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnx", "bf16"])
+def test_runtimes_match_eager_tiny(tiny, tmp_path, runtime):
+    px = _pixels(_real_photos(8), tiny.preprocess)
+    head = np.random.default_rng(0).normal(size=(tiny.feature_dim, 5)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on this CPU
+        rep = rt.runtime_parity(tiny, px, runtime, head=lambda f: f @ head, cache_dir=tmp_path)
+    tol = {"eager": 0.0, "onnx": 1e-4, "bf16": 0.1}[runtime]
+    assert rep["max_rel_diff"] <= tol, rep
+    assert rep["top1_agreement"] >= (0.75 if runtime == "bf16" else 1.0), rep
+
+
+def test_compile_falls_back_to_eager(tiny, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x = np.random.default_rng(0).integers(0, 256, (2, 160, 160, 3), dtype=np.uint8)
+    runner = rt.make_runner("compile", tiny.module, 160)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        out = runner(x)
+    np.testing.assert_allclose(out, rt.make_runner("eager", tiny.module, 160)(x), atol=1e-6)
+
+
+def test_auto_picks_a_runtime_and_remembers_it(tiny, tmp_path, monkeypatch):
+    runner, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-tiny")
+    assert runner.name in rt.RUNTIMES and runner.name != "auto"
+    assert runner.name == entry["runtime"] and entry["remembered"] is False
+    assert set(entry["img_per_s"]) == set(rt.auto_candidates())
+    if not rt.has_native_bf16():
+        assert "bf16" not in entry["img_per_s"]
+    stored = json.loads((tmp_path / "auto-choices.json").read_text())
+    (key, saved), = stored.items()
+    assert key.startswith("fp-tiny|s160|") and "threads=1" in key and saved["runtime"] == runner.name
+
+    def no_measuring(*a, **k):
+        raise AssertionError("a remembered choice must not be measured again")
+
+    monkeypatch.setattr(rt, "measure_runner", no_measuring)
+    again = rt.make_runner("auto", tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-tiny")
+    assert again.name == runner.name and again.info["auto"]["remembered"] is True
+    # another thread count is another machine setting: measured afresh
+    monkeypatch.undo()
+    other, e2 = rt.choose_runtime(tiny.module, 160, threads=2, cache_dir=tmp_path, fingerprint="fp-tiny")
+    assert e2["remembered"] is False and len(json.loads((tmp_path / "auto-choices.json").read_text())) == 2
+
+
+def test_bf16_only_a_candidate_with_native_support():
+    assert "bf16" not in rt.auto_candidates({"avx2", "fma"})
+    assert "bf16" in rt.auto_candidates({"avx512f", "avx512_bf16"})
+    assert "bf16" in rt.auto_candidates({"amx_bf16"})
+    assert rt.auto_candidates(set())[0] == "eager"
+
+
+def test_engine_default_runtime_is_auto():
+    assert EngineConfig().runtime == "auto"
+
+
+def test_plan_splits_the_cores(monkeypatch):
+    monkeypatch.setattr(engine_mod, "available_cpus", lambda: 2)
+    p = plan(EngineConfig())
+    assert (p.workers, p.threads, p.in_flight) == (1, 2, 3)
+    monkeypatch.setattr(engine_mod, "available_cpus", lambda: 16)
+    p = plan(EngineConfig())
+    assert (p.workers, p.threads) == (4, 16)
+    assert plan(EngineConfig(workers=3, threads=5, in_flight=2)) == engine_mod.Plan(16, 3, 5, 2)
+    assert plan(EngineConfig(), rows=10).workers == 0  # tiny jobs decode in-process
+
+
+# ------------------------------------------------------------------ streaming
+
+@pytest.fixture
+def mixed(tmp_path) -> list[str]:
+    """Good photos with a zero-byte, a text and a missing .jpg among them."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    paths = []
+    for i in range(22):
+        p = d / f"ok{i:02d}.jpg"
+        p.write_bytes(jpeg_bytes((20 + 10 * i, 200 - 7 * i, 90), pattern=i % 4))
+        paths.append(str(p))
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.jpg").write_text("this is not a picture\n")
+    paths.insert(3, str(d / "empty.jpg"))
+    paths.insert(11, str(d / "text.jpg"))
+    paths.insert(17, str(d / "missing.jpg"))
+    return paths
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_rows_in_order_with_problems(tiny, mixed, workers):
+    cat = _catalogue(mixed)
+    cfg = EngineConfig(workers=workers, block_rows=8, batch_size=5, runtime="eager", progress=False)
+    blocks = list(stream_features(cat, tiny, None, cfg))
+    rows = np.concatenate([b.rows for b in blocks])
+    assert rows.tolist() == list(range(len(mixed)))
+    problems = {p["row"]: p["problem"] for b in blocks for p in b.problems}
+    assert problems == {3: "empty", 11: "not_an_image", 17: "missing"}
+    ok = np.concatenate([b.ok for b in blocks])
+    assert ok.sum() == 22 and not ok[[3, 11, 17]].any()
+    feats = np.concatenate([b.features for b in blocks])
+    assert not feats[[3, 11, 17]].any()
+    # features equal a direct run of the backbone on the same pixels
+    good = [i for i in range(len(mixed)) if ok[i]]
+    px = np.stack([load_rgb(Path(mixed[i]).read_bytes(), tiny.preprocess) for i in good])
+    np.testing.assert_allclose(feats[good], rt.make_runner("eager", tiny.module, 160)(px), atol=1e-5)
+
+
+def test_resume_from_partial_cache_gives_identical_features(tiny, mixed, tmp_path):
+    cat = _catalogue(mixed)
+    cfg = EngineConfig(workers=1, block_rows=6, batch_size=4, runtime="eager", progress=False)
+    fresh = embed_catalogue(cat, tiny, None, cfg)
+
+    cache = EmbeddingCache(tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim, flush_every=4)
+    embed_catalogue(cat.subset(np.arange(12)), tiny, cache, cfg)   # an interrupted first run
+    first = len(EmbeddingCache(tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim))
+    assert first == 10  # 12 rows, two of them broken
+
+    cache = EmbeddingCache(tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim, flush_every=4)
+    resumed = embed_catalogue(cat, tiny, cache, cfg)
+    np.testing.assert_allclose(resumed.features, fresh.features, atol=1e-5)
+    assert (resumed.ok == fresh.ok).all()
+    assert [(p["row"], p["problem"]) for p in resumed.problems] == [(p["row"], p["problem"]) for p in fresh.problems]
+    assert len(EmbeddingCache(tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim)) == 22
+
+    # everything cached: nothing is decoded, features come back identical
+    cache = EmbeddingCache(tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim)
+    again = embed_catalogue(cat, tiny, cache, cfg)
+    np.testing.assert_array_equal(again.features, resumed.features)
+
+
+def test_onnx_engine_on_real_photos(lite0, tmp_path):
+    paths = _real_photos(40)
+    cfg = EngineConfig(workers=1, block_rows=16, batch_size=16, runtime="onnx", progress=False,
+                       runtime_dir=str(tmp_path))
+    emb = embed_catalogue(_catalogue(paths), lite0, None, cfg)
+    assert emb.ok.all() and not emb.problems
+    ref = rt.make_runner("eager", lite0.module, 224)(_pixels(paths[:8], lite0.preprocess))
+    assert np.abs(emb.features[:8] - ref).max() < 1e-3
+
+
+def test_empty_catalogue(tiny):
+    assert list(stream_features(_catalogue([]), tiny, None, EngineConfig(runtime="eager", progress=False))) == []
