@@ -52,6 +52,33 @@ class HeadConfig(_Strict):
     focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
 
 
+class FinetuneConfig(_Strict):
+    """Fine-tuning the backbone (``catalens train --finetune blocks|all``); see docs/finetune.md."""
+
+    mode: Literal["none", "blocks", "all"] = "none"
+    blocks: int = Field(2, ge=0)        # mode blocks: last N stages (+ conv head) trained; 0 = head only
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(0.01, gt=0)       # head learning rate; the backbone gets lr * backbone_lr_mult
+    backbone_lr_mult: float = Field(0.1, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-5, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    views: int | None = Field(None, ge=0)   # augmented views precomputed through the frozen part;
+    #                                         0 = augment online every epoch; None = 4 on CPU, 0 on GPU
+    scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction
+    hflip: bool = True
+    jitter: float = Field(0.2, ge=0, lt=1)     # brightness / contrast / saturation jitter
+    channels_last: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"   # auto: on GPU only (measured slower on small CPUs)
+    bf16: Literal["auto", "on", "off"] = "auto"      # auto: GPU, or CPUs with native bf16 (avx512_bf16/amx)
+    workers: int | None = Field(None, ge=0)          # augmentation processes; None = spare cores
+    tta: list[str] = Field(default_factory=list)     # stored in the model: e.g. [hflip] (see catalens.tta)
+    keep_work: bool = False             # keep the checkpoint / view folder after success
+
+
 class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1)   # carved from train when no val split exists
     test_fraction: float = Field(0.15, ge=0, lt=1)  # only when the data has no split at all
@@ -70,6 +97,7 @@ class Config(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     head: HeadConfig = Field(default_factory=HeadConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     tracking: bool = True                           # log runs to MLflow when it is installed
 
     def to_yaml(self) -> str:
