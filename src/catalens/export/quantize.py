@@ -1,0 +1,188 @@
+"""Static int8 quantisation (QDQ) of an exported graph, calibrated on real training photos.
+
+``quantize_int8(MODEL)`` reads ``MODEL/model.onnx`` (exported first if missing), decodes up to
+``n_calibration`` photos of the training split of the data the model was trained on
+(``model.json: data``, or ``calibration=DATA``), calibrates activation ranges on them (MinMax),
+and writes ``MODEL/model.int8.onnx`` with QuantizeLinear/DequantizeLinear pairs around the
+backbone's Conv/Add/Clip/pooling (weights int8 per channel, activations uint8). The heads
+(Gemm) and the final softmax/sigmoid stay in float.
+
+Then it measures what was lost and gained, on photos the calibration did not see (test split,
+else validation): top-1 agreement with the fp32 graph per class task, accuracy per class task
+when labels exist (fp32 and int8), tag-decision agreement, max |diff| of probabilities, and
+batch-32 throughput of both graphs on this machine. The report is stored in
+``model.int8.json`` and under ``int8`` in ``onnx.json``.
+
+CPUs with AVX2 but no VNNI compute u8 x s8 products with saturating 16-bit sums; weights use
+``reduce_range`` (7 bits) there to stay exact, as ONNX Runtime recommends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from catalens.export.onnx import (INPUT_NAME, OnnxModel, _data_catalogue, _set_metadata, _versions, _write_json,
+                                  decode_rows, default_onnx_path, ensure_onnx, file_sha256, read_description,
+                                  sidecar_path, to_nchw)
+
+
+# the backbone's ops; the heads (Gemm after the pooled features) and softmax/sigmoid stay float:
+# they are a tiny part of the compute and carry the calibrated probabilities
+QUANTIZED_OPS = ("Conv", "Add", "Clip", "Relu", "GlobalAveragePool")
+
+
+def cpu_has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+class _Reader:
+    """A CalibrationDataReader over decoded photos, in batches."""
+
+    def __init__(self, pixels_hwc: np.ndarray, batch: int = 16) -> None:
+        self.batches = [to_nchw(pixels_hwc[i:i + batch]) for i in range(0, len(pixels_hwc), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {INPUT_NAME: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def throughput(m: OnnxModel, pixels_hwc: np.ndarray, batch: int = 32, seconds: float = 3.0) -> float:
+    """Images per second of ``m`` on batches of ``batch`` photos (after one warm-up run)."""
+    x = to_nchw(np.resize(pixels_hwc, (batch,) + pixels_hwc.shape[1:]))
+    m.run(x)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        m.run(x)
+        n += batch
+        if time.perf_counter() - t0 >= seconds:
+            return n / (time.perf_counter() - t0)
+
+
+def compare(fp32: OnnxModel, int8: OnnxModel, pixels_hwc: np.ndarray, labels: dict | None) -> dict:
+    """Agreement and accuracy of the int8 graph against the fp32 graph on the same photos."""
+    a = fp32.run_hwc(pixels_hwc)
+    b = int8.run_hwc(pixels_hwc)
+    out: dict = {"images": int(len(pixels_hwc)), "tasks": {}}
+    for t in fp32.tasks:
+        r: dict = {"max_abs_diff": float(np.abs(a[t.name] - b[t.name]).max()) if len(pixels_hwc) else 0.0}
+        if t.kind == "class":
+            r["top1_agreement"] = float((a[t.name].argmax(1) == b[t.name].argmax(1)).mean())
+            if labels is not None and t.name in labels:
+                y = labels[t.name]
+                known = y >= 0
+                if known.any():
+                    r["labelled"] = int(known.sum())
+                    r["accuracy_fp32"] = float((a[t.name].argmax(1)[known] == y[known]).mean())
+                    r["accuracy_int8"] = float((b[t.name].argmax(1)[known] == y[known]).mean())
+                    r["accuracy_drop"] = r["accuracy_fp32"] - r["accuracy_int8"]
+        else:
+            thr = t.threshold_array()[None, :]
+            r["decision_agreement"] = float(((a[t.name] >= thr) == (b[t.name] >= thr)).mean())
+        out["tasks"][t.name] = r
+    return out
+
+
+def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calibration: str | Path | None = None,
+                  n_calibration: int = 128, eval_data: str | Path | None = None, eval_limit: int | None = 400,
+                  speed_seconds: float = 3.0, reduce_range: bool | None = None, per_channel: bool = True,
+                  seed: int = 0, log=print) -> dict:
+    """Quantise ``MODEL/model.onnx`` to int8 and measure it; returns the report (also stored)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from catalens.artifact import CatalensModel
+
+    t0 = time.time()
+    model_dir = Path(model_dir)
+    fp32_path = ensure_onnx(model_dir, log=log)
+    model = CatalensModel.load(model_dir)
+    out = Path(out) if out is not None else default_onnx_path(model_dir, int8=True)
+    pre = model.preprocess
+    cat = _data_catalogue(calibration, model)
+    if cat is None:
+        raise ValueError(f"int8 calibration needs real photos: the model's training data "
+                         f"'{model.meta.get('data')}' cannot be opened; give --calibration DATA "
+                         f"(a photo folder or dataset file like the training data)")
+    calib, _, _ = decode_rows(cat, pre, ("train", None), n_calibration, seed=seed)
+    if len(calib) == 0:
+        raise ValueError(f"no decodable photos in '{calibration or model.meta.get('data')}' for calibration")
+    log(f"calibrating on {len(calib)} photos of '{calibration or model.meta.get('data')}' (train split)")
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+        prep = Path(tmpdir) / "prep.onnx"
+        try:
+            quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+        except Exception as e:  # shape inference is an optimisation, not a requirement
+            log(f"pre-processing skipped ({type(e).__name__}: {e})")
+            prep = fp32_path
+        tmp_out = Path(tmpdir) / "int8.onnx"
+        quantize_static(str(prep), str(tmp_out), _Reader(calib), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        desc = read_description(fp32_path)
+        desc = dict(desc, quantization={"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8",
+                                        "activations": "uint8", "reduce_range": reduce_range,
+                                        "calibration_images": int(len(calib)), "method": "MinMax"})
+        _set_metadata(tmp_out, desc)
+        os.replace(tmp_out, out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+    fp32, int8 = OnnxModel(fp32_path), OnnxModel(out)
+    ev_cat = _data_catalogue(eval_data, model) if eval_data is not None else cat
+    pixels, _, labels = decode_rows(ev_cat, pre, ("test", "val"), eval_limit, seed=seed + 1, with_labels=model.tasks)
+    split_used = "test" if ev_cat.has_split("test") else "val"
+    if len(pixels) == 0:  # no held-out split: compare on calibration photos (said so in the report)
+        pixels, labels, split_used = calib, None, "train (calibration photos; no test/val split)"
+    report = compare(fp32, int8, pixels, labels)
+    report["split"] = split_used
+    speed_px = pixels if len(pixels) else calib
+    ips32 = throughput(fp32, speed_px, seconds=speed_seconds)
+    ips8 = throughput(int8, speed_px, seconds=speed_seconds)
+    report.update(file=out.name, sha256=file_sha256(out), bytes=out.stat().st_size,
+                  fp32_bytes=fp32_path.stat().st_size, calibration_images=int(len(calib)),
+                  calibration_data=str(calibration or model.meta.get("data")), reduce_range=reduce_range,
+                  throughput_fp32_ips=ips32, throughput_int8_ips=ips8, speedup=ips8 / ips32,
+                  speed_batch=32, threads=fp32.threads, seconds=round(time.time() - t0, 1),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions())
+    _write_json(sidecar_path(out), {"description": read_description(out), "int8": report})
+    side = sidecar_path(fp32_path)
+    if side.exists():
+        info = json.loads(side.read_text())
+        info["int8"] = report
+        _write_json(side, info)
+    log(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"int8 vs fp32 on {r['images']} photos ({r['split']}): speed {r['throughput_fp32_ips']:.1f} -> "
+             f"{r['throughput_int8_ips']:.1f} img/s (x{r['speedup']:.2f}, batch {r['speed_batch']}, "
+             f"{r['threads']} threads); size {r['fp32_bytes'] / 1e6:.1f} -> {r['bytes'] / 1e6:.1f} MB"]
+    for name, t in r["tasks"].items():
+        if "top1_agreement" in t:
+            s = f"  {name}: top-1 agreement {t['top1_agreement']:.3f}"
+            if "accuracy_fp32" in t:
+                s += (f", accuracy {t['accuracy_fp32']:.3f} (fp32) -> {t['accuracy_int8']:.3f} (int8) on "
+                      f"{t['labelled']} labelled")
+        else:
+            s = f"  {name}: tag decision agreement {t['decision_agreement']:.3f}"
+        lines.append(s + f", max |diff| {t['max_abs_diff']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,431 @@
+"""Request parsing and response shapes of the three HTTP protocols the server speaks.
+
+- catalens ``POST /v1/predict``: multipart (one or several files) or a raw image body →
+  per image: top-k labels per class task, tags with probabilities and decisions, hierarchy
+  path, timings.
+- TF-Serving REST ``POST /v1/models/{name}:predict``: ``{"instances": [{"b64": ...}]}`` (row
+  format) or ``{"inputs": ...}`` (columnar) → ``{"predictions": [...]}`` / ``{"outputs": ...}``.
+- KServe / Open Inference Protocol v2 ``POST /v2/models/{name}/infer``: one ``BYTES`` input,
+  elements base64 strings in JSON, or raw bytes with the binary tensor extension
+  (``Inference-Header-Content-Length``) → FP32 outputs, one per task.
+
+Everything that can go wrong with a request raises :class:`ApiError` (an HTTP status, a short
+code and a message saying what was wrong); nothing here fetches URLs.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from catalens.tasks import TaskInfo, hierarchy_levels
+
+IMAGE_FIELD_NAMES = {"file", "files", "image", "images", "photo", "photos", "file[]", "files[]"}
+RAW_TYPES = ("image/", "application/octet-stream")
+KSERVE_BINARY_HEADER = "inference-header-content-length"
+
+
+class ApiError(Exception):
+    """A request the server refuses: answered as ``{"error": {"code", "message", ...}}``."""
+
+    def __init__(self, status: int, code: str, message: str, **extra) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+
+@dataclass
+class Upload:
+    """One image of a request: its bytes and a name to report it by."""
+
+    data: bytes
+    name: str
+    content_type: str | None = None
+
+
+# ----------------------------------------------------------------------------- body reading
+
+async def read_limited(receive_stream, limit: int, declared: str | None) -> bytes:
+    """Read a request body, refusing (413) once it exceeds ``limit`` bytes: never buffers more.
+
+    A declared Content-Length over the limit is refused before reading anything.
+    """
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"Content-Length '{declared}' is not a number") from None
+        if n > limit:
+            raise too_large(n, limit)
+    chunks, total = [], 0
+    async for chunk in receive_stream:
+        total += len(chunk)
+        if total > limit:
+            raise too_large(total, limit, streamed=True)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(n: int, limit: int, streamed: bool = False) -> ApiError:
+    what = f"more than {limit:,} bytes arrived" if streamed else f"the body is {n:,} bytes"
+    return ApiError(413, "too_large", f"request too large: {what}, the limit is {limit / 2**20:g} MiB "
+                                      f"(server option --max-upload-mb); send fewer or smaller photos",
+                    limit_bytes=limit)
+
+
+# ----------------------------------------------------------------------------- catalens /v1/predict
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def parse_predict_body(body: bytes, content_type: str | None, max_images: int) -> tuple[list[Upload], dict]:
+    """The images of a ``/v1/predict`` request (multipart files or one raw image body), and the
+    plain form fields (e.g. ``top_k``) of a multipart body."""
+    mt = media_type(content_type)
+    fields: dict[str, str] = {}
+    if mt == "multipart/form-data":
+        uploads, fields = parse_multipart(body, content_type, max_images)
+    elif mt.startswith(RAW_TYPES) or (not mt and body):
+        if not body:
+            raise ApiError(400, "empty_body", "the request body is empty: send the photo's bytes")
+        uploads = [Upload(body, "body", mt or None)]
+    elif not mt and not body:
+        raise ApiError(400, "empty_body", "the request body is empty: send a photo as multipart/form-data "
+                                          "(curl -F file=@photo.jpg) or as the raw body "
+                                          "(curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg')")
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type '{mt}' is not accepted here: send photos as multipart/form-data "
+                       f"(curl -F file=@photo.jpg) or one photo as the raw body with Content-Type image/* or "
+                       f"application/octet-stream; JSON with base64 goes to /v1/models/NAME:predict "
+                       f"(TF-Serving) or /v2/models/NAME/infer (KServe v2)")
+    if not uploads:
+        raise ApiError(400, "no_images", "the multipart form holds no file: add one or more file fields "
+                                         "(e.g. curl -F file=@photo.jpg)")
+    if len(uploads) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(uploads)} images in one request; the limit is {max_images} "
+                                               f"(server option --max-images)")
+    return uploads, fields
+
+
+def parse_multipart(body: bytes, content_type: str, max_images: int) -> tuple[list[Upload], dict[str, str]]:
+    """Files and plain fields of a multipart body already read into memory (bounded by the upload limit)."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_multipart", "multipart/form-data without a boundary in the Content-Type header")
+    parts: list[dict] = []
+    cur: dict = {}
+    hname, hval = bytearray(), bytearray()
+
+    def on_part_begin():
+        cur.clear()
+        cur.update(headers={}, data=bytearray())
+
+    def on_header_end():
+        cur["headers"][bytes(hname).decode("latin-1").lower()] = bytes(hval).decode("utf-8", "replace")
+        hname.clear()
+        hval.clear()
+
+    def on_part_end():
+        parts.append(dict(cur))
+        if len(parts) > max_images + 16:
+            raise ApiError(413, "too_many_images", f"more than {max_images} parts in one request "
+                                                   f"(server option --max-images)")
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_end": on_header_end, "on_part_end": on_part_end,
+                 "on_header_field": lambda d, s, e: hname.extend(d[s:e]),
+                 "on_header_value": lambda d, s, e: hval.extend(d[s:e]),
+                 "on_part_data": lambda d, s, e: cur["data"].extend(d[s:e])}
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except Exception as e:
+        raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed ({type(e).__name__}: {e})") from None
+    if body and not parts:
+        raise ApiError(400, "bad_multipart", "the multipart body holds no part (wrong boundary?)")
+    uploads, fields = [], {}
+    for i, p in enumerate(parts):
+        _, dparams = parse_options_header(p["headers"].get("content-disposition", ""))
+        name = dparams.get(b"name", b"").decode("utf-8", "replace")
+        filename = dparams.get(b"filename")
+        if filename is None and name.lower() not in IMAGE_FIELD_NAMES:
+            fields[name] = bytes(p["data"][:256]).decode("utf-8", "replace")  # a plain field, e.g. top_k
+            continue
+        label = filename.decode("utf-8", "replace") if filename else (name or f"part{i}")
+        uploads.append(Upload(bytes(p["data"]), label, p["headers"].get("content-type")))
+    return uploads, fields
+
+
+def parse_top_k(value, default: int, n_max: int = 1000) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_parameter", f"top_k must be a whole number, got '{value}'") from None
+    if not 1 <= k <= n_max:
+        raise ApiError(400, "bad_parameter", f"top_k must be between 1 and {n_max}, got {k}")
+    return k
+
+
+# ----------------------------------------------------------------------------- prediction shapes
+
+@dataclass
+class Formatter:
+    """Turns one image's probabilities into the catalens JSON shape."""
+
+    tasks: list[TaskInfo]
+    hierarchy_paths: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.chains = hierarchy_levels(self.tasks)
+        self.by_name = {t.name: t for t in self.tasks}
+        self.known = {" > ".join(c): {tuple(p) for p in self.hierarchy_paths.get(" > ".join(c), [])}
+                      for c in self.chains}
+
+    def image(self, probs: dict[str, np.ndarray], top_k: int) -> dict:
+        classes, tags = {}, {}
+        for t in self.tasks:
+            p = np.asarray(probs[t.name], dtype=np.float64)
+            if t.kind == "class":
+                order = np.argsort(-p, kind="stable")[:min(top_k, t.n_outputs)]
+                classes[t.name] = [{"label": t.classes[j], "prob": float(p[j])} for j in order]
+            else:
+                thr = t.threshold_array()
+                tags[t.name] = [{"tag": c, "prob": float(p[j]), "threshold": float(thr[j]), "present": bool(p[j] >= thr[j])}
+                                for j, c in enumerate(t.classes)]
+        return {"classes": classes, "tags": tags, "hierarchy": self.paths(probs)}
+
+    def paths(self, probs: dict[str, np.ndarray]) -> list[dict]:
+        out = []
+        for chain in self.chains:
+            key = " > ".join(chain)
+            labels, ps = [], []
+            for level in chain:
+                t = self.by_name[level]
+                j = int(np.argmax(probs[level]))
+                labels.append(t.classes[j])
+                ps.append(float(probs[level][j]))
+            entry = {"levels": chain, "path": labels, "probs": ps}
+            known = self.known.get(key)
+            if known:
+                entry["known"] = tuple(labels) in known
+                if not entry["known"]:  # the most probable path seen in training
+                    best, best_p = None, -1.0
+                    for path in known:
+                        jp = 1.0
+                        for level, label in zip(chain, path):
+                            t = self.by_name[level]
+                            jp *= float(probs[level][t.classes.index(label)]) if label in t.classes else 0.0
+                        if jp > best_p:
+                            best, best_p = list(path), jp
+                    entry["best_known_path"] = {"path": best, "joint_prob": best_p}
+            out.append(entry)
+        return out
+
+
+# ----------------------------------------------------------------------------- JSON + base64
+
+def parse_json(body: bytes):
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty: send a JSON document")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "bad_json", f"the body is not valid JSON ({e})") from None
+
+
+def b64decode(s, where: str) -> bytes:
+    if not isinstance(s, str):
+        raise ApiError(400, "bad_request", f"{where}: expected a base64 string, got {type(s).__name__}")
+    if s.startswith(("http://", "https://", "ftp://", "file:", "gs://", "s3://")):
+        raise ApiError(400, "url_not_supported", f"{where}: the server never fetches URLs; send the image "
+                                                 f"bytes base64-encoded")
+    if s.startswith("data:") and "," in s[:200]:
+        s = s.split(",", 1)[1]  # a data: URL carries the bytes itself
+    try:
+        t = s.replace("-", "+").replace("_", "/")  # accept url-safe base64 too
+        return base64.b64decode(t + "=" * (-len(t) % 4), validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ApiError(400, "bad_base64", f"{where}: not valid base64 ({e})") from None
+
+
+# ----------------------------------------------------------------------------- TF-Serving
+
+def _tf_instance(inst, where: str) -> bytes:
+    if isinstance(inst, dict):
+        if "b64" in inst:
+            return b64decode(inst["b64"], where)
+        if len(inst) == 1:  # {"image_bytes": {"b64": ...}}
+            (key, val), = inst.items()
+            if isinstance(val, dict) and "b64" in val:
+                return b64decode(val["b64"], f"{where}.{key}")
+            if isinstance(val, list) and len(val) == 1 and isinstance(val[0], dict) and "b64" in val[0]:
+                return b64decode(val[0]["b64"], f"{where}.{key}")
+    if isinstance(inst, str):
+        b64decode(inst, where) if inst.startswith(("http://", "https://")) else None
+        raise ApiError(400, "bad_request", f"{where}: a bare string is ambiguous; send the image as "
+                                           f"{{\"b64\": \"<base64 bytes>\"}}")
+    raise ApiError(400, "bad_request", f"{where}: expected {{\"b64\": \"<base64 image bytes>\"}} "
+                                       f"(or {{\"<input>\": {{\"b64\": ...}}}}), got {str(inst)[:80]}")
+
+
+def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
+    """Image bytes of a TF-Serving predict request and its format (``row`` or ``columnar``)."""
+    if not isinstance(doc, dict):
+        raise ApiError(400, "bad_request", "expected a JSON object with 'instances' (or 'inputs')")
+    if "instances" in doc:
+        items, fmt, where = doc["instances"], "row", "instances"
+    elif "inputs" in doc:
+        items, fmt, where = doc["inputs"], "columnar", "inputs"
+        if isinstance(items, dict):
+            if len(items) != 1:
+                raise ApiError(400, "bad_request", f"'inputs' must name exactly one input (the images), got "
+                                                   f"{sorted(items)}")
+            (key, items), = items.items()
+            where = f"inputs.{key}"
+    else:
+        raise ApiError(400, "bad_request", f"expected 'instances' (row format) or 'inputs' (columnar format); "
+                                           f"got keys {sorted(doc)[:10]}")
+    if isinstance(items, dict):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "no_images", f"'{where}' must be a non-empty list of {{\"b64\": ...}}")
+    if len(items) > max_images:
+        raise ApiError(413, "too_many_images", f"{len(items)} instances in one request; the limit is {max_images}")
+    return [_tf_instance(x, f"{where}[{i}]") for i, x in enumerate(items)], fmt
+
+
+def tf_response(tasks: list[TaskInfo], probs: list[dict[str, np.ndarray]], fmt: str) -> dict:
+    if fmt == "row":
+        return {"predictions": [{t.name: [float(v) for v in p[t.name]] for t in tasks} for p in probs]}
+    return {"outputs": {t.name: [[float(v) for v in p[t.name]] for p in probs] for t in tasks}}
+
+
+# ----------------------------------------------------------------------------- KServe v2
+
+def _split_bytes_tensor(blob: bytes, n: int, where: str) -> list[bytes]:
+    """BYTES tensor in the binary extension: each element is a 4-byte little-endian length + bytes."""
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            raise ApiError(400, "bad_request", f"{where}: binary BYTES data ends inside a length prefix")
+        (k,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        if pos + k > len(blob):
+            raise ApiError(400, "bad_request", f"{where}: element {len(out)} claims {k} bytes, "
+                                               f"only {len(blob) - pos} remain")
+        out.append(blob[pos:pos + k])
+        pos += k
+    if len(out) != n:
+        raise ApiError(400, "bad_request", f"{where}: shape says {n} elements, binary data holds {len(out)}")
+    return out
+
+
+def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[bytes], dict]:
+    """Image bytes of a v2 infer request (JSON, or JSON + binary tensor data) and the JSON header."""
+    header_len = headers.get(KSERVE_BINARY_HEADER)
+    binary = b""
+    if header_len is not None:
+        try:
+            hl = int(header_len)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"Inference-Header-Content-Length '{header_len}' is not a number") from None
+        if not 0 < hl <= len(body):
+            raise ApiError(400, "bad_request", f"Inference-Header-Content-Length {hl} does not fit the "
+                                               f"{len(body)}-byte body")
+        doc, binary = parse_json(body[:hl]), body[hl:]
+    else:
+        doc = parse_json(body)
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise ApiError(400, "bad_request", "expected {\"inputs\": [{\"name\": ..., \"shape\": [n], "
+                                           "\"datatype\": \"BYTES\", \"data\": [<base64>, ...]}]}")
+    if len(doc["inputs"]) != 1:
+        raise ApiError(400, "bad_request", f"this model takes one input (the images), got {len(doc['inputs'])}")
+    inp = doc["inputs"][0]
+    if not isinstance(inp, dict):
+        raise ApiError(400, "bad_request", "inputs[0] must be an object")
+    name = inp.get("name", "image")
+    if inp.get("datatype") != "BYTES":
+        raise ApiError(400, "bad_request", f"input '{name}': datatype must be BYTES (encoded image files), "
+                                           f"got {inp.get('datatype')!r}")
+    shape = inp.get("shape")
+    if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
+        raise ApiError(400, "bad_request", f"input '{name}': shape must be a list of sizes like [n], got {shape!r}")
+    n = int(np.prod(shape))
+    if n == 0:
+        raise ApiError(400, "no_images", f"input '{name}': shape {shape} holds no image")
+    if n > max_images:
+        raise ApiError(413, "too_many_images", f"{n} images in one request; the limit is {max_images}")
+    params = inp.get("parameters") or {}
+    if "binary_data_size" in params or ("data" not in inp and binary):
+        size = params.get("binary_data_size", len(binary))
+        if not isinstance(size, int) or size > len(binary):
+            raise ApiError(400, "bad_request", f"input '{name}': binary_data_size {size!r} but only "
+                                               f"{len(binary)} binary bytes follow the JSON header")
+        blob = binary[:size]
+        try:
+            images = _split_bytes_tensor(blob, n, f"input '{name}'")
+        except ApiError:
+            if n != 1:
+                raise
+            images = [blob]  # one raw image without a length prefix
+        return images, doc
+    data = inp.get("data")
+    if not isinstance(data, list):
+        raise ApiError(400, "bad_request", f"input '{name}': 'data' must be a list of base64 strings")
+    flat = list(_flatten(data))
+    if len(flat) != n:
+        raise ApiError(400, "bad_request", f"input '{name}': shape {shape} means {n} elements, data holds {len(flat)}")
+    return [b64decode(x, f"input '{name}' element {i}") for i, x in enumerate(flat)], doc
+
+
+def _flatten(x):
+    for v in x:
+        if isinstance(v, list):
+            yield from _flatten(v)
+        else:
+            yield v
+
+
+def kserve_response(name: str, tasks: list[TaskInfo], probs: list[dict[str, np.ndarray]], doc: dict) -> dict:
+    wanted = [o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)]
+    names = [t.name for t in tasks]
+    unknown = [w for w in wanted if w not in names]
+    if unknown:
+        raise ApiError(400, "bad_request", f"unknown output(s) {unknown}; outputs are {names}")
+    outputs = []
+    for t in tasks:
+        if wanted and t.name not in wanted:
+            continue
+        arr = np.stack([p[t.name] for p in probs]).astype(np.float32)
+        outputs.append({"name": t.name, "datatype": "FP32", "shape": list(arr.shape),
+                        "data": [float(v) for v in arr.ravel()]})
+    out = {"model_name": name, "model_version": "1", "outputs": outputs}
+    if "id" in doc:
+        out["id"] = doc["id"]
+    return out
+
+
+def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict) -> dict:
+    return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1],
+                        "parameters": {"content": "encoded image files (JPEG, PNG, WebP, ...); base64 strings "
+                                                  "in JSON, or raw bytes with the binary tensor extension"}}],
+            "outputs": [{"name": t.name, "datatype": "FP32", "shape": [-1, t.n_outputs]} for t in tasks],
+            "parameters": {"tasks": [{"name": t.name, "kind": t.kind, "classes": t.classes, "parent": t.parent,
+                                      "thresholds": t.thresholds} for t in tasks],
+                           "preprocess": description.get("preprocess")}}

@@ -1,0 +1,142 @@
+"""Log a model to MLflow as a pyfunc, so ``mlflow models serve`` and ``mlflow.pyfunc.load_model`` work.
+
+``log_pyfunc(MODEL)`` logs the exported ONNX graph (exported first when missing) and its
+``onnx.json`` as artifacts, with :class:`CatalensPyfunc` as the python model and the catalens
+package itself as code (so the served model needs only onnxruntime, numpy, pillow and pandas).
+
+Input: a DataFrame with a column ``image`` holding encoded photos, as ``bytes`` or base64
+strings (what ``mlflow models serve`` receives as JSON). Output: a DataFrame, one row per image:
+per class task ``TASK`` (top label) and ``TASK_prob``; per tags task ``TASK_tags`` (the tags
+over their thresholds, comma separated) and ``TASK_TAG_prob`` per tag; ``problem`` is empty or
+says why a photo could not be read (one bad photo does not fail the others).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+
+import mlflow.pyfunc
+
+IMAGE_COLUMN = "image"
+
+
+def _to_bytes(v) -> bytes:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, str):
+        s = v.split(",", 1)[1] if v.startswith("data:") and "," in v[:200] else v
+        try:
+            return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"not valid base64 ({e})") from None
+    raise ValueError(f"expected bytes or a base64 string, got {type(v).__name__}")
+
+
+class CatalensPyfunc(mlflow.pyfunc.PythonModel):
+    """Encoded photos → top labels, probabilities and tags, with ONNX Runtime."""
+
+    def load_context(self, context) -> None:
+        from catalens.export.onnx import OnnxModel
+
+        self.model = OnnxModel(context.artifacts["onnx"])
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+
+        from catalens.ingest.images import ImageProblem, load_rgb
+
+        if isinstance(model_input, pd.DataFrame):
+            col = IMAGE_COLUMN if IMAGE_COLUMN in model_input.columns else model_input.columns[0]
+            values = list(model_input[col])
+        else:
+            values = list(model_input)
+        m = self.model
+        pixels, problems = [], []
+        for v in values:
+            try:
+                pixels.append(load_rgb(_to_bytes(v), m.preprocess))
+                problems.append("")
+            except (ImageProblem, ValueError) as e:
+                pixels.append(None)
+                problems.append(str(e))
+        ok = [i for i, p in enumerate(pixels) if p is not None]
+        probs = m.run_hwc(np.stack([pixels[i] for i in ok])) if ok else {}
+        rows = []
+        for i in range(len(values)):
+            row: dict = {"problem": problems[i]}
+            j = ok.index(i) if i in ok else None
+            for t in m.tasks:
+                if t.kind == "class":
+                    if j is None:
+                        row[t.name], row[f"{t.name}_prob"] = None, float("nan")
+                    else:
+                        k = int(np.argmax(probs[t.name][j]))
+                        row[t.name], row[f"{t.name}_prob"] = t.classes[k], float(probs[t.name][j][k])
+                else:
+                    thr = t.threshold_array()
+                    p = probs[t.name][j] if j is not None else np.full(t.n_outputs, np.nan)
+                    row[f"{t.name}_tags"] = ",".join(c for c, pv, th in zip(t.classes, p, thr) if pv >= th) \
+                        if j is not None else None
+                    for c, pv in zip(t.classes, p):
+                        row[f"{t.name}_{c}_prob"] = float(pv)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def log_pyfunc(model_dir: str | Path, artifact_path: str = "model", *, onnx_path: str | Path | None = None,
+               registered_model_name: str | None = None, input_example: bool = False):
+    """Log ``MODEL`` as an MLflow pyfunc in the active run (one is started if none is active).
+
+    Returns MLflow's ``ModelInfo`` (``.model_uri`` loads it back with ``mlflow.pyfunc.load_model``).
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    import catalens
+    from catalens.export.onnx import ensure_onnx, read_description, sidecar_path
+
+    model_dir = Path(model_dir)
+    onnx_file = Path(onnx_path) if onnx_path else ensure_onnx(model_dir)
+    desc = read_description(onnx_file)
+    artifacts = {"onnx": str(onnx_file)}
+    if sidecar_path(onnx_file).exists():
+        artifacts["onnx_json"] = str(sidecar_path(onnx_file))
+    out_cols = [ColSpec("string", "problem")]
+    for t in desc["tasks"]:
+        if t["kind"] == "class":
+            out_cols += [ColSpec("string", t["name"]), ColSpec("double", f"{t['name']}_prob")]
+        else:
+            out_cols.append(ColSpec("string", f"{t['name']}_tags"))
+            out_cols += [ColSpec("double", f"{t['name']}_{c}_prob") for c in t["classes"]]
+    signature = ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=Schema(out_cols))
+    kwargs = {}
+    if input_example:
+        import pandas as pd
+
+        from catalens.ingest.images import Preprocess
+
+        kwargs["input_example"] = pd.DataFrame({IMAGE_COLUMN: [_example_b64(Preprocess.from_dict(desc["preprocess"]))]})
+    active = mlflow.active_run()
+    run = active or mlflow.start_run(run_name=f"catalens-{model_dir.resolve().name}")
+    try:
+        mlflow.log_dict(desc, "catalens_model.json")
+        return mlflow.pyfunc.log_model(
+            name=artifact_path, python_model=CatalensPyfunc(), artifacts=artifacts, signature=signature,
+            code_paths=[str(Path(catalens.__file__).parent)], registered_model_name=registered_model_name,
+            pip_requirements=["onnxruntime", "numpy", "pillow", "pandas", "mlflow"], **kwargs)
+    finally:
+        if active is None:
+            mlflow.end_run()
+
+
+def _example_b64(pre) -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (pre.size, pre.size), (200, 60, 60)).save(buf, "JPEG")
+    return base64.b64encode(buf.getvalue()).decode()
