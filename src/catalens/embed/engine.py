@@ -35,7 +35,7 @@ DECODE_SHARE = 0.25
 class EngineConfig:
     """Knobs of the engine; ``None`` means "sized from the cores available" (see :func:`plan`)."""
 
-    batch_size: int = 64
+    batch_size: int = 32            # images per inference call (memory grows with it, speed does not past ~32)
     workers: int | None = None      # decode processes; None: ceil(cores * DECODE_SHARE), at least 1
     block_rows: int = 128           # rows per worker task
     in_flight: int | None = None    # blocks submitted ahead of the one being consumed; None: 2 per worker + 1
