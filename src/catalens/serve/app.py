@@ -431,6 +431,12 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
     """Run uvicorn (one process, or ``settings.workers`` processes sharing the port)."""
     import uvicorn
 
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal: exit 0 then
+        signal.signal(signal.SIGTERM, _exit_cleanly)
     kw = dict(host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
               access_log=False, limit_concurrency=None, timeout_keep_alive=5)
     if settings.workers > 1:
@@ -438,3 +444,7 @@ def run_server(settings: ServeSettings, host: str = "127.0.0.1", port: int = 800
         uvicorn.run("catalens.serve.app:create_app_from_env", factory=True, workers=settings.workers, **kw)
     else:
         uvicorn.run(create_app(settings), **kw)
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
