@@ -125,13 +125,22 @@ class CatalensModel:
             raise FileNotFoundError(f"'{folder}' is not a catalens model folder (no model.json); "
                                     f"create one with 'catalens train DATA --out {folder}'")
         meta = json.loads(path.read_text())
+        if meta.get("ensemble"):  # several member folders acting as one (catalens.ensemble)
+            from catalens.ensemble import EnsembleModel
+
+            return EnsembleModel.load(folder)
         if meta.get("format") != FORMAT:
             raise ValueError(f"'{path}' has format {meta.get('format')!r}; this catalens reads {FORMAT}")
         backbone = backbone_from_description(meta["backbone"], load_file(str(folder / "backbone.safetensors")))
         head = MultiTaskHead.load(folder)
         # thresholds and classes in model.json are authoritative (tuned after fitting)
         head.tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
-        return cls(backbone, head, meta)
+        model = cls(backbone, head, meta)
+        if meta.get("tta"):  # test-time augmentation: the backbone averages features over views
+            from catalens.tta import apply_model_tta
+
+            apply_model_tta(model)
+        return model
 
 
 def _jsonable(o):

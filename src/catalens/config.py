@@ -77,6 +77,7 @@ class FinetuneConfig(_Strict):
     workers: int | None = Field(None, ge=0)          # augmentation processes; None = spare cores
     tta: list[str] = Field(default_factory=list)     # stored in the model: e.g. [hflip] (see catalens.tta)
     keep_work: bool = False             # keep the checkpoint / view folder after success
+    resume: Literal["auto", "require", "off"] = "auto"  # auto: resume a matching checkpoint in OUT/.finetune
 
 
 class DataConfig(_Strict):

@@ -51,5 +51,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("head.type", getattr(args, "head_type", None))
     put("head.epochs", getattr(args, "epochs", None))
     put("data.strict", getattr(args, "strict", None))
+    put("finetune.mode", getattr(args, "finetune", None))
+    put("finetune.epochs", getattr(args, "finetune_epochs", None))
+    put("finetune.resume", "require" if getattr(args, "resume", False) else None)
+    put("finetune.tta", getattr(args, "tta", None))
     overrides = [flags] + [parse_override(s) for s in getattr(args, "set", [])]
     return load_config(getattr(args, "config", None), overrides)

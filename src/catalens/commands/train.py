@@ -11,6 +11,16 @@ def register(sub) -> None:
     p.add_argument("data", help="photo folder (one subfolder per class) or dataset file (.yaml)")
     p.add_argument("--out", required=True, help="model folder to write")
     add_config_options(p, training=True)
+    ft = p.add_argument_group("fine-tuning (see docs/finetune.md; other knobs: --set finetune.KEY=VALUE)")
+    ft.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
+                    help="also train the backbone: its last stages (blocks, the default; how many: "
+                         "--set finetune.blocks=N) or all of it")
+    ft.add_argument("--finetune-epochs", type=int, metavar="N", help="fine-tuning epochs (default 8)")
+    ft.add_argument("--resume", action="store_true",
+                    help="resume the interrupted fine-tuning in OUT (an error when there is no checkpoint; "
+                         "a matching checkpoint is resumed anyway without this flag)")
+    ft.add_argument("--tta", action="append", metavar="VIEW", choices=["hflip", "zoom"],
+                    help="test-time augmentation stored in the model: hflip and/or zoom (repeatable)")
     p.set_defaults(func=run)
 
 

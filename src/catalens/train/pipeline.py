@@ -101,6 +101,12 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
     log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
     Yv = _select(Y, is_val)
     probs_val = head.predict_proba(feats.features[is_val])
+    finetuned = None
+    if cfg.finetune.mode != "none":  # fine-tune from this linear probe (LP-FT); see train/finetune.py
+        from catalens.train.finetune import finetune
+
+        finetuned = finetune(fit_cat, tasks, Y, is_train, is_val, backbone, head, cfg, out / ".finetune", log=log)
+        backbone, head, probs_val = finetuned.backbone, finetuned.head, finetuned.probs_val
     for t in tasks:
         if t.kind == "tags":
             t.thresholds = [float(x) for x in tune_thresholds(Yv[t.name], probs_val[t.name])] \
@@ -111,6 +117,10 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
             "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
             "head_config": h.model_dump()}
+    if finetuned is not None:
+        meta["finetune"] = finetuned.meta
+    if cfg.finetune.tta:
+        meta["tta"] = list(cfg.finetune.tta)
     model = CatalensModel(backbone, head, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -124,7 +134,11 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  val {name}: micro-F1 {_f(m['micro_f1'])}, mAP {_f(m['mean_average_precision'])}")
     log(f"model written to {out} in {seconds:.1f}s")
-    return TrainResult(model, out, val_metrics, seconds)
+    result = TrainResult(model, out, val_metrics, seconds)
+    from catalens.track import log_training  # MLflow run (off: tracking=false); never fails training
+
+    log_training(result, cfg, data=data, log=log)
+    return result
 
 
 def _flat_paths(paths: dict[str, list[list[str]]]) -> list[list[str]]:

@@ -1,0 +1,331 @@
+"""Ensembles: several model folders acting as one (``catalens ensemble MODEL... --out DIR``).
+
+::
+
+    DIR/
+      model.json        format, "ensemble": {members, weights, sources}, tasks (shared class
+                        orders, averaged tag thresholds), the composite backbone description
+      members/0/ ...    each member a complete model folder (copied), loadable on its own
+
+:meth:`catalens.artifact.CatalensModel.load` returns an :class:`EnsembleModel` for such a
+folder. It has the interface the predictor, evaluator, exporter and server use —
+``tasks``, ``meta``, ``backbone`` (``module``, ``preprocess``, ``fingerprint()``,
+``feature_dim``), ``predict_proba_features``, ``pixel_module`` — so none of them needs to
+know about ensembles:
+
+- ``backbone.module`` runs every member's backbone on the same decoded pixels and returns
+  their features side by side;
+- ``predict_proba_features`` splits that row back per member, runs each member's heads and
+  returns the weighted mean of the member probabilities.
+
+Members must share task names, kinds and class orders (a clear error names the first
+difference). Members whose input size differs get the decoded crop resized to their own size
+(the engine decodes once, at the largest member's preprocessing; for the EfficientNet-Lite
+family the crop fraction is the same, so each member sees the same part of the photo). A
+member's own test-time augmentation (``"tta"`` in its model.json) is kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from catalens.embed.backbones import Backbone
+from catalens.ingest.images import Preprocess
+from catalens.tasks import TaskInfo
+
+FORMAT = "catalens-model/1"
+
+
+class EnsembleError(ValueError):
+    """Models that cannot be combined (different tasks or class orders, bad weights)."""
+
+
+def check_compatible(models: list, names: list[str] | None = None) -> None:
+    """Raise :class:`EnsembleError` naming the first task / class-order difference."""
+    names = names or [f"model {i}" for i in range(len(models))]
+    ref = models[0].tasks
+    ref_desc = {t.name: t for t in ref}
+    for m, name in zip(models[1:], names[1:]):
+        tasks = {t.name: t for t in m.tasks}
+        if set(tasks) != set(ref_desc):
+            raise EnsembleError(f"{name} has tasks {sorted(tasks)} but {names[0]} has {sorted(ref_desc)}: "
+                                f"ensemble members must predict the same tasks")
+        for t0 in ref:
+            t = tasks[t0.name]
+            if t.kind != t0.kind:
+                raise EnsembleError(f"task '{t0.name}' is a {t.kind} task in {name} but a {t0.kind} task in "
+                                    f"{names[0]}")
+            if list(t.classes) != list(t0.classes):
+                diff = next((i for i, (a, b) in enumerate(zip(t.classes, t0.classes)) if a != b),
+                            min(len(t.classes), len(t0.classes)))
+                a = t0.classes[diff] if diff < len(t0.classes) else "(none)"
+                b = t.classes[diff] if diff < len(t.classes) else "(none)"
+                raise EnsembleError(
+                    f"task '{t0.name}': class order of {name} differs from {names[0]} at position {diff} "
+                    f"('{b}' vs '{a}'; {len(t.classes)} vs {len(t0.classes)} classes). Ensemble members must "
+                    f"be trained on the same classes (same class folders / labels)")
+
+
+def normalise_weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0 / n] * n
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise EnsembleError(f"{len(w)} weights for {n} models; give one weight per model")
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise EnsembleError(f"weights must be >= 0 with a positive sum; got {w}")
+    s = sum(w)
+    return [x / s for x in w]
+
+
+# ------------------------------------------------------------------ composite backbone
+def _crop_fraction(pre: Preprocess) -> float:
+    return pre.size / pre.resize
+
+
+class _MemberInput(nn.Module):
+    """Composite crop → a member's input: centre crop to its crop fraction, resize to its size."""
+
+    def __init__(self, keep: float, size: int) -> None:
+        super().__init__()
+        self.keep, self.size = float(keep), int(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[-1]
+        if self.keep < 0.999:
+            c = int(round(s * self.keep))
+            o = (s - c) // 2
+            x = x[..., o:o + c, o:o + c]
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+
+class EnsembleExtractor(nn.Module):
+    """Pixels 0..255 ``(n, 3, S, S)`` → member features side by side ``(n, sum D_i)``."""
+
+    def __init__(self, extractors: list[nn.Module], inputs: list[_MemberInput]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(extractors)
+        self.inputs = nn.ModuleList(inputs)
+        self.dims = [int(m.feature_dim) for m in extractors]
+        self.feature_dim = sum(self.dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(f(x)) for m, f in zip(self.members, self.inputs)], dim=1)
+
+
+@dataclass
+class EnsembleBackbone(Backbone):
+    """The composite backbone; its cache key combines the members' keys and input handling."""
+
+    member_fingerprints: tuple[str, ...] = ()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(repr((self.member_fingerprints, sorted(self.preprocess.to_dict().items()))).encode())
+        return f"ensemble{len(self.member_fingerprints)}-{h.hexdigest()[:16]}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "arch": "ensemble", "feature_dim": self.feature_dim,
+                "weights_origin": self.weights_origin, "preprocess": self.preprocess.to_dict(),
+                "member_fingerprints": list(self.member_fingerprints)}
+
+
+def composite_backbone(members: list) -> EnsembleBackbone:
+    """One backbone over the members: decode at the largest member's preprocessing."""
+    pres = [m.backbone.preprocess for m in members]
+    main = max(range(len(pres)), key=lambda i: (pres[i].size, -_crop_fraction(pres[i])))
+    pre = pres[main]
+    fc = _crop_fraction(pre)
+    inputs = [_MemberInput(min(1.0, _crop_fraction(p) / fc), p.size) for p in pres]
+    module = EnsembleExtractor([m.backbone.module for m in members], inputs).eval()
+    name = "ensemble(" + "+".join(m.backbone.name for m in members) + ")"
+    return EnsembleBackbone(name, "ensemble", module, pre, "members", tuple(m.backbone.fingerprint() for m in members))
+
+
+# ----------------------------------------------------------------------------- heads
+class EnsembleHead:
+    """Weighted mean of the member heads' probabilities over side-by-side features."""
+
+    def __init__(self, heads: list, dims: list[int], weights: list[float], tasks: list[TaskInfo]) -> None:
+        self.heads, self.dims, self.weights, self.tasks = heads, dims, weights, tasks
+
+    @property
+    def classes_(self) -> dict[str, list[str]]:
+        return {t.name: list(t.classes) for t in self.tasks}
+
+    def split(self, X: np.ndarray) -> list[np.ndarray]:
+        if X.shape[1] != sum(self.dims):
+            raise ValueError(f"ensemble features have {X.shape[1]} columns, expected {sum(self.dims)} "
+                             f"({' + '.join(map(str, self.dims))})")
+        return np.split(X, np.cumsum(self.dims)[:-1], axis=1)
+
+    def predict_proba(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        parts = [h.predict_proba(x) for h, x in zip(self.heads, self.split(X))]
+        return average_probabilities(parts, self.weights, self.tasks)
+
+    def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        proba = self.predict_proba(X)
+        out = {}
+        for t in self.tasks:
+            if t.kind == "class":
+                out[t.name] = np.asarray(t.classes, dtype=object)[proba[t.name].argmax(1)]
+            else:
+                out[t.name] = proba[t.name] >= t.threshold_array()[None, :]
+        return out
+
+
+def average_probabilities(parts: list[dict[str, np.ndarray]], weights: list[float],
+                          tasks: list[TaskInfo]) -> dict[str, np.ndarray]:
+    """``sum_i w_i * p_i`` per task (float32)."""
+    out = {}
+    for t in tasks:
+        acc = np.zeros_like(parts[0][t.name], dtype=np.float32)
+        for w, p in zip(weights, parts):
+            acc += np.float32(w) * p[t.name].astype(np.float32)
+        out[t.name] = acc
+    return out
+
+
+class EnsemblePixelModule(nn.Module):
+    """Pixels → ``{task: weighted mean probabilities}`` in one graph (export, serving)."""
+
+    def __init__(self, inputs: list[_MemberInput], members: list[nn.Module], weights: list[float]) -> None:
+        super().__init__()
+        self.inputs = nn.ModuleList(inputs)
+        self.members = nn.ModuleList(members)
+        self.weights = [float(w) for w in weights]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for w, f, m in zip(self.weights, self.inputs, self.members):
+            for k, v in m(f(x)).items():
+                out[k] = out[k] + w * v if k in out else w * v
+        return out
+
+
+# ----------------------------------------------------------------------------- model
+class EnsembleModel:
+    """Several models as one; same interface as :class:`~catalens.artifact.CatalensModel`."""
+
+    def __init__(self, members: list, weights=None, meta: dict | None = None,
+                 names: list[str] | None = None) -> None:
+        if len(members) < 1:
+            raise EnsembleError("an ensemble needs at least one model")
+        check_compatible(members, names)
+        self.members = members
+        self.weights = normalise_weights(weights, len(members))
+        self.tasks = _shared_tasks(members)
+        self.backbone = composite_backbone(members)
+        self.head = EnsembleHead([m.head for m in members], self.backbone.module.dims, self.weights, self.tasks)
+        self.meta = dict(meta or {})
+        self.meta.setdefault("backbone", self.backbone.describe())
+        self.meta.setdefault("tasks", [t.to_dict() for t in self.tasks])
+        self.meta.setdefault("hierarchy_paths", _union_paths(members))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.backbone.preprocess
+
+    def predict_proba_features(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        return self.head.predict_proba(features)
+
+    def predict_proba_images(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Probabilities of decoded pixels ``(n, S, S, 3)`` uint8 at :attr:`preprocess`."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
+        with torch.inference_mode():
+            feats = self.backbone.module(x).numpy()
+        return self.predict_proba_features(feats)
+
+    def pixel_module(self) -> EnsemblePixelModule:
+        return EnsemblePixelModule(list(self.backbone.module.inputs), [m.pixel_module() for m in self.members],
+                                   self.weights).eval()
+
+    # ------------------------------------------------------------ persistence
+    def save(self, folder: str | Path, sources: list[str | Path] | None = None) -> Path:
+        """Write the ensemble folder: members copied from ``sources`` (their folders) or saved anew."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp-ensemble")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "members").mkdir(parents=True)
+        rel = []
+        for i, m in enumerate(self.members):
+            dst = tmp / "members" / str(i)
+            if sources is not None:
+                shutil.copytree(Path(sources[i]), dst, ignore=shutil.ignore_patterns(".finetune", "*.tmp*"))
+            else:
+                m.save(dst)
+            rel.append(f"members/{i}")
+        from catalens.artifact import package_versions
+
+        meta = dict(self.meta)
+        meta.update(format=FORMAT, backbone=self.backbone.describe(), tasks=[t.to_dict() for t in self.tasks],
+                    versions=package_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        meta["ensemble"] = {"members": rel, "weights": self.weights,
+                            "member_backbones": [m.backbone.name for m in self.members],
+                            "sources": [str(s) for s in sources] if sources is not None else None}
+        (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "EnsembleModel":
+        from catalens.artifact import CatalensModel
+
+        folder = Path(folder)
+        meta = json.loads((folder / "model.json").read_text())
+        ens = meta.get("ensemble")
+        if not ens or not ens.get("members"):
+            raise ValueError(f"'{folder / 'model.json'}' describes no ensemble members")
+        members = [CatalensModel.load(folder / p) for p in ens["members"]]
+        model = cls(members, ens.get("weights"), meta, names=[str(folder / p) for p in ens["members"]])
+        # tag thresholds saved at the top level are authoritative
+        model.tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
+        model.head.tasks = model.tasks
+        return model
+
+
+def _shared_tasks(members: list) -> list[TaskInfo]:
+    """Tasks of the first member; tags thresholds averaged over the members."""
+    out = []
+    for t in members[0].tasks:
+        d = TaskInfo.from_dict(t.to_dict())
+        if t.kind == "tags":
+            ths = [next(x for x in m.tasks if x.name == t.name).threshold_array() for m in members]
+            d.thresholds = [float(v) for v in np.mean(ths, axis=0)]
+        out.append(d)
+    return out
+
+
+def _union_paths(members: list) -> dict:
+    out: dict[str, list] = {}
+    for m in members:
+        for chain, paths in (m.meta.get("hierarchy_paths") or {}).items():
+            seen = {tuple(p) for p in out.get(chain, [])}
+            out.setdefault(chain, []).extend(p for p in paths if tuple(p) not in seen)
+    return out
+
+
+def build_ensemble(model_dirs: list[str | Path], out: str | Path, weights=None, log=print) -> EnsembleModel:
+    """``catalens ensemble``: load, check, and write one ensemble folder."""
+    from catalens.artifact import CatalensModel
+
+    dirs = [Path(d) for d in model_dirs]
+    models = [CatalensModel.load(d) for d in dirs]
+    ens = EnsembleModel(models, weights, {"metrics": {}}, names=[str(d) for d in dirs])
+    ens.save(out, sources=dirs)
+    log(f"ensemble of {len(models)} models ({', '.join(m.backbone.name for m in models)}; weights "
+        f"{', '.join(f'{w:.3g}' for w in ens.weights)}) written to {out}")
+    return ens
