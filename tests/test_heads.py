@@ -28,6 +28,7 @@ def toy(n=240, seed=0):
 def fitted(name, **kw):
     X, Y = toy()
     Xv, Yv = toy(80, seed=1)
+    kw.setdefault("scaling", "feature")  # toy dimensions have unequal means
     return create_head(name, TASKS, epochs=100, lr=1e-2, seed=3, **kw).fit(X, Y, Xv, Yv)
 
 
@@ -122,3 +123,18 @@ def test_temperature_scaling_calibrates_without_changing_argmax():
     assert set(temps) == {"dept", "cat", "pattern"} and temps["cat"] != 1.0
     np.testing.assert_array_equal(before.argmax(1), after.argmax(1))
     assert _nll(head.predict_logits(Xv)["cat"], Yv["cat"], "class") <= nll_before
+
+
+@pytest.mark.parametrize("scaling", ["global", "feature", "none"])
+def test_input_scaling_modes(scaling):
+    X, Y = toy()
+    head = create_head("linear", TASKS, epochs=5, scaling=scaling).fit(X, Y)
+    mean, std = head.net_.mean.numpy(), head.net_.std.numpy()
+    if scaling == "feature":
+        np.testing.assert_allclose(std, X.std(0, ddof=1), rtol=1e-4)
+    elif scaling == "global":
+        assert np.all(mean == 0) and np.allclose(std, X.std(ddof=1), rtol=1e-4)
+    else:
+        assert np.all(mean == 0) and np.all(std == 1)
+    with pytest.raises(ValueError, match="scaling must be"):
+        create_head("linear", TASKS, scaling="minmax")

@@ -50,6 +50,7 @@ class HeadConfig(_Strict):
     class_weighting: Literal["none", "balanced", "sqrt"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
+    scaling: Literal["global", "feature", "none"] = "global"  # input scaling learnt from training features
 
 
 class FinetuneConfig(_Strict):

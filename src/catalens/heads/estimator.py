@@ -39,13 +39,15 @@ class MultiTaskHead:
     def __init__(self, tasks: list[TaskInfo], hidden: int = 0, dropout: float = 0.0, epochs: int = 300,
                  batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4, patience: int = 25,
                  loss_weights: dict[str, float] | None = None, class_weighting: str = "none",
-                 label_smoothing: float = 0.0, focal_gamma: float = 0.0, seed: int = 0,
-                 verbose: bool = False) -> None:
+                 label_smoothing: float = 0.0, focal_gamma: float = 0.0, scaling: str = "global",
+                 seed: int = 0, verbose: bool = False) -> None:
+        if scaling not in ("global", "feature", "none"):
+            raise ValueError(f"scaling must be global, feature or none; got '{scaling}'")
         self.tasks = tasks
         self.params = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, patience=patience, loss_weights=loss_weights or {},
                            class_weighting=class_weighting, label_smoothing=label_smoothing,
-                           focal_gamma=focal_gamma, seed=seed)
+                           focal_gamma=focal_gamma, scaling=scaling, seed=seed)
         self.verbose = verbose
         self.net_: MultiTaskNet | None = None
         self.history_: list[dict] = []
@@ -67,8 +69,11 @@ class MultiTaskHead:
         torch.manual_seed(p["seed"])
         net = MultiTaskNet(X.shape[1], self.tasks, p["hidden"], p["dropout"])
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-        net.mean.copy_(Xt.mean(0))
-        net.std.copy_(Xt.std(0).clamp_min(1e-6))
+        if p["scaling"] == "feature":      # per-feature z-score
+            net.mean.copy_(Xt.mean(0))
+            net.std.copy_(Xt.std(0).clamp_min(1e-6))
+        elif p["scaling"] == "global":     # one scale for all features: keeps the feature geometry
+            net.std.fill_(float(Xt.std().clamp_min(1e-6)))
         Yt = _to_tensors(Y, self.tasks)
         weights = {t.name: class_weights(Y[t.name], t.n_outputs, p["class_weighting"])
                    for t in self.tasks if t.kind == "class"}
