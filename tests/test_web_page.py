@@ -1,0 +1,96 @@
+"""The web page at ``/``, end to end in headless Chromium: upload a real photo, see the bars."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export import real_photos, shared_model
+from test_serve import running_server
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None) \
+    or shutil.which("chromium")
+CHROMEDRIVER = "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not CHROMIUM or not CHROMEDRIVER:
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1200,1000", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browser):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from catalens.export.onnx import OnnxModel
+
+    model = shared_model(tmp_path_factory)
+    try:
+        photo = real_photos(1)[0]
+    except pytest.skip.Exception:
+        photo = sorted((model.parent / "data" / "images").glob("*.jpg"))[0]
+    onnx = OnnxModel(model / "model.onnx", threads=1)
+    probs = onnx.predict_bytes([photo.read_bytes()])
+    tasks = {t.name: t for t in onnx.tasks}
+    top_dep = tasks["department"].classes[int(probs["department"][0].argmax())]
+    top_cat = tasks["category"].classes[int(probs["category"][0].argmax())]
+
+    with running_server(model, log=tmp_path / "server.log") as (url, _):
+        browser.get(url + "/")
+        assert "catalens" in browser.title
+        assert "model: model" in browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait = WebDriverWait(browser, 90)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        levels = card.find_elements(By.CSS_SELECTOR, ".level[data-task]")
+        assert [lv.get_attribute("data-task") for lv in levels] == ["department", "category"]  # root level first
+        dep_top = levels[0].find_element(By.CSS_SELECTOR, ".bar.top .label").text
+        cat_top = levels[1].find_element(By.CSS_SELECTOR, ".bar.top .label").text
+        assert (dep_top, cat_top) == (top_dep, top_cat)
+        assert top_cat in card.find_element(By.CSS_SELECTOR, ".path").text
+        top_p = float(probs["department"][0].max()) * 100
+        assert levels[0].find_element(By.CSS_SELECTOR, ".bar.top .pct").text == f"{top_p:.1f}%"
+        style = levels[0].find_element(By.CSS_SELECTOR, ".bar.top .fill").get_attribute("style")
+        assert abs(float(style.split("width:")[1].split("%")[0]) - top_p) < 0.1
+        chips = card.find_elements(By.CSS_SELECTOR, ".tag")
+        assert sorted(c.text.split()[0] for c in chips) == sorted(tasks["pattern"].classes)
+        on = {c.text.split()[0] for c in card.find_elements(By.CSS_SELECTOR, ".tag.on")}
+        thr = tasks["pattern"].threshold_array()
+        assert on == {t for t, p, h in zip(tasks["pattern"].classes, probs["pattern"][0], thr) if p >= h}
+        assert "photo" in browser.find_element(By.ID, "status").text
+        shot = tmp_path / "page.png"
+        assert browser.save_screenshot(str(shot))
+
+        # a non-image through the same input shows the server's error, and the page keeps working
+        bad = tmp_path / "notes.jpg"
+        bad.write_bytes(b"this is not a photo")
+        browser.find_element(By.ID, "file").send_keys(str(bad))
+        wait.until(lambda d: "not_an_image" in d.find_element(By.ID, "status").text)
+        assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+
+    img = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert img.std() > 10  # not a blank page
+    non_white = (img.min(axis=2) < 200).mean()
+    assert non_white > 0.01
+    accent = ((img[..., 2] > 150) & (img[..., 0] < 90)).mean()  # the blue bars are drawn
+    assert accent > 0.001
