@@ -51,6 +51,8 @@ class HeadConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
     scaling: Literal["global", "feature", "none"] = "global"  # input scaling learnt from training features
+    sampler: Literal["none", "balanced", "sqrt"] = "none"  # per-epoch class-balanced sampling (leaf class task)
+    max_per_class: int = Field(0, ge=0)  # >0: each epoch draws at most this many rows of any class (down-sampling)
 
 
 class FinetuneConfig(_Strict):
@@ -89,6 +91,27 @@ class DataConfig(_Strict):
     max_pixels: int = Field(89_478_485, ge=1)       # decompression-bomb limit
 
 
+class TextConfig(_Strict):
+    """Product titles (``catalens train --text``): a title model fused with the image head; see docs/recipes.md."""
+
+    enabled: bool = False
+    model: Literal["logreg", "nb"] = "logreg"   # TF-IDF + logistic regression, or word counts + Naive Bayes
+    ngram: list[int] = Field(default_factory=lambda: [1, 2], min_length=2, max_length=2)  # word n-grams
+    char_ngram: list[int] | None = Field(default_factory=lambda: [2, 5])  # character n-grams; null = none
+    max_features: int | None = Field(50_000, ge=1)  # per analyzer (words, characters)
+    min_df: int = Field(1, ge=1)
+    C: float = Field(30.0, gt=0)                 # inverse L2 strength of the logistic regression
+    alpha: float = Field(0.1, gt=0)              # Naive Bayes smoothing
+    max_iter: int = Field(100, ge=1)             # L-BFGS iterations
+
+
+class KFoldConfig(_Strict):
+    """``catalens train --folds K``: cross-validation over train+val, split by product."""
+
+    folds: int = Field(0, ge=0)                  # 0 = off; otherwise >= 2
+    inner_val_fraction: float = Field(0.1, gt=0, lt=1)  # of each fold's training products, for early stopping
+
+
 class Config(_Strict):
     """The whole run configuration."""
 
@@ -100,6 +123,9 @@ class Config(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    kfold: KFoldConfig = Field(default_factory=KFoldConfig)
+    hierarchy_decoding: bool = False               # predict the most probable path seen in training
     tracking: bool = True                           # log runs to MLflow when it is installed
 
     def to_yaml(self) -> str:
