@@ -1,0 +1,4 @@
+"""Catalogue audit: exact and near duplicates, leakage across splits, conflicting labels."""
+from catalens.audit.core import DEFAULT_NEAR, AuditResult, Group, audit_catalogue, run_audit
+
+__all__ = ["DEFAULT_NEAR", "AuditResult", "Group", "audit_catalogue", "run_audit"]
