@@ -134,7 +134,11 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  val {name}: micro-F1 {_f(m['micro_f1'])}, mAP {_f(m['mean_average_precision'])}")
     log(f"model written to {out} in {seconds:.1f}s")
-    return TrainResult(model, out, val_metrics, seconds)
+    result = TrainResult(model, out, val_metrics, seconds)
+    from catalens.track import log_training  # MLflow run (off: tracking=false); never fails training
+
+    log_training(result, cfg, data=data, log=log)
+    return result
 
 
 def _flat_paths(paths: dict[str, list[list[str]]]) -> list[list[str]]:
