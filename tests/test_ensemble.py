@@ -1,0 +1,148 @@
+"""Ensembles (weighted mean of member probabilities) and test-time augmentation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from catalens.artifact import CatalensModel
+from catalens.config import load_config
+from catalens.embed.backbones import create_backbone
+from catalens.ensemble import EnsembleError, EnsembleModel, build_ensemble
+from catalens.synthetic import make_folder_dataset
+from catalens.tta import TTABackbone, apply_model_tta, with_tta
+from catalens.train.pipeline import train
+
+
+def _cfg(**over):
+    return load_config(overrides=[{"tracking": False, "engine": {"workers": 0, "progress": False}}, over])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ens")
+    data = make_folder_dataset(base / "data", n_per_class=4, size=64)
+    a = train(data, base / "a", _cfg(seed=1), log=lambda m: None).folder
+    b = train(data, base / "b", _cfg(seed=2, head={"type": "mlp", "hidden": 32}), log=lambda m: None).folder
+    return data, a, b
+
+
+def _px(n=3, size=224, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _member_probs(model, px):
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        return model.predict_proba_features(model.backbone.module(x).numpy())
+
+
+@pytest.mark.parametrize("weights", [None, [3.0, 1.0]])
+def test_ensemble_is_the_weighted_mean_of_member_probabilities(models, tmp_path, weights):
+    _, a, b = models
+    out = build_ensemble([a, b], tmp_path / "e", weights, log=lambda m: None)
+    ens = CatalensModel.load(tmp_path / "e")
+    assert isinstance(ens, EnsembleModel) and isinstance(out, EnsembleModel)
+    assert (tmp_path / "e" / "members" / "0" / "model.json").exists()
+    ma, mb = CatalensModel.load(a), CatalensModel.load(b)
+    px = _px()
+    pa, pb, pe = _member_probs(ma, px), _member_probs(mb, px), ens.predict_proba_images(px)
+    wa, wb = (0.5, 0.5) if weights is None else (0.75, 0.25)
+    for t in ens.tasks:
+        expected = np.float32(wa) * pa[t.name] + np.float32(wb) * pb[t.name]
+        np.testing.assert_array_equal(pe[t.name], expected)
+        np.testing.assert_allclose(pe[t.name].sum(1), 1.0, atol=1e-5)
+    # the generic path the predictor/evaluator take gives the same numbers
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        feats = ens.backbone.module(x).numpy()
+        pix = ens.pixel_module()(x)
+    for t in ens.tasks:
+        np.testing.assert_array_equal(ens.predict_proba_features(feats)[t.name], pe[t.name])
+        np.testing.assert_allclose(pix[t.name].numpy(), pe[t.name], atol=1e-6)
+    assert ens.backbone.fingerprint() != ma.backbone.fingerprint()
+
+
+def test_ensemble_predicts_a_catalogue(models, tmp_path):
+    import pyarrow.parquet as pq
+
+    from catalens.ingest.sources import open_catalogue
+    from catalens.predict.predictor import predict_catalogue
+
+    data, a, b = models
+    build_ensemble([a, b], tmp_path / "e", log=lambda m: None)
+    ens = CatalensModel.load(tmp_path / "e")
+    cat = open_catalogue(data).split("test")
+    res = predict_catalogue(ens, cat, tmp_path / "p.parquet", _cfg(cache_dir=str(tmp_path / "cache")), log=lambda m: None)
+    table = pq.read_table(res.path).to_pandas()
+    assert len(table) == len(cat) and table["problem"].isna().all()
+    assert set(table["label"]) <= set(ens.tasks[0].classes)
+
+
+def test_mismatched_class_order_is_a_clear_error(models):
+    _, a, b = models
+    ma, mb = CatalensModel.load(a), CatalensModel.load(b)
+    mb.head.tasks[0].classes = list(reversed(mb.tasks[0].classes))
+    with pytest.raises(EnsembleError, match=r"class order .* differs .* position 0"):
+        EnsembleModel([ma, mb], names=["A", "B"])
+    mb.head.tasks[0].name = "other"
+    with pytest.raises(EnsembleError, match="same tasks"):
+        EnsembleModel([ma, mb])
+
+
+def test_ensemble_cli_and_bad_weights(models, tmp_path, capsys):
+    from catalens.cli import main
+
+    _, a, b = models
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "e"), "--weights", "2,1"]) == 0
+    meta = json.loads((tmp_path / "e" / "model.json").read_text())
+    assert meta["ensemble"]["weights"] == pytest.approx([2 / 3, 1 / 3])
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "f"), "--weights", "1"]) == 2
+    assert "one weight per model" in capsys.readouterr().err
+
+
+def test_members_of_different_input_sizes(models, tmp_path):
+    data, a, _ = models
+    c = train(data, tmp_path / "c", _cfg(backbone={"name": "efficientnet_lite1", "weights": "random"}),
+              log=lambda m: None).folder
+    build_ensemble([a, c], tmp_path / "e", log=lambda m: None)
+    ens = CatalensModel.load(tmp_path / "e")
+    assert ens.preprocess.size == 240  # decoded once at the largest member's preprocessing
+    p = ens.predict_proba_images(_px(2, 240))
+    np.testing.assert_allclose(p["label"].sum(1), 1.0, atol=1e-5)
+
+
+def test_tta_hflip_on_a_symmetric_image_equals_no_tta():
+    bb = create_backbone("efficientnet_lite0")
+    half = torch.rand(2, 3, 224, 112) * 255
+    x = torch.cat([half, half.flip(-1)], dim=-1)
+    assert torch.equal(x, x.flip(-1))
+    tta = with_tta(bb, ["hflip"])
+    with torch.inference_mode():
+        assert torch.equal(tta.module(x), bb.module(x))
+        y = torch.rand(2, 3, 224, 224) * 255
+        expected = (bb.module(y) + bb.module(y.flip(-1))) / 2
+        torch.testing.assert_close(tta.module(y), expected, rtol=0, atol=1e-6)
+    assert tta.fingerprint() != bb.fingerprint()
+    assert with_tta(tta, []).fingerprint() == bb.fingerprint()
+    with pytest.raises(ValueError, match="valid views"):
+        with_tta(bb, ["rotate"])
+
+
+def test_model_folder_tta_is_honoured_on_load(models, tmp_path):
+    import shutil
+
+    _, a, _ = models
+    shutil.copytree(a, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["tta"] = ["hflip", "zoom"]
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    m = CatalensModel.load(tmp_path / "m")
+    assert isinstance(m.backbone, TTABackbone) and m.backbone.views == ("hflip", "zoom")
+    plain = apply_model_tta(CatalensModel.load(tmp_path / "m"), [])
+    assert not isinstance(plain.backbone, TTABackbone)
+    px = _px(2)
+    p_tta, p_plain = _member_probs(m, px), _member_probs(plain, px)
+    assert not np.allclose(p_tta["label"], p_plain["label"])
