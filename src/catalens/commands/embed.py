@@ -12,6 +12,8 @@ def register(sub) -> None:
     p.add_argument("data", help="photo folder, dataset file or BSON dump")
     p.add_argument("--out", required=True, help="folder to write")
     add_config_options(p, training=True)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: alone, a local Ray; 'auto' or an address joins a cluster (docs/scale.md)")
     p.set_defaults(func=run)
 
 
@@ -19,5 +21,10 @@ def run(args) -> int:
     from catalens.commands._common import config_from_args
     from catalens.embed.export_features import embed_to_folder
 
+    if getattr(args, "ray", None):  # the same pipeline on a Ray cluster
+        from catalens.scale import RayOptions, ray_embed_to_folder
+
+        ray_embed_to_folder(args.data, args.out, config_from_args(args), RayOptions(address=args.ray))
+        return 0
     embed_to_folder(args.data, args.out, config_from_args(args))
     return 0

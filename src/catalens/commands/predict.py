@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--part-rows", type=int, default=8192, help="rows per resumable part")
     p.add_argument("--no-cache", action="store_true", help="do not read/write the embedding cache")
     add_config_options(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on Ray: alone, a local Ray; 'auto' or an address joins a cluster (docs/scale.md)")
     p.set_defaults(func=run)
 
 
@@ -31,8 +33,14 @@ def run(args) -> int:
     cfg = config_from_args(args)
     model = CatalensModel.load(args.model)
     cat = open_catalogue(args.data)
-    res = predict_catalogue(model, cat, args.out, cfg, engine_config(cfg), part_rows=args.part_rows,
-                            use_cache=not args.no_cache)
+    if getattr(args, "ray", None):  # the same pipeline on a Ray cluster
+        from catalens.scale import RayOptions, ray_predict_catalogue
+
+        res = ray_predict_catalogue(args.model, cat, args.out, cfg, RayOptions(address=args.ray),
+                                    use_cache=not args.no_cache, model=model)
+    else:
+        res = predict_catalogue(model, cat, args.out, cfg, engine_config(cfg), part_rows=args.part_rows,
+                                use_cache=not args.no_cache)
     print(f"{res.rows} rows ({res.problems} with problems) written to {res.path} in {res.seconds:.1f}s "
           f"({res.rows / max(res.seconds, 1e-9):.1f} img/s)")
     return 0
