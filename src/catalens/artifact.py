@@ -9,6 +9,8 @@
       backbone.safetensors  the backbone's weights (the folder needs no download to load)
       head.safetensors    the heads' weights;  head.json  their hyper-parameters and history
       config.yaml         the resolved run configuration
+      text/               optional title model (catalens train --text): vectorizer.json (vocabulary,
+                          idf), title_model.safetensors (weights), title_model.json, fusion.json
       ingest/             problems.csv, class_counts.json, split.csv (when catalens made the split)
 
 Predictor, evaluator, exporter and server read this; none of them re-declares any of it.
@@ -65,6 +67,7 @@ class CatalensModel:
     backbone: Backbone
     head: MultiTaskHead
     meta: dict = field(default_factory=dict)
+    text: object = None  # catalens.text.TextFusion: title model fused with the head (None = image only)
 
     @property
     def tasks(self) -> list[TaskInfo]:
@@ -74,9 +77,13 @@ class CatalensModel:
     def preprocess(self):
         return self.backbone.preprocess
 
-    def predict_proba_features(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        """Task probabilities from backbone features ``(n, D)``."""
-        return self.head.predict_proba(features)
+    def predict_proba_features(self, features: np.ndarray, texts=None) -> dict[str, np.ndarray]:
+        """Task probabilities from backbone features ``(n, D)``; with a title model and ``texts``
+        (one title or None per row), fused with the titles (rows without one: image only)."""
+        probs = self.head.predict_proba(features)
+        if self.text is not None and texts is not None:
+            probs = self.text.fuse(probs, texts)
+        return probs
 
     def pixel_module(self) -> PixelModel:
         """One torch module from pixels to probabilities (for export and serving)."""
@@ -95,6 +102,8 @@ class CatalensModel:
         state = {k: v.contiguous() for k, v in self.backbone.module.net.state_dict().items()}
         save_file(state, str(tmp / "backbone.safetensors"))
         self.head.save(tmp)
+        if self.text is not None:
+            self.text.save(tmp / "text")
         meta = dict(self.meta)
         meta.update(format=FORMAT, backbone=self.backbone.describe(),
                     tasks=[t.to_dict() for t in self.tasks], versions=package_versions(),
@@ -102,7 +111,7 @@ class CatalensModel:
         (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
         if folder.exists():
             keep = [p for p in folder.iterdir() if p.name not in {"model.json", "backbone.safetensors",
-                                                                 "head.safetensors", "head.json"}]
+                                                                 "head.safetensors", "head.json", "text"}]
             for p in keep:  # reports, ingest files, config written earlier stay
                 if not (tmp / p.name).exists():
                     shutil.move(str(p), tmp / p.name)
@@ -136,6 +145,10 @@ class CatalensModel:
         # thresholds and classes in model.json are authoritative (tuned after fitting)
         head.tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
         model = cls(backbone, head, meta)
+        if (folder / "text" / "fusion.json").exists():
+            from catalens.text.fusion import TextFusion
+
+            model.text = TextFusion.load(folder / "text")
         if meta.get("tta"):  # test-time augmentation: the backbone averages features over views
             from catalens.tta import apply_model_tta
 

@@ -23,6 +23,14 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False) -> No
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
         g.add_argument("--epochs", type=int)
         g.add_argument("--strict", action="store_true", help="any image problem is fatal")
+        g.add_argument("--text", action="store_true",
+                       help="also learn from product titles (the data's text column): TF-IDF title model "
+                            "fused with the image head; rows without a title use the image alone")
+        g.add_argument("--folds", type=int, metavar="K",
+                       help="also cross-validate over train+val (K folds by product): mean/std per metric "
+                            "and out-of-fold predictions in OUT")
+        g.add_argument("--hierarchical-decoding", action="store_true",
+                       help="predict the most probable class path seen in training (master > sub > article)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -51,6 +59,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("head.type", getattr(args, "head_type", None))
     put("head.epochs", getattr(args, "epochs", None))
     put("data.strict", getattr(args, "strict", None))
+    put("text.enabled", getattr(args, "text", None))
+    put("kfold.folds", getattr(args, "folds", None))
+    put("hierarchy_decoding", getattr(args, "hierarchical_decoding", None))
     put("finetune.mode", getattr(args, "finetune", None))
     put("finetune.epochs", getattr(args, "finetune_epochs", None))
     put("finetune.resume", "require" if getattr(args, "resume", False) else None)

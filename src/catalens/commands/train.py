@@ -28,5 +28,10 @@ def run(args) -> int:
     from catalens.commands._common import config_from_args
     from catalens.train.pipeline import train
 
-    train(args.data, args.out, config_from_args(args))
+    cfg = config_from_args(args)
+    train(args.data, args.out, cfg)
+    if cfg.kfold.folds:
+        from catalens.train.kfold import cross_validate
+
+        cross_validate(args.data, args.out, cfg)
     return 0

@@ -17,6 +17,7 @@ from catalens.embed.engine import stream_features
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.sources import open_catalogue
 from catalens.tasks import MISSING
+from catalens.predict.predictor import model_probabilities
 from catalens.train.features import engine_config
 
 
@@ -46,7 +47,7 @@ def _model_outputs(model: CatalensModel, cat: Catalogue, cfg: Config, n_examples
     problems: list[dict] = []
     with torch.inference_mode():
         for block in stream_features(cat, model.backbone, cache, engine_config(cfg)):
-            p = model.predict_proba_features(block.features)
+            p = model_probabilities(model, block.features, cat, block.rows)  # + titles when the model has a title model
             for k, v in p.items():
                 probs[k][block.rows] = v
             ok[block.rows] = block.ok
@@ -95,7 +96,21 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     y_all = cat.encode(model.tasks)
     y = {k: (np.where(ok, v, MISSING) if v.ndim == 1 else np.where(ok[:, None], v, np.nan)) for k, v in y_all.items()}
     paths = [p for v in model.meta.get("hierarchy_paths", {}).values() for p in v]
-    metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None)
+    decoded = None
+    if model.meta.get("hierarchy_decoding") and paths:  # the model predicts the best known path
+        from catalens.heads.hierarchy import decode_hierarchy
+
+        decoded = decode_hierarchy(model.tasks, probs, model.meta["hierarchy_paths"])
+        before = compute_metrics(model.tasks, y, probs, known_paths=paths).get("hierarchy", {})
+    metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None, pred_index=decoded)
+    for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
+        m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
+    if cat.frame["product_id"].duplicated().any():  # several photos per product: also per product
+        from catalens.predict.aggregate import product_metrics
+
+        metrics["product_level"] = product_metrics(
+            model.tasks, cat.frame["product_id"].to_numpy(), y, probs, ok, known_paths=paths or None,
+            hierarchy_paths=model.meta["hierarchy_paths"] if decoded is not None else None)
     context = {"model": str(model_dir), "data": str(data), "rows": which, "images": len(cat),
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),
@@ -110,6 +125,10 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  {name}: micro-F1 {_f(m['micro_f1'])}, macro-F1 {_f(m['macro_f1'])}, "
                 f"mAP {_f(m['mean_average_precision'])} (n={m['n']})")
+    for name, m in (metrics.get("product_level") or {}).items():
+        if isinstance(m, dict) and m.get("kind") == "class":
+            log(f"  per product {name}: accuracy {_f(m['accuracy'])}, macro-F1 {_f(m['macro_f1'])} "
+                f"({metrics['product_level']['products']} products)")
     if problems:
         log(f"  {len(problems)} images could not be read and are excluded (listed in metrics.json context)")
     log(f"report: {report}")

@@ -16,6 +16,7 @@ import torch
 
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.heads.net import MultiTaskNet
+from catalens.heads.sampling import EpochSampler
 from catalens.registry import Registry
 from catalens.tasks import MISSING, TaskInfo
 
@@ -40,14 +41,15 @@ class MultiTaskHead:
                  batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4, patience: int = 25,
                  loss_weights: dict[str, float] | None = None, class_weighting: str = "none",
                  label_smoothing: float = 0.0, focal_gamma: float = 0.0, scaling: str = "global",
-                 seed: int = 0, verbose: bool = False) -> None:
+                 seed: int = 0, verbose: bool = False, sampler: str = "none", max_per_class: int = 0) -> None:
         if scaling not in ("global", "feature", "none"):
             raise ValueError(f"scaling must be global, feature or none; got '{scaling}'")
         self.tasks = tasks
         self.params = dict(hidden=hidden, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, patience=patience, loss_weights=loss_weights or {},
                            class_weighting=class_weighting, label_smoothing=label_smoothing,
-                           focal_gamma=focal_gamma, scaling=scaling, seed=seed)
+                           focal_gamma=focal_gamma, scaling=scaling, seed=seed, sampler=sampler,
+                           max_per_class=int(max_per_class or 0))
         self.verbose = verbose
         self.net_: MultiTaskNet | None = None
         self.history_: list[dict] = []
@@ -78,8 +80,10 @@ class MultiTaskHead:
         weights = {t.name: class_weights(Y[t.name], t.n_outputs, p["class_weighting"])
                    for t in self.tasks if t.kind == "class"}
         opt = torch.optim.AdamW(net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
-        bs = min(p["batch_size"], max(16, len(X) // 8))  # at least ~8 steps per epoch on small data
-        steps_per_epoch = max(1, -(-len(X) // bs))
+        sampling = EpochSampler(Y, self.tasks, p.get("sampler", "none"), p.get("max_per_class", 0))
+        n_epoch = sampling.epoch_size(len(X))  # len(X) unless down-sampling
+        bs = min(p["batch_size"], max(16, n_epoch // 8))  # at least ~8 steps per epoch on small data
+        steps_per_epoch = max(1, -(-n_epoch // bs))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["epochs"] * steps_per_epoch,
                                                     pct_start=0.05, anneal_strategy="cos")
         has_val = X_val is not None and Y_val is not None and len(X_val) > 0
@@ -90,9 +94,9 @@ class MultiTaskHead:
         self.history_ = []
         for epoch in range(p["epochs"]):
             net.train()
-            order = torch.randperm(len(X), generator=gen)
+            order = sampling.order(len(X), gen)  # randperm(len(X)) unless sampler / max_per_class
             total = 0.0
-            for s in range(0, len(X), bs):
+            for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
                 loss = multitask_loss(net(Xt[idx]), {k: v[idx] for k, v in Yt.items()}, self.tasks,
                                       p["loss_weights"], weights, p["label_smoothing"], p["focal_gamma"])
@@ -101,7 +105,7 @@ class MultiTaskHead:
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-            row = {"epoch": epoch + 1, "train_loss": total / len(X)}
+            row = {"epoch": epoch + 1, "train_loss": total / len(order)}
             if has_val:
                 net.eval()
                 with torch.no_grad():

@@ -5,6 +5,13 @@ as ``OUT.parts/part-NNNNN.parquet``. A re-run skips finished parts (no duplicate
 missing row). When all parts exist they are merged, row group by row group (constant
 memory), into the single file ``OUT``, and the parts are removed. Rows whose image failed
 are kept, with the ``problem`` column set and null predictions.
+
+A model with a title model (``catalens train --text``) reads each row's title from the
+catalogue's ``text`` column (rows without one are predicted from the image alone). A model
+trained with ``hierarchy_decoding`` writes the most probable known path in the label and
+``_prob`` columns (``_top_labels`` stay ranked by probability). When some product has
+several photos, ``OUT`` is followed by ``OUT.products.parquet``: one row per product, the
+mean of its photos' probabilities (:mod:`catalens.predict.aggregate`).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ class PredictResult:
     problems: int
     seconds: float
     resumed_parts: int
+    products: Path | None = None   # per-product parquet, when some product has several photos
 
 
 def _part_path(parts: Path, k: int) -> Path:
@@ -81,7 +89,15 @@ def predict_catalogue(model: CatalensModel, cat: Catalogue, out: str | Path, cfg
         n_problems += bad
         _write_atomic(table, _part_path(parts, k))
     _merge(parts, n_parts, out, schema)
-    return PredictResult(out, len(cat), n_problems, time.time() - t0, len(done))
+    products = None
+    if cat.frame["product_id"].duplicated().any():
+        from catalens.predict.aggregate import aggregate_predictions
+
+        products = out.with_name(out.stem + ".products.parquet")
+        aggregate_predictions(out, model.tasks, out=products, top_k=cfg.top_k,
+                              hierarchy_paths=model.meta.get("hierarchy_paths") if model.meta.get("hierarchy_decoding") else None)
+        log(f"per-product predictions (mean over each product's photos): {products}")
+    return PredictResult(out, len(cat), n_problems, time.time() - t0, len(done), products)
 
 
 def _predict_part(model, sub: Catalogue, rows: np.ndarray, cache, engine, top_k: int, schema) -> tuple[pa.Table, int]:
@@ -89,13 +105,36 @@ def _predict_part(model, sub: Catalogue, rows: np.ndarray, cache, engine, top_k:
     bad = 0
     with torch.inference_mode():
         for block in stream_features(sub, model.backbone, cache, engine):
-            probs = model.predict_proba_features(block.features)
+            probs = model_probabilities(model, block.features, sub, block.rows)
             problems = {int(p["row"]): f"{p['problem']}: {p['detail']}" for p in block.problems}
             bad += len(problems)
             cols = _base_columns(sub, block.rows, problems)
             cols.update(prediction_columns(model.tasks, probs, block.ok, top_k))
+            if model.meta.get("hierarchy_decoding"):
+                _decoded_columns(cols, model, probs, block.ok)
             tables.append(pa.table(cols, schema=schema))
     return pa.concat_tables(tables) if tables else schema.empty_table(), bad
+
+
+def model_probabilities(model, features: np.ndarray, cat: Catalogue, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's probabilities for ``rows`` of ``cat``: with the rows' titles when the model
+    has a title model (rows without a title: image only), else from the features alone."""
+    if getattr(model, "text", None) is not None and "text" in cat.frame:
+        return model.predict_proba_features(features, texts=cat.frame["text"].to_numpy(dtype=object)[rows])
+    return model.predict_proba_features(features)
+
+
+def _decoded_columns(cols: dict, model, probs: dict[str, np.ndarray], ok: np.ndarray) -> None:
+    """Label / ``_prob`` columns of hierarchy tasks replaced by the best known path."""
+    from catalens.heads.hierarchy import decode_hierarchy
+
+    decoded = decode_hierarchy(model.tasks, probs, model.meta.get("hierarchy_paths", {}))
+    for t in model.tasks:
+        if t.name in decoded:
+            idx = decoded[t.name]
+            cols[t.name] = [t.classes[j] if k else None for j, k in zip(idx, ok)]
+            cols[f"{t.name}_prob"] = [float(probs[t.name][i, j]) if k else None
+                                      for i, (j, k) in enumerate(zip(idx, ok))]
 
 
 def _check_parts_match(parts: Path, model: CatalensModel, cat: Catalogue, part_rows: int) -> None:

@@ -97,6 +97,7 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
                        lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
                        class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
                        focal_gamma=h.focal_gamma, seed=cfg.seed)
+    head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
     head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
     log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
     Yv = _select(Y, is_val)
@@ -107,21 +108,45 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
 
         finetuned = finetune(fit_cat, tasks, Y, is_train, is_val, backbone, head, cfg, out / ".finetune", log=log)
         backbone, head, probs_val = finetuned.backbone, finetuned.head, finetuned.probs_val
+    text_part = None
+    if cfg.text.enabled:  # title model fused with the head (catalens/text); thresholds then tuned on fused
+        from catalens.text.fusion import fit_text_fusion
+
+        titles = fit_cat.frame["text"].to_numpy(dtype=object)
+        text_rows = (fit_cat.frame["split"] == "train").to_numpy() & _drop_unlabelled(tasks, Y, np.ones(len(titles), bool))
+        text_part = fit_text_fusion(tasks, titles[text_rows], _select(Y, text_rows), titles[is_val], Yv, probs_val,
+                                    cfg.text, log=log)
+        if text_part is not None:
+            probs_val = text_part.fuse(probs_val, titles[is_val])
     for t in tasks:
         if t.kind == "tags":
             t.thresholds = [float(x) for x in tune_thresholds(Yv[t.name], probs_val[t.name])] \
                 if is_val.any() else [0.5] * t.n_outputs
     paths = known_paths(fit_cat, tasks)
-    val_metrics = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths)) if is_val.any() else {}
+    decoded = None
+    if cfg.hierarchy_decoding and is_val.any():  # most probable seen path (heads/hierarchy.py)
+        from catalens.heads.hierarchy import decode_hierarchy
+
+        decoded = decode_hierarchy(tasks, probs_val, paths)
+        before = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths)).get("hierarchy", {})
+    val_metrics = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths),
+                                  pred_index=decoded) if is_val.any() else {}
+    if decoded is not None and "hierarchy" in val_metrics:
+        for chain, m in val_metrics["hierarchy"].items():
+            m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
+            log(f"  val {chain}: consistent {_f(m['consistent_share_before_decoding'])} -> "
+                f"{_f(m['consistent_share'])} with hierarchy decoding")
     meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": str(data),
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
             "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
-            "head_config": h.model_dump()}
+            "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),
+            "text": cfg.text.model_dump() if text_part is not None else None}
     if finetuned is not None:
         meta["finetune"] = finetuned.meta
     if cfg.finetune.tta:
         meta["tta"] = list(cfg.finetune.tta)
     model = CatalensModel(backbone, head, meta)
+    model.text = text_part
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     if split_note:
