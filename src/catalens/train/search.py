@@ -1,0 +1,157 @@
+"""``catalens search DATA --trials N | --minutes M --out DIR``: Optuna over head settings.
+
+Every trial fits the task heads on the cached embeddings of the train split with early
+stopping on val (as ``catalens train`` does) and is scored on val; the test split is never
+read. Searched: learning rate, weight decay, hidden width (0 = linear head), dropout,
+label smoothing, class weighting and the loss weight of every class task. The first trial
+is the starting configuration itself, so the best found is never worse than it on val.
+
+Objective (``--objective``): ``mean`` (default) = mean over class tasks of val accuracy
+and over tags tasks of val mean average precision (threshold-free); or a task name = that
+task's accuracy (class) / mAP (tags).
+
+Written to ``DIR``: ``best_config.yaml`` (the whole run configuration with the best head
+section: ``catalens train DATA --config DIR/best_config.yaml``), ``trials.csv`` and
+``search.json``. The title model is not part of the search (its settings do not depend on
+the head's); ``text`` and ``hierarchy_decoding`` are copied from the starting config.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from catalens.config import Config
+from catalens.train.kfold import Prepared, fit_on, predict_rows, prepare
+
+HIDDEN_CHOICES = (0, 256, 512, 1024)
+
+
+@dataclass
+class SearchResult:
+    best_value: float
+    best_head: dict
+    trials: int
+    config_path: Path
+    baseline_value: float
+    seconds: float
+
+
+def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> float:
+    """The search objective of validation outputs (higher is better)."""
+    from catalens.evaluate.metrics import compute_metrics
+
+    m = compute_metrics(tasks, Y, probs)
+    scores = {}
+    for t in tasks:
+        v = m[t.name]["accuracy"] if t.kind == "class" else m[t.name]["mean_average_precision"]
+        if v is not None:
+            scores[t.name] = float(v)
+    if objective == "mean":
+        return float(np.mean(list(scores.values()))) if scores else float("nan")
+    if objective not in {t.name for t in tasks}:
+        raise ValueError(f"--objective '{objective}': expected 'mean' or a task name "
+                         f"({', '.join(t.name for t in tasks)})")
+    return scores.get(objective, float("nan"))
+
+
+def head_from_trial(trial, cfg: Config, class_tasks: list[str]) -> dict:
+    """The head section proposed by an Optuna trial (over ``cfg.head``)."""
+    hidden = trial.suggest_categorical("hidden", list(HIDDEN_CHOICES))
+    head = cfg.head.model_dump()
+    head.update(
+        type="mlp" if hidden else "linear", hidden=hidden,
+        lr=trial.suggest_float("lr", 3e-4, 3e-2, log=True),
+        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+        dropout=trial.suggest_float("dropout", 0.05 if hidden else 0.0, 0.6),
+        label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
+        class_weighting=trial.suggest_categorical("class_weighting", ["none", "sqrt", "balanced"]),
+        loss_weights={name: trial.suggest_float(f"loss_weight.{name}", 0.25, 4.0, log=True) for name in class_tasks},
+    )
+    return head
+
+
+def _start_params(cfg: Config, class_tasks: list[str]) -> dict:
+    """The starting head as Optuna parameters (enqueued as trial 0)."""
+    h = cfg.head
+    hidden = h.hidden if h.hidden in HIDDEN_CHOICES else (512 if h.type == "mlp" else 0)
+    p = {"hidden": hidden, "lr": min(max(h.lr, 3e-4), 3e-2), "weight_decay": min(max(h.weight_decay, 1e-6), 1e-1),
+         "dropout": min(max(h.dropout, 0.05 if hidden else 0.0), 0.6),
+         "label_smoothing": min(h.label_smoothing, 0.2), "class_weighting": h.class_weighting}
+    for name in class_tasks:
+        p[f"loss_weight.{name}"] = min(max(h.loss_weights.get(name, 1.0), 0.25), 4.0)
+    return p
+
+
+def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
+           objective: str = "mean", log=print, prep: Prepared | None = None) -> SearchResult:
+    """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``."""
+    try:
+        import optuna
+    except ImportError:
+        raise RuntimeError("catalens search needs Optuna: pip install 'catalens[search]'") from None
+    if not trials and not minutes:
+        raise ValueError("give --trials N and/or --minutes M")
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = prep or prepare(data, cfg, log=log)
+    split = prep.split
+    train, val = split == "train", split == "val"
+    if not (val & prep.usable).any():
+        raise ValueError("the search scores trials on the val split, and it has no usable rows")
+    class_tasks = [t.name for t in prep.tasks if t.kind == "class"]
+    base = cfg.model_copy(deep=True)
+    base.text.enabled = False  # the title model does not depend on the head: left out of the search
+    Yv = prep.select(val & prep.usable)
+    rows = []
+
+    def run(trial) -> float:
+        s = time.time()
+        head = head_from_trial(trial, base, class_tasks)
+        c = base.model_copy(deep=True)
+        c.head = type(base.head).model_validate(head)
+        fitted = fit_on(prep, train, val, c)
+        value = objective_value(fitted.tasks, Yv, predict_rows(prep, fitted, val & prep.usable), objective)
+        epochs = int(getattr(fitted.head, "best_epoch_", 0))
+        rows.append({"trial": trial.number, "value": value, "seconds": round(time.time() - s, 1),
+                     "best_epoch": epochs, **trial.params})
+        log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
+            + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    study.enqueue_trial(_start_params(cfg, class_tasks))
+    log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over head settings, objective "
+        f"'{objective}' on val ({int((val & prep.usable).sum())} images), training on "
+        f"{int((train & prep.usable).sum())}")
+    study.optimize(run, n_trials=trials, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
+    best = study.best_trial
+    best_cfg = cfg.model_copy(deep=True)
+    best_cfg.head = type(cfg.head).model_validate(head_from_trial(optuna.trial.FixedTrial(best.params), cfg,
+                                                                  class_tasks))
+    config_path = out / "best_config.yaml"
+    config_path.write_text("# catalens search: best head settings on val "
+                           f"({objective} = {best.value:.4f}, trial {best.number} of {len(study.trials)})\n"
+                           "# use: catalens train DATA --out MODEL --config " + str(config_path) + "\n"
+                           + best_cfg.to_yaml())
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "trials.csv", index=False)
+    seconds = time.time() - t0
+    baseline = rows[0]["value"] if rows else float("nan")
+    (out / "search.json").write_text(json.dumps({
+        "objective": objective, "best_value": best.value, "best_trial": best.number, "best_params": best.params,
+        "baseline_value": baseline, "trials": len(study.trials), "seconds": round(seconds, 1),
+        "data": str(data)}, indent=1))
+    log(f"best {objective} on val {best.value:.4f} (starting config {baseline:.4f}) after {len(study.trials)} "
+        f"trials in {seconds:.0f}s; written {config_path}")
+    return SearchResult(best.value, best_cfg.head.model_dump(), len(study.trials), config_path, baseline, seconds)
+
+
+def _short(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
