@@ -196,37 +196,118 @@ def test_int8_without_calibration_data_says_what_to_do(model_copy, tmp_path):
 
 # ----------------------------------------------------------------------------- MLflow pyfunc
 
-def test_mlflow_pyfunc_round_trip(serve_model, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def logged(serve_model, tmp_path_factory):
+    """The session model logged as a pyfunc in a sqlite-backed tracking store under tmp."""
     mlflow = pytest.importorskip("mlflow")
+    from catalens.track_pyfunc import log_pyfunc
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_ALLOW_FILE_STORE", "MLFLOW_TRACKING_URI")}
+    os.environ.update(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_TRACKING_URI=uri)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.create_experiment("catalens-test", artifact_location=(root / "artifacts").as_uri())
+        mlflow.set_experiment(experiment_id=exp)
+        info = log_pyfunc(serve_model)
+        yield mlflow, uri, info.model_uri, root
+    finally:
+        os.chdir(cwd)
+        mlflow.set_tracking_uri(None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pyfunc_input(serve_model):
     import base64
 
     import pandas as pd
 
-    from catalens.export.onnx import OnnxModel
-    from catalens.track_pyfunc import log_pyfunc
-
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = mlflow.create_experiment("catalens-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=exp)
-    try:
-        info = log_pyfunc(serve_model)
-        loaded = mlflow.pyfunc.load_model(info.model_uri)
-    finally:
-        mlflow.set_tracking_uri(None)
     images = sorted((serve_model.parent / "data" / "images").glob("*.jpg"))[:3]
     raw = [p.read_bytes() for p in images]
-    df = pd.DataFrame({"image": [base64.b64encode(raw[0]).decode(), raw[1], base64.b64encode(raw[2]).decode(),
-                                 base64.b64encode(b"not a photo").decode()]})
+    return raw, pd.DataFrame({"image": [base64.b64encode(raw[0]).decode(), raw[1], base64.b64encode(raw[2]).decode(),
+                                        base64.b64encode(b"not a photo").decode()]})
+
+
+def test_mlflow_pyfunc_round_trip(serve_model, logged):
+    import pandas as pd
+
+    from catalens.export.onnx import OnnxModel
+
+    mlflow, uri, model_uri, _ = logged
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    raw, df = _pyfunc_input(serve_model)
     out = loaded.predict(df)
     assert len(out) == 4
-    ref = OnnxModel(serve_model / "model.onnx").predict_bytes(raw)
-    dep = next(t for t in OnnxModel(serve_model / "model.onnx").tasks if t.name == "department")
+    onnx = OnnxModel(serve_model / "model.onnx")
+    ref = onnx.predict_bytes(raw)
+    dep = next(t for t in onnx.tasks if t.name == "department")
+    pattern = next(t for t in onnx.tasks if t.name == "pattern")
     for i in range(3):
         assert out["problem"][i] == ""
         assert out["department"][i] == dep.classes[int(ref["department"][i].argmax())]
         assert abs(out["department_prob"][i] - float(ref["department"][i].max())) < 1e-5
         assert abs(out["pattern_solid_prob"][i] - float(ref["pattern"][i][3])) < 1e-5
-    assert out["problem"][3].startswith("not_an_image") and out["department"][3] is None
-    assert sys.modules.get("catalens") is not None
+        on = [c for c, p, h in zip(pattern.classes, ref["pattern"][i], pattern.threshold_array()) if p >= h]
+        assert out["pattern_tags"][i] == ",".join(on)
+    assert out["problem"][3].startswith("not_an_image") and pd.isna(out["department"][3])
+
+
+def test_mlflow_models_serve_answers_invocations(serve_model, logged, tmp_path):
+    import base64
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from catalens.export.onnx import OnnxModel
+
+    _, uri, model_uri, root = logged
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    if not mlflow_cli.exists():
+        pytest.skip("mlflow command not installed next to this python")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_serve import free_port
+
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_FILE_STORE="true", HF_HUB_OFFLINE="1",
+               PATH=f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=root, start_new_session=True,
+                            stdout=open(tmp_path / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "mlflow models serve not up in 180 s"
+            time.sleep(0.5)
+        raw = (serve_model.parent / "data" / "images" / "00001.jpg").read_bytes()
+        r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(raw).decode()]]}})
+        assert r.status_code == 200, r.text
+        (pred,) = r.json()["predictions"]
+        onnx = OnnxModel(serve_model / "model.onnx")
+        ref = onnx.predict_bytes([raw])
+        cat = next(t for t in onnx.tasks if t.name == "category")
+        assert pred["category"] == cat.classes[int(ref["category"][0].argmax())]
+        assert abs(pred["category_prob"] - float(ref["category"][0].max())) < 1e-5
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # mlflow runs uvicorn as a child in this (new) session
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

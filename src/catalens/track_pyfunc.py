@@ -86,7 +86,7 @@ class CatalensPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def log_pyfunc(model_dir: str | Path, artifact_path: str = "model", *, onnx_path: str | Path | None = None,
-               registered_model_name: str | None = None, input_example: bool = False):
+               registered_model_name: str | None = None, input_example: bool = True):
     """Log ``MODEL`` as an MLflow pyfunc in the active run (one is started if none is active).
 
     Returns MLflow's ``ModelInfo`` (``.model_uri`` loads it back with ``mlflow.pyfunc.load_model``).

@@ -315,7 +315,15 @@ def create_app(settings: ServeSettings):
 
     async def body(request: Request) -> bytes:
         state.check_ready()
-        return await P.read_limited(request.stream(), settings.max_upload_bytes, request.headers.get("content-length"))
+        from starlette.requests import ClientDisconnect
+
+        expect = request.headers.get("expect", "").lower() == "100-continue"
+        try:
+            return await P.read_limited(request.stream(), settings.max_upload_bytes,
+                                        request.headers.get("content-length"), expect_continue=expect)
+        except ClientDisconnect:
+            raise P.ApiError(499, "client_closed_request", "the client closed the connection before sending "
+                                                           "the whole body") from None
 
     # ---------------------------------------------------------------- catalens API
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY, tags=["catalens"],

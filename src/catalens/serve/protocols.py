@@ -51,10 +51,14 @@ class Upload:
 
 # ----------------------------------------------------------------------------- body reading
 
-async def read_limited(receive_stream, limit: int, declared: str | None) -> bytes:
+async def read_limited(receive_stream, limit: int, declared: str | None, expect_continue: bool = False) -> bytes:
     """Read a request body, refusing (413) once it exceeds ``limit`` bytes: never buffers more.
 
-    A declared Content-Length over the limit is refused before reading anything.
+    A declared Content-Length over the limit is refused before anything is kept. So that an
+    ordinary client (which sends its whole body before reading the answer) gets the 413 rather
+    than a connection reset, a too-large body of up to :func:`drain_cap` bytes is read to its end
+    and thrown away; beyond that (or when the client waits for ``100-continue``) the server answers
+    at once and closes the connection.
     """
     if declared is not None:
         try:
@@ -62,14 +66,27 @@ async def read_limited(receive_stream, limit: int, declared: str | None) -> byte
         except ValueError:
             raise ApiError(400, "bad_request", f"Content-Length '{declared}' is not a number") from None
         if n > limit:
+            if not expect_continue and n <= drain_cap(limit):
+                async for _ in receive_stream:
+                    pass
             raise too_large(n, limit)
     chunks, total = [], 0
     async for chunk in receive_stream:
         total += len(chunk)
         if total > limit:
+            chunks.clear()
+            async for more in receive_stream:  # discard, bounded
+                total += len(more)
+                if total > drain_cap(limit):
+                    break
             raise too_large(total, limit, streamed=True)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def drain_cap(limit: int) -> int:
+    """How much of a too-large body is read (and discarded) before answering 413."""
+    return 4 * limit + 8 * 2**20
 
 
 def too_large(n: int, limit: int, streamed: bool = False) -> ApiError:
