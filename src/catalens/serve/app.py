@@ -198,6 +198,13 @@ class ServerState:
         return out
 
 
+async def _off_loop(parse, body: bytes):
+    """Parse small bodies on the loop; big ones (JSON, base64, multipart of MBs) in a thread."""
+    if len(body) < 256 * 1024:
+        return parse(body)
+    return await asyncio.get_running_loop().run_in_executor(None, parse, body)
+
+
 def _problem_message(p: ImageProblem) -> str:
     from catalens.ingest.images import PROBLEM_FIXES
 
@@ -331,7 +338,8 @@ def create_app(settings: ServeSettings):
     async def predict(request: Request, top_k: int | None = None):
         t0 = time.perf_counter()
         data = await body(request)
-        uploads, fields = P.parse_predict_body(data, request.headers.get("content-type"), settings.max_images)
+        uploads, fields = await _off_loop(lambda b: P.parse_predict_body(b, request.headers.get("content-type"),
+                                                                         settings.max_images), data)
         k = P.parse_top_k(top_k if top_k is not None else fields.get("top_k"), settings.top_k)
         results = await state.predict([u.data for u in uploads], [u.name for u in uploads])
         images = []
@@ -359,8 +367,8 @@ def create_app(settings: ServeSettings):
               summary="TF-Serving REST predict: {\"instances\": [{\"b64\": ...}]}")
     async def tf_predict(name: str, request: Request):
         state.check_name(name)
-        doc = P.parse_json(await body(request))
-        images, fmt = P.parse_tf_request(doc, settings.max_images)
+        images, fmt = await _off_loop(lambda b: P.parse_tf_request(P.parse_json(b), settings.max_images),
+                                      await body(request))
         results = await state.predict(images)
         return P.tf_response(state.model.tasks, [p for p, _ in results], fmt)
 
@@ -396,7 +404,8 @@ def create_app(settings: ServeSettings):
         state.check_name(name)
         if version_ is not None and version_ != "1":
             raise P.ApiError(404, "model_not_found", f"model '{name}' has version 1 only, not '{version_}'")
-        images, doc = P.parse_kserve_request(await body(request), request.headers, settings.max_images)
+        images, doc = await _off_loop(lambda b: P.parse_kserve_request(b, request.headers, settings.max_images),
+                                      await body(request))
         results = await state.predict(images)
         return P.kserve_response(state.name, state.model.tasks, [p for p, _ in results], doc)
 
