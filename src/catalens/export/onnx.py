@@ -374,7 +374,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, parity_
 def _parity_pixels(model, images, data, n) -> tuple[np.ndarray, str]:
     pre = model.preprocess
     if images:
-        return image_files_pixels(images, pre), f"given photos"
+        return image_files_pixels(images, pre), "given photos"
     cat = _data_catalogue(data, model)
     if cat is not None:
         pixels, rows, _ = decode_rows(cat, pre, ("test", "val", "train", None), n)
