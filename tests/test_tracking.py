@@ -113,3 +113,11 @@ def test_flatten_and_metric_names():
     vals = metric_values({"t": {"kind": "class", "accuracy": 0.5, "ece": None, "per_class": {"x": {"f1": 1}}},
                           "hierarchy": {"a > b": {"path_accuracy": 0.25, "levels": ["a", "b"]}}})
     assert vals == {"val.t.accuracy": 0.5, "val.hierarchy.a/b.path_accuracy": 0.25}
+
+
+def test_runs_command_without_a_store(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["runs"]) == 0
+    assert "no runs" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()   # listing creates nothing

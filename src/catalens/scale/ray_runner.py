@@ -32,15 +32,13 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from catalens.embed.engine import DECODE_SHARE
 
 #: inference actors per node grow past one only on big nodes (ONNX/torch threads scale
 #: sub-linearly beyond ~8 threads; several actors fill the node better)
@@ -89,8 +87,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
            if k in os.environ}
     if address in (None, "", "local"):
         ray.init(num_cpus=num_cpus, **kw)
-    else:
+        return True
+    try:
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, **kw)
+    except Exception as e:  # ConnectionError, TimeoutError, ValueError...
+        raise RuntimeError(f"cannot join the Ray cluster at '{address}' ({type(e).__name__}: {e}). Start one with "
+                           f"'ray start --head' (and 'ray start --address=HEAD_IP:6379' on the other nodes), or "
+                           f"use --ray alone for a local Ray on this machine") from None
     return True
 
 
@@ -110,6 +113,8 @@ def plan_cluster(opts: RayOptions, nodes: list[float] | None = None) -> ClusterP
     actor reserving 1.5 CPUs with 2 threads + decode tasks of 0.5 CPU: the single-process
     split of 1 decode worker + 2 inference threads).
     """
+    from catalens.embed.engine import DECODE_SHARE
+
     nodes = nodes if nodes is not None else _cpu_nodes()
     if not nodes:
         raise RuntimeError("the Ray cluster has no node with CPUs")
@@ -286,18 +291,6 @@ class InferStage:
 
 # ----------------------------------------------------------------------------- driver side
 
-@dataclass
-class RayRun:
-    """What a Ray run did (for logs and benchmarks)."""
-
-    rows: int
-    problems: int
-    seconds: float
-    plan: ClusterPlan
-    new_features: int = 0
-    timings: dict = field(default_factory=dict)
-
-
 def _pipeline(cat, payload_ref, pre_dict: dict, cfg, opts: RayOptions, plan: ClusterPlan,
               cache_dir: str | None, return_features: bool):
     import ray
@@ -439,8 +432,13 @@ def merge_sorted_parts(parts: Path, out: Path, schema: pa.Schema, n_rows: int) -
 
 
 def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = None, use_cache: bool = True,
-                        log=print) -> Path:
-    """``catalens embed --ray``: the files of :func:`catalens.embed.export_features.embed_to_folder`."""
+                        log=print, stats: dict | None = None) -> Path:
+    """``catalens embed --ray``: the files of :func:`catalens.embed.export_features.embed_to_folder`.
+
+    ``stats`` (a dict), when given, receives timings: ``submitted`` / ``first_block`` /
+    ``last_block`` (``time.time()``), ``driver_seconds`` (time the driver spent on blocks)
+    and the cluster ``plan``.
+    """
     import json
 
     import ray
@@ -472,9 +470,14 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
         feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
         bar = _bar(n, cfg.engine.progress, f"embed on ray [{plan.actors} actors]")
         seen = 0
+        st = stats if stats is not None else {}
+        st.update(plan=plan, submitted=time.time(), driver_seconds=0.0)
         for tb in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if not len(tb):
                 continue
+            t_block = time.time()
+            st.setdefault("first_block", t_block)
+            st["first_rows"] = st.get("first_rows", len(tb))
             _add_to_cache(cache, tb)
             rows = tb.column("row").to_numpy()
             block = np.asarray(tb.column("features").combine_chunks().flatten().to_numpy(), dtype=np.float32)
@@ -484,6 +487,8 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
                 problems[r] = p
             seen += len(rows)
             bar.update(len(rows))
+            st["last_block"] = time.time()
+            st["driver_seconds"] += st["last_block"] - t_block
         bar.close()
         if seen != n:
             raise RuntimeError(f"ray run returned {seen} rows for a catalogue of {n}")

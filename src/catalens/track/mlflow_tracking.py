@@ -146,6 +146,8 @@ def log_training(result, cfg=None, data=None, experiment: str | None = None, uri
     """
     if not tracking_enabled(cfg):
         return None
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: only rank 0 logs the run
+        return None
     run_id, cl = None, None
     try:
         from mlflow.entities import Metric, Param, RunTag
@@ -219,6 +221,13 @@ def _version() -> str:
 
 # ----------------------------------------------------------------------------- reading runs
 
+def _no_store(uri: str | None) -> bool:
+    """True when reading would only create an empty local store (nothing was ever tracked here)."""
+    if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return False
+    return not Path(default_store()[0][len("sqlite:///"):]).exists()
+
+
 def _runs(cl, experiment: str | None):
     exp = experiment_id(cl, experiment, create=False)
     if exp is None:
@@ -240,6 +249,8 @@ def list_runs(experiment: str | None = None, uri: str | None = None):
     import pandas as pd
 
     rows = []
+    if _no_store(uri):
+        return pd.DataFrame(rows)
     for r in _runs(client(uri), experiment):
         m = r.data.metrics
         rows.append({"run_id": r.info.run_id, "name": r.info.run_name,

@@ -96,7 +96,7 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
     head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch_size=h.batch_size,
                        lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
                        class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
-                       focal_gamma=h.focal_gamma, seed=cfg.seed)
+                       focal_gamma=h.focal_gamma, scaling=h.scaling, seed=cfg.seed)
     head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
     head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
     log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
