@@ -56,3 +56,9 @@ def test_config_yaml_round_trip(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(p) == cfg
+
+
+def test_one_fold_is_rejected_with_the_fix():
+    with pytest.raises(ValueError, match=r"kfold.folds.*1 fold is no cross-validation.*--folds 5"):
+        load_config(None, [{"kfold": {"folds": 1}}])
+    assert load_config(None, [{"kfold": {"folds": 5}}]).kfold.folds == 5

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 def default_cache_dir() -> str:
@@ -110,6 +110,13 @@ class KFoldConfig(_Strict):
 
     folds: int = Field(0, ge=0)                  # 0 = off; otherwise >= 2
     inner_val_fraction: float = Field(0.1, gt=0, lt=1)  # of each fold's training products, for early stopping
+
+    @field_validator("folds")
+    @classmethod
+    def _not_one(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 fold is no cross-validation: use 0 (off) or K >= 2, e.g. --folds 5")
+        return v
 
 
 class Config(_Strict):

@@ -6,7 +6,9 @@ import argparse
 from catalens.config import Config, load_config, parse_override
 
 
-def add_config_options(p: argparse.ArgumentParser, training: bool = False) -> None:
+def add_config_options(p: argparse.ArgumentParser, training: bool = False, backbone: bool = False) -> None:
+    """Add the configuration flags: common ones; ``backbone`` adds backbone choice and --strict
+    (commands that embed); ``training`` adds those and the head/text/k-fold/hierarchy flags."""
     g = p.add_argument_group("configuration (defaults < --config file < flags < --set)")
     g.add_argument("--config", metavar="FILE", help="YAML run configuration")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
@@ -17,12 +19,13 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False) -> No
     g.add_argument("--workers", type=int, help="decode processes (default: spare cores)")
     g.add_argument("--batch-size", type=int, help="images per inference batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    if training:
+    if training or backbone:
         g.add_argument("--backbone", help="backbone name (efficientnet_lite0/1/2 offline, or any timm name)")
         g.add_argument("--weights", metavar="FILE", help="backbone checkpoint (.safetensors/.pth), or 'random'")
+        g.add_argument("--strict", action="store_true", help="any image problem is fatal")
+    if training:
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
         g.add_argument("--epochs", type=int)
-        g.add_argument("--strict", action="store_true", help="any image problem is fatal")
         g.add_argument("--text", action="store_true",
                        help="also learn from product titles (the data's text column): TF-IDF title model "
                             "fused with the image head; rows without a title use the image alone")

@@ -11,7 +11,7 @@ def register(sub) -> None:
                                    "problem) and DIR/backbone.json. Features are cached per image content.")
     p.add_argument("data", help="photo folder, dataset file or BSON dump")
     p.add_argument("--out", required=True, help="folder to write")
-    add_config_options(p, training=True)
+    add_config_options(p, backbone=True)
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run on Ray: alone, a local Ray; 'auto' or an address joins a cluster (docs/scale.md)")
     p.set_defaults(func=run)

@@ -69,6 +69,9 @@ def fit_weights(tasks: list[TaskInfo], p_image: dict[str, np.ndarray], p_text: d
     for t in tasks:
         pi, pt, y = p_image[t.name][has_title], p_text[t.name][has_title], Y[t.name][has_title]
         best = (float("inf"), 1.0, 0.0)
+        if not len(y):              # no validation row with a title: image only
+            out[t.name] = {"image": 1.0, "text": 0.0, "val_nll": None, "val_rows": 0}
+            continue
         for a in IMAGE_GRID:
             for b in TEXT_GRID:
                 nll = _nll(t.kind, combine(t.kind, pi, pt, a, b), y)

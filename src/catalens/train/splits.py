@@ -62,5 +62,21 @@ def ensure_splits(cat: Catalogue, val_fraction: float, test_fraction: float, see
     elif frame["split"].isna().any():
         frame.loc[frame["split"].isna(), "split"] = "train"
         done = "rows without a split were put in train"
+    leak = products_across_splits(frame)
+    if leak:
+        done = f"{done}; {leak}" if done else leak
     out = type(cat)(**{**cat.__dict__, "frame": frame})
     return out, done
+
+
+def products_across_splits(frame: pd.DataFrame, show: int = 3) -> str | None:
+    """A warning naming products whose photos sit in more than one split (given splits only
+    can do that: catalens' own splits are by product); ``None`` when there are none."""
+    spans = frame.dropna(subset=["split"]).groupby("product_id")["split"].agg(lambda s: sorted(set(s)))
+    spans = spans[spans.map(len) > 1]
+    if spans.empty:
+        return None
+    examples = ", ".join(f"{p} ({'+'.join(v)})" for p, v in spans.head(show).items())
+    return (f"warning: {len(spans)} product(s) have photos in more than one split, e.g. {examples}: "
+            f"their evaluation photos leak into training. Fix the split column so every photo of a product "
+            f"shares one split, or drop the split column to let catalens split by product")
