@@ -26,11 +26,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from catalens.commands._common import config_from_args
+    from catalens.train import distributed
     from catalens.train.pipeline import train
 
     cfg = config_from_args(args)
     train(args.data, args.out, cfg)
-    if cfg.kfold.folds:
+    if cfg.kfold.folds and distributed.is_main():  # under torchrun: once, by rank 0
         from catalens.train.kfold import cross_validate
 
         cross_validate(args.data, args.out, cfg)

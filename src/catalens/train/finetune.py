@@ -27,6 +27,12 @@ of the run's settings; written last, atomically, so it always names a complete c
 written; no pickle. A re-run with the same settings resumes after the last finished epoch and
 ends with the same weights as an uninterrupted run: data order and augmentation are functions
 of ``(seed, epoch, row, view)``, the learning rate a function of the step.
+
+**Several GPUs (torchrun).** Launched by ``torchrun`` (see :mod:`catalens.train.distributed`
+and docs/scale.md), rank 0 decodes the pixels and precomputes the views (the others then map
+its files), the trained part is wrapped in DistributedDataParallel, every rank trains on its
+shard of each epoch's permutation (``finetune.batch_size`` per process), and only rank 0
+evaluates, checkpoints and returns a model worth saving.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ from catalens.embed.backbones import Backbone
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.tasks import TaskInfo
+from catalens.train import distributed as ddp
 from catalens.train.augment import AugmentParams, BatchMaker, decode_store, default_workers
 
 
@@ -78,7 +85,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available (under torchrun: the GPU of ``LOCAL_RANK``), else the CPU."""
+    return ddp.device()
 
 
 def use_bf16(setting: str, device: torch.device) -> bool:
@@ -110,6 +118,17 @@ class _Trunk(nn.Module):
         for stage in net.blocks[:self.k]:
             h = stage(h)
         return h
+
+
+class _Joint(nn.Module):
+    """What trains (the DDP-wrapped module): trainable tail of the backbone, then the heads."""
+
+    def __init__(self, tail: nn.Module, hnet: nn.Module) -> None:
+        super().__init__()
+        self.tail, self.hnet = tail, hnet
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.hnet(self.tail(x).flatten(1))
 
 
 class _Tail(nn.Module):
@@ -171,9 +190,12 @@ def _stamp(cfg: Config, backbone: Backbone, n_train: int, n_val: int, tasks: lis
     f = cfg.finetune.model_dump(mode="json")
     for k in ("workers", "keep_work", "tta", "resume"):
         f.pop(k, None)
-    return {"finetune": f, "seed": cfg.seed, "backbone": backbone.fingerprint(), "train": n_train,
-            "val": n_val, "tasks": [[t.name, t.classes] for t in tasks],
-            "head": cfg.head.model_dump(mode="json")}
+    stamp = {"finetune": f, "seed": cfg.seed, "backbone": backbone.fingerprint(), "train": n_train,
+             "val": n_val, "tasks": [[t.name, t.classes] for t in tasks],
+             "head": cfg.head.model_dump(mode="json")}
+    if ddp.is_distributed():  # batch_size is per process: another world size is another run
+        stamp["world_size"] = ddp.world_size()
+    return stamp
 
 
 def save_checkpoint(work: Path, epoch: int, step: int, net: nn.Module, head: nn.Module,
@@ -375,27 +397,18 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     t_start = time.time()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.engine.threads)
+    set_threads(cfg.engine.threads or ddp.cpu_threads())
     device = pick_device()
     bf16 = use_bf16(f.bf16, device)
     views = f.views if f.views is not None else (0 if device.type == "cuda" or f.mode == "all" else 4)
-    progress = cfg.engine.progress
+    progress = cfg.engine.progress and ddp.is_main()
     train_rows, val_rows = np.where(is_train)[0], np.where(is_val)[0]
     stamp = _stamp(cfg, backbone, len(train_rows), len(val_rows), tasks)
-    ckpt_json = work / "ckpt.json"
-    resume_meta = json.loads(ckpt_json.read_text()) if ckpt_json.exists() else None
-    if resume_meta is not None and resume_meta.get("stamp") != stamp:
-        log(f"finetune: {work} holds a checkpoint of a different run (settings or data changed); starting over")
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
-        resume_meta = None
     resume = getattr(f, "resume", "auto")
+    # torchrun: rank 0 decides (and clears the folder), the others follow its decision
+    resume_meta = ddp.broadcast_object(_resume_meta(work, stamp, resume, log) if ddp.is_main() else None)
     if resume == "require" and resume_meta is None:
         raise FinetuneError(f"--resume: no checkpoint to resume in {work}")
-    if resume == "off" and resume_meta is not None:
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
-        resume_meta = None
 
     # private copies: the caller's backbone/head stay as they were
     extractor = copy.deepcopy(backbone.module).float()
@@ -414,6 +427,7 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
         p.requires_grad_(True)
     extractor.to(device).eval()
     hnet.to(device)
+    ddp.broadcast_module(extractor)  # torchrun: rank 0's backbone everywhere (random weights differ)
     cl = f.channels_last
     if cl:
         extractor.to(memory_format=torch.channels_last)
@@ -425,8 +439,9 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
         f"lr {f.lr:g} (backbone x{f.backbone_lr_mult:g}), device {device.type}"
         + (", bf16" if bf16 else "") + (f", {views} precomputed views per image" if views else ", online augmentation")
         + (f"; resuming after epoch {resume_meta['epoch']}" if resume_meta else ""))
-    store = decode_store(cat, backbone.preprocess, store_dir, workers=default_workers(),
-                         max_pixels=cfg.data.max_pixels, progress=progress, log=log)
+    with ddp.rank0_first():  # torchrun: rank 0 decodes, the others open its store
+        store = decode_store(cat, backbone.preprocess, store_dir, workers=default_workers(),
+                             max_pixels=cfg.data.max_pixels, progress=progress, log=log)
     bad = [r for r in np.concatenate([train_rows, val_rows]) if not store.ok[r]]
     if bad:  # the frozen pass decoded them; a failure here means the files changed meanwhile
         raise FinetuneError(f"{len(bad)} images decoded for embedding failed to decode for fine-tuning "
@@ -442,26 +457,44 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
         maker.close()
 
 
+def _resume_meta(work: Path, stamp: dict, resume: str, log) -> dict | None:
+    """The checkpoint in ``work`` to resume, or None (clearing ``work`` when it cannot be resumed)."""
+    ckpt_json = work / "ckpt.json"
+    meta = json.loads(ckpt_json.read_text()) if ckpt_json.exists() else None
+    if meta is not None and meta.get("stamp") != stamp:
+        log(f"finetune: {work} holds a checkpoint of a different run (settings or data changed); starting over")
+        meta = None
+    elif meta is not None and resume == "off":
+        meta = None
+    else:
+        return meta
+    shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return None
+
+
 def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, bb_params, hnet, cfg, work,
          maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log) -> FinetuneResult:
     f = cfg.finetune
     bs = f.batch_size
     # ---- frozen part: validation activations (always) and training views (when precomputing)
     val_items = [(int(r), -1) for r in val_rows]
-    val_act = _compute_views(work, "val", trunk, maker, val_items, 64, device, bf16, cl, progress, log) \
-        if len(val_rows) else None
-    train_act = None
-    if views > 0:
-        items = [(int(r), v) for r in train_rows for v in range(views)]
-        train_act = _compute_views(work, f"train-x{views}", trunk, maker, items, 64, device, bf16, cl,
-                                   progress, log)
+    with ddp.rank0_first():  # torchrun: rank 0 computes them, the others map its files
+        val_act = _compute_views(work, "val", trunk, maker, val_items, 64, device, bf16, cl, progress, log) \
+            if len(val_rows) else None
+        train_act = None
+        if views > 0:
+            items = [(int(r), v) for r in train_rows for v in range(views)]
+            train_act = _compute_views(work, f"train-x{views}", trunk, maker, items, 64, device, bf16, cl,
+                                       progress, log)
     # ---- optimizer, schedule
     head_params = list(hnet.parameters())
     groups = [{"params": head_params, "lr_mult": 1.0}]
     if bb_params:
         groups.append({"params": bb_params, "lr_mult": f.backbone_lr_mult})
     opt = _optimizer(f, groups)
-    steps_per_epoch = max(1, -(-len(train_rows) // bs))
+    n_local = len(ddp.shard(np.arange(len(train_rows))))  # torchrun: this rank's rows per epoch
+    steps_per_epoch = max(1, -(-n_local // bs))
     total = steps_per_epoch * f.epochs
     warmup = int(round(f.warmup_epochs * steps_per_epoch))
     weights = {t.name: class_weights(Y[t.name][train_rows], t.n_outputs, cfg.head.class_weighting)
@@ -474,18 +507,22 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
         meta = load_checkpoint(work, extractor.net, hnet, opt)
         start_epoch, step, history = int(meta["epoch"]), int(meta["step"]), list(meta["history"])
         log(f"  resumed from {work / meta['file']} (epoch {start_epoch} of {f.epochs})")
-    run_tail = tail
+    net = ddp.wrap(_Joint(tail, hnet), device)  # torchrun: DDP averages the gradients over the ranks
     if f.compile == "on" or (f.compile == "auto" and device.type == "cuda"):
         try:
-            run_tail = torch.compile(tail)
+            net = torch.compile(net)
         except Exception as e:  # pragma: no cover - depends on the toolchain
             log(f"  torch.compile unavailable ({type(e).__name__}: {e}); running eager")
+    if ddp.is_distributed():
+        print(f"[rank {ddp.rank()}/{ddp.world_size()}] fine-tuning on {n_local} of {len(train_rows)} training "
+              f"images per epoch ({ddp.backend()}, device {device})", flush=True)
+    rows_per_rank: list[int] = []
     offsets = np.random.default_rng([cfg.seed, 11]).integers(0, max(views, 1), size=len(train_rows))
     t_train = time.time()
     for epoch in range(start_epoch, f.epochs):
         te = time.time()
         rng = np.random.default_rng([cfg.seed, 13, epoch])
-        order = rng.permutation(len(train_rows))
+        order = ddp.shard(rng.permutation(len(train_rows)))  # torchrun: this rank's shard
         tail.train()
         hnet.train()
         _freeze_bn(extractor)
@@ -512,10 +549,12 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             for g in opt.param_groups:
                 g["lr"] = f.lr * g["lr_mult"] * lrf
             with _autocast(device, bf16):
-                logits = hnet(run_tail(x).flatten(1))
+                logits = net(x)
             tgt = {k: v.to(device) for k, v in _targets(Y, tasks, rows).items()}
             loss = multitask_loss({k: v.float() for k, v in logits.items()}, tgt, tasks,
                                   cfg.head.loss_weights, weights, f.label_smoothing, cfg.head.focal_gamma)
+            if ddp.is_distributed():  # a task without labels in this batch still gets (zero) gradients:
+                loss = loss + 0.0 * sum(v.float().sum() for v in logits.values())  # DDP expects all
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -524,21 +563,25 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             seen += len(idx)
             bar.update(len(idx))
         bar.close()
+        if ddp.is_distributed():  # the epoch's loss over every rank; what each rank trained on
+            rows_per_rank = [int(n) for n in ddp.all_gather(seen)]
+            total_loss, seen = ddp.all_sum([total_loss, seen])
         row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "seconds": round(time.time() - te, 1)}
-        if val_act is not None:
-            probs, vloss = _evaluate(tail, hnet, val_act, Y, tasks, val_rows, device, bf16, cl, weights, cfg)
-            row["val_loss"] = vloss
-            acc = _first_class_accuracy(probs, Y, tasks, val_rows)
-            if acc is not None:
-                row["val_accuracy"] = acc
         history.append(row)
-        save_checkpoint(work, epoch + 1, step, extractor.net, hnet, opt, history, stamp)
-        done = epoch + 1 - start_epoch
-        eta = (time.time() - t_train) / done * (f.epochs - epoch - 1)
-        log(f"  epoch {epoch + 1}/{f.epochs}: train loss {row['train_loss']:.4f}"
-            + (f", val loss {row['val_loss']:.4f}" if "val_loss" in row else "")
-            + (f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
-            + f" ({row['seconds']:.0f}s; ETA {_fmt_time(eta)})")
+        if ddp.is_main():  # torchrun: rank 0 evaluates, checkpoints and reports
+            if val_act is not None:
+                probs, vloss = _evaluate(tail, hnet, val_act, Y, tasks, val_rows, device, bf16, cl, weights, cfg)
+                row["val_loss"] = vloss
+                acc = _first_class_accuracy(probs, Y, tasks, val_rows)
+                if acc is not None:
+                    row["val_accuracy"] = acc
+            save_checkpoint(work, epoch + 1, step, extractor.net, hnet, opt, history, stamp)
+            done = epoch + 1 - start_epoch
+            eta = (time.time() - t_train) / done * (f.epochs - epoch - 1)
+            log(f"  epoch {epoch + 1}/{f.epochs}: train loss {row['train_loss']:.4f}"
+                + (f", val loss {row['val_loss']:.4f}" if "val_loss" in row else "")
+                + (f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+                + f" ({row['seconds']:.0f}s; ETA {_fmt_time(eta)})")
         _after_epoch(epoch + 1)
     # ---- result: CPU, contiguous, eval
     extractor = extractor.to("cpu").to(memory_format=torch.contiguous_format).eval()
@@ -550,7 +593,7 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
     new_head.history_ = history
     new_head.best_epoch_ = len(history)
     probs_val = {t.name: np.zeros((0, t.n_outputs), np.float32) for t in tasks}
-    if val_act is not None:
+    if val_act is not None and ddp.is_main():  # the other ranks' results are not used
         feats_val = _features(tail.to("cpu"), val_act)
         if hasattr(hnet, "temperature") and hasattr(new_head, "calibrate"):
             new_head.calibrate(feats_val, {k: v[val_rows] for k, v in Y.items()})
@@ -561,8 +604,13 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
     meta = {"mode": f.mode, "blocks": f.blocks, "trained": what, "views": views, "device": device.type,
             "bf16": bf16, "epochs": f.epochs, "seconds": round(time.time() - t_start, 1), "history": history,
             "settings": stamp["finetune"]}
+    if ddp.is_distributed():
+        meta["distributed"] = {"world_size": ddp.world_size(), "backend": ddp.backend(),
+                               "rows_per_rank": rows_per_rank}  # of the last epoch trained
     if not f.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        ddp.barrier()  # every rank is done with the work folder
+        if ddp.is_main():
+            shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(new_bb, new_head, probs_val, history, meta)
 
 

@@ -1,4 +1,8 @@
-"""``catalens train``: ingest → embed (cached) → fit heads → tune thresholds → model folder."""
+"""``catalens train``: ingest → embed (cached) → fit heads → tune thresholds → model folder.
+
+Under ``torchrun`` (``catalens train ... --finetune``, see :mod:`catalens.train.distributed`)
+rank 0 does all of it; the other ranks receive its linear probe and take part in fine-tuning only.
+"""
 from __future__ import annotations
 
 import time
@@ -14,6 +18,7 @@ from catalens.heads import create_head
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.sources import open_catalogue
 from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
+from catalens.train import distributed as ddp
 from catalens.train.features import catalogue_features
 from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
 from catalens.train.splits import ensure_splits
@@ -64,7 +69,16 @@ def _drop_unlabelled(tasks: list[TaskInfo], Y: dict[str, np.ndarray], ok: np.nda
 
 
 def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainResult:
-    """Train a model on ``data`` and write it to the folder ``out``; returns the result."""
+    """Train a model on ``data`` and write it to the folder ``out``; returns the result.
+
+    Under torchrun every rank calls this; rank 0 writes the folder, the others return a result
+    whose ``model`` is None once it has.
+    """
+    with ddp.process_group():
+        return _train(data, out, cfg, log if ddp.is_main() else (lambda *_: None))
+
+
+def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainResult:
     from catalens.evaluate.metrics import compute_metrics
     from catalens.evaluate.thresholds import tune_thresholds
 
@@ -79,35 +93,46 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
         f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
     backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
-    feats = catalogue_features(fit_cat, backbone, cfg)
     tasks = training_tasks(fit_cat)
     Y = fit_cat.encode(tasks)
     ingest_dir = out / "ingest"
-    summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count)
-    log(format_summary(summary, ingest_dir))
-    if cfg.data.strict and feats.problems:
-        raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; see {ingest_dir / 'problems.csv'}")
-    usable = _drop_unlabelled(tasks, Y, feats.ok)
+    h = cfg.head
+    usable = head = None
+    if ddp.is_main():  # torchrun: embedding, ingest report and linear probe on rank 0; the others wait
+        feats = catalogue_features(fit_cat, backbone, cfg)
+        summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count)
+        log(format_summary(summary, ingest_dir))
+        if cfg.data.strict and feats.problems:
+            raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; "
+                                   f"see {ingest_dir / 'problems.csv'}")
+        usable = _drop_unlabelled(tasks, Y, feats.ok)
+        is_train = (fit_cat.frame["split"] == "train").to_numpy() & usable
+        is_val = (fit_cat.frame["split"] == "val").to_numpy() & usable
+        if is_train.sum() == 0:
+            raise ValueError("no usable training images (all failed or unlabelled); see "
+                             + str(ingest_dir / "problems.csv"))
+        head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs,
+                           batch_size=h.batch_size, lr=h.lr, weight_decay=h.weight_decay, patience=h.patience,
+                           loss_weights=h.loss_weights, class_weighting=h.class_weighting,
+                           label_smoothing=h.label_smoothing, focal_gamma=h.focal_gamma, scaling=h.scaling,
+                           seed=cfg.seed)
+        head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
+        head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
+        log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
+        probs_val = head.predict_proba(feats.features[is_val])
+    usable, head = ddp.broadcast_object((usable, head))  # torchrun: rank 0's rows and probe everywhere
     is_train = (fit_cat.frame["split"] == "train").to_numpy() & usable
     is_val = (fit_cat.frame["split"] == "val").to_numpy() & usable
-    if is_train.sum() == 0:
-        raise ValueError("no usable training images (all failed or unlabelled); see " + str(ingest_dir / "problems.csv"))
-    h = cfg.head
-    head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch_size=h.batch_size,
-                       lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
-                       class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
-                       focal_gamma=h.focal_gamma, scaling=h.scaling, seed=cfg.seed)
-    head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
-    head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
-    log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
     Yv = _select(Y, is_val)
-    probs_val = head.predict_proba(feats.features[is_val])
     finetuned = None
     if cfg.finetune.mode != "none":  # fine-tune from this linear probe (LP-FT); see train/finetune.py
         from catalens.train.finetune import finetune
 
         finetuned = finetune(fit_cat, tasks, Y, is_train, is_val, backbone, head, cfg, out / ".finetune", log=log)
         backbone, head, probs_val = finetuned.backbone, finetuned.head, finetuned.probs_val
+    if not ddp.is_main():  # torchrun: this rank's part is done once rank 0 has written the folder
+        ddp.barrier()
+        return TrainResult(None, out, {}, time.time() - t0)
     text_part = None
     if cfg.text.enabled:  # title model fused with the head (catalens/text); thresholds then tuned on fused
         from catalens.text.fusion import fit_text_fusion
@@ -152,6 +177,7 @@ def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRes
     if split_note:
         cat.frame[["id", "product_id", "split"]].to_csv(ingest_dir / "split.csv", index=False)
     model.save(out)
+    ddp.barrier()  # torchrun: the other ranks wait for the folder
     seconds = time.time() - t0
     for name, m in val_metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
