@@ -27,7 +27,14 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    """CPU model, the instruction sets that decide the fast paths, cores, Python."""
+    from catalens.embed.runtimes import cpu_flags, cpu_model
+
+    flags = cpu_flags()
+    isa = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"),
+                                   ("VNNI", "avx512_vnni"), ("AVX2", "avx2")) if flag in flags]
+    return (f"{cpu_model()} ({', '.join(isa[:4]) or platform.machine()}), {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}")
 
 
 def write_section(name: str, title: str, body: str) -> None:

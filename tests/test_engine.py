@@ -127,12 +127,16 @@ def test_engine_default_runtime_is_auto():
 
 def test_plan_splits_the_cores(monkeypatch):
     monkeypatch.setattr(engine_mod, "available_cpus", lambda: 2)
-    p = plan(EngineConfig())
-    assert (p.workers, p.threads, p.in_flight) == (1, 2, 3)
+    p = plan(EngineConfig())   # small machines: decode threads alternate with inference
+    assert (p.decode, p.workers, p.threads, p.in_flight) == ("threads", 2, 2, 0)
+    p = plan(EngineConfig(decode="processes"))
+    assert (p.decode, p.workers, p.threads, p.in_flight) == ("processes", 1, 2, 3)
     monkeypatch.setattr(engine_mod, "available_cpus", lambda: 16)
-    p = plan(EngineConfig())
-    assert (p.workers, p.threads) == (4, 16)
-    assert plan(EngineConfig(workers=3, threads=5, in_flight=2)) == engine_mod.Plan(16, 3, 5, 2)
+    p = plan(EngineConfig())   # big machines: decode processes overlap inference
+    assert (p.decode, p.workers, p.threads) == ("processes", 4, 16)
+    assert plan(EngineConfig(workers=3, threads=5, in_flight=2)) == engine_mod.Plan(16, 3, 5, 2, "processes")
+    with pytest.raises(ValueError, match="decode must be auto, threads or processes, got 'gpu'"):
+        plan(EngineConfig(decode="gpu"))
     assert plan(EngineConfig(), rows=10).workers == 0  # tiny jobs decode in-process
 
 
@@ -156,10 +160,10 @@ def mixed(tmp_path) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_stream_rows_in_order_with_problems(tiny, mixed, workers):
+@pytest.mark.parametrize("workers,decode", [(0, "threads"), (1, "processes"), (2, "threads")])
+def test_stream_rows_in_order_with_problems(tiny, mixed, workers, decode):
     cat = _catalogue(mixed)
-    cfg = EngineConfig(workers=workers, block_rows=8, batch_size=5, runtime="eager", progress=False)
+    cfg = EngineConfig(workers=workers, decode=decode, block_rows=8, batch_size=5, runtime="eager", progress=False)
     blocks = list(stream_features(cat, tiny, None, cfg))
     rows = np.concatenate([b.rows for b in blocks])
     assert rows.tolist() == list(range(len(mixed)))
@@ -210,3 +214,16 @@ def test_onnx_engine_on_real_photos(lite0, tmp_path):
 
 def test_empty_catalogue(tiny):
     assert list(stream_features(_catalogue([]), tiny, None, EngineConfig(runtime="eager", progress=False))) == []
+
+
+def test_auto_checks_lossy_runtimes_against_fp32(tiny, tmp_path, monkeypatch):
+    """bf16 is picked only after its features pass the cosine check against fp32; a failing
+    check removes it from the race and says why."""
+    _, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-a",
+                                 candidates=["eager", "bf16"], budget_s=0.2)
+    assert 0.99 < entry["min_cosine_vs_fp32"]["bf16"] <= 1.0 and "bf16" not in entry["errors"]
+    monkeypatch.setitem(rt.LOSSY_MIN_COSINE, "bf16", 1.5)       # an impossible bar
+    runner, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-b",
+                                      candidates=["eager", "bf16"], budget_s=0.2)
+    assert runner.name == "eager" and set(entry["img_per_s"]) == {"eager"}
+    assert entry["errors"]["bf16"].startswith("accuracy check failed: min feature cosine vs eager 0.9")

@@ -131,3 +131,27 @@ def test_merge_sorts_out_of_order_parts(tmp_path):
     assert out.schema.equals(schema) and out.column("id").to_pylist() == [f"i{r}" for r in range(6)]
     with pytest.raises(RuntimeError, match="returned 6 rows"):
         merge_sorted_parts(parts, tmp_path / "out2.parquet", schema, 7)
+
+
+def test_predict_on_ray_keeps_titles_hierarchy_decoding_and_products(local_ray, tmp_path):
+    """A model with a title model and hierarchy decoding, on products with several photos: the
+    Ray run ships the whole folder (text/ included) and writes what the single process writes."""
+    data = make_catalogue(tmp_path / "data", n_products=40, photos_per_product=2, size=96)
+    cfg = load_config(None, CFG + [{"text": {"enabled": True}, "hierarchy_decoding": True}])
+    train(data, tmp_path / "model", cfg, **QUIET)
+    model = CatalensModel.load(tmp_path / "model")
+    assert model.text is not None and model.meta["hierarchy_decoding"]
+    cat = open_catalogue(data)
+    cat.frame.loc[cat.frame.index[::3], "text"] = None          # some rows without a title: image only
+    single = predict_catalogue(model, cat, tmp_path / "single.parquet", cfg, engine=engine_config(cfg),
+                               use_cache=False, **QUIET)
+    on_ray = ray_predict_catalogue(tmp_path / "model", cat, tmp_path / "ray.parquet", cfg,
+                                   RayOptions(block_rows=24, shutdown=False), use_cache=False, **QUIET)
+    _assert_same_predictions(pd.read_parquet(tmp_path / "single.parquet"), pd.read_parquet(tmp_path / "ray.parquet"),
+                             model)
+    assert single.products is not None and on_ray.products == tmp_path / "ray.products.parquet"
+    a, b = pd.read_parquet(single.products), pd.read_parquet(on_ray.products)
+    assert len(a) == len(b) == 40 and a["product_id"].tolist() == b["product_id"].tolist()
+    for t in model.tasks:
+        if t.kind == "class":
+            assert a[t.name].tolist() == b[t.name].tolist()

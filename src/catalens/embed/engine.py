@@ -26,6 +26,12 @@ from catalens.ingest.catalogue import Catalogue
 from catalens.runtime import available_cpus, set_threads
 
 
+#: up to this many cores ``decode="auto"`` decodes in threads of this process, alternating with
+#: inference: each phase then has every core and nothing contends (on 2 cores: ~90 img/s
+#: against ~70 for a decode process overlapping inference, EfficientNet-Lite0, docs/engine.md).
+#: Beyond it, decode processes overlap inference (the GIL caps threaded decoding at a few cores).
+PHASED_MAX_CORES = 4
+
 #: share of the CPU that decoding needs next to inference (measured ~0.15 for EfficientNet-Lite0
 #: on 400-900 px JPEGs; the margin covers larger photos and lighter backbones)
 DECODE_SHARE = 0.25
@@ -36,7 +42,8 @@ class EngineConfig:
     """Knobs of the engine; ``None`` means "sized from the cores available" (see :func:`plan`)."""
 
     batch_size: int = 32            # images per inference call (memory grows with it, speed does not past ~32)
-    workers: int | None = None      # decode processes; None: ceil(cores * DECODE_SHARE), at least 1
+    workers: int | None = None      # decode threads / processes; None: sized by :func:`plan`
+    decode: str = "auto"            # threads | processes | auto (threads up to PHASED_MAX_CORES cores)
     block_rows: int = 128           # rows per worker task
     in_flight: int | None = None    # blocks submitted ahead of the one being consumed; None: 2 per worker + 1
     runtime: str = "auto"           # see catalens.embed.runtimes
@@ -62,46 +69,78 @@ class Plan:
     """How the engine uses the machine for one run."""
 
     cores: int
-    workers: int
+    workers: int       # decode threads (decode "threads") or processes; 0 = in the main thread
     threads: int
     in_flight: int
+    decode: str = "processes"
 
 
 def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
-    """Decode processes, inference threads and blocks in flight for ``cfg`` on this machine.
+    """Decode mode and workers, inference threads and blocks in flight for ``cfg`` here.
 
-    Decode workers and inference threads share the cores (ONNX Runtime threads do not spin,
-    so decode fills their idle moments); on 2 cores this gives 1 worker + 2 inference threads,
-    the best split measured (docs/engine.md). Tiny jobs decode in-process (no pool start-up).
+    ``threads`` mode (default up to ``PHASED_MAX_CORES`` cores): each block is decoded by a
+    thread pool of ``cores`` threads (Pillow and hashing release the GIL), then inferred with
+    every core, so the two never compete. ``processes`` mode: decode workers
+    (``ceil(cores * DECODE_SHARE)``) run ahead of inference in other processes (ONNX Runtime
+    threads do not spin, so decode fills their idle moments). Tiny jobs decode in the main
+    thread (no pool start-up).
     """
     cores = available_cpus()
-    workers = cfg.workers if cfg.workers is not None else max(1, math.ceil(cores * DECODE_SHARE))
+    if cfg.decode not in ("auto", "threads", "processes"):
+        raise ValueError(f"engine decode must be auto, threads or processes, got {cfg.decode!r}")
+    decode = cfg.decode if cfg.decode != "auto" else ("threads" if cores <= PHASED_MAX_CORES else "processes")
+    default = cores if decode == "threads" else max(1, math.ceil(cores * DECODE_SHARE))
+    workers = cfg.workers if cfg.workers is not None else default
     if rows is not None and rows <= cfg.block_rows // 4:
         workers = 0
     threads = cfg.threads or cores
     in_flight = cfg.in_flight if cfg.in_flight is not None else 2 * max(1, workers) + 1
-    return Plan(cores, workers, threads, max(1, in_flight))
+    if decode == "threads":
+        in_flight = 0      # decoded on demand, right before inference
+    return Plan(cores, workers, threads, max(0, in_flight), decode)
 
 
 class _Pool:
-    """A process pool when workers > 0, else in-process decoding (debugging, tiny jobs)."""
+    """Decoding for the engine: a process pool (decode ``processes``), a thread pool used on
+    demand (decode ``threads``), or the main thread (``workers == 0``)."""
 
-    def __init__(self, job: DecodeJob, workers: int) -> None:
+    def __init__(self, job: DecodeJob, workers: int, mode: str = "processes") -> None:
         self.job = job
-        self.pool = None
-        if workers > 0:
+        self.pool = self.threads = None
+        if workers > 0 and mode == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.threads = ThreadPoolExecutor(workers, thread_name_prefix="catalens-decode")
+        elif workers > 0:
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
             self.pool = ctx.Pool(workers, initializer=init_worker, initargs=(job,))
 
     def submit(self, items):
+        if self.threads is not None:
+            return _Lazy(self._decode_threaded, items)
         if self.pool is None:
             return _Done([decode_one(r, p, self.job) for r, p in items])
         return self.pool.apply_async(decode_block, (items,))
+
+    def _decode_threaded(self, items) -> list[Decoded]:
+        return list(self.threads.map(lambda rp: decode_one(rp[0], rp[1], self.job), items))
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+        if self.threads is not None:
+            self.threads.shutdown(wait=True)
+
+
+class _Lazy:
+    """A block decoded when it is asked for (decode threads alternate with inference)."""
+
+    def __init__(self, fn, items):
+        self.fn, self.items = fn, items
+
+    def get(self):
+        return self.fn(self.items)
 
 
 class _Done:
@@ -154,7 +193,7 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
                     hash_content=cache is not None)
-    pool = _Pool(job, pl.workers)  # forked before the runtime starts its threads
+    pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
     bar = None
     try:
         runner = engine_runner(backbone, cfg, pl.threads)

@@ -89,15 +89,23 @@ def predict_catalogue(model: CatalensModel, cat: Catalogue, out: str | Path, cfg
         n_problems += bad
         _write_atomic(table, _part_path(parts, k))
     _merge(parts, n_parts, out, schema)
-    products = None
-    if cat.frame["product_id"].duplicated().any():
-        from catalens.predict.aggregate import aggregate_predictions
-
-        products = out.with_name(out.stem + ".products.parquet")
-        aggregate_predictions(out, model.tasks, out=products, top_k=cfg.top_k,
-                              hierarchy_paths=model.meta.get("hierarchy_paths") if model.meta.get("hierarchy_decoding") else None)
-        log(f"per-product predictions (mean over each product's photos): {products}")
+    products = write_product_predictions(model, cat, out, cfg.top_k, log)
     return PredictResult(out, len(cat), n_problems, time.time() - t0, len(done), products)
+
+
+def write_product_predictions(model, cat: Catalogue, out: Path, top_k: int, log=print) -> Path | None:
+    """``OUT.products.parquet`` (mean of each product's photo probabilities) when some
+    product has several photos; ``None`` otherwise."""
+    if not cat.frame["product_id"].duplicated().any():
+        return None
+    from catalens.predict.aggregate import aggregate_predictions
+
+    products = out.with_name(out.stem + ".products.parquet")
+    decoding = model.meta.get("hierarchy_decoding")
+    aggregate_predictions(out, model.tasks, out=products, top_k=top_k,
+                          hierarchy_paths=model.meta.get("hierarchy_paths") if decoding else None)
+    log(f"per-product predictions (mean over each product's photos): {products}")
+    return products
 
 
 def _predict_part(model, sub: Catalogue, rows: np.ndarray, cache, engine, top_k: int, schema) -> tuple[pa.Table, int]:

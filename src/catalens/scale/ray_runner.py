@@ -136,7 +136,9 @@ def _rows_frame(cat) -> pd.DataFrame:
     return pd.DataFrame({"row": np.arange(len(f), dtype=np.int64), "id": f["id"].astype(str).to_numpy(),
                          "product_id": f["product_id"].astype(str).to_numpy(),
                          "path": f["path"].astype(str).to_numpy(),
-                         "split": [s if isinstance(s, str) else "" for s in f["split"]]})
+                         "split": [s if isinstance(s, str) else "" for s in f["split"]],
+                         "text": [t if isinstance(t, str) else "" for t in f["text"]] if "text" in f
+                         else [""] * len(f)})
 
 
 def _dataset(cat, block_rows: int):
@@ -173,16 +175,26 @@ def decode_batch(batch: dict, reader, pre_dict: dict, max_pixels: int) -> dict:
         if d.pixels is not None:
             pixels[i] = d.pixels
             has[i] = True
-    out = {k: _cells(_strings(batch[k])) for k in ("id", "product_id", "path", "split")}
+    out = {k: _cells(_strings(batch[k])) for k in ("id", "product_id", "path", "split", "text")}
     out.update(row=rows, has_pixels=has, pixels=pixels, key=_cells(d.key for d in decoded),
                problem=_cells(f"{d.problem}: {d.detail}" if d.problem else None for d in decoded))
     return out
 
 
+def _folder_files(folder: Path) -> dict[str, bytes]:
+    """A model folder's files by relative path (sub-folders included: title model, ensemble
+    members), without exported ONNX graphs and hidden working folders (fine-tuning state)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".onnx"
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
 def _materialise(files: dict[str, bytes]) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="catalens-ray-model-"))
     for name, data in files.items():
-        (folder / name).write_bytes(data)
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     return folder
 
 
@@ -190,7 +202,7 @@ class InferStage:
     """Stage 2 (actor pool): backbone (+ heads) loaded once per actor.
 
     ``payload`` is ``{"kind": "embed", "desc": ..., "state": safetensors bytes}`` or
-    ``{"kind": "predict", "files": {name: bytes}}`` (a model folder's top-level files).
+    ``{"kind": "predict", "files": {relative path: bytes}}`` (a model folder).
     """
 
     def __init__(self, payload, runtime: str, threads: int, batch_size: int, top_k: int,
@@ -274,11 +286,17 @@ class InferStage:
         problems = _strings(batch["problem"])
         if self.kind == "predict":
             from catalens.predict.outputs import prediction_columns
+            from catalens.predict.predictor import _decoded_columns
 
-            probs = self.model.predict_proba_features(feats)
+            if getattr(self.model, "text", None) is not None:   # titles fused; "" = no title
+                probs = self.model.predict_proba_features(feats, texts=np.asarray(_strings(batch["text"]), dtype=object))
+            else:
+                probs = self.model.predict_proba_features(feats)
             cols = {"id": _strings(batch["id"]), "product_id": _strings(batch["product_id"]),
                     "path": _strings(batch["path"]), "split": _strings(batch["split"]), "problem": problems}
             cols.update(prediction_columns(self.model.tasks, probs, ok, self.top_k))
+            if self.model.meta.get("hierarchy_decoding"):
+                _decoded_columns(cols, self.model, probs, ok)
             cols["row"] = rows
         else:
             cols = {"row": rows, "ok": ok, "problem": problems}
@@ -357,7 +375,7 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     from catalens.artifact import CatalensModel
     from catalens.embed.cache import EmbeddingCache
     from catalens.predict.outputs import output_schema
-    from catalens.predict.predictor import PredictResult
+    from catalens.predict.predictor import PredictResult, write_product_predictions
 
     opts = opts or RayOptions()
     t0 = time.time()
@@ -367,7 +385,7 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     schema = output_schema(model.tasks)
     fingerprint = model.backbone.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim) if use_cache else None
-    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files = _folder_files(folder)
     started, plan = _start(opts, log)
     parts = out.with_name(out.name + f".ray-parts{os.getpid()}")
     shutil.rmtree(parts, ignore_errors=True)
@@ -396,8 +414,8 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     finally:
         shutil.rmtree(parts, ignore_errors=True)
         _stop(started, opts)
-    secs = time.time() - t0
-    return PredictResult(out, len(cat), n_problems, secs, 0)
+    products = write_product_predictions(model, cat, out, cfg.top_k, log)   # as the single-process run
+    return PredictResult(out, len(cat), n_problems, time.time() - t0, 0, products)
 
 
 def merge_sorted_parts(parts: Path, out: Path, schema: pa.Schema, n_rows: int) -> None:

@@ -14,7 +14,7 @@ from catalens.ingest.catalogue import Catalogue
 
 def engine_config(cfg: Config) -> EngineConfig:
     e = cfg.engine
-    return EngineConfig(batch_size=e.batch_size, workers=e.workers, runtime=e.runtime,
+    return EngineConfig(batch_size=e.batch_size, workers=e.workers, decode=e.decode, runtime=e.runtime,
                         threads=e.threads, progress=e.progress)
 
 
