@@ -218,10 +218,9 @@ def report(res: dict) -> None:
     body = [f"Data: `clothing-small` (train 3,068 / validation 341 / test 372, 10 classes). Every recipe is "
             f"`catalens train` with the settings below; the test split is only reported, choices "
             f"(ensemble weights, the winner) are made on validation. Wall time is train + everything it "
-            f"needs (decode, embedding, views, epochs) on this 2-core machine **shared with other "
-            f"engineers' processes** (load average before/after each recipe given; the machine has 2 "
-            f"cores, so a load of 4 means the benchmark got about half of them). The ensemble's time is "
-            f"the sum of its members'.", "",
+            f"needs (decode, embedding, views, epochs) on this 2-core machine (1-minute load average "
+            f"before/after each recipe given: with 2 cores, a load above 2 means other processes took "
+            f"part of them). The ensemble's time is the sum of its members'.", "",
             table(["recipe", "val acc", "test acc", "test macro-F1", "gain vs frozen linear", "TTA gain (test)",
                    "wall (min)", "load avg before/after"], rows), ""]
     if best:
@@ -234,9 +233,7 @@ def report(res: dict) -> None:
     if skipped:
         body.append("")
         body.append("Not run in this pass: " + ", ".join(f"`{n}`" for n in skipped) +
-                    " (`finetune-all-lite0` needs `--all`: backpropagating through the whole network runs at "
-                    "about 2 images/s on this shared CPU, so 6 epochs would take hours; on a GPU it is the "
-                    "recipe to try first).")
+                    " (optional recipes run with `--all`).")
     write_section("bench_accuracy_clothing", "Accuracy recipes on clothing-small", "\n".join(body))
 
 
