@@ -53,7 +53,8 @@ RECIPES: dict[str, dict] = {
                                               "lr": 0.01, "label_smoothing": 0.1, "tta": ["hflip"]}},
                          "optional": True},
     "finetune-all-lite0": {"cfg": {"finetune": {"mode": "all", "epochs": 6, "views": 0, "lr": 0.01,
-                                                "backbone_lr_mult": 0.1, "tta": ["hflip"]}}, "optional": True},
+                                                "backbone_lr_mult": 0.3, "tta": ["hflip"]}}, "optional": True},
+    "ensemble-all": {"members": ["finetune-all-lite0", "frozen-lite1", "frozen-lite2"], "optional": True},
 }
 
 

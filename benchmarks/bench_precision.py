@@ -91,7 +91,9 @@ def main() -> None:
     body += table(["runtime", "max abs feature diff", "min cosine", "top-1 agreement", "test accuracy",
                    "img/s (batch 32)"], rows)
     body += (f"\n\n`auto` here picks **{entry['runtime']}** (measured img/s {entry['img_per_s']}; "
-             f"bf16 allowed only when its features keep cosine >= {rt.LOSSY_MIN_COSINE['bf16']} with fp32: "
+             f"bf16 allowed only when its features on two synthetic probe images keep cosine >= "
+             f"{rt.LOSSY_MIN_COSINE['bf16']} with fp32, a guard against broken paths; the real-photo check is "
+             f"the table above: "
              f"measured {entry.get('min_cosine_vs_fp32')}).")
     body += "\n\n" + int8_section(Path(CACHE_MODEL), px, truth, task.name)
     if not args.no_write:

@@ -84,14 +84,16 @@ def rss_child(rows: int, model_dir: str, out: str) -> None:
     from catalens.artifact import CatalensModel
     from catalens.config import load_config
     from catalens.predict.predictor import predict_catalogue
+    from catalens.train.features import engine_config
 
     paths = sorted(str(p) for p in DATA.rglob("*.jpg"))
     cat = catalogue((paths * -(-rows // len(paths)))[:rows])
     model = CatalensModel.load(model_dir)
-    cfg = load_config(None, [{"engine": {"progress": False, "runtime": "eager"}, "tracking": False}])
+    cfg = load_config(None, [{"engine": {"progress": False, "runtime": "onnx"}, "tracking": False}])
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        res = predict_catalogue(model, cat, Path(d) / "pred.parquet", cfg, use_cache=False, **QUIET)
+        res = predict_catalogue(model, cat, Path(d) / "pred.parquet", cfg, engine=engine_config(cfg), use_cache=False,
+                                **QUIET)
         dt = time.perf_counter() - t
         import pyarrow.parquet as pq
 
@@ -103,8 +105,10 @@ def rss_child(rows: int, model_dir: str, out: str) -> None:
 def rss_run(rows: int, model_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "rss.json"
+        from catalens.runtime import tune_malloc_env
+
         subprocess.run([sys.executable, __file__, "--rss-child", str(rows), "--model", str(model_dir),
-                        "--rss-out", str(out)], check=True)
+                        "--rss-out", str(out)], check=True, env=tune_malloc_env())   # as `catalens predict` runs
         return json.loads(out.read_text())
 
 
@@ -169,8 +173,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             tiny = tiny_model(Path(d) / "tiny-model")
             r1, r2 = rss_run(n1, tiny), rss_run(n2, tiny)
-        body += (f"\n\nPeak RSS of `predict_catalogue` (fresh process each, cache off, parts of 8,192 rows merged "
-                 f"into one file; tiny random-weight backbone `test_efficientnet` so the decode and parquet work "
+        body += (f"\n\nPeak RSS of `predict_catalogue` (fresh process each, with the malloc settings the CLI "
+                 f"starts with, runtime onnx as `auto` picks here, cache off, parts of 8,192 rows merged into one "
+                 f"file; tiny random-weight backbone `test_efficientnet` so the decode and parquet work "
                  f"dominate):\n\n")
         body += table(["rows", "rows written", "img/s", "peak RSS MiB", "vs first"],
                       [[f"{r['rows']:,}", f"{r['written']:,}", f"{r['rows'] / r['seconds']:.0f}", f"{r['peak_mib']:.0f}",

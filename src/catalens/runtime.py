@@ -6,6 +6,12 @@
 - :func:`tune_malloc_env` returns the glibc malloc settings that avoid page-fault storms
   (1.3-2.7x faster inference on the target VMs); they must be in the environment before the
   process starts, so the CLI re-executes itself once with them (see ``catalens.cli``).
+- :func:`streaming_malloc` switches glibc to a fixed 1 MiB mmap threshold at run time when
+  inference runs outside torch (ONNX Runtime has its own arena): big buffers (decoded photos)
+  then go back to the system at once. With the 256 MiB threshold above, decode threads
+  fragment the heap and a 40,000-row predict swung between 1.3 and 3.3 GB of RSS; with 1 MiB
+  it stayed at ~600 MB, at no cost to ONNX Runtime (torch eager, by contrast, runs ~1.8x
+  slower with it, so torch runtimes keep the high threshold).
 - :func:`set_threads` sizes torch's pools from the CPUs this process may use.
 """
 from __future__ import annotations
@@ -13,6 +19,10 @@ from __future__ import annotations
 import os
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+STREAMING_MMAP_THRESHOLD = 1 << 20
+STREAMING_TRIM_THRESHOLD = 128 << 20
 
 
 def available_cpus() -> int:
@@ -21,6 +31,19 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def streaming_malloc() -> bool:
+    """Fixed 1 MiB mmap / 128 MiB trim thresholds for this process (glibc only); True if set."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD) == 1
+        return bool(ok and libc.mallopt(_M_TRIM_THRESHOLD, STREAMING_TRIM_THRESHOLD) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
 
 
 def tune_malloc_env(env: dict | None = None) -> dict:

@@ -23,7 +23,7 @@ from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
 from catalens.embed.runtimes import make_runner
 from catalens.ingest.catalogue import Catalogue
-from catalens.runtime import available_cpus, set_threads
+from catalens.runtime import available_cpus, set_threads, streaming_malloc
 
 
 #: up to this many cores ``decode="auto"`` decodes in threads of this process, alternating with
@@ -167,6 +167,8 @@ def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = N
         return hit[1]
     runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.size, threads=threads,
                          cache_dir=cfg.runtime_dir, fingerprint=fingerprint)
+    if getattr(runner, "name", "") == "onnx":   # inference outside torch: keep RSS flat (catalens.runtime)
+        streaming_malloc()
     _RUNNER_CACHE.clear()
     _RUNNER_CACHE[key] = (weakref.ref(backbone.module), runner)
     return runner

@@ -54,9 +54,15 @@ ORT_MAX_BATCH = 32
 #: a candidate must beat the current best by this factor to be preferred (noise margin)
 AUTO_MARGIN = 1.05
 #: lossy runtimes ``auto`` may pick only when their features keep this cosine similarity with
-#: the fp32 features on the measurement images (the accuracy check; real-photo top-1
-#: agreement is measured by benchmarks/bench_precision.py)
-LOSSY_MIN_COSINE = {"bf16": 0.995}
+#: the fp32 features on the two synthetic probe images: a guard against a broken path
+#: (overflow, emulation bugs), not a tolerance. Measured with EfficientNet-Lite0 on a CPU with
+#: AMX: bf16 probes 0.968, real photos >= 0.997 with 99.7% top-1 agreement and -0.3 points of
+#: accuracy (benchmarks/bench_precision.py, the real-photo accuracy check).
+LOSSY_MIN_COSINE = {"bf16": 0.95}
+#: a lossy runtime must beat the best exact one by this factor to be picked: it costs accuracy
+#: (bf16: -0.3 points on clothing-small), and ``auto``'s short measurement is noisy (bf16 measured
+#: 1.19x ONNX Runtime in ``auto`` but 0.73x sustained on the AMX machine of bench_precision)
+LOSSY_MARGIN = 1.3
 
 
 class Runner:
@@ -412,7 +418,8 @@ def choose_runtime(module: nn.Module, size: int, threads: int | None = None, cac
             rates[c] = max(rates[c], measure_runner(r, size, batch=batch, budget_s=0.0, warmup=False))
     best = next(iter(runners))
     for c in runners:
-        if rates[c] > rates[best] * AUTO_MARGIN:
+        margin = AUTO_MARGIN * (LOSSY_MARGIN if c in LOSSY_MIN_COSINE and best not in LOSSY_MIN_COSINE else 1.0)
+        if rates[c] > rates[best] * margin:
             best = c
     entry = {"runtime": best, "img_per_s": {c: round(v, 2) for c, v in rates.items()},
              "errors": errors, "min_cosine_vs_fp32": fidelity, "batch": batch, "measure_s": round(time.perf_counter() - t0, 2), "threads": threads,
