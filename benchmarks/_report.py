@@ -49,3 +49,11 @@ def write_section(name: str, title: str, body: str) -> None:
     tmp = DOC.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(DOC)
+
+
+def publish(name: str, title: str, body: str, write: bool = True) -> None:
+    """Write section ``name`` of docs/benchmarks.md (and print it), or only print ``body``."""
+    if write:
+        write_section(name, title, body)
+    else:
+        print(body)

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, publish, table  # noqa: E402
 
 DATA = ROOT / "examples" / "fashion-products.yaml"
 
@@ -181,10 +181,7 @@ def main() -> None:
             + table(["recipe", "master", "sub", "article", "pattern micro-F1"], gain)
             + "\n\nTargets: articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, "
               "masterCategory >= 0.998.")
-    if not args.no_write:
-        write_section("bench_accuracy_fashion", "Accuracy recipes on fashion-products (test split)", body)
-    else:
-        print(body)
+    publish("bench_accuracy_fashion", "Accuracy recipes on fashion-products (test split)", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

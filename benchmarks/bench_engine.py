@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 
 from catalens.embed import runtimes as rt  # noqa: E402
 from catalens.embed.backbones import create_backbone  # noqa: E402
@@ -380,10 +380,7 @@ def main() -> None:
         body.append(table(["rows", "img/s", "peak main RSS MiB", "vs first", "peak worker RSS MiB",
                            "peak PSS main+workers MiB", "vs first", "main RSS at 10% / 100% MiB"], rows))
     text = "\n".join(body)
-    if args.no_write:
-        print(text)
-    else:
-        write_section("bench_engine", "Embedding engine: plain loop, ceiling, engine, memory", text)
+    publish("bench_engine", "Embedding engine: plain loop, ceiling, engine, memory", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

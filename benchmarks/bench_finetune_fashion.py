@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, publish, table  # noqa: E402
 from bench_accuracy_fashion import DATA, sel, tune  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_finetune_fashion"
@@ -98,10 +98,7 @@ def main() -> None:
                      "consistent paths"], rows)
             + "\n\nCompare with the frozen rows of *Accuracy recipes on fashion-products* above. Targets: "
               "articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, masterCategory >= 0.998.")
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_finetune_fashion", "Fine-tuning all of Lite0 on fashion-products", body)
+    publish("bench_finetune_fashion", "Fine-tuning all of Lite0 on fashion-products", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 from bench_accuracy_fashion import fit_head, load, sel  # noqa: E402
 
 RECIPES = [
@@ -79,10 +79,7 @@ def main() -> None:
             f"{len(tail)} classes with < 20 training images = 'tail'; {int(np.isin(d['Y']['articleType'][d['te']], tail).sum())} "
             f"test images are in the tail). Default linear head on cached embeddings; one change per row. "
             f"Best val macro-F1: **{best_val[0]}**.\n\n" + table(headers, rows))
-    if not args.no_write:
-        write_section("bench_imbalance", "Class imbalance remedies (fashion-products articleType)", body)
-    else:
-        print(body)
+    publish("bench_imbalance", "Class imbalance remedies (fashion-products articleType)", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

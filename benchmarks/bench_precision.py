@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 from bench_serve import CACHE_MODEL, ensure_model  # noqa: E402
 
 DATA = SHARED_DATA / "clothing-small"
@@ -96,10 +96,7 @@ def main() -> None:
              f"the table above: "
              f"measured {entry.get('min_cosine_vs_fp32')}).")
     body += "\n\n" + int8_section(Path(CACHE_MODEL), px, truth, task.name)
-    if not args.no_write:
-        write_section("bench_precision", "Lossy paths on real photos: bf16 and int8 vs fp32", body)
-    else:
-        print(body)
+    publish("bench_precision", "Lossy paths on real photos: bf16 and int8 vs fp32", body, write=not args.no_write)
 
 
 def int8_section(folder: Path, px: np.ndarray, truth: np.ndarray, task: str) -> str:

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 from bench_engine import Clock, _hwm_mib, catalogue, decode_costs, infer_rate  # noqa: E402
 from bench_serve import CACHE_MODEL, ensure_model  # noqa: E402
 
@@ -180,10 +180,7 @@ def main() -> None:
         body += table(["rows", "rows written", "img/s", "peak RSS MiB", "vs first"],
                       [[f"{r['rows']:,}", f"{r['written']:,}", f"{r['rows'] / r['seconds']:.0f}", f"{r['peak_mib']:.0f}",
                         f"{100 * (r['peak_mib'] / r1['peak_mib'] - 1):+.1f}%"] for r in (r1, r2)])
-    if args.no_write:
-        print(body)
-    else:
-        write_section("bench_predict", "Predict end to end: plain loop, ceiling, memory", body)
+    publish("bench_predict", "Predict end to end: plain loop, ceiling, memory", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

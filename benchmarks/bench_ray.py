@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -153,10 +153,7 @@ def main() -> None:
             f"end of the run: {load:.1f} on {cores} cores."]
     text = "\n".join(body)
     shutil.rmtree(tmp, ignore_errors=True)
-    if args.no_write:
-        print(text)
-    else:
-        write_section("bench_ray", "Ray on one machine vs the single-process engine", text)
+    publish("bench_ray", "Ray on one machine vs the single-process engine", text, write=not args.no_write)
 
 
 if __name__ == "__main__":

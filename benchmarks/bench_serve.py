@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import SHARED_DATA, table, write_section  # noqa: E402
+from _report import SHARED_DATA, publish, table  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CACHE_MODEL = Path(os.environ.get("CATALENS_CACHE", Path.home() / ".cache" / "catalens")) / "bench" / "clothing-model"
@@ -474,10 +474,7 @@ def main() -> int:
                  f"speed-up x{r['speedup']:.2f}."]
     body += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
     text = "\n".join(body)
-    if args.no_write:
-        print(text)
-    else:
-        write_section("bench_serve", "Serving (HTTP server vs in-process ONNX Runtime)", text)
+    publish("bench_serve", "Serving (HTTP server vs in-process ONNX Runtime)", text, write=not args.no_write)
     ok = not load["errors"] and not abuse["unexpected"] and not abuse["good"]["failed"] and abuse["ready"] \
         and abuse["final_ok"] and abuse["five_xx"] == 0 and load["wrong"] == 0 and abuse["good"]["wrong"] == 0
     return 0 if ok else 1
