@@ -55,6 +55,8 @@ RECIPES: dict[str, dict] = {
     "finetune-all-lite0": {"cfg": {"finetune": {"mode": "all", "epochs": 6, "views": 0, "lr": 0.01,
                                                 "backbone_lr_mult": 0.3, "tta": ["hflip"]}}, "optional": True},
     "ensemble-all": {"members": ["finetune-all-lite0", "frozen-lite1", "frozen-lite2"], "optional": True},
+    "finetune-blocks-lite1": {"cfg": {"backbone": {"name": "efficientnet_lite1"}, "finetune": FT_BLOCKS}},
+    "ensemble-lite1": {"members": ["finetune-blocks-lite1", "frozen-lite1", "finetune-blocks-lite0"]},
 }
 
 
