@@ -81,22 +81,33 @@ def fit_head(d, head_cfg, seed=0):
     return head.fit(d["X"][d["tr"]], sel(d["Y"], d["tr"]), d["X"][d["va"]], sel(d["Y"], d["va"]))
 
 
+def default_features():
+    """``(cfg, data)``: the default configuration and :func:`load` of fashion-products with it
+    (frozen Lite0 features from the cache), or ``None`` when the photos are absent."""
+    if not (SHARED_DATA / "fashion-products").exists():
+        print(f"fashion-products not found under {SHARED_DATA}; skipped")
+        return None
+    from catalens.config import Config
+
+    cfg = Config()
+    cfg.engine.progress = False
+    return cfg, load(cfg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--head-config", help="a run configuration (e.g. best_config.yaml of catalens search)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    if not (SHARED_DATA / "fashion-products").exists():
-        print(f"fashion-products not found under {SHARED_DATA}; skipped")
+    loaded = default_features()
+    if loaded is None:
         return
-    from catalens.config import Config, load_config
+    from catalens.config import load_config
     from catalens.text.fusion import TextFusion, fit_weights
     from catalens.text.model import TitleModel
     from catalens.text.vectorizer import clean_titles
 
-    cfg = Config()
-    cfg.engine.progress = False
-    d = load(cfg)
+    cfg, d = loaded
     tasks = d["tasks"]
     Yv = sel(d["Y"], d["va"])
     rows, results = [], {}

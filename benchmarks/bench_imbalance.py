@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _report import SHARED_DATA, publish, table  # noqa: E402
-from bench_accuracy_fashion import fit_head, load, sel  # noqa: E402
+from _report import publish, table  # noqa: E402
+from bench_accuracy_fashion import default_features, fit_head, sel  # noqa: E402
 
 RECIPES = [
     ("none (plain cross-entropy)", {}),
@@ -42,16 +42,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    if not (SHARED_DATA / "fashion-products").exists():
-        print(f"fashion-products not found under {SHARED_DATA}; skipped")
+    loaded = default_features()
+    if loaded is None:
         return
-    from catalens.config import Config, HeadConfig
+    from catalens.config import HeadConfig
     from catalens.evaluate.metrics import compute_metrics
     from catalens.tasks import MISSING
 
-    cfg = Config()
-    cfg.engine.progress = False
-    d = load(cfg)
+    cfg, d = loaded
     art = next(t for t in d["tasks"] if t.name == "articleType")
     y_tr = d["Y"]["articleType"][d["tr"]]
     counts = np.bincount(y_tr[y_tr != MISSING], minlength=art.n_outputs)

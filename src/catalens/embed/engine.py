@@ -94,10 +94,11 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     if rows is not None and rows <= cfg.block_rows // 4:
         workers = 0
     threads = cfg.threads or cores
-    in_flight = cfg.in_flight if cfg.in_flight is not None else 2 * max(1, workers) + 1
     if decode == "threads":
         in_flight = 0      # decoded on demand, right before inference
-    return Plan(cores, workers, threads, max(0, in_flight), decode)
+    else:
+        in_flight = max(1, cfg.in_flight if cfg.in_flight is not None else 2 * max(1, workers) + 1)
+    return Plan(cores, workers, threads, in_flight, decode)
 
 
 class _Pool:

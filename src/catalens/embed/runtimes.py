@@ -422,7 +422,8 @@ def choose_runtime(module: nn.Module, size: int, threads: int | None = None, cac
         if rates[c] > rates[best] * margin:
             best = c
     entry = {"runtime": best, "img_per_s": {c: round(v, 2) for c, v in rates.items()},
-             "errors": errors, "min_cosine_vs_fp32": fidelity, "batch": batch, "measure_s": round(time.perf_counter() - t0, 2), "threads": threads,
+             "errors": errors, "min_cosine_vs_fp32": fidelity, "batch": batch,
+             "measure_s": round(time.perf_counter() - t0, 2), "threads": threads,
              "cpu": cpu_model(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _remember(fingerprint, size, threads, cache_dir, entry)
     return runners[best], dict(entry, remembered=False)
@@ -445,9 +446,7 @@ def _fidelity_gate(runners: dict, outputs: dict, errors: dict) -> dict:
     for c in [c for c in runners if c in LOSSY_MIN_COSINE]:
         if exact is None:
             continue
-        ref, got = outputs[exact].astype(np.float64), outputs[c].astype(np.float64)
-        cos = float(((ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1),
-                                                     1e-12)).min())
+        cos = float(_row_cosines(outputs[exact], outputs[c]).min())
         out[c] = round(cos, 5)
         if cos < LOSSY_MIN_COSINE[c]:
             errors[c] = f"accuracy check failed: min feature cosine vs {exact} {cos:.4f} < {LOSSY_MIN_COSINE[c]}"
@@ -493,7 +492,7 @@ def runtime_parity(backbone, pixels: np.ndarray, runtime: str, head=None, batch_
 
     ref, got = run_all(ref_runner), run_all(runner)
     diff = np.abs(ref.astype(np.float64) - got)
-    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    cos = _row_cosines(ref, got)
     out = {"runtime": runtime, "ran": getattr(runner, "name", runtime), "images": int(len(pixels)),
            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
            "max_rel_diff": float(diff.max() / max(np.abs(ref).max(), 1e-12)),
@@ -503,6 +502,12 @@ def runtime_parity(backbone, pixels: np.ndarray, runtime: str, head=None, batch_
     if head is not None:
         out["top1_agreement"] = float((np.asarray(head(ref)).argmax(-1) == np.asarray(head(got)).argmax(-1)).mean())
     return out
+
+
+def _row_cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``got`` with the same row of ``ref``, ``(n,)``."""
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    return (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
 
 
 def _nearest(f: np.ndarray) -> np.ndarray:

@@ -117,9 +117,7 @@ def _predict_part(model, sub: Catalogue, rows: np.ndarray, cache, engine, top_k:
             problems = {int(p["row"]): f"{p['problem']}: {p['detail']}" for p in block.problems}
             bad += len(problems)
             cols = _base_columns(sub, block.rows, problems)
-            cols.update(prediction_columns(model.tasks, probs, block.ok, top_k))
-            if model.meta.get("hierarchy_decoding"):
-                _decoded_columns(cols, model, probs, block.ok)
+            cols.update(model_columns(model, probs, block.ok, top_k))
             tables.append(pa.table(cols, schema=schema))
     return pa.concat_tables(tables) if tables else schema.empty_table(), bad
 
@@ -130,6 +128,16 @@ def model_probabilities(model, features: np.ndarray, cat: Catalogue, rows: np.nd
     if getattr(model, "text", None) is not None and "text" in cat.frame:
         return model.predict_proba_features(features, texts=cat.frame["text"].to_numpy(dtype=object)[rows])
     return model.predict_proba_features(features)
+
+
+def model_columns(model, probs: dict[str, np.ndarray], ok: np.ndarray, top_k: int) -> dict[str, list]:
+    """The prediction columns of rows with probabilities ``probs`` (see catalens.predict.outputs);
+    hierarchy tasks hold the best known path when the model was trained with hierarchy decoding.
+    Shared by the single-process predictor and the Ray actors."""
+    cols = prediction_columns(model.tasks, probs, ok, top_k)
+    if model.meta.get("hierarchy_decoding"):
+        _decoded_columns(cols, model, probs, ok)
+    return cols
 
 
 def _decoded_columns(cols: dict, model, probs: dict[str, np.ndarray], ok: np.ndarray) -> None:

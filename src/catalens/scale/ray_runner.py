@@ -285,8 +285,7 @@ class InferStage:
         rows = np.asarray(batch["row"], dtype=np.int64)
         problems = _strings(batch["problem"])
         if self.kind == "predict":
-            from catalens.predict.outputs import prediction_columns
-            from catalens.predict.predictor import _decoded_columns
+            from catalens.predict.predictor import model_columns
 
             if getattr(self.model, "text", None) is not None:   # titles fused; "" = no title
                 probs = self.model.predict_proba_features(feats, texts=np.asarray(_strings(batch["text"]), dtype=object))
@@ -294,9 +293,7 @@ class InferStage:
                 probs = self.model.predict_proba_features(feats)
             cols = {"id": _strings(batch["id"]), "product_id": _strings(batch["product_id"]),
                     "path": _strings(batch["path"]), "split": _strings(batch["split"]), "problem": problems}
-            cols.update(prediction_columns(self.model.tasks, probs, ok, self.top_k))
-            if self.model.meta.get("hierarchy_decoding"):
-                _decoded_columns(cols, self.model, probs, ok)
+            cols.update(model_columns(self.model, probs, ok, self.top_k))
             cols["row"] = rows
         else:
             cols = {"row": rows, "ok": ok, "problem": problems}

@@ -146,7 +146,9 @@ def log_training(result, cfg=None, data=None, experiment: str | None = None, uri
     """
     if not tracking_enabled(cfg):
         return None
-    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun: only rank 0 logs the run
+    from catalens.train import distributed
+
+    if not distributed.is_main():  # torchrun: only rank 0 logs the run
         return None
     run_id, cl = None, None
     try:
