@@ -27,14 +27,14 @@ DATA = ROOT / "examples" / "fashion-products.yaml"
 
 
 def load(cfg):
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.backbones import backbone_from_config
     from catalens.ingest.sources import open_catalogue
     from catalens.train.features import catalogue_features
     from catalens.train.pipeline import _drop_unlabelled, known_paths, training_tasks
 
     cat = open_catalogue(DATA)
     t0 = time.time()
-    feats = catalogue_features(cat, create_backbone(cfg.backbone.name, cfg.backbone.weights), cfg)
+    feats = catalogue_features(cat, backbone_from_config(cfg.backbone), cfg)
     embed_s = time.time() - t0
     fit_cat = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
     tasks = training_tasks(fit_cat)

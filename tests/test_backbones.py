@@ -83,3 +83,24 @@ def test_cache_round_trip_and_resume(tmp_path):
     c.flush()
     assert EmbeddingCache(tmp_path, "fp", 4).keys() == {"a", "b", "c"}
     assert not list(tmp_path.glob("fp/*.tmp*"))
+
+
+def test_input_size_and_crop_from_config(lite0):
+    """backbone.image_size / crop_pct change the preprocessing, the cache key, and survive a round trip."""
+    from catalens.config import load_config
+    from catalens.embed.backbones import backbone_from_config, with_input
+
+    big = with_input(lite0, image_size=256, crop_pct=1.0)
+    assert big.preprocess.size == 256 and big.preprocess.resize == 256
+    assert big.fingerprint() != lite0.fingerprint()
+    assert with_input(lite0, crop_pct=0.8).preprocess.to_dict()["resize"] == 280   # 224 / 0.8
+    assert with_input(lite0) is lite0
+    x = torch.rand(1, 3, 256, 256) * 255
+    back = backbone_from_description(big.describe(), big.module.net.state_dict())
+    assert back.preprocess == big.preprocess
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(x), big.module(x))
+    cfg = load_config(overrides=[{"backbone": {"image_size": 240, "crop_pct": 1}}])
+    assert backbone_from_config(cfg.backbone).preprocess.to_dict()["resize"] == 240
+    with pytest.raises(ValueError, match="backbone.crop_pct"):
+        load_config(overrides=[{"backbone": {"crop_pct": 1.5}}])

@@ -27,6 +27,9 @@ class _Strict(BaseModel):
 class BackboneConfig(_Strict):
     name: str = "efficientnet_lite0"
     weights: str | None = None          # a checkpoint file, "random", or None (registry/hub weights)
+    image_size: int | None = Field(None, ge=32, le=1024)  # input side; None = the backbone's own (lite0 224)
+    crop_pct: float | None = Field(None, gt=0, le=1)      # centre crop share of the resized short side;
+    #                                                       None = the backbone's own (0.875); 1.0 = no crop
 
 
 class EngineSettings(_Strict):

@@ -19,10 +19,9 @@ know about ensembles:
   returns the weighted mean of the member probabilities.
 
 Members must share task names, kinds and class orders (a clear error names the first
-difference). Members whose input size differs get the decoded crop resized to their own size
-(the engine decodes once, at the largest member's preprocessing; for the EfficientNet-Lite
-family the crop fraction is the same, so each member sees the same part of the photo). A
-member's own test-time augmentation (``"tta"`` in its model.json) is kept.
+difference). The engine decodes each photo once, wide and sharp enough for every member, and
+each member gets its own crop and side from it (:func:`catalens.embed.multi.shared_preprocess`).
+A member's own test-time augmentation (``"tta"`` in its model.json) is kept.
 """
 from __future__ import annotations
 
@@ -35,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from catalens.embed.backbones import Backbone
+from catalens.embed.multi import ConcatExtractor, MemberInput, shared_preprocess
 from catalens.ingest.images import Preprocess
 from catalens.tasks import TaskInfo
 
@@ -88,42 +87,6 @@ def normalise_weights(weights, n: int) -> list[float]:
 
 
 # ------------------------------------------------------------------ composite backbone
-def _crop_fraction(pre: Preprocess) -> float:
-    return pre.size / pre.resize
-
-
-class _MemberInput(nn.Module):
-    """Composite crop → a member's input: centre crop to its crop fraction, resize to its size."""
-
-    def __init__(self, keep: float, size: int) -> None:
-        super().__init__()
-        self.keep, self.size = float(keep), int(size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.shape[-1]
-        if self.keep < 0.999:
-            c = int(round(s * self.keep))
-            o = (s - c) // 2
-            x = x[..., o:o + c, o:o + c]
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return x
-
-
-class EnsembleExtractor(nn.Module):
-    """Pixels 0..255 ``(n, 3, S, S)`` → member features side by side ``(n, sum D_i)``."""
-
-    def __init__(self, extractors: list[nn.Module], inputs: list[_MemberInput]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(extractors)
-        self.inputs = nn.ModuleList(inputs)
-        self.dims = [int(m.feature_dim) for m in extractors]
-        self.feature_dim = sum(self.dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m(f(x)) for m, f in zip(self.members, self.inputs)], dim=1)
-
-
 @dataclass
 class EnsembleBackbone(Backbone):
     """The composite backbone; its cache key combines the members' keys and input handling."""
@@ -141,13 +104,9 @@ class EnsembleBackbone(Backbone):
 
 
 def composite_backbone(members: list) -> EnsembleBackbone:
-    """One backbone over the members: decode at the largest member's preprocessing."""
-    pres = [m.backbone.preprocess for m in members]
-    main = max(range(len(pres)), key=lambda i: (pres[i].size, -_crop_fraction(pres[i])))
-    pre = pres[main]
-    fc = _crop_fraction(pre)
-    inputs = [_MemberInput(min(1.0, _crop_fraction(p) / fc), p.size) for p in pres]
-    module = EnsembleExtractor([m.backbone.module for m in members], inputs).eval()
+    """One backbone over the members: decode once, each member its own crop (catalens.embed.multi)."""
+    pre, inputs = shared_preprocess([m.backbone.preprocess for m in members])
+    module = ConcatExtractor([m.backbone.module for m in members], inputs).eval()
     name = "ensemble(" + "+".join(m.backbone.name for m in members) + ")"
     return EnsembleBackbone(name, "ensemble", module, pre, "members", tuple(m.backbone.fingerprint() for m in members))
 
@@ -199,7 +158,7 @@ def average_probabilities(parts: list[dict[str, np.ndarray]], weights: list[floa
 class EnsemblePixelModule(nn.Module):
     """Pixels → ``{task: weighted mean probabilities}`` in one graph (export, serving)."""
 
-    def __init__(self, inputs: list[_MemberInput], members: list[nn.Module], weights: list[float]) -> None:
+    def __init__(self, inputs: list[MemberInput], members: list[nn.Module], weights: list[float]) -> None:
         super().__init__()
         self.inputs = nn.ModuleList(inputs)
         self.members = nn.ModuleList(members)

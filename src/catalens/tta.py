@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalens.embed.backbones import Backbone, FeatureExtractor
+from catalens.embed.backbones import Backbone
 
 VIEWS = ("hflip", "zoom")
 ZOOM = 7 / 8
@@ -51,31 +51,39 @@ def view(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown TTA view '{name}'; valid views: {', '.join(VIEWS)}")
 
 
-class TTAExtractor(FeatureExtractor):
-    """A :class:`FeatureExtractor` whose output is the mean over the identity + ``views``."""
+class TTAExtractor(nn.Module):
+    """A feature extractor whose output is the mean over the identity + ``views``."""
 
-    def __init__(self, net: nn.Module, pre, views: list[str]) -> None:
-        super().__init__(net, pre)
+    def __init__(self, inner: nn.Module, views: list[str]) -> None:
+        super().__init__()
+        self.inner = inner
         self.views = check_views(views)
+        self.feature_dim = int(inner.feature_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = super().forward(x)
+    @property
+    def net(self) -> nn.Module:
+        """The wrapped extractor's network (what a model folder stores)."""
+        return self.inner.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n,3,S,S) 0..255 -> (n,D)
+        feats = self.inner(x)
         for name in self.views:
-            feats = feats + super().forward(view(x, name))
+            feats = feats + self.inner(view(x, name))
         return feats / (1 + len(self.views))
 
 
 @dataclass
 class TTABackbone(Backbone):
-    """A backbone computing TTA features; same weights and description, own cache key."""
+    """A backbone computing TTA features over ``plain``: same weights and description, own cache key."""
 
     views: tuple[str, ...] = ()
+    plain: Backbone | None = None
 
     def fingerprint(self) -> str:
-        return f"{super().fingerprint()}+tta:{'-'.join(self.views)}"
+        return f"{self.plain.fingerprint()}+tta:{'-'.join(self.views)}"
 
     def describe(self) -> dict:
-        return {**super().describe(), "tta": list(self.views)}
+        return {**self.plain.describe(), "tta": list(self.views)}
 
 
 def with_tta(backbone: Backbone, views) -> Backbone:
@@ -84,16 +92,13 @@ def with_tta(backbone: Backbone, views) -> Backbone:
     plain = without_tta(backbone)
     if not views:
         return plain
-    module = TTAExtractor(plain.module.net, plain.preprocess, views).eval()
-    return TTABackbone(plain.name, plain.arch, module, plain.preprocess, plain.weights_origin, tuple(views))
+    module = TTAExtractor(plain.module, views).eval()
+    return TTABackbone(plain.name, plain.arch, module, plain.preprocess, plain.weights_origin, tuple(views), plain)
 
 
 def without_tta(backbone: Backbone) -> Backbone:
     """The plain backbone under a TTA one (the same weights)."""
-    if not isinstance(backbone, TTABackbone):
-        return backbone
-    module = FeatureExtractor(backbone.module.net, backbone.preprocess).eval()
-    return Backbone(backbone.name, backbone.arch, module, backbone.preprocess, backbone.weights_origin)
+    return backbone.plain if isinstance(backbone, TTABackbone) else backbone
 
 
 def apply_model_tta(model, views=None):

@@ -145,7 +145,7 @@ def audit_catalogue(cat: Catalogue, cfg: Config | None = None, near: float | Non
 
 
 def _near_groups(cat: Catalogue, keys: list[str | None], cfg: Config, threshold: float, block: int, log):
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.backbones import backbone_from_config
     from catalens.train.features import catalogue_features
 
     first: dict[str, int] = {}
@@ -157,7 +157,7 @@ def _near_groups(cat: Catalogue, keys: list[str | None], cfg: Config, threshold:
     for i, k in enumerate(keys):
         if k is not None:
             members.setdefault(k, []).append(i)
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    backbone = backbone_from_config(cfg.backbone)
     t = time.time()
     feats = catalogue_features(cat.subset(reps), backbone, cfg)
     problems = {int(reps[p["row"]]): f"{p['problem']}: {p['detail']}" for p in feats.problems}

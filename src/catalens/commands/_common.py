@@ -22,6 +22,10 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
     if training or backbone:
         g.add_argument("--backbone", help="backbone name (efficientnet_lite0/1/2 offline, or any timm name)")
         g.add_argument("--weights", metavar="FILE", help="backbone checkpoint (.safetensors/.pth), or 'random'")
+        g.add_argument("--image-size", type=int, metavar="PX",
+                       help="backbone input side (default: the backbone's own, e.g. 224 for lite0)")
+        g.add_argument("--crop-pct", type=float, metavar="F",
+                       help="centre crop share of the resized short side (default 0.875; 1 = no crop)")
         g.add_argument("--strict", action="store_true", help="any image problem is fatal")
     if training:
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
@@ -59,6 +63,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         flags.setdefault("engine", {})["progress"] = False
     put("backbone.name", getattr(args, "backbone", None))
     put("backbone.weights", getattr(args, "weights", None))
+    put("backbone.image_size", getattr(args, "image_size", None))
+    put("backbone.crop_pct", getattr(args, "crop_pct", None))
     put("head.type", getattr(args, "head_type", None))
     put("head.epochs", getattr(args, "epochs", None))
     put("data.strict", getattr(args, "strict", None))

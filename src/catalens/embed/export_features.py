@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from catalens.config import Config
-from catalens.embed.backbones import create_backbone
+from catalens.embed.backbones import backbone_from_config
 from catalens.ingest.sources import open_catalogue
 
 
@@ -21,7 +21,7 @@ def embed_to_folder(data: str | Path, out: str | Path, cfg: Config, log=print) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cat = open_catalogue(data)
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    backbone = backbone_from_config(cfg.backbone)
     feats = catalogue_features(cat, backbone, cfg)
     problems = {p["row"]: f"{p['problem']}: {p['detail']}" for p in feats.problems}
     index = pd.DataFrame({"id": cat.frame["id"].astype(str), "path": cat.frame["path"].astype(str),

@@ -459,7 +459,7 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
     import ray
     from safetensors.torch import save as save_tensors
 
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.backbones import backbone_from_config
     from catalens.embed.cache import EmbeddingCache
     from catalens.ingest.sources import open_catalogue
 
@@ -468,7 +468,7 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cat = open_catalogue(data) if not hasattr(data, "frame") else data
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    backbone = backbone_from_config(cfg.backbone)
     fingerprint = backbone.fingerprint()
     dim = backbone.feature_dim
     cache = EmbeddingCache(cfg.cache_dir, fingerprint, dim) if use_cache else None

@@ -66,7 +66,7 @@ def prepare(data: str | Path, cfg: Config, log=print, classes_from: str = "train
     ``classes_from='train'``: class order as ``catalens train`` (labels seen in the train
     split); ``'pool'``: every label in train + val (cross-validation).
     """
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.backbones import backbone_from_config
     from catalens.ingest.sources import open_catalogue
     from catalens.train.features import catalogue_features
     from catalens.train.pipeline import _drop_unlabelled, training_tasks
@@ -77,7 +77,7 @@ def prepare(data: str | Path, cfg: Config, log=print, classes_from: str = "train
     if note:
         log(note)
     pool = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    backbone = backbone_from_config(cfg.backbone)
     feats = catalogue_features(pool, backbone, cfg)
     tasks = pool_tasks(pool) if classes_from == "pool" else training_tasks(pool)
     Y = pool.encode(tasks)

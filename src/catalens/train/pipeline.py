@@ -13,7 +13,7 @@ import numpy as np
 
 from catalens.artifact import CatalensModel
 from catalens.config import Config
-from catalens.embed.backbones import create_backbone
+from catalens.embed.backbones import backbone_from_config
 from catalens.heads import create_head
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.sources import open_catalogue
@@ -92,7 +92,11 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRe
     log(f"data: {len(cat)} images ({cat.source}), training on {int((fit_cat.frame['split'] == 'train').sum())} "
         f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
-    backbone = create_backbone(cfg.backbone.name, cfg.backbone.weights)
+    backbone = backbone_from_config(cfg.backbone)
+    if cfg.finetune.mode != "none" and getattr(backbone, "members", None):
+        raise ValueError(f"--finetune takes one backbone, and '{backbone.name}' has {len(backbone.members)}: "
+                         f"fine-tune each alone and combine the models with 'catalens ensemble', or train "
+                         f"the multi-backbone frozen (without --finetune)")
     tasks = training_tasks(fit_cat)
     Y = fit_cat.encode(tasks)
     ingest_dir = out / "ingest"
