@@ -43,12 +43,20 @@ RESULTS = WORK / "results.json"
 BASE = {"tracking": False, "engine": {"progress": False}}
 FT_BLOCKS = {"mode": "blocks", "blocks": 1, "epochs": 6, "views": 3, "lr": 0.02, "backbone_lr_mult": 0.25,
              "warmup_epochs": 1.0, "label_smoothing": 0.1, "batch_size": 32, "tta": ["hflip"]}
+#: three offline backbones side by side, each a little above its native side, whole short side kept
+MULTI = "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300"
+#: head seeds whose test accuracies give the spread of a frozen recipe (features cached: seconds each)
+SEEDS = 5
+
 RECIPES: dict[str, dict] = {
     "frozen-lite0": {"cfg": {}},
     "finetune-blocks-lite0": {"cfg": {"finetune": FT_BLOCKS}},
     "frozen-lite1": {"cfg": {"backbone": {"name": "efficientnet_lite1"}, "finetune": {"tta": ["hflip"]}}},
     "frozen-lite2": {"cfg": {"backbone": {"name": "efficientnet_lite2"}, "finetune": {"tta": ["hflip"]}}},
     "ensemble": {"members": ["finetune-blocks-lite0", "frozen-lite1", "frozen-lite2"]},
+    "frozen-lite1-272-full": {"cfg": {"backbone": {"name": "efficientnet_lite1@272", "crop_pct": 1.0},
+                                      "finetune": {"tta": ["hflip"]}}},
+    "frozen-multi": {"cfg": {"backbone": {"name": MULTI, "crop_pct": 1.0}, "finetune": {"tta": ["hflip"]}}},
     "frozen-aug-lite0": {"cfg": {"finetune": {"mode": "blocks", "blocks": 0, "epochs": 10, "views": 3,
                                               "lr": 0.01, "label_smoothing": 0.1, "tta": ["hflip"]}},
                          "optional": True},
@@ -162,6 +170,33 @@ def run_recipe(name: str, res: dict, val, test) -> None:
     save_results(res)
     evaluate(name, out, cfg, res, val, test)
     save_results(res)
+    if cfg.finetune.mode == "none":
+        spread(name, cfg, res, test)
+        save_results(res)
+
+
+def spread(name: str, cfg, res: dict, test) -> None:
+    """Frozen recipes: 5-fold CV accuracy over train+val (the choice criterion: 3,409 photos instead
+    of validation's 341) and the test accuracy of ``SEEDS`` head seeds (how much one run can vary)."""
+    from catalens.artifact import CatalensModel
+    from catalens.train.kfold import cross_validate
+    from catalens.train.pipeline import train
+
+    e = res[name]
+    if "cv" not in e:
+        r = cross_validate(DATA, WORK / "models" / name, cfg, folds=5, log=lambda m: None)
+        acc = r.summary["label.accuracy"]
+        e["cv"] = {"accuracy": acc["mean"], "std_over_folds": acc["std"], "seconds": round(r.seconds, 1)}
+        log(f"{name}: 5-fold CV accuracy {acc['mean']:.4f} ± {acc['std']:.4f}")
+    if "seeds" not in e:
+        accs = [e["score"]["test_accuracy"]]
+        for seed in range(1, SEEDS):
+            folder = WORK / "seeds" / f"{name}-{seed}"
+            train(DATA, folder, cfg.model_copy(update={"seed": seed}), log=lambda m: None)
+            accs.append(scores(CatalensModel.load(folder), test, cfg)["accuracy"])
+            shutil.rmtree(folder)
+        e["seeds"] = {"test_accuracy": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1))}
+        log(f"{name}: test accuracy over {SEEDS} head seeds {np.mean(accs):.4f} ± {np.std(accs, ddof=1):.4f}")
 
 
 def run_ensemble(name: str, members: list[str], res: dict, val, test, cfg) -> None:
@@ -215,19 +250,29 @@ def report(res: dict) -> None:
             tta_gain = f"{(e['tta']['test_accuracy'] - e['plain']['test_accuracy']) * 100:+.1f} pts"
         load = f"{e.get('load_before', '')}/{e.get('load_after', '')}"
         val_acc = s.get("val_accuracy", e.get("val_accuracy_of_chosen_weights"))
-        rows.append([name, f"{val_acc:.4f}", f"{s['test_accuracy']:.4f}", f"{s['test_macro_f1']:.4f}",
+        cv = f"{e['cv']['accuracy']:.4f} ± {e['cv']['std_over_folds']:.4f}" if "cv" in e else ""
+        seeds = f"{e['seeds']['mean']:.4f} ± {e['seeds']['std']:.4f}" if "seeds" in e else ""
+        rows.append([name, cv, f"{val_acc:.4f}", f"{s['test_accuracy']:.4f}", seeds, f"{s['test_macro_f1']:.4f}",
                      gain, tta_gain, f"{e['wall_s'] / 60:.1f}", load])
-    best = max((r for r in rows), key=lambda r: float(r[1]), default=None)
+    with_cv = [r for r in rows if r[1]]
+    best = max(with_cv, key=lambda r: float(r[1].split()[0]), default=None)
     body = [f"Data: `clothing-small` (train 3,068 / validation 341 / test 372, 10 classes). Every recipe is "
             f"`catalens train` with the settings below; the test split is only reported, choices "
-            f"(ensemble weights, the winner) are made on validation. Wall time is train + everything it "
+            f"are made on train+val: the winner by 5-fold cross-validation over train+val (3,409 photos; "
+            f"frozen recipes, where the folds refit only the head on cached features), ensemble weights on "
+            f"validation. Validation alone (341 photos) is too small to rank recipes: one photo is 0.3 "
+            f"points, and the head's seed alone moves test accuracy by about 1 point, so frozen recipes "
+            f"also show test accuracy over {SEEDS} head seeds (mean ± sd; the 'test acc' column is seed 0, "
+            f"the model the recipe writes). Wall time is train + everything it "
             f"needs (decode, embedding, views, epochs) on this 2-core machine (1-minute load average "
             f"before/after each recipe given: with 2 cores, a load above 2 means other processes took "
             f"part of them). The ensemble's time is the sum of its members'.", "",
-            table(["recipe", "val acc", "test acc", "test macro-F1", "gain vs frozen linear", "TTA gain (test)",
-                   "wall (min)", "load avg before/after"], rows), ""]
+            table(["recipe", "5-fold CV acc", "val acc", "test acc", f"test acc, {SEEDS} head seeds",
+                   "test macro-F1", "gain vs frozen linear", "TTA gain (test)", "wall (min)",
+                   "load avg before/after"], rows), ""]
     if best:
-        body.append(f"Best on validation: **{best[0]}** (test accuracy {best[2]}). Published reference: 90% "
+        body.append(f"Best by cross-validation: **{best[0]}** (test accuracy {best[3]}; over {SEEDS} head seeds "
+                    f"{best[4]}). Published reference: 90% "
                     f"(Xception at 299 px, fine-tuned). Target: >= 94% in under 30 minutes.")
     body.append("")
     body.append("Settings: " + "; ".join(f"`{n}`: {json.dumps(RECIPES[n].get('cfg') or RECIPES[n].get('members'))}"
@@ -259,6 +304,10 @@ def main() -> int:
         for name in names:
             if name in res and "score" in res[name]:
                 log(f"{name}: done earlier (test acc {res[name]['score']['test_accuracy']:.4f})")
+                cfg = config(RECIPES[name].get("cfg", {}))
+                if "members" not in RECIPES[name] and cfg.finetune.mode == "none":
+                    spread(name, cfg, res, test)
+                    save_results(res)
                 continue
             log(f"{name}: start (load average {os.getloadavg()[0]:.1f})")
             run_recipe(name, res, val, test)

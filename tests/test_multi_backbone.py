@@ -92,3 +92,11 @@ def test_train_save_load_predict_with_a_multi_backbone(tmp_path):
                                   "tracking": False}])
     with pytest.raises(ValueError, match="--finetune takes one backbone"):
         train(data, tmp_path / "ft", bad, log=lambda m: None)
+    # ONNX export of the multi-backbone model (with its TTA): parity with torch is checked by export
+    from catalens.export.onnx import OnnxModel, export_onnx
+
+    exp = export_onnx(tmp_path / "m", tmp_path / "m.onnx", log=lambda *a: None)
+    assert exp.parity["max_abs_diff"] < 1e-4, exp.parity
+    onnx = OnnxModel(exp.path)
+    assert onnx.preprocess == model.preprocess
+    np.testing.assert_allclose(onnx.run_hwc(px)["label"], got, atol=1e-4)
