@@ -65,6 +65,7 @@ RECIPES: dict[str, dict] = {
     "ensemble-all": {"members": ["finetune-all-lite0", "frozen-lite1", "frozen-lite2"], "optional": True},
     "finetune-blocks-lite1": {"cfg": {"backbone": {"name": "efficientnet_lite1"}, "finetune": FT_BLOCKS}},
     "ensemble-lite1": {"members": ["finetune-blocks-lite1", "frozen-lite1", "finetune-blocks-lite0"]},
+    "ensemble-multi": {"members": ["frozen-multi", "finetune-blocks-lite0", "finetune-blocks-lite1"]},
 }
 
 

@@ -140,3 +140,23 @@ def test_head_trains_with_sampler_and_down_sampling():
     assert min(recalls()) < 0.7                             # plain: the rare classes are swallowed
     assert min(recalls(sampler="balanced")) > 0.85
     assert min(recalls(max_per_class=40)) > 0.85
+
+
+def test_search_cv_scores_trials_on_pooled_out_of_fold_predictions(data, tmp_path):
+    """--cv K: trial 0 (the starting config) scores exactly what 'train --folds K' pools."""
+    pytest.importorskip("optuna")
+    from catalens.train.kfold import cross_validate
+
+    out = tmp_path / "search"
+    assert main(["search", str(data), "--trials", "2", "--cv", "3", "--out", str(out), *FAST]) == 0
+    info = json.loads((out / "search.json").read_text())
+    assert info["scored_on"] == "3-fold CV over train + val"
+    assert "3-fold CV over train + val" in (out / "best_config.yaml").read_text().splitlines()[0]
+    first = pd.read_csv(out / "trials.csv").iloc[0]
+    cfg = load_config(overrides=[{"head": {"epochs": 30}, "engine": {"runtime": "eager", "progress": False}}])
+    pooled = cross_validate(data, tmp_path / "cv", cfg, folds=3, log=lambda *a: None).pooled
+    tasks = [k for k, v in pooled.items() if isinstance(v, dict) and v.get("kind") in ("class", "tags")]
+    expected = np.mean([pooled[t]["accuracy"] if pooled[t]["kind"] == "class" else pooled[t]["mean_average_precision"]
+                        for t in tasks])
+    assert first["value"] == pytest.approx(expected, abs=1e-9)
+    assert main(["search", str(data), "--trials", "1", "--cv", "1", "--out", str(out), *FAST]) == 2

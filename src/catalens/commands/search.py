@@ -5,7 +5,7 @@ from __future__ import annotations
 def register(sub) -> None:
     from catalens.commands._common import add_config_options
 
-    p = sub.add_parser("search", help="search head settings with Optuna on cached embeddings (scored on val)",
+    p = sub.add_parser("search", help="search head settings with Optuna on cached embeddings (scored on val, or --cv K)",
                        description="Fit the task heads many times on the cached embeddings of the train split, "
                                    "score each on val (the test split is never read), and write the best run "
                                    "configuration as DIR/best_config.yaml for 'catalens train --config'. Searched: "
@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="folder for best_config.yaml, trials.csv, search.json")
     p.add_argument("--trials", type=int, metavar="N", help="number of trials")
     p.add_argument("--minutes", type=float, metavar="M", help="time budget (stops after the running trial)")
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="score each trial by K-fold cross-validation over train+val (K times slower; "
+                        "steadier than a small val split)")
     p.add_argument("--objective", default="mean",
                    help="'mean' (class accuracy / tag mAP averaged over tasks, default) or one task's name")
     add_config_options(p, training=True)
@@ -28,5 +31,5 @@ def run(args) -> int:
     if not args.trials and not args.minutes:
         raise ValueError("catalens search needs --trials N and/or --minutes M")
     search(args.data, args.out, config_from_args(args), trials=args.trials, minutes=args.minutes,
-           objective=args.objective)
+           objective=args.objective, cv=args.cv)
     return 0
