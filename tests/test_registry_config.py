@@ -62,3 +62,18 @@ def test_one_fold_is_rejected_with_the_fix():
     with pytest.raises(ValueError, match=r"kfold.folds.*1 fold is no cross-validation.*--folds 5"):
         load_config(None, [{"kfold": {"folds": 1}}])
     assert load_config(None, [{"kfold": {"folds": 5}}]).kfold.folds == 5
+
+
+@pytest.mark.parametrize("name", ["run.yaml", "three-backbones.yaml"])
+def test_example_run_configurations_load_and_build(name):
+    """The run configurations in examples/ are valid, and their backbone builds."""
+    from pathlib import Path
+
+    from catalens.embed.backbones import create_backbone
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
+    bb = create_backbone(cfg.backbone.name, "random", cfg.backbone.image_size, cfg.backbone.crop_pct)
+    assert bb.feature_dim > 0 and bb.preprocess.size >= 224
+    if "+" in cfg.backbone.name:
+        assert [m.preprocess.size for m in bb.members] == [256, 272, 300]
+        assert bb.preprocess.size == bb.preprocess.resize == 300        # crop 1: the whole short side
