@@ -82,6 +82,7 @@ class ServerState:
         self.decoding = 0
         self.ready = False
         self.model = None
+        self.text = None     # title model fused with the image head (MODEL/text), when the model has one
         self.formatter = None
         self.batcher: MicroBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
@@ -111,6 +112,7 @@ class ServerState:
         path = await loop.run_in_executor(None, self.graph_path)
         self.model = await loop.run_in_executor(None, lambda: OnnxModel(path, threads=self.threads, spin=False))
         self.formatter = Formatter(self.model.tasks, self.model.description.get("hierarchy_paths") or {})
+        self.text = await loop.run_in_executor(None, self._load_text)
         if self.settings.warmup:
             size = self.model.size
             rng = np.random.default_rng(0)
@@ -132,6 +134,26 @@ class ServerState:
             await self.batcher.stop()  # finishes queued images
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True)
+
+    def _load_text(self):
+        """The model folder's title model (``catalens train --text``), or None."""
+        folder = self.model_dir / "text"
+        if not (folder / "fusion.json").exists():
+            return None
+        from catalens.text.fusion import TextFusion
+
+        return TextFusion.load(folder)
+
+    def titles_note(self, titles) -> str | None:
+        """What the server did with the request's titles (None when it sent none)."""
+        if titles is None:
+            return None
+        return "fused" if self.text is not None else "ignored: this model has no title model (train with --text)"
+
+    def _fuse(self, probs: list[dict], titles: list[str | None]) -> list[dict]:
+        batch = {k: np.stack([p[k] for p in probs]) for k in probs[0]}    # {task: (n, C)}
+        fused = self.text.fuse(batch, titles)
+        return [{k: v[i] for k, v in fused.items()} for i in range(len(probs))]
 
     # ------------------------------------------------------------------ prediction
     def _infer(self, batch_hwc: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,8 +182,10 @@ class ServerState:
         if name != self.name:
             raise P.ApiError(404, "model_not_found", f"no model named '{name}'; this server serves '{self.name}'")
 
-    async def predict(self, images: list[bytes], names: list[str] | None = None) -> list[tuple[dict, dict]]:
-        """Decode and predict; returns per image ``(probs, timings)``; bad photos raise 4xx ApiError."""
+    async def predict(self, images: list[bytes], names: list[str] | None = None,
+                      titles: list[str | None] | None = None) -> list[tuple[dict, dict]]:
+        """Decode and predict; returns per image ``(probs, timings)``; bad photos raise 4xx ApiError.
+        With ``titles`` (one per image) and a model with a title model, probabilities are fused."""
         self.check_ready()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -189,6 +213,9 @@ class ServerState:
             results = await asyncio.gather(*(self.batcher.submit(px) for px, _ in decoded))
         except RuntimeError as e:
             raise P.ApiError(503, "not_ready", str(e)) from None
+        if titles is not None and self.text is not None:
+            fused = await loop.run_in_executor(None, self._fuse, [p for p, _ in results], titles)
+            results = [(p, info) for p, (_, info) in zip(fused, results)]
         total = (time.perf_counter() - t0) * 1000.0
         out = []
         for (probs, info), (_, dms) in zip(results, decoded):
@@ -335,18 +362,23 @@ def create_app(settings: ServeSettings):
     # ---------------------------------------------------------------- catalens API
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY, tags=["catalens"],
               summary="Predict categories and tags for one or several photos")
-    async def predict(request: Request, top_k: int | None = None):
+    async def predict(request: Request, top_k: int | None = None, title: str | None = None):
         t0 = time.perf_counter()
         data = await body(request)
         uploads, fields = await _off_loop(lambda b: P.parse_predict_body(b, request.headers.get("content-type"),
                                                                          settings.max_images), data)
         k = P.parse_top_k(top_k if top_k is not None else fields.get("top_k"), settings.top_k)
-        results = await state.predict([u.data for u in uploads], [u.name for u in uploads])
+        sent = fields.get("titles") if "titles" in fields else ([title] if title is not None else None)
+        titles = P.check_titles(sent, len(uploads))
+        results = await state.predict([u.data for u in uploads], [u.name for u in uploads], titles)
         images = []
         for i, (u, (probs, timings)) in enumerate(zip(uploads, results)):
             images.append({"index": i, "file": u.name, **state.formatter.image(probs, k), "timings": timings})
-        return {"model": state.name, "images": images,
-                "timings": {"total_ms": round((time.perf_counter() - t0) * 1000.0, 2)}}
+        out = {"model": state.name, "images": images,
+               "timings": {"total_ms": round((time.perf_counter() - t0) * 1000.0, 2)}}
+        if titles is not None:
+            out["titles"] = state.titles_note(titles)
+        return out
 
     # ---------------------------------------------------------------- TF-Serving REST
     @app.get("/v1/models/{name}", tags=["tf-serving"], summary="Model status (TF-Serving)")
@@ -406,8 +438,12 @@ def create_app(settings: ServeSettings):
             raise P.ApiError(404, "model_not_found", f"model '{name}' has version 1 only, not '{version_}'")
         images, doc = await _off_loop(lambda b: P.parse_kserve_request(b, request.headers, settings.max_images),
                                       await body(request))
-        results = await state.predict(images)
-        return P.kserve_response(state.name, state.model.tasks, [p for p, _ in results], doc)
+        titles = P.kserve_titles(doc, len(images))
+        results = await state.predict(images, titles=titles)
+        out = P.kserve_response(state.name, state.model.tasks, [p for p, _ in results], doc)
+        if titles is not None:
+            out["parameters"] = {"titles": state.titles_note(titles)}
+        return out
 
     @app.post("/v2/models/{name}/infer", openapi_extra=_KS_BODY, tags=["kserve-v2"],
               summary="Open Inference Protocol infer: one BYTES input of encoded photos")

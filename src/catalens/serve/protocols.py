@@ -25,8 +25,11 @@ import numpy as np
 from catalens.tasks import TaskInfo, hierarchy_levels
 
 IMAGE_FIELD_NAMES = {"file", "files", "image", "images", "photo", "photos", "file[]", "files[]"}
+TITLE_FIELD_NAMES = {"title", "titles", "title[]", "titles[]"}
+MAX_TITLE_BYTES = 2000
 RAW_TYPES = ("image/", "application/octet-stream")
 KSERVE_BINARY_HEADER = "inference-header-content-length"
+KSERVE_TITLE_INPUTS = ("title", "titles")
 
 
 class ApiError(Exception):
@@ -132,8 +135,9 @@ def parse_predict_body(body: bytes, content_type: str | None, max_images: int) -
     return uploads, fields
 
 
-def parse_multipart(body: bytes, content_type: str, max_images: int) -> tuple[list[Upload], dict[str, str]]:
-    """Files and plain fields of a multipart body already read into memory (bounded by the upload limit)."""
+def parse_multipart(body: bytes, content_type: str, max_images: int) -> tuple[list[Upload], dict]:
+    """Files and plain fields of a multipart body already read into memory (bounded by the upload limit);
+    ``title`` fields (one per file, in the files' order) are collected in ``fields["titles"]``."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     _, params = parse_options_header(content_type)
@@ -178,12 +182,28 @@ def parse_multipart(body: bytes, content_type: str, max_images: int) -> tuple[li
         _, dparams = parse_options_header(p["headers"].get("content-disposition", ""))
         name = dparams.get(b"name", b"").decode("utf-8", "replace")
         filename = dparams.get(b"filename")
+        if filename is None and name.lower() in TITLE_FIELD_NAMES:  # one product title per file, in order
+            fields.setdefault("titles", []).append(bytes(p["data"][:MAX_TITLE_BYTES]).decode("utf-8", "replace"))
+            continue
         if filename is None and name.lower() not in IMAGE_FIELD_NAMES:
             fields[name] = bytes(p["data"][:256]).decode("utf-8", "replace")  # a plain field, e.g. top_k
             continue
         label = filename.decode("utf-8", "replace") if filename else (name or f"part{i}")
         uploads.append(Upload(bytes(p["data"]), label, p["headers"].get("content-type")))
     return uploads, fields
+
+
+def check_titles(titles, n: int, where: str = "title fields") -> list[str | None] | None:
+    """One product title (or None / empty) per image, or None when the request sent none."""
+    if titles is None:
+        return None
+    if not isinstance(titles, list) or not all(t is None or isinstance(t, str) for t in titles):
+        raise ApiError(400, "bad_titles", f"{where}: expected a list of strings (product titles), got "
+                                          f"{str(titles)[:80]}")
+    if len(titles) != n:
+        raise ApiError(400, "bad_titles", f"{len(titles)} {where} for {n} images: send one title per image, in "
+                                          f"the images' order (an empty title for an image without one)")
+    return [t[:MAX_TITLE_BYTES] if t else None for t in titles]
 
 
 def parse_top_k(value, default: int, n_max: int = 1000) -> int:
@@ -370,9 +390,12 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise ApiError(400, "bad_request", "expected {\"inputs\": [{\"name\": ..., \"shape\": [n], "
                                            "\"datatype\": \"BYTES\", \"data\": [<base64>, ...]}]}")
-    if len(doc["inputs"]) != 1:
-        raise ApiError(400, "bad_request", f"this model takes one input (the images), got {len(doc['inputs'])}")
-    inp = doc["inputs"][0]
+    inputs = [i for i in doc["inputs"] if not (isinstance(i, dict) and i.get("name") in KSERVE_TITLE_INPUTS)]
+    if len(inputs) != 1 or len(doc["inputs"]) > 2:
+        raise ApiError(400, "bad_request", f"this model takes the images as one BYTES input and optionally the "
+                                           f"product titles as a BYTES input named 'title'; got "
+                                           f"{len(doc['inputs'])} inputs")
+    inp = inputs[0]
     if not isinstance(inp, dict):
         raise ApiError(400, "bad_request", "inputs[0] must be an object")
     name = inp.get("name", "image")
@@ -408,6 +431,18 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
     if len(flat) != n:
         raise ApiError(400, "bad_request", f"input '{name}': shape {shape} means {n} elements, data holds {len(flat)}")
     return [b64decode(x, f"input '{name}' element {i}") for i, x in enumerate(flat)], doc
+
+
+def kserve_titles(doc: dict, n: int) -> list[str | None] | None:
+    """The optional ``title`` input of a v2 request: UTF-8 strings in JSON ``data``, one per image."""
+    inp = next((i for i in doc.get("inputs", []) if isinstance(i, dict) and i.get("name") in KSERVE_TITLE_INPUTS),
+               None)
+    if inp is None:
+        return None
+    if inp.get("datatype") != "BYTES" or not isinstance(inp.get("data"), list):
+        raise ApiError(400, "bad_titles", f"input '{inp.get('name')}': send the titles as datatype BYTES with "
+                                          f"'data': a list of strings, one per image")
+    return check_titles(list(_flatten(inp["data"])), n, f"titles in input '{inp.get('name')}'")
 
 
 def _flatten(x):

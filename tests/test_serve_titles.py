@@ -1,0 +1,95 @@
+"""Serving a model trained with titles (``catalens train --text``): titles sent with the photos
+are fused exactly as in-process prediction fuses them; the own API and KServe v2 take them."""
+from __future__ import annotations
+
+import base64
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from test_serve import running_server
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from catalens.config import load_config
+    from catalens.export.onnx import export_onnx
+    from catalens.synthetic import make_catalogue
+    from catalens.train.pipeline import train
+
+    base = tmp_path_factory.mktemp("serve-text")
+    data = make_catalogue(base / "data", n_products=90, size=96, seed=5)
+    cfg = load_config(None, [{"engine": {"progress": False, "runtime": "eager"}, "head": {"epochs": 30},
+                              "text": {"enabled": True}, "tracking": False}])
+    train(data, base / "model", cfg, log=lambda *a: None)
+    export_onnx(base / "model", log=lambda *a: None)
+    products = pd.read_csv(base / "data" / "products.csv", dtype=str).head(3)
+    photos = [(base / "data" / "images" / f"{i}.jpg").read_bytes() for i in products["id"]]
+    return base / "model", photos, products["title"].tolist()
+
+
+def _expected(model, photos, titles):
+    """In-process: ONNX Runtime image probabilities, and those fused with the titles; the classes."""
+    from catalens.export.onnx import OnnxModel
+    from catalens.text.fusion import TextFusion
+
+    onnx = OnnxModel(model / "model.onnx", threads=1)
+    image = onnx.predict_bytes(photos)
+    classes = {t.name: t.classes for t in onnx.tasks if t.kind == "class"}
+    return image, TextFusion.load(model / "text").fuse(image, titles), classes
+
+
+def _probs(image_json: dict, task: str, classes: list[str]) -> np.ndarray:
+    """The full probability vector of one image's class task from a top_k >= n answer."""
+    by_label = {c["label"]: c["prob"] for c in image_json["classes"][task]}
+    return np.array([by_label[c] for c in classes])
+
+
+def test_titles_are_fused_over_http_as_in_process(text_model):
+    model, photos, titles = text_model
+    image, fused, classes = _expected(model, photos, titles)
+    task = next(t for t in classes if not np.allclose(fused[t], image[t]))   # titles change this task
+    with running_server(model) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+        files = [("file", (f"p{i}.jpg", b, "image/jpeg")) for i, b in enumerate(photos)]
+        r = c.post("/v1/predict", files=files, data={"title": titles, "top_k": "50"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["titles"] == "fused"
+        for i, img in enumerate(body["images"]):
+            np.testing.assert_allclose(_probs(img, task, classes[task]), fused[task][i], atol=1e-4)
+        # no titles: image only, and the answer says nothing about titles
+        plain = c.post("/v1/predict", files=files[:1], data={"top_k": "50"}).json()
+        assert "titles" not in plain
+        np.testing.assert_allclose(_probs(plain["images"][0], task, classes[task]), image[task][0], atol=1e-4)
+        # one raw photo with ?title=
+        raw = c.post("/v1/predict", content=photos[0], params={"title": titles[0], "top_k": 50},
+                     headers={"Content-Type": "image/jpeg"}).json()
+        assert raw["titles"] == "fused"
+        np.testing.assert_allclose(_probs(raw["images"][0], task, classes[task]), fused[task][0], atol=1e-4)
+        # KServe v2: a second BYTES input named "title"
+        doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(photos)],
+                           "data": [base64.b64encode(b).decode() for b in photos]},
+                          {"name": "title", "datatype": "BYTES", "shape": [len(photos)], "data": titles}]}
+        v2 = c.post(f"/v2/models/{model.name}/infer", json=doc).json()
+        assert v2["parameters"] == {"titles": "fused"}
+        out = next(o for o in v2["outputs"] if o["name"] == task)
+        np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), fused[task], atol=1e-4)
+        # a title count that does not match the photos is a 400 naming the fix
+        bad = c.post("/v1/predict", files=files, data={"title": titles[:2]})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_titles"
+        assert "2 title fields for 3 images: send one title per image" in bad.json()["error"]["message"]
+        doc["inputs"][1]["data"] = titles[:1]
+        bad = c.post(f"/v2/models/{model.name}/infer", json=doc)
+        assert bad.status_code == 400 and "one title per image" in bad.json()["error"]["message"]
+
+
+def test_titles_sent_to_an_image_only_model_are_reported_as_ignored(tmp_path_factory):
+    from test_export import shared_model
+
+    model = shared_model(tmp_path_factory)
+    photo = next((model.parent / "data" / "images").glob("*.jpg")).read_bytes()
+    with running_server(model) as (url, _):
+        r = httpx.post(url + "/v1/predict", files=[("file", ("a.jpg", photo, "image/jpeg"))],
+                       data={"title": "Striped cotton shirt"}, timeout=60)
+    assert r.status_code == 200 and r.json()["titles"].startswith("ignored: this model has no title model")
