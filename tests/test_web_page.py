@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from test_export import real_photos, shared_model
 from test_serve import running_server
+from test_serve_titles import text_model  # noqa: F401  (fixture)
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None) \
     or shutil.which("chromium")
@@ -57,6 +58,7 @@ def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browse
         browser.get(url + "/")
         assert "catalens" in browser.title
         assert "model: model" in browser.find_element(By.ID, "model").text
+        assert not browser.find_element(By.ID, "title").is_displayed()   # image-only model: no title box
         browser.find_element(By.ID, "file").send_keys(str(photo))
         wait = WebDriverWait(browser, 90)
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
@@ -94,3 +96,33 @@ def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browse
     assert non_white > 0.01
     accent = ((img[..., 2] > 150) & (img[..., 0] < 90)).mean()  # the blue bars are drawn
     assert accent > 0.001
+
+
+def test_a_title_model_shows_a_title_box_and_fuses_it(text_model, tmp_path, browser):
+    """A --text model: the page offers a title box; the bars show the photo fused with the title."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve_titles import _expected
+
+    model, photos, titles = text_model
+    photo = tmp_path / "p0.jpg"
+    photo.write_bytes(photos[0])
+    _, fused, classes = _expected(model, photos[:1], titles[:1])
+    with running_server(model, log=tmp_path / "server.log") as (url, _):
+        browser.get(url + "/")
+        box = browser.find_element(By.ID, "title")
+        assert box.is_displayed()
+        box.send_keys(titles[0])
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        wait = WebDriverWait(browser, 60)
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
+        assert "with the title" in browser.find_element(By.ID, "status").text
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        for level in card.find_elements(By.CSS_SELECTOR, ".level[data-task]"):
+            task = level.get_attribute("data-task")
+            if task in classes:
+                top = classes[task][int(fused[task][0].argmax())]
+                assert level.find_element(By.CSS_SELECTOR, ".bar.top .label").text == top
+                pct = level.find_element(By.CSS_SELECTOR, ".bar.top .pct").text
+                assert pct == f"{fused[task][0].max() * 100:.1f}%"

@@ -464,7 +464,8 @@ def create_app(settings: ServeSettings):
     async def index():
         html = (STATIC / "index.html").read_text(encoding="utf-8")
         cfg = {"name": state.name, "tasks": [t.to_dict() for t in state.model.tasks] if state.model else [],
-               "max_upload_mb": settings.max_upload_mb, "max_images": settings.max_images}
+               "max_upload_mb": settings.max_upload_mb, "max_images": settings.max_images,
+               "titles": state.text is not None}
         html = html.replace("/*CATALENS_CONFIG*/null", json.dumps(cfg).replace("</", "<\\/"))
         return HTMLResponse(html)
 
