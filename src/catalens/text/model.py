@@ -142,9 +142,17 @@ class TitleModel:
 
     def decision_function(self, texts) -> dict[str, np.ndarray]:
         """``{task: logits (n, n_outputs)}``."""
-        X = self.transform(texts)
-        return {name: np.asarray(X @ W.T.astype(np.float64)) + b[None, :].astype(np.float64)
-                for name, (W, b) in self.weights.items()}
+        X = self.transform(texts)                                        # (n, F) sparse
+        return {name: np.asarray(X @ WT) + b[None, :] for name, (WT, b) in self._dense_weights().items()}
+
+    def _dense_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{task: (W^T (F, C) float64 contiguous, b (C,) float64)}``, converted once per weights dict
+        (converting on every call cost ~10 ms per served title)."""
+        cached = getattr(self, "_dense", None)   # (the weights dict it was made from, its conversion)
+        if cached is None or cached[0] is not self.weights or len(cached[1]) != len(self.weights):
+            self._dense = (self.weights, {name: (np.ascontiguousarray(W.T, dtype=np.float64), b.astype(np.float64))
+                                 for name, (W, b) in self.weights.items()})
+        return self._dense[1]
 
     def predict_proba(self, texts) -> dict[str, np.ndarray]:
         """Softmax per class task, sigmoid per tag; a row without a title gets the bias-only output."""

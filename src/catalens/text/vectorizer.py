@@ -41,6 +41,7 @@ class _Analyzer:
         self.sublinear_tf = sublinear_tf
         self.vocabulary: dict[str, int] = {}
         self.idf: np.ndarray | None = None
+        self._counter: tuple[dict, CountVectorizer] | None = None  # (the vocabulary, its vectorizer)
 
     def _kw(self) -> dict:
         # the word pattern keeps one-letter tokens and hyphenated words ("t-shirt")
@@ -65,11 +66,20 @@ class _Analyzer:
         """Weighted (not yet normalised) counts ``(n, |vocabulary|)``."""
         if not self.vocabulary:
             return sp.csr_matrix((len(texts), 0))
-        X = CountVectorizer(vocabulary=self.vocabulary, **self._kw()).transform(texts).tocsr().astype(np.float64)
+        X = self._count_vectorizer().transform(texts).tocsr().astype(np.float64)
         if self.sublinear_tf:
             X.data = 1.0 + np.log(X.data)
         X.data *= self.idf[X.indices]
         return X
+
+    def _count_vectorizer(self) -> CountVectorizer:
+        """One counting vectorizer per vocabulary: built (and its vocabulary checked) once, not per
+        call; a served title then costs ~1 ms instead of ~13 (docs/serving.md)."""
+        if self._counter is None or self._counter[0] is not self.vocabulary:
+            cv = CountVectorizer(vocabulary=self.vocabulary, **self._kw())
+            cv.transform([""])  # validates the vocabulary now
+            self._counter = (self.vocabulary, cv)
+        return self._counter[1]
 
     def to_dict(self) -> dict:
         return {"analyzer": self.analyzer, "ngram": list(self.ngram), "max_features": self.max_features,
