@@ -71,6 +71,8 @@ def test_titles_are_fused_over_http_as_in_process(text_model):
         doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(photos)],
                            "data": [base64.b64encode(b).decode() for b in photos]},
                           {"name": "title", "datatype": "BYTES", "shape": [len(photos)], "data": titles}]}
+        meta = c.get(f"/v2/models/{model.name}").json()
+        assert [i["name"] for i in meta["inputs"]] == ["image", "title"] and meta["inputs"][1]["optional"]
         v2 = c.post(f"/v2/models/{model.name}/infer", json=doc).json()
         assert v2["parameters"] == {"titles": "fused"}
         out = next(o for o in v2["outputs"] if o["name"] == task)

@@ -423,7 +423,7 @@ def create_app(settings: ServeSettings):
     async def v2_metadata(name: str):
         state.check_name(name)
         state.check_ready()
-        return P.kserve_metadata(state.name, state.model.tasks, state.model.description)
+        return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None)
 
     @app.get("/v2/models/{name}/ready", tags=["kserve-v2"])
     async def v2_model_ready(name: str):

@@ -472,11 +472,15 @@ def kserve_response(name: str, tasks: list[TaskInfo], probs: list[dict[str, np.n
     return out
 
 
-def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict) -> dict:
-    return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1],
-                        "parameters": {"content": "encoded image files (JPEG, PNG, WebP, ...); base64 strings "
-                                                  "in JSON, or raw bytes with the binary tensor extension"}}],
+def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict, titles: bool = False) -> dict:
+    """v2 model metadata; ``titles``: the model fuses product titles (an optional ``title`` input)."""
+    inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1],
+               "parameters": {"content": "encoded image files (JPEG, PNG, WebP, ...); base64 strings "
+                                         "in JSON, or raw bytes with the binary tensor extension"}}]
+    if titles:
+        inputs.append({"name": "title", "datatype": "BYTES", "shape": [-1], "optional": True,
+                       "parameters": {"content": "product titles as UTF-8 strings, one per image (optional)"}})
+    return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": inputs,
             "outputs": [{"name": t.name, "datatype": "FP32", "shape": [-1, t.n_outputs]} for t in tasks],
             "parameters": {"tasks": [{"name": t.name, "kind": t.kind, "classes": t.classes, "parent": t.parent,
                                       "thresholds": t.thresholds} for t in tasks],
