@@ -37,10 +37,12 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) section ``name`` of docs/benchmarks.md and print it."""
+def write_section(name: str, title: str, body: str, command: str | None = None) -> None:
+    """Replace (or append) section ``name`` of docs/benchmarks.md and print it; ``command`` is the
+    command line that produced it (default ``python benchmarks/NAME.py``)."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    section = f"<!-- BEGIN {name} -->\n## {title}\n\n_Run {stamp} on {machine()}; `python benchmarks/{name}.py`._\n\n{body.strip()}\n<!-- END {name} -->"
+    command = command or f"python benchmarks/{name}.py"
+    section = f"<!-- BEGIN {name} -->\n## {title}\n\n_Run {stamp} on {machine()}; `{command}`._\n\n{body.strip()}\n<!-- END {name} -->"
     print(section)
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.exists() else HEADER
@@ -51,9 +53,9 @@ def write_section(name: str, title: str, body: str) -> None:
     tmp.replace(DOC)
 
 
-def publish(name: str, title: str, body: str, write: bool = True) -> None:
+def publish(name: str, title: str, body: str, write: bool = True, command: str | None = None) -> None:
     """Write section ``name`` of docs/benchmarks.md (and print it), or only print ``body``."""
     if write:
-        write_section(name, title, body)
+        write_section(name, title, body, command)
     else:
         print(body)

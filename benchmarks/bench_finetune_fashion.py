@@ -7,7 +7,7 @@ the fusion weights are fitted on val. The model folder is scored on the test spl
 image only (the fine-tuned network and heads) and fused with the titles. Tag thresholds are
 tuned on val for each. Writes the ``bench_finetune_fashion`` section of docs/benchmarks.md.
 
-    python benchmarks/bench_finetune_fashion.py [--epochs 6] [--no-write]
+    python benchmarks/bench_finetune_fashion.py [--mode all|blocks] [--epochs 6] [--no-write]
 """
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ from bench_accuracy_fashion import DATA, sel, tune  # noqa: E402
 WORK = ROOT / "runs" / "bench_finetune_fashion"
 
 
-def settings(epochs: int) -> dict:
+def settings(epochs: int, mode: str = "all", blocks: int = 1) -> dict:
+    """``all``: every weight, online augmentation (the GPU recipe, ~13 min an epoch on 2 cores);
+    ``blocks``: the last stage + conv head on 3 precomputed augmented views (the CPU recipe)."""
+    ft = ({"mode": "all", "views": 0, "lr": 0.01, "backbone_lr_mult": 0.3} if mode == "all" else
+          {"mode": "blocks", "blocks": blocks, "views": 3, "lr": 0.02, "backbone_lr_mult": 0.25})
     return {"tracking": False, "engine": {"progress": False}, "cache_dir": str(WORK / "cache"),
             "text": {"enabled": True},
-            "finetune": {"mode": "all", "epochs": epochs, "views": 0, "lr": 0.01, "backbone_lr_mult": 0.3,
-                         "warmup_epochs": 1.0, "label_smoothing": 0.1, "batch_size": 32}}
+            "finetune": {**ft, "epochs": epochs, "warmup_epochs": 1.0, "label_smoothing": 0.1, "batch_size": 32}}
 
 
 def probabilities(model, cat, cfg, texts: bool) -> dict[str, np.ndarray]:
@@ -56,6 +59,9 @@ def probabilities(model, cat, cfg, texts: bool) -> dict[str, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--blocks", type=int, default=1, help="--mode blocks: last N stages trained")
+    ap.add_argument("--mode", choices=["all", "blocks"], default="all",
+                    help="all: every weight (GPU recipe); blocks: last stage on precomputed views (CPU recipe)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not (SHARED_DATA / "fashion-products").exists():
@@ -67,8 +73,8 @@ def main() -> None:
     from catalens.ingest.sources import open_catalogue
     from catalens.train.pipeline import known_paths, train
 
-    cfg = load_config(None, [settings(args.epochs)])
-    out = WORK / "model"
+    cfg = load_config(None, [settings(args.epochs, args.mode, args.blocks)])
+    out = WORK / ("model" if args.mode == "all" else f"model-blocks{args.blocks}-e{args.epochs}")
     t0, load0 = time.time(), os.getloadavg()[0]
     if not (out / "model.json").exists():
         train(DATA, out, cfg, log=lambda m: print(f"  {m}", flush=True))
@@ -81,7 +87,8 @@ def main() -> None:
     fit = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
     flat = [p for v in known_paths(fit, tasks).values() for p in v]
     rows = []
-    for label, texts in (("fine-tuned Lite0, image only", False), ("fine-tuned Lite0 + titles (fused)", True)):
+    what = "fine-tuned Lite0" if args.mode == "all" else f"Lite0, last {args.blocks} stage(s) fine-tuned"
+    for label, texts in ((f"{what}, image only", False), (f"{what} + titles (fused)", True)):
         pv, pt = probabilities(model, val, cfg, texts), probabilities(model, test, cfg, texts)
         m = compute_metrics(tune(tasks, Yv, pv), Yt, pt, known_paths=flat)
         h = next(iter(m["hierarchy"].values()))
@@ -90,15 +97,20 @@ def main() -> None:
                      f"{m['pattern']['micro_f1']:.4f}", f"{h['consistent_share']:.4f}"])
         print(rows[-1], flush=True)
     ft = model.meta.get("finetune") or {}
-    body = (f"`catalens train examples/fashion-products.yaml --finetune all --text` with "
-            f"`{settings(args.epochs)['finetune']}`; {len(test)} test images, everything chosen on val. "
+    body = (f"`catalens train examples/fashion-products.yaml --finetune {args.mode} --text` with "
+            f"`{settings(args.epochs, args.mode, args.blocks)['finetune']}`; {len(test)} test images, everything chosen on val. "
             f"Wall time of the whole train (embedding, probe, fine-tuning, titles): {wall / 60:.1f} min "
             f"(load average before {load0:.1f}); bf16 autocast: {ft.get('bf16')}.\n\n"
             + table(["model", "master acc", "sub acc", "article acc", "article macro-F1", "pattern micro-F1",
                      "consistent paths"], rows)
             + "\n\nCompare with the frozen rows of *Accuracy recipes on fashion-products* above. Targets: "
               "articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, masterCategory >= 0.998.")
-    publish("bench_finetune_fashion", "Fine-tuning all of Lite0 on fashion-products", body, write=not args.no_write)
+    section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}")
+    title = ("Fine-tuning all of Lite0 on fashion-products" if args.mode == "all" else
+             f"Fine-tuning the last {args.blocks} stage(s) of Lite0 on fashion-products")
+    command = "python benchmarks/bench_finetune_fashion.py" + (
+        "" if args.mode == "all" else f" --mode blocks --blocks {args.blocks} --epochs {args.epochs}")
+    publish(section, title, body, write=not args.no_write, command=command)
 
 
 if __name__ == "__main__":
