@@ -92,6 +92,17 @@ def config(overrides: dict):
     return load_config(overrides=[BASE, {"cache_dir": str(WORK / "cache")}, overrides])
 
 
+def trained_config(name: str):
+    """The configuration recipe ``name`` trains with: its settings, or for a searched recipe the
+    ``best_config.yaml`` its search wrote (once written)."""
+    best = WORK / "search" / name / "best_config.yaml"
+    if "search" in RECIPES[name] and best.exists():
+        from catalens.config import load_config
+
+        return load_config(best)
+    return config(RECIPES[name].get("cfg", {}))
+
+
 def scores(model, cat, cfg) -> dict:
     """Accuracy, macro-F1 and probabilities of ``model`` on the rows of ``cat``."""
     import torch
@@ -165,11 +176,10 @@ def run_recipe(name: str, res: dict, val, test) -> None:
     load0 = os.getloadavg()[0]
     t0 = time.time()
     if "search" in spec:  # catalens search (head settings by k-fold CV on cached features), then train
-        from catalens.config import load_config
         from catalens.train.search import search
 
-        found = search(DATA, WORK / "search" / name, cfg, log=lambda m: log(f"  {m}"), **spec["search"])
-        cfg = load_config(found.config_path)
+        search(DATA, WORK / "search" / name, cfg, log=lambda m: log(f"  {m}"), **spec["search"])
+        cfg = trained_config(name)
     r = train(DATA, out, cfg, log=lambda m: log(f"  {m}"))
     wall = time.time() - t0
     res[name] = {"wall_s": round(wall, 1), "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
@@ -318,12 +328,7 @@ def main() -> int:
         for name in names:
             if name in res and "score" in res[name]:
                 log(f"{name}: done earlier (test acc {res[name]['score']['test_accuracy']:.4f})")
-                cfg = config(RECIPES[name].get("cfg", {}))
-                best = WORK / "search" / name / "best_config.yaml"
-                if "search" in RECIPES[name] and best.exists():
-                    from catalens.config import load_config
-
-                    cfg = load_config(best)
+                cfg = trained_config(name)
                 if "members" not in RECIPES[name] and cfg.finetune.mode == "none":
                     spread(name, cfg, res, test)
                     save_results(res)

@@ -253,6 +253,17 @@ def _oof_table(prep: Prepared, fitted: Fitted, rows: np.ndarray, oof: dict, deco
     return pa.table(cols, schema=schema)
 
 
+def fold_parts(prep: Prepared, fold: np.ndarray, k: int, cfg: Config) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per fold ``(train, inner, scored)`` row masks: fit on ``train``, stop early on ``inner`` (a
+    product-level share of the other folds), predict the fold's usable rows ``scored``."""
+    parts = []
+    for f in range(k):
+        rest = fold != f
+        inner = carve_products(prep.cat, rest, cfg.kfold.inner_val_fraction, cfg.seed + 1000 + f)
+        parts.append((rest & ~inner, inner, (fold == f) & prep.usable))
+    return parts
+
+
 @dataclass
 class KFoldResult:
     summary: dict
@@ -275,6 +286,7 @@ def cross_validate(data: str | Path, out: str | Path, cfg: Config, folds: int | 
     k = int(folds or cfg.kfold.folds)
     prep = prep or prepare(data, cfg, log=log, classes_from="pool")
     fold = product_folds(prep.cat, k, cfg.seed)
+    parts = fold_parts(prep, fold, k, cfg)
     n = len(prep.cat)
     log(f"k-fold: {k} folds over {n} train+val images, {prep.cat.frame['product_id'].nunique()} products "
         f"(split by product, stratified on {_stratify_column(prep.cat)})")
@@ -282,12 +294,9 @@ def cross_validate(data: str | Path, out: str | Path, cfg: Config, folds: int | 
     oof_decoded: dict[str, np.ndarray] = {}
     per_fold, pieces = [], []
     schema = output_schema(prep.tasks, {"fold": pa.int64()})
-    for f in range(k):
+    for f, (train, inner, rows) in enumerate(parts):
         test = fold == f
-        rest = ~test
-        inner = carve_products(prep.cat, rest, cfg.kfold.inner_val_fraction, cfg.seed + 1000 + f)
-        fitted = fit_on(prep, rest & ~inner, inner, cfg)
-        rows = test & prep.usable
+        fitted = fit_on(prep, train, inner, cfg)
         probs = predict_rows(prep, fitted, rows)
         m, decoded = evaluate_rows(prep, fitted, rows, probs, cfg.hierarchy_decoding)
         for name, p in probs.items():
@@ -296,7 +305,7 @@ def cross_validate(data: str | Path, out: str | Path, cfg: Config, folds: int | 
             oof_decoded.setdefault(name, np.full(n, -1, np.int64))[rows] = idx
         pieces.append(_oof_table(prep, fitted, np.flatnonzero(test), oof, oof_decoded, f, cfg.top_k, schema))
         flat = scalar_metrics(m)
-        per_fold.append({"fold": f, "train_images": int((rest & ~inner & prep.usable).sum()),
+        per_fold.append({"fold": f, "train_images": int((train & prep.usable).sum()),
                          "inner_val_images": int((inner & prep.usable).sum()), "test_images": int(rows.sum()),
                          "metrics": flat})
         log(f"  fold {f + 1}/{k}: " + ", ".join(f"{t.name} {flat.get(f'{t.name}.accuracy', float('nan')):.4f}"

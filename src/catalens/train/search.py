@@ -94,16 +94,11 @@ def _start_params(cfg: Config, class_tasks: list[str]) -> dict:
 
 def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
     """``score(config) -> objective`` of the pooled out-of-fold predictions of ``k`` folds."""
-    from catalens.train.kfold import carve_products, product_folds
+    from catalens.train.kfold import fold_parts, product_folds
 
     if k < 2:
         raise ValueError(f"--cv {k}: cross-validation needs K >= 2 folds, e.g. --cv 5")
-    fold = product_folds(prep.cat, k, cfg.seed)
-    parts = []
-    for f in range(k):
-        rest = fold != f
-        inner = carve_products(prep.cat, rest, cfg.kfold.inner_val_fraction, cfg.seed + 1000 + f)
-        parts.append((rest & ~inner, inner, (fold == f) & prep.usable))
+    parts = fold_parts(prep, product_folds(prep.cat, k, cfg.seed), k, cfg)   # the folds of train --folds
     scored = np.zeros(len(prep.cat), bool)
     for _, _, rows in parts:
         scored |= rows
