@@ -27,13 +27,18 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def machine() -> str:
-    """CPU model, the instruction sets that decide the fast paths, cores, Python."""
+    """The GPU if any, CPU model, the instruction sets that decide the fast paths, cores, Python."""
     from catalens.embed.runtimes import cpu_flags, cpu_model
 
     flags = cpu_flags()
     isa = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"),
                                    ("VNNI", "avx512_vnni"), ("AVX2", "avx2")) if flag in flags]
-    return (f"{cpu_model()} ({', '.join(isa[:4]) or platform.machine()}), {os.cpu_count()} CPUs, "
+    gpu = ""
+    import torch
+
+    if torch.cuda.is_available():  # benchmarks run there use it (runtime auto, fine-tuning)
+        gpu = f"{torch.cuda.get_device_name()} (torch {torch.__version__}) + "
+    return (f"{gpu}{cpu_model()} ({', '.join(isa[:4]) or platform.machine()}), {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}")
 
 

@@ -7,7 +7,11 @@ the fusion weights are fitted on val. The model folder is scored on the test spl
 image only (the fine-tuned network and heads) and fused with the titles. Tag thresholds are
 tuned on val for each. Writes the ``bench_finetune_fashion`` section of docs/benchmarks.md.
 
-    python benchmarks/bench_finetune_fashion.py [--mode all|blocks] [--epochs 6] [--no-write]
+    python benchmarks/bench_finetune_fashion.py [--mode all|blocks] [--epochs 6] [--backbone NAME[@PX]]
+        [--crop-pct F] [--no-write]
+
+On a machine with a CUDA GPU the same script fine-tunes there (and embeds with the ``cuda``
+runtime); the section's header then names the GPU.
 """
 from __future__ import annotations
 
@@ -27,12 +31,17 @@ from bench_accuracy_fashion import DATA, sel, tune  # noqa: E402
 WORK = ROOT / "runs" / "bench_finetune_fashion"
 
 
-def settings(epochs: int, mode: str = "all", blocks: int = 1) -> dict:
+def settings(epochs: int, mode: str = "all", blocks: int = 1, backbone: str | None = None,
+             crop_pct: float | None = None, compile: str | None = None) -> dict:
     """``all``: every weight, online augmentation (the GPU recipe, ~13 min an epoch on 2 cores);
     ``blocks``: the last stage + conv head on 3 precomputed augmented views (the CPU recipe)."""
     ft = ({"mode": "all", "views": 0, "lr": 0.01, "backbone_lr_mult": 0.3} if mode == "all" else
           {"mode": "blocks", "blocks": blocks, "views": 3, "lr": 0.02, "backbone_lr_mult": 0.25})
+    bb = {k: v for k, v in (("name", backbone), ("crop_pct", crop_pct)) if v is not None}
+    if compile is not None:
+        ft["compile"] = compile
     return {"tracking": False, "engine": {"progress": False}, "cache_dir": str(WORK / "cache"),
+            **({"backbone": bb} if bb else {}),
             "text": {"enabled": True},
             "finetune": {**ft, "epochs": epochs, "warmup_epochs": 1.0, "label_smoothing": 0.1, "batch_size": 32}}
 
@@ -62,6 +71,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=1, help="--mode blocks: last N stages trained")
     ap.add_argument("--mode", choices=["all", "blocks"], default="all",
                     help="all: every weight (GPU recipe); blocks: last stage on precomputed views (CPU recipe)")
+    ap.add_argument("--backbone", default=None, help="NAME or NAME@PX (default: the config's, efficientnet_lite0)")
+    ap.add_argument("--crop-pct", type=float, default=None, help="centre-crop share (default: the backbone's)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                    help="torch.compile of the trained part (default: the config's, auto = on a GPU)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not (SHARED_DATA / "fashion-products").exists():
@@ -73,8 +86,11 @@ def main() -> None:
     from catalens.ingest.sources import open_catalogue
     from catalens.train.pipeline import known_paths, train
 
-    cfg = load_config(None, [settings(args.epochs, args.mode, args.blocks)])
-    out = WORK / ("model" if args.mode == "all" else f"model-blocks{args.blocks}-e{args.epochs}")
+    spec = settings(args.epochs, args.mode, args.blocks, args.backbone, args.crop_pct, args.compile)
+    cfg = load_config(None, [spec])
+    tag = "" if args.backbone is None and args.crop_pct is None else \
+        "-" + f"{cfg.backbone.name}-{cfg.backbone.image_size or 'd'}-c{cfg.backbone.crop_pct or 'd'}".replace("@", "-")
+    out = WORK / (f"model{tag}-e{args.epochs}" if args.mode == "all" else f"model-blocks{args.blocks}-e{args.epochs}{tag}")
     t0, load0 = time.time(), os.getloadavg()[0]
     if not (out / "model.json").exists():
         train(DATA, out, cfg, log=lambda m: print(f"  {m}", flush=True))
@@ -87,7 +103,8 @@ def main() -> None:
     fit = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
     flat = [p for v in known_paths(fit, tasks).values() for p in v]
     rows = []
-    what = "fine-tuned Lite0" if args.mode == "all" else f"Lite0, last {args.blocks} stage(s) fine-tuned"
+    name = model.backbone.name.replace("efficientnet_lite", "Lite") + f"@{model.preprocess.size}"
+    what = f"fine-tuned {name}" if args.mode == "all" else f"{name}, last {args.blocks} stage(s) fine-tuned"
     for label, texts in ((f"{what}, image only", False), (f"{what} + titles (fused)", True)):
         pv, pt = probabilities(model, val, cfg, texts), probabilities(model, test, cfg, texts)
         m = compute_metrics(tune(tasks, Yv, pv), Yt, pt, known_paths=flat)
@@ -97,19 +114,25 @@ def main() -> None:
                      f"{m['pattern']['micro_f1']:.4f}", f"{h['consistent_share']:.4f}"])
         print(rows[-1], flush=True)
     ft = model.meta.get("finetune") or {}
-    body = (f"`catalens train examples/fashion-products.yaml --finetune {args.mode} --text` with "
-            f"`{settings(args.epochs, args.mode, args.blocks)['finetune']}`; {len(test)} test images, everything chosen on val. "
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("backbone", args.backbone), ("crop_pct", args.crop_pct),
+                                                               ("compile", args.compile))
+                    if v is not None)
+    train_flags = flags.replace("--compile ", "--set finetune.compile=")
+    body = (f"`catalens train examples/fashion-products.yaml --finetune {args.mode} --text{train_flags}` with "
+            f"`{spec['finetune']}`; {len(test)} test images, everything chosen on val. "
             f"Wall time of the whole train (embedding, probe, fine-tuning, titles): {wall / 60:.1f} min "
-            f"(load average before {load0:.1f}); bf16 autocast: {ft.get('bf16')}.\n\n"
+            f"(load average before {load0:.1f}); fine-tuned on {ft.get('device')}, bf16 autocast: {ft.get('bf16')}, "
+            f"epoch times {[h.get('seconds') for h in ft.get('history', [])]} s.\n\n"
             + table(["model", "master acc", "sub acc", "article acc", "article macro-F1", "pattern micro-F1",
                      "consistent paths"], rows)
             + "\n\nCompare with the frozen rows of *Accuracy recipes on fashion-products* above. Targets: "
               "articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, masterCategory >= 0.998.")
-    section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}")
-    title = ("Fine-tuning all of Lite0 on fashion-products" if args.mode == "all" else
-             f"Fine-tuning the last {args.blocks} stage(s) of Lite0 on fashion-products")
+    section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}") + tag.replace("-", "_")
+    title = (f"Fine-tuning all of {name} on fashion-products" if args.mode == "all" else
+             f"Fine-tuning the last {args.blocks} stage(s) of {name} on fashion-products")
     command = "python benchmarks/bench_finetune_fashion.py" + (
-        "" if args.mode == "all" else f" --mode blocks --blocks {args.blocks} --epochs {args.epochs}")
+        f" --epochs {args.epochs}" if args.mode == "all" else f" --mode blocks --blocks {args.blocks} --epochs {args.epochs}") \
+        + flags
     publish(section, title, body, write=not args.no_write, command=command)
 
 

@@ -140,3 +140,16 @@ def test_offline_timm_backbone_without_weights_is_a_clear_error(tmp_path, capsys
     rc = main(["train", str(data), "--out", str(tmp_path / "m"), "--backbone", "resnet18", *FAST])
     assert rc == 2
     assert "offline" in capsys.readouterr().err
+
+
+def test_version_from_a_source_tree_that_is_not_installed(monkeypatch):
+    import importlib.metadata as md
+
+    from catalens import __version__
+    from catalens.cli import _version
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "version", missing)
+    assert _version() == f"catalens {__version__} (source tree, not installed)"

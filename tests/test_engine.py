@@ -92,6 +92,7 @@ def test_compile_falls_back_to_eager(tiny, monkeypatch):
 
 
 def test_auto_picks_a_runtime_and_remembers_it(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "cuda_available", lambda: False)  # the CPU choice, also on a GPU machine
     runner, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-tiny")
     assert runner.name in rt.RUNTIMES and runner.name != "auto"
     assert runner.name == entry["runtime"] and entry["remembered"] is False
@@ -126,6 +127,7 @@ def test_engine_default_runtime_is_auto():
 
 
 def test_plan_splits_the_cores(monkeypatch):
+    monkeypatch.setattr(engine_mod, "cuda_available", lambda: False)
     monkeypatch.setattr(engine_mod, "available_cpus", lambda: 2)
     p = plan(EngineConfig())   # small machines: decode threads alternate with inference
     assert (p.decode, p.workers, p.threads, p.in_flight) == ("threads", 2, 2, 0)
@@ -138,6 +140,52 @@ def test_plan_splits_the_cores(monkeypatch):
     with pytest.raises(ValueError, match="decode must be auto, threads or processes, got 'gpu'"):
         plan(EngineConfig(decode="gpu"))
     assert plan(EngineConfig(), rows=10).workers == 0  # tiny jobs decode in-process
+
+
+def test_plan_on_a_gpu_gives_every_core_but_one_to_decoding(monkeypatch):
+    monkeypatch.setattr(engine_mod, "available_cpus", lambda: 16)
+    monkeypatch.setattr(engine_mod, "cuda_available", lambda: True)
+    for runtime in ("auto", "cuda", "cuda-bf16"):  # the GPU infers: the cores only decode
+        p = plan(EngineConfig(runtime=runtime))
+        assert (p.decode, p.workers, p.threads) == ("processes", 15, 16), runtime
+    assert plan(EngineConfig(runtime="onnx")).workers == 4  # a CPU runtime keeps the CPU split
+    monkeypatch.setattr(engine_mod, "cuda_available", lambda: False)
+    assert plan(EngineConfig(runtime="auto")).workers == 4
+    monkeypatch.setattr(engine_mod, "available_cpus", lambda: 2)
+    assert plan(EngineConfig(runtime="cuda")) == engine_mod.Plan(2, 1, 2, 3, "processes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+@pytest.mark.parametrize("name", ["cuda", "cuda-bf16"])
+def test_cuda_runtimes_without_a_gpu_say_so(tiny, name):
+    with pytest.raises(RuntimeError, match=rf"runtime '{name}' needs a CUDA GPU, and torch .* sees none "
+                                           r"\(torch.cuda.is_available\(\) is False\); use runtime 'auto'"):
+        rt.make_runner(name, tiny.module, tiny.preprocess.size)
+
+
+def test_auto_takes_the_gpu_without_measuring(tiny, tmp_path, monkeypatch):
+    made = []
+
+    def fake_cuda(module, size, **_):
+        made.append(size)
+        return rt.Runner("cuda", lambda b: np.zeros((len(b), 4), np.float32), {"device": "Fake GPU"})
+
+    monkeypatch.setattr(rt, "cuda_available", lambda: True)
+    monkeypatch.setattr(rt, "cuda_runner", fake_cuda)
+    monkeypatch.setattr(rt, "choose_runtime", lambda *a, **k: pytest.fail("auto measured CPU runtimes"))
+    r = rt.make_runner("auto", tiny.module, tiny.preprocess.size, cache_dir=tmp_path)
+    assert (r.name, made) == ("cuda", [tiny.preprocess.size])
+    assert r.info["auto"] == {"runtime": "cuda", "reason": "a CUDA GPU is present", "device": "Fake GPU"}
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing remembered
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_eager(tiny):
+    px = np.random.default_rng(0).integers(0, 256, (6, tiny.preprocess.size, tiny.preprocess.size, 3), np.uint8)
+    ref = rt.make_runner("eager", tiny.module, tiny.preprocess.size)(px)
+    got = rt.make_runner("cuda", tiny.module, tiny.preprocess.size)(px)
+    assert np.abs(got - ref).max() < 2e-2 * np.abs(ref).max()
+    assert next(tiny.module.parameters()).device.type == "cpu"  # the caller's module stays put
 
 
 # ------------------------------------------------------------------ streaming
@@ -217,6 +265,7 @@ def test_empty_catalogue(tiny):
 
 
 def test_auto_checks_lossy_runtimes_against_fp32(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "cuda_available", lambda: False)  # the CPU choice, also on a GPU machine
     """bf16 is picked only after its features pass the cosine check against fp32; a failing
     check removes it from the race and says why."""
     _, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-a",
@@ -241,6 +290,7 @@ def test_streaming_malloc_is_set_on_glibc():
 
 @pytest.mark.parametrize("bf16_rate,picked", [(120.0, "eager"), (150.0, "bf16")])
 def test_auto_needs_a_clear_win_to_pick_a_lossy_runtime(tiny, tmp_path, monkeypatch, bf16_rate, picked):
+    monkeypatch.setattr(rt, "cuda_available", lambda: False)  # the CPU choice, also on a GPU machine
     """bf16 costs accuracy, so it must beat the exact runtime by LOSSY_MARGIN, not just AUTO_MARGIN."""
     rates = {"eager": 100.0, "bf16": bf16_rate}
     monkeypatch.setattr(rt, "measure_runner", lambda r, *a, **k: rates[r.name])

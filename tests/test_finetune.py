@@ -181,3 +181,17 @@ def test_bf16_only_where_native():
     assert ft.use_bf16("auto", cpu) == ft.cpu_has_native_bf16()
     assert ft.use_bf16("off", torch.device("cuda")) is False
     assert ft.use_bf16("auto", torch.device("cuda")) is True
+
+
+def test_epoch_line_reports_every_class_task_finest_first():
+    from catalens.tasks import TaskInfo
+
+    tasks = [TaskInfo("master", "class", ["a", "b"]), TaskInfo("article", "class", ["x", "y", "z"]),
+             TaskInfo("pattern", "tags", ["striped"])]
+    Y = {"master": np.array([0, 1, 1, 0]), "article": np.array([0, 2, -1, 1]), "pattern": np.zeros((4, 1))}
+    probs = {"master": np.array([[.9, .1], [.2, .8], [.6, .4], [.7, .3]]),
+             "article": np.array([[.8, .1, .1], [.1, .2, .7], [.3, .3, .4], [.5, .4, .1]]),
+             "pattern": np.zeros((4, 1))}
+    accs = ft._class_accuracies(probs, Y, tasks, np.arange(4))
+    assert list(accs) == ["article", "master"]          # most classes first: the hard level leads
+    assert accs == {"article": pytest.approx(2 / 3), "master": 0.75}  # row 2 has no article label

@@ -26,9 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"catalens {version('catalens')}"
+    try:
+        return f"catalens {version('catalens')}"
+    except PackageNotFoundError:  # run from a source tree on PYTHONPATH, not pip-installed
+        from catalens import __version__
+
+        return f"catalens {__version__} (source tree, not installed)"
 
 
 def _reexec_with_malloc_tuning(argv: list[str]) -> None:

@@ -36,7 +36,7 @@ class EngineSettings(_Strict):
     batch_size: int = Field(64, ge=1)
     workers: int | None = Field(None, ge=0)   # decode threads / processes; None = sized from the cores
     decode: Literal["auto", "threads", "processes"] = "auto"  # auto: threads up to 4 cores (docs/engine.md)
-    runtime: str = "auto"                     # auto | eager | onnx | compile | bf16
+    runtime: str = "auto"                     # auto | eager | onnx | compile | bf16 | cuda | cuda-bf16
     threads: int | None = Field(None, ge=1)
     progress: bool = True
 

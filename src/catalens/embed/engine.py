@@ -21,7 +21,7 @@ import torch
 from catalens.embed.backbones import Backbone
 from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
-from catalens.embed.runtimes import make_runner
+from catalens.embed.runtimes import cuda_available, make_runner
 from catalens.ingest.catalogue import Catalogue
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
 
@@ -88,8 +88,12 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     cores = available_cpus()
     if cfg.decode not in ("auto", "threads", "processes"):
         raise ValueError(f"engine decode must be auto, threads or processes, got {cfg.decode!r}")
-    decode = cfg.decode if cfg.decode != "auto" else ("threads" if cores <= PHASED_MAX_CORES else "processes")
-    default = cores if decode == "threads" else max(1, math.ceil(cores * DECODE_SHARE))
+    gpu = on_gpu(cfg.runtime)
+    decode = cfg.decode if cfg.decode != "auto" else \
+        ("threads" if cores <= PHASED_MAX_CORES and not gpu else "processes")
+    # on a GPU the cores only decode: all but one (which feeds the GPU)
+    default = cores if decode == "threads" else \
+        max(1, cores - 1 if gpu else math.ceil(cores * DECODE_SHARE))
     workers = cfg.workers if cfg.workers is not None else default
     if rows is not None and rows <= cfg.block_rows // 4:
         workers = 0
@@ -99,6 +103,13 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     else:
         in_flight = max(1, cfg.in_flight if cfg.in_flight is not None else 2 * max(1, workers) + 1)
     return Plan(cores, workers, threads, in_flight, decode)
+
+
+def on_gpu(runtime: str) -> bool:
+    """True when ``runtime`` infers on a CUDA GPU (``cuda*``, or ``auto`` where one is present)."""
+    if runtime.startswith("cuda"):
+        return True
+    return runtime == "auto" and cuda_available()
 
 
 class _Pool:

@@ -17,7 +17,11 @@ Registered runtimes (factories ``(module, size, **opts) -> runner``):
 - ``bf16``    autocast to bfloat16. Fast only where the CPU has native bf16
   (``avx512_bf16`` / ``amx_bf16``); emulated elsewhere (~10x slower than fp32), so ``auto``
   considers it only on such CPUs. Features differ from fp32 (~1e-2).
-- ``auto``    measures the candidates that make sense on this CPU on a few batches of
+- ``cuda``    the module on the GPU (``torch.cuda``), fp32 with cuDNN's defaults (TF32
+  convolutions: features equal the CPU's to ~1e-3), channels_last; pixels travel as uint8.
+- ``cuda-bf16`` the same under bf16 autocast (lossy, like ``bf16``).
+- ``auto``    on a machine with a CUDA GPU: ``cuda``, without measuring (any GPU outruns
+  the host's cores on these networks). Otherwise it measures the candidates that make sense on this CPU on a few batches of
   random pixels (well under 3 s once the ONNX file exists) and keeps the fastest; the
   choice is remembered in ``<cache>/onnx/auto-choices.json`` per backbone fingerprint,
   input size, CPU model, thread count and library versions, so later runs skip the
@@ -28,6 +32,7 @@ Registered runtimes (factories ``(module, size, **opts) -> runner``):
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -58,7 +63,7 @@ AUTO_MARGIN = 1.05
 #: (overflow, emulation bugs), not a tolerance. Measured with EfficientNet-Lite0 on a CPU with
 #: AMX: bf16 probes 0.968, real photos >= 0.997 with 99.7% top-1 agreement and -0.3 points of
 #: accuracy (benchmarks/bench_precision.py, the real-photo accuracy check).
-LOSSY_MIN_COSINE = {"bf16": 0.95}
+LOSSY_MIN_COSINE = {"bf16": 0.95, "cuda-bf16": 0.95}
 #: a lossy runtime must beat the best exact one by this factor to be picked: it costs accuracy
 #: (bf16: -0.3 points on clothing-small), and ``auto``'s short measurement is noisy (bf16 measured
 #: 1.19x ONNX Runtime in ``auto`` but 0.73x sustained on the AMX machine of bench_precision)
@@ -211,6 +216,42 @@ def compile_runner(module: nn.Module, size: int, **_) -> Runner:
         return eager(batch)
 
     return Runner("compile", run)
+
+
+# ---------------------------------------------------------------- CUDA
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU."""
+    return bool(torch.cuda.is_available())
+
+
+def _cuda_runner(name: str, module: nn.Module, bf16: bool) -> Runner:
+    if not cuda_available():
+        raise RuntimeError(f"runtime '{name}' needs a CUDA GPU, and torch {torch.__version__} sees none "
+                           f"(torch.cuda.is_available() is False); use runtime 'auto' or a CPU runtime "
+                           f"(eager, onnx, bf16)")
+    dev = torch.device("cuda")
+    net = copy.deepcopy(module).eval().to(dev, memory_format=torch.channels_last)  # the caller's stays on the CPU
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        # uint8 (b,S,S,3) crosses the bus (4x fewer bytes than float), becomes (b,3,S,S) float there
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
+        with torch.inference_mode(), amp():
+            y = net(x.permute(0, 3, 1, 2).float())
+        return y.float().cpu().numpy()
+
+    return Runner(name, run, {"device": torch.cuda.get_device_name(dev)})
+
+
+@RUNTIMES.register("cuda")
+def cuda_runner(module: nn.Module, size: int, **_) -> Runner:
+    return _cuda_runner("cuda", module, bf16=False)
+
+
+@RUNTIMES.register("cuda-bf16")
+def cuda_bf16_runner(module: nn.Module, size: int, **_) -> Runner:
+    return _cuda_runner("cuda-bf16", module, bf16=True)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
@@ -457,6 +498,11 @@ def _fidelity_gate(runners: dict, outputs: dict, errors: dict) -> dict:
 @RUNTIMES.register("auto")
 def auto_runner(module: nn.Module, size: int, threads: int | None = None, cache_dir=None,
                 fingerprint: str | None = None, **_) -> Runner:
+    if cuda_available():
+        runner = cuda_runner(module, size)
+        runner.info = dict(runner.info, auto={"runtime": "cuda", "reason": "a CUDA GPU is present",
+                                              "device": runner.info["device"]})
+        return runner
     runner, entry = choose_runtime(module, size, threads, cache_dir, fingerprint)
     runner.info = dict(runner.info, auto=entry)
     return runner

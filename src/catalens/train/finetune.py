@@ -265,13 +265,15 @@ def _probs(logits: dict[str, torch.Tensor], tasks: list[TaskInfo]) -> dict[str, 
     return out
 
 
-def _first_class_accuracy(probs: dict[str, np.ndarray], Y: dict[str, np.ndarray], tasks, rows) -> float | None:
-    t = next((t for t in tasks if t.kind == "class"), None)
-    if t is None or len(rows) == 0:
-        return None
-    y = Y[t.name][rows]
-    keep = y >= 0
-    return float((probs[t.name].argmax(1)[keep] == y[keep]).mean()) if keep.any() else None
+def _class_accuracies(probs: dict[str, np.ndarray], Y: dict[str, np.ndarray], tasks, rows) -> dict[str, float]:
+    """Validation accuracy of every class task, finest (most classes) first: that one is the hard one."""
+    out = {}
+    for t in sorted((t for t in tasks if t.kind == "class"), key=lambda t: -t.n_outputs):
+        y = Y[t.name][rows]
+        keep = y >= 0
+        if len(rows) and keep.any():
+            out[t.name] = float((probs[t.name].argmax(1)[keep] == y[keep]).mean())
+    return out
 
 
 def _fmt_time(s: float) -> str:
@@ -572,15 +574,16 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             if val_act is not None:
                 probs, vloss = _evaluate(tail, hnet, val_act, Y, tasks, val_rows, device, bf16, cl, weights, cfg)
                 row["val_loss"] = vloss
-                acc = _first_class_accuracy(probs, Y, tasks, val_rows)
-                if acc is not None:
-                    row["val_accuracy"] = acc
+                accs = _class_accuracies(probs, Y, tasks, val_rows)
+                if accs:  # the finest task's, and every task's
+                    row["val_accuracy"] = next(iter(accs.values()))
+                    row["val_accuracy_by_task"] = accs
             save_checkpoint(work, epoch + 1, step, extractor.net, hnet, opt, history, stamp)
             done = epoch + 1 - start_epoch
             eta = (time.time() - t_train) / done * (f.epochs - epoch - 1)
             log(f"  epoch {epoch + 1}/{f.epochs}: train loss {row['train_loss']:.4f}"
                 + (f", val loss {row['val_loss']:.4f}" if "val_loss" in row else "")
-                + (f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+                + ("".join(f", val {k} {v:.4f}" for k, v in row.get("val_accuracy_by_task", {}).items()))
                 + f" ({row['seconds']:.0f}s; ETA {_fmt_time(eta)})")
         _after_epoch(epoch + 1)
     # ---- result: CPU, contiguous, eval
