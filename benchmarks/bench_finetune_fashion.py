@@ -8,7 +8,8 @@ image only (the fine-tuned network and heads) and fused with the titles. Tag thr
 tuned on val for each. Writes the ``bench_finetune_fashion`` section of docs/benchmarks.md.
 
     python benchmarks/bench_finetune_fashion.py [--mode all|blocks] [--epochs 6] [--backbone NAME[@PX]]
-        [--crop-pct F] [--no-write]
+        [--crop-pct F] [--compile auto|on|off] [--no-write]
+    python benchmarks/bench_finetune_fashion.py --ensemble    # the model folders of earlier runs, as one
 
 On a machine with a CUDA GPU the same script fine-tunes there (and embeds with the ``cuda``
 runtime); the section's header then names the GPU.
@@ -16,6 +17,7 @@ runtime); the section's header then names the GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -65,6 +67,79 @@ def probabilities(model, cat, cfg, texts: bool) -> dict[str, np.ndarray]:
     return out
 
 
+HEADERS = ["model", "master acc", "sub acc", "article acc", "article macro-F1", "pattern micro-F1", "consistent paths"]
+
+
+def score_rows(model, cat, cfg, what: str) -> list[list[str]]:
+    """Test rows (image only, and fused with titles) of ``model``; thresholds tuned on val."""
+    from catalens.evaluate.metrics import compute_metrics
+    from catalens.train.pipeline import known_paths
+
+    val, test = cat.split("val"), cat.split("test")
+    tasks = model.tasks
+    Yv, Yt = val.encode(tasks), test.encode(tasks)
+    fit = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    flat = [p for v in known_paths(fit, tasks).values() for p in v]
+    rows = []
+    for label, texts in ((f"{what}, image only", False), (f"{what} + titles (fused)", True)):
+        pv, pt = probabilities(model, val, cfg, texts), probabilities(model, test, cfg, texts)
+        m = compute_metrics(tune(tasks, Yv, pv), Yt, pt, known_paths=flat)
+        h = next(iter(m["hierarchy"].values()))
+        rows.append([label, f"{m['masterCategory']['accuracy']:.4f}", f"{m['subCategory']['accuracy']:.4f}",
+                     f"{m['articleType']['accuracy']:.4f}", f"{m['articleType']['macro_f1']:.4f}",
+                     f"{m['pattern']['micro_f1']:.4f}", f"{h['consistent_share']:.4f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def choose_weights(pv: dict[str, dict[str, np.ndarray]], y: np.ndarray, task: str) -> dict[str, int]:
+    """Integer weights 0-3 per member (two members at least) with the best val accuracy on ``task``,
+    ties broken by log-loss; never looks at test."""
+    names, best = list(pv), None
+    keep = y >= 0
+    for w in itertools.product(range(4), repeat=len(names)):
+        if sum(1 for x in w if x) < 2:
+            continue
+        p = sum(wi * pv[n][task] for wi, n in zip(w, names))[keep] / sum(w)
+        acc = float((p.argmax(1) == y[keep]).mean())
+        nll = float(-np.log(np.clip(p[np.arange(len(p)), y[keep]], 1e-9, 1)).mean())
+        if best is None or (acc, -nll) > best[0]:
+            best = ((acc, -nll), w)
+    return {n: wi for n, wi in zip(names, best[1]) if wi}
+
+
+def run_ensemble(write: bool) -> None:
+    """``catalens ensemble`` of every fine-tuned model folder this benchmark left in WORK."""
+    from catalens.artifact import CatalensModel
+    from catalens.config import load_config
+    from catalens.ensemble import build_ensemble
+    from catalens.ingest.sources import open_catalogue
+
+    members = sorted(p for p in WORK.glob("model*") if (p / "model.json").exists())
+    if len(members) < 2:
+        print(f"--ensemble needs two fine-tuned model folders in {WORK}; found {[m.name for m in members]}")
+        return
+    cfg = load_config(None, [settings(1)])  # engine and embedding cache only: nothing is trained here
+    cat = open_catalogue(DATA)
+    val = cat.split("val")
+    models = {m.name: CatalensModel.load(m) for m in members}
+    y = val.encode(next(iter(models.values())).tasks)["articleType"]
+    weights = choose_weights({n: probabilities(m, val, cfg, False) for n, m in models.items()}, y, "articleType")
+    print(f"weights chosen on val articleType accuracy: {weights}", flush=True)
+    t0 = time.time()
+    out = WORK / "ensemble"
+    build_ensemble([WORK / n for n in weights], out, [float(w) for w in weights.values()], log=lambda m: None)
+    rows = score_rows(CatalensModel.load(out), cat, cfg, "ensemble")
+    described = "; ".join(f"`{n}` ({models[n].meta.get('backbone', {}).get('weights_origin', '?')}) x{w}"
+                          for n, w in weights.items())
+    body = (f"`catalens ensemble` of the fine-tuned model folders of the sections above, weights (0-3 each) "
+            f"chosen on val articleType accuracy, then log-loss: {described}. Scoring the ensemble on val + test "
+            f"took {(time.time() - t0) / 60:.1f} min here; its members' training times are in their sections.\n\n"
+            + table(HEADERS, rows))
+    publish("bench_finetune_fashion_ensemble", "An ensemble of the fine-tuned fashion-products models", body,
+            write=write, command="python benchmarks/bench_finetune_fashion.py --ensemble")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=6)
@@ -75,16 +150,19 @@ def main() -> None:
     ap.add_argument("--crop-pct", type=float, default=None, help="centre-crop share (default: the backbone's)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default=None,
                     help="torch.compile of the trained part (default: the config's, auto = on a GPU)")
+    ap.add_argument("--ensemble", action="store_true",
+                    help="instead of training: ensemble the model folders earlier runs left in runs/bench_finetune_fashion")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if not (SHARED_DATA / "fashion-products").exists():
         print(f"fashion-products not found under {SHARED_DATA}; skipped")
         return
+    if args.ensemble:
+        return run_ensemble(not args.no_write)
     from catalens.artifact import CatalensModel
     from catalens.config import load_config
-    from catalens.evaluate.metrics import compute_metrics
     from catalens.ingest.sources import open_catalogue
-    from catalens.train.pipeline import known_paths, train
+    from catalens.train.pipeline import train
 
     spec = settings(args.epochs, args.mode, args.blocks, args.backbone, args.crop_pct, args.compile)
     cfg = load_config(None, [spec])
@@ -98,21 +176,9 @@ def main() -> None:
     model = CatalensModel.load(out)
     cat = open_catalogue(DATA)
     val, test = cat.split("val"), cat.split("test")
-    tasks = model.tasks
-    Yv, Yt = val.encode(tasks), test.encode(tasks)
-    fit = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
-    flat = [p for v in known_paths(fit, tasks).values() for p in v]
-    rows = []
     name = model.backbone.name.replace("efficientnet_lite", "Lite") + f"@{model.preprocess.size}"
     what = f"fine-tuned {name}" if args.mode == "all" else f"{name}, last {args.blocks} stage(s) fine-tuned"
-    for label, texts in ((f"{what}, image only", False), (f"{what} + titles (fused)", True)):
-        pv, pt = probabilities(model, val, cfg, texts), probabilities(model, test, cfg, texts)
-        m = compute_metrics(tune(tasks, Yv, pv), Yt, pt, known_paths=flat)
-        h = next(iter(m["hierarchy"].values()))
-        rows.append([label, f"{m['masterCategory']['accuracy']:.4f}", f"{m['subCategory']['accuracy']:.4f}",
-                     f"{m['articleType']['accuracy']:.4f}", f"{m['articleType']['macro_f1']:.4f}",
-                     f"{m['pattern']['micro_f1']:.4f}", f"{h['consistent_share']:.4f}"])
-        print(rows[-1], flush=True)
+    rows = score_rows(model, cat, cfg, what)
     ft = model.meta.get("finetune") or {}
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("backbone", args.backbone), ("crop_pct", args.crop_pct),
                                                                ("compile", args.compile))
@@ -123,8 +189,7 @@ def main() -> None:
             f"Wall time of the whole train (embedding, probe, fine-tuning, titles): {wall / 60:.1f} min "
             f"(load average before {load0:.1f}); fine-tuned on {ft.get('device')}, bf16 autocast: {ft.get('bf16')}, "
             f"epoch times {[h.get('seconds') for h in ft.get('history', [])]} s.\n\n"
-            + table(["model", "master acc", "sub acc", "article acc", "article macro-F1", "pattern micro-F1",
-                     "consistent paths"], rows)
+            + table(HEADERS, rows)
             + "\n\nCompare with the frozen rows of *Accuracy recipes on fashion-products* above. Targets: "
               "articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, masterCategory >= 0.998.")
     section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}") + tag.replace("-", "_")

@@ -146,3 +146,45 @@ def test_model_folder_tta_is_honoured_on_load(models, tmp_path):
     px = _px(2)
     p_tta, p_plain = _member_probs(m, px), _member_probs(plain, px)
     assert not np.allclose(p_tta["label"], p_plain["label"])
+
+
+def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
+    """Members trained with --text fuse the titles with their own image probabilities, then the
+    ensemble averages; without titles it is the image-only average; rows without a title too."""
+    from catalens.predict.predictor import model_probabilities
+    from catalens.synthetic import make_catalogue
+
+    base = tmp_path_factory.mktemp("ens-text")
+    data = make_catalogue(base / "data", n_products=60, size=64, seed=3)
+    folders = []
+    for seed, text in ((1, True), (2, True), (3, False)):
+        cfg = _cfg(seed=seed, head={"epochs": 20}, text={"enabled": text})
+        folders.append(train(data, base / f"m{seed}", cfg, log=lambda m: None).folder)
+    build_ensemble(folders, base / "e", [2.0, 1.0, 1.0], log=lambda m: None)
+    ens = CatalensModel.load(base / "e")  # an EnsembleModel, as predict and evaluate load it
+    members = [CatalensModel.load(f) for f in folders]
+    assert [m.text is not None for m in members] == [True, True, False]
+    assert ens.text is not None
+    px = _px(4, ens.preprocess.size, seed=4)
+    x = torch.from_numpy(px).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        feats = ens.backbone.module(x).numpy()
+    parts = np.split(feats, np.cumsum(ens.backbone.module.dims)[:-1], axis=1)
+    titles = np.array(["striped cotton shirt", None, "floral summer dress", "leather boots"], dtype=object)
+    got = ens.predict_proba_features(feats, texts=titles)
+    for t in ens.tasks:
+        want = sum(w * m.predict_proba_features(f, texts=titles)[t.name]
+                   for w, m, f in zip(ens.weights, members, parts))
+        np.testing.assert_allclose(got[t.name], want, rtol=1e-5, atol=1e-6)
+        plain = ens.predict_proba_features(feats)[t.name]
+        np.testing.assert_allclose(got[t.name][1], plain[1], rtol=1e-5, atol=1e-6)  # no title: image only
+        assert not np.allclose(got[t.name][[0, 2, 3]], plain[[0, 2, 3]], atol=1e-4)  # titles moved the rest
+    # the predictor hands the catalogue's titles to ensembles as to single models
+    from catalens.ingest.sources import open_catalogue
+
+    cat = open_catalogue(data)
+    rows = np.arange(4)
+    titled = model_probabilities(ens, feats, cat, rows)
+    t0 = ens.tasks[0].name
+    np.testing.assert_allclose(titled[t0], ens.predict_proba_features(
+        feats, texts=cat.frame["text"].to_numpy(dtype=object)[rows])[t0], rtol=1e-6)

@@ -95,3 +95,21 @@ def test_titles_sent_to_an_image_only_model_are_reported_as_ignored(tmp_path_fac
         r = httpx.post(url + "/v1/predict", files=[("file", ("a.jpg", photo, "image/jpeg"))],
                        data={"title": "Striped cotton shirt"}, timeout=60)
     assert r.status_code == 200 and r.json()["titles"].startswith("ignored: this model has no title model")
+
+
+def test_titles_note_of_an_ensemble_of_title_models(text_model, tmp_path):
+    """The server's ensemble graph is image-only: titles sent to it are ignored, and the note
+    says where they are fused instead."""
+    from catalens.ensemble import build_ensemble
+    from catalens.serve.app import ServerState, ServeSettings
+
+    model, _, _ = text_model
+    build_ensemble([model, model], tmp_path / "e", log=lambda *a: None)
+    state = ServerState(ServeSettings(model_dir=str(tmp_path / "e")))
+    assert state.titles_note(None) is None
+    assert state.titles_note(["a shirt"]) == ("ignored: the server fuses titles for single models only; "
+                                              "'catalens predict' and 'catalens evaluate' fuse them for "
+                                              "this ensemble's members")
+    single = ServerState(ServeSettings(model_dir=str(model)))
+    single.text = object()  # what start-up loads from MODEL/text
+    assert single.titles_note(["a shirt"]) == "fused"

@@ -16,7 +16,9 @@ know about ensembles:
 - ``backbone.module`` runs every member's backbone on the same decoded pixels and returns
   their features side by side;
 - ``predict_proba_features`` splits that row back per member, runs each member's heads and
-  returns the weighted mean of the member probabilities.
+  returns the weighted mean of the member probabilities; given titles (``texts``), members
+  trained with ``--text`` fuse them with their own image probabilities first (predict and
+  evaluate do this; the server's one-graph ensemble is image-only and says so).
 
 Members must share task names, kinds and class orders (a clear error names the first
 difference). The engine decodes each photo once, wide and sharp enough for every member, and
@@ -195,8 +197,20 @@ class EnsembleModel:
     def preprocess(self) -> Preprocess:
         return self.backbone.preprocess
 
-    def predict_proba_features(self, features: np.ndarray) -> dict[str, np.ndarray]:
-        return self.head.predict_proba(features)
+    @property
+    def text(self) -> list | None:
+        """The members' title models (``catalens train --text``), or None when no member has one."""
+        texts = [getattr(m, "text", None) for m in self.members]
+        return texts if any(t is not None for t in texts) else None
+
+    def predict_proba_features(self, features: np.ndarray, texts=None) -> dict[str, np.ndarray]:
+        """Weighted mean of the members' probabilities of side-by-side ``features``; with ``texts``
+        (a title per row, None where a row has none) each member with a title model first fuses
+        the titles with its own image probabilities, as it does on its own."""
+        if texts is None or self.text is None:
+            return self.head.predict_proba(features)
+        parts = [m.predict_proba_features(x, texts=texts) for m, x in zip(self.members, self.head.split(features))]
+        return average_probabilities(parts, self.weights, self.tasks)
 
     def predict_proba_images(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """Probabilities of decoded pixels ``(n, S, S, 3)`` uint8 at :attr:`preprocess`."""

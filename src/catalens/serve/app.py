@@ -148,7 +148,12 @@ class ServerState:
         """What the server did with the request's titles (None when it sent none)."""
         if titles is None:
             return None
-        return "fused" if self.text is not None else "ignored: this model has no title model (train with --text)"
+        if self.text is not None:
+            return "fused"
+        if any((m / "text" / "fusion.json").exists() for m in (self.model_dir / "members").glob("*")):
+            return ("ignored: the server fuses titles for single models only; 'catalens predict' and "
+                    "'catalens evaluate' fuse them for this ensemble's members")
+        return "ignored: this model has no title model (train with --text)"
 
     def _fuse(self, probs: list[dict], titles: list[str | None]) -> list[dict]:
         batch = {k: np.stack([p[k] for p in probs]) for k in probs[0]}    # {task: (n, C)}
