@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--crop-pct", type=float, default=None, help="centre-crop share (default: the backbone's)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default=None,
                     help="torch.compile of the trained part (default: the config's, auto = on a GPU)")
+    ap.add_argument("--search-minutes", type=float, default=None,
+                    help="first search the fine-tuning's settings (catalens search --finetune, articleType on val) "
+                         "for this long, then train with the best")
     ap.add_argument("--ensemble", action="store_true",
                     help="instead of training: ensemble the model folders earlier runs left in runs/bench_finetune_fashion")
     ap.add_argument("--no-write", action="store_true")
@@ -170,6 +173,20 @@ def main() -> None:
         "-" + f"{cfg.backbone.name}-{cfg.backbone.image_size or 'd'}-c{cfg.backbone.crop_pct or 'd'}".replace("@", "-")
     out = WORK / (f"model{tag}-e{args.epochs}" if args.mode == "all" else f"model-blocks{args.blocks}-e{args.epochs}{tag}")
     t0, load0 = time.time(), os.getloadavg()[0]
+    searched = ""
+    if args.search_minutes:
+        from catalens.train.search import search
+
+        out = out.with_name(out.name + f"-searched{args.search_minutes:g}m")
+        found = search(DATA, WORK / ("search-" + out.name), cfg, minutes=args.search_minutes, objective="articleType",
+                       log=lambda m: print(f"  {m}", flush=True))
+        cfg = load_config(found.config_path)
+        f = cfg.finetune
+        searched = (f" Settings from `catalens search --finetune {args.mode} --minutes {args.search_minutes:g} "
+                    f"--objective articleType` ({found.trials} trials in {found.seconds / 60:.1f} min; val articleType "
+                    f"{found.baseline_value:.4f} for the starting settings, {found.best_value:.4f} for the best): "
+                    f"lr {f.lr:.3g}, backbone x{f.backbone_lr_mult:.3g}, weight decay {f.weight_decay:.2g}, "
+                    f"label smoothing {f.label_smoothing:.2f}, {f.epochs} epochs; the wall time includes the search.")
     if not (out / "model.json").exists():
         train(DATA, out, cfg, log=lambda m: print(f"  {m}", flush=True))
     wall = time.time() - t0
@@ -177,7 +194,8 @@ def main() -> None:
     cat = open_catalogue(DATA)
     val, test = cat.split("val"), cat.split("test")
     name = model.backbone.name.replace("efficientnet_lite", "Lite") + f"@{model.preprocess.size}"
-    what = f"fine-tuned {name}" if args.mode == "all" else f"{name}, last {args.blocks} stage(s) fine-tuned"
+    what = (f"fine-tuned {name}" if args.mode == "all" else f"{name}, last {args.blocks} stage(s) fine-tuned") \
+        + (" (settings searched)" if args.search_minutes else "")
     rows = score_rows(model, cat, cfg, what)
     ft = model.meta.get("finetune") or {}
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("backbone", args.backbone), ("crop_pct", args.crop_pct),
@@ -188,16 +206,18 @@ def main() -> None:
             f"`{spec['finetune']}`; {len(test)} test images, everything chosen on val. "
             f"Wall time of the whole train (embedding, probe, fine-tuning, titles): {wall / 60:.1f} min "
             f"(load average before {load0:.1f}); fine-tuned on {ft.get('device')}, bf16 autocast: {ft.get('bf16')}, "
-            f"epoch times {[h.get('seconds') for h in ft.get('history', [])]} s.\n\n"
+            f"epoch times {[h.get('seconds') for h in ft.get('history', [])]} s.{searched}\n\n"
             + table(HEADERS, rows)
             + "\n\nCompare with the frozen rows of *Accuracy recipes on fashion-products* above. Targets: "
               "articleType >= 0.93 image-only and >= 0.98 with titles, subCategory >= 0.99, masterCategory >= 0.998.")
-    section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}") + tag.replace("-", "_")
+    section = "bench_finetune_fashion" + ("" if args.mode == "all" else f"_blocks{args.blocks}") + tag.replace("-", "_") \
+        + ("_searched" if args.search_minutes else "")
     title = (f"Fine-tuning all of {name} on fashion-products" if args.mode == "all" else
-             f"Fine-tuning the last {args.blocks} stage(s) of {name} on fashion-products")
+             f"Fine-tuning the last {args.blocks} stage(s) of {name} on fashion-products") \
+        + (", settings searched" if args.search_minutes else "")
     command = "python benchmarks/bench_finetune_fashion.py" + (
         f" --epochs {args.epochs}" if args.mode == "all" else f" --mode blocks --blocks {args.blocks} --epochs {args.epochs}") \
-        + flags
+        + flags + (f" --search-minutes {args.search_minutes:g}" if args.search_minutes else "")
     publish(section, title, body, write=not args.no_write, command=command)
 
 

@@ -160,3 +160,36 @@ def test_search_cv_scores_trials_on_pooled_out_of_fold_predictions(data, tmp_pat
                         for t in tasks])
     assert first["value"] == pytest.approx(expected, abs=1e-9)
     assert main(["search", str(data), "--trials", "1", "--cv", "1", "--out", str(out), *FAST]) == 2
+
+
+def test_search_over_finetune_settings_reuses_the_views(data, tmp_path):
+    """--finetune: each trial fine-tunes from one linear probe with its own optimisation settings;
+    the pixels and views are made by trial 0 and reused; the best finetune section is written."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "ft-search"
+    ft = ["--finetune", "blocks", "--set", "finetune.blocks=1", "--set", "finetune.epochs=2",
+          "--set", "finetune.views=1", "--set", "finetune.workers=0", "--set", "finetune.lr=0.01"]
+    assert main(["search", str(data), "--trials", "2", "--out", str(out), *FAST, *ft]) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 2
+    first = trials.iloc[0]  # trial 0 is the starting configuration
+    assert first["ft.lr"] == pytest.approx(0.01) and first["ft.epochs"] == 2
+    assert {"ft.backbone_lr_mult", "ft.weight_decay", "ft.label_smoothing"} <= set(trials.columns)
+    assert "hidden" not in trials.columns                  # the head is not searched here
+    info = json.loads((out / "search.json").read_text())
+    assert info["searched"] == "fine-tune" and info["best_value"] == pytest.approx(trials["value"].max())
+    [views] = list((out / "finetune-views").iterdir())      # one key: both trials used the same views
+    done = sorted(p.name for p in views.glob("*.done"))
+    assert done == ["train-x1.done", "val.done"]
+    assert not (out / "finetune-trial").exists()           # each trial's checkpoints are removed
+    cfg = load_config(out / "best_config.yaml")
+    best = trials.loc[trials["value"].idxmax()]
+    assert cfg.finetune.mode == "blocks" and cfg.finetune.blocks == 1 and cfg.finetune.views == 1
+    assert cfg.finetune.lr == pytest.approx(best["ft.lr"]) and cfg.finetune.epochs == best["ft.epochs"]
+    assert cfg.head.epochs == 30                            # the head section is the starting one
+
+
+def test_search_finetune_with_cv_is_refused_before_any_work(data, tmp_path, capsys):
+    assert main(["search", str(data), "--trials", "2", "--cv", "3", "--out", str(tmp_path / "s"),
+                 *FAST, "--finetune", "blocks"]) == 2
+    assert "--cv with --finetune: every fold would fine-tune a backbone" in capsys.readouterr().err

@@ -5,12 +5,14 @@ from __future__ import annotations
 def register(sub) -> None:
     from catalens.commands._common import add_config_options
 
-    p = sub.add_parser("search", help="search head settings with Optuna on cached embeddings (scored on val, or --cv K)",
+    p = sub.add_parser("search", help="search head (or --finetune) settings with Optuna (scored on val, or --cv K)",
                        description="Fit the task heads many times on the cached embeddings of the train split, "
                                    "score each on val (the test split is never read), and write the best run "
                                    "configuration as DIR/best_config.yaml for 'catalens train --config'. Searched: "
                                    "learning rate, weight decay, hidden width, dropout, label smoothing, class "
-                                   "weighting, per-task loss weights.")
+                                   "weighting, per-task loss weights. With --finetune blocks|all: the fine-tuning's "
+                                   "learning rate, backbone multiplier, weight decay, label smoothing and epochs, "
+                                   "each trial fine-tuning from one linear probe (views precomputed once).")
     p.add_argument("data", help="photo folder or dataset file")
     p.add_argument("--out", required=True, help="folder for best_config.yaml, trials.csv, search.json")
     p.add_argument("--trials", type=int, metavar="N", help="number of trials")
@@ -21,6 +23,11 @@ def register(sub) -> None:
     p.add_argument("--objective", default="mean",
                    help="'mean' (class accuracy / tag mAP averaged over tasks, default) or one task's name")
     add_config_options(p, training=True)
+    p.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
+                   help="search the fine-tuning's settings instead of the head's (the trained part: "
+                        "--set finetune.blocks=N; the head stays as configured)")
+    p.add_argument("--finetune-epochs", type=int, metavar="N",
+                   help="the starting number of fine-tuning epochs (trials try N/2 to 2N)")
     p.set_defaults(func=run)
 
 

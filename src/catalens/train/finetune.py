@@ -386,12 +386,15 @@ def _bar(total: int, enabled: bool, desc: str):
 
 # ------------------------------------------------------------------------ main entry
 def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.ndarray, is_val: np.ndarray,
-             backbone: Backbone, head: MultiTaskHead, cfg: Config, work: str | Path, log=print) -> FinetuneResult:
+             backbone: Backbone, head: MultiTaskHead, cfg: Config, work: str | Path, log=print,
+             views_dir: str | Path | None = None) -> FinetuneResult:
     """Fine-tune ``backbone`` + ``head`` (fitted linear probe) on the train rows of ``cat``.
 
-    ``work`` holds the pixel store, precomputed views and checkpoints; it is removed on
-    success unless ``finetune.keep_work``. Returns the new backbone and head (the inputs are
-    not modified) and validation probabilities.
+    ``work`` holds the checkpoints and, unless ``views_dir`` is given, the pixel store and
+    precomputed views; it is removed on success unless ``finetune.keep_work``. A separate
+    ``views_dir`` outlives the run, so runs that differ only in optimisation settings (a
+    search) decode and precompute once: name it after :func:`views_key`. Returns the new
+    backbone and head (the inputs are not modified) and validation probabilities.
     """
     from catalens.runtime import set_threads
 
@@ -435,7 +438,9 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
         extractor.to(memory_format=torch.channels_last)
 
     size = backbone.preprocess.size
-    store_dir = work / "pixels"
+    views_dir = Path(views_dir) if views_dir is not None else work
+    views_dir.mkdir(parents=True, exist_ok=True)
+    store_dir = views_dir / "pixels"
     log(f"finetune: mode {f.mode}" + (f" (last {f.blocks} stages)" if f.mode == "blocks" else "")
         + f", {len(train_rows)} train / {len(val_rows)} val images, {f.epochs} epochs, {f.optimizer}, "
         f"lr {f.lr:g} (backbone x{f.backbone_lr_mult:g}), device {device.type}"
@@ -454,9 +459,18 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     maker = BatchMaker(store, params, cfg.seed, workers)
     try:
         return _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, bb_params, hnet, cfg,
-                    work, maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log)
+                    work, views_dir, maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log)
     finally:
         maker.close()
+
+
+def views_key(cfg: Config, backbone: Backbone, n_train: int, n_val: int) -> str:
+    """A digest of what the pixel store and precomputed views depend on: backbone, trained part,
+    views, augmentation, seed and rows (not the optimisation settings)."""
+    f = cfg.finetune
+    parts = [backbone.fingerprint(), f.mode, f.blocks, f.views, f.scale_min, f.hflip, f.jitter, cfg.seed,
+             n_train, n_val, backbone.preprocess.to_dict(), cfg.data.max_pixels]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _resume_meta(work: Path, stamp: dict, resume: str, log) -> dict | None:
@@ -476,18 +490,18 @@ def _resume_meta(work: Path, stamp: dict, resume: str, log) -> dict | None:
 
 
 def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, bb_params, hnet, cfg, work,
-         maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log) -> FinetuneResult:
+         views_dir, maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log) -> FinetuneResult:
     f = cfg.finetune
     bs = f.batch_size
     # ---- frozen part: validation activations (always) and training views (when precomputing)
     val_items = [(int(r), -1) for r in val_rows]
     with ddp.rank0_first():  # torchrun: rank 0 computes them, the others map its files
-        val_act = _compute_views(work, "val", trunk, maker, val_items, 64, device, bf16, cl, progress, log) \
+        val_act = _compute_views(views_dir, "val", trunk, maker, val_items, 64, device, bf16, cl, progress, log) \
             if len(val_rows) else None
         train_act = None
         if views > 0:
             items = [(int(r), v) for r in train_rows for v in range(views)]
-            train_act = _compute_views(work, f"train-x{views}", trunk, maker, items, 64, device, bf16, cl,
+            train_act = _compute_views(views_dir, f"train-x{views}", trunk, maker, items, 64, device, bf16, cl,
                                        progress, log)
     # ---- optimizer, schedule
     head_params = list(hnet.parameters())

@@ -1,4 +1,4 @@
-"""``catalens search DATA --trials N | --minutes M --out DIR``: Optuna over head settings.
+"""``catalens search DATA --trials N | --minutes M --out DIR``: Optuna over head (or fine-tune) settings.
 
 Every trial fits the task heads on the cached embeddings of the train split with early
 stopping on val (as ``catalens train`` does) and is scored on val; the test split is never
@@ -15,6 +15,14 @@ photo is 0.3 points, and head settings differ by less than that (docs/recipes.md
 Objective (``--objective``): ``mean`` (default) = mean over class tasks of val accuracy
 and over tags tasks of val mean average precision (threshold-free); or a task name = that
 task's accuracy (class) / mAP (tags).
+
+**Fine-tune settings** (``--finetune blocks|all``, i.e. ``finetune.mode`` set): each trial
+instead fine-tunes the backbone from one linear probe (fitted once, as ``catalens train``
+does) with the trial's learning rate, backbone learning-rate multiplier, weight decay, label
+smoothing and epochs, and is scored on val. The pixel store and the precomputed views are
+made by the first trial and reused by the others (``DIR/finetune-views/KEY``, KEY a digest of
+what they depend on), so a trial of ``--finetune blocks`` costs its epochs only. Not with
+``--cv`` (each fold would fine-tune a backbone).
 
 Written to ``DIR``: ``best_config.yaml`` (the whole run configuration with the best head
 section: ``catalens train DATA --config DIR/best_config.yaml``), ``trials.csv`` and
@@ -44,6 +52,7 @@ class SearchResult:
     config_path: Path
     baseline_value: float
     seconds: float
+    best_finetune: dict | None = None
 
 
 def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> float:
@@ -78,6 +87,50 @@ def head_from_trial(trial, cfg: Config, class_tasks: list[str]) -> dict:
         loss_weights={name: trial.suggest_float(f"loss_weight.{name}", 0.25, 4.0, log=True) for name in class_tasks},
     )
     return head
+
+
+def finetune_from_trial(trial, cfg: Config) -> dict:
+    """The finetune section proposed by an Optuna trial (optimisation settings over ``cfg.finetune``;
+    the trained part, views and augmentation stay: the stored views depend on them)."""
+    f = cfg.finetune.model_dump()
+    e = cfg.finetune.epochs
+    f.update(lr=trial.suggest_float("ft.lr", 2e-3, 5e-2, log=True),
+             backbone_lr_mult=trial.suggest_float("ft.backbone_lr_mult", 0.05, 1.0, log=True),
+             weight_decay=trial.suggest_float("ft.weight_decay", 1e-6, 1e-3, log=True),
+             label_smoothing=trial.suggest_float("ft.label_smoothing", 0.0, 0.2),
+             epochs=trial.suggest_int("ft.epochs", max(1, e // 2), max(2, 2 * e)))
+    return f
+
+
+def _start_finetune_params(cfg: Config) -> dict:
+    f, e = cfg.finetune, cfg.finetune.epochs
+    return {"ft.lr": min(max(f.lr, 2e-3), 5e-2), "ft.backbone_lr_mult": min(max(f.backbone_lr_mult, 0.05), 1.0),
+            "ft.weight_decay": min(max(f.weight_decay, 1e-6), 1e-3), "ft.label_smoothing": min(f.label_smoothing, 0.2),
+            "ft.epochs": min(max(e, max(1, e // 2)), max(2, 2 * e))}
+
+
+def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, out: Path, objective: str,
+                    log=print):
+    """``score(config) -> (objective on val, epochs)`` of fine-tuning from one linear probe."""
+    from catalens.embed.backbones import backbone_from_config
+    from catalens.train.finetune import finetune, views_key
+
+    backbone = backbone_from_config(cfg.backbone)
+    if getattr(backbone, "members", None):
+        raise ValueError(f"--finetune takes one backbone, and '{backbone.name}' has {len(backbone.members)}")
+    probe = fit_on(prep, train, val, cfg)  # the linear probe every trial starts from (LP-FT)
+    tr, va = train & prep.usable, val & prep.usable
+    Yv = prep.select(va)
+    views_dir = out / "finetune-views" / views_key(cfg, backbone, int(tr.sum()), int(va.sum()))
+
+    def score(c: Config) -> tuple[float, int]:
+        c = c.model_copy(deep=True)
+        c.finetune.resume, c.finetune.keep_work = "off", False
+        res = finetune(prep.cat, probe.tasks, prep.Y, tr, va, backbone, probe.head, c, out / "finetune-trial",
+                       log=lambda m: log(f"    {m}") if " views (" in m else None, views_dir=views_dir)
+        return objective_value(probe.tasks, Yv, res.probs_val, objective), c.finetune.epochs
+
+    return score
 
 
 def _start_params(cfg: Config, class_tasks: list[str]) -> dict:
@@ -126,6 +179,10 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         raise RuntimeError("catalens search needs Optuna: pip install 'catalens[search]'") from None
     if not trials and not minutes:
         raise ValueError("give --trials N and/or --minutes M")
+    tuning = "fine-tune" if cfg.finetune.mode != "none" else "head"
+    if tuning == "fine-tune" and cv:
+        raise ValueError("--cv with --finetune: every fold would fine-tune a backbone; fine-tune trials are "
+                         "scored on val (drop --cv), or search the head with --cv and no --finetune")
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,16 +197,20 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     base.text.enabled = False  # the title model does not depend on the head: left out of the search
     Yv = prep.select(val & prep.usable)
     cv_score, cv_rows = fold_scorer(prep, cv, base, objective) if cv else (None, 0)
+    ft_score = finetune_scorer(prep, train, val, base, out, objective, log) if tuning == "fine-tune" else None
     rows = []
 
     def run(trial) -> float:
         s = time.time()
-        head = head_from_trial(trial, base, class_tasks)
         c = base.model_copy(deep=True)
-        c.head = type(base.head).model_validate(head)
-        if cv_score is not None:
+        if ft_score is not None:
+            c.finetune = type(base.finetune).model_validate(finetune_from_trial(trial, base))
+            value, epochs = ft_score(c)
+        elif cv_score is not None:
+            c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
             value, epochs = cv_score(c)
         else:
+            c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
             fitted = fit_on(prep, train, val, c)
             value = objective_value(fitted.tasks, Yv, predict_rows(prep, fitted, val & prep.usable), objective)
             epochs = int(getattr(fitted.head, "best_epoch_", 0))
@@ -161,19 +222,22 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    study.enqueue_trial(_start_params(cfg, class_tasks))
+    study.enqueue_trial(_start_finetune_params(cfg) if ft_score is not None else _start_params(cfg, class_tasks))
     scored_on = (f"{cv}-fold out-of-fold predictions over train + val ({cv_rows} images)" if cv else
                  f"val ({int((val & prep.usable).sum())} images), training on {int((train & prep.usable).sum())}")
-    log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over head settings, objective "
+    log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     study.optimize(run, n_trials=trials, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
     best = study.best_trial
     best_cfg = cfg.model_copy(deep=True)
-    best_cfg.head = type(cfg.head).model_validate(head_from_trial(optuna.trial.FixedTrial(best.params), cfg,
-                                                                  class_tasks))
+    fixed = optuna.trial.FixedTrial(best.params)
+    if ft_score is not None:
+        best_cfg.finetune = type(cfg.finetune).model_validate(finetune_from_trial(fixed, cfg))
+    else:
+        best_cfg.head = type(cfg.head).model_validate(head_from_trial(fixed, cfg, class_tasks))
     config_path = out / "best_config.yaml"
     where = f"{cv}-fold CV over train + val" if cv else "val"
-    config_path.write_text(f"# catalens search: best head settings on {where} "
+    config_path.write_text(f"# catalens search: best {tuning} settings on {where} "
                            f"({objective} = {best.value:.4f}, trial {best.number} of {len(study.trials)})\n"
                            "# use: catalens train DATA --out MODEL --config " + str(config_path) + "\n"
                            + best_cfg.to_yaml())
@@ -183,13 +247,14 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     seconds = time.time() - t0
     baseline = rows[0]["value"] if rows else float("nan")
     (out / "search.json").write_text(json.dumps({
-        "objective": objective, "scored_on": where, "best_value": best.value, "best_trial": best.number,
+        "objective": objective, "scored_on": where, "searched": tuning, "best_value": best.value, "best_trial": best.number,
         "best_params": best.params,
         "baseline_value": baseline, "trials": len(study.trials), "seconds": round(seconds, 1),
         "data": str(data)}, indent=1))
     log(f"best {objective} on {where} {best.value:.4f} (starting config {baseline:.4f}) after {len(study.trials)} "
         f"trials in {seconds:.0f}s; written {config_path}")
-    return SearchResult(best.value, best_cfg.head.model_dump(), len(study.trials), config_path, baseline, seconds)
+    return SearchResult(best.value, best_cfg.head.model_dump(), len(study.trials), config_path, baseline, seconds,
+                        best_cfg.finetune.model_dump())
 
 
 def _short(v) -> str:
