@@ -113,3 +113,20 @@ def test_titles_note_of_an_ensemble_of_title_models(text_model, tmp_path):
     single = ServerState(ServeSettings(model_dir=str(model)))
     single.text = object()  # what start-up loads from MODEL/text
     assert single.titles_note(["a shirt"]) == "fused"
+
+
+def test_long_titles_are_cut_at_the_same_character_count_in_every_protocol():
+    """2,000 characters, also for multi-byte text: multipart bytes and JSON strings alike."""
+    from catalens.serve.protocols import MAX_TITLE_CHARS, check_titles, parse_multipart
+
+    title = "é" * 2500 + "z"                                     # 2 bytes a character in UTF-8
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + b"\xff\xd8photo" + \
+        (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\n{title}"
+         f"\r\n--{boundary}--\r\n").encode()
+    uploads, fields = parse_multipart(body, f"multipart/form-data; boundary={boundary}", 8)
+    assert len(uploads) == 1
+    assert fields["titles"] == ["é" * MAX_TITLE_CHARS]
+    assert check_titles([title], 1) == ["é" * MAX_TITLE_CHARS]    # KServe v2 / JSON / query strings
+    assert check_titles(fields["titles"], 1) == ["é" * MAX_TITLE_CHARS]

@@ -26,7 +26,7 @@ from catalens.tasks import TaskInfo, hierarchy_levels
 
 IMAGE_FIELD_NAMES = {"file", "files", "image", "images", "photo", "photos", "file[]", "files[]"}
 TITLE_FIELD_NAMES = {"title", "titles", "title[]", "titles[]"}
-MAX_TITLE_BYTES = 2000
+MAX_TITLE_CHARS = 2000  # longer titles are cut (characters, whatever the protocol)
 RAW_TYPES = ("image/", "application/octet-stream")
 KSERVE_BINARY_HEADER = "inference-header-content-length"
 KSERVE_TITLE_INPUTS = ("title", "titles")
@@ -183,7 +183,9 @@ def parse_multipart(body: bytes, content_type: str, max_images: int) -> tuple[li
         name = dparams.get(b"name", b"").decode("utf-8", "replace")
         filename = dparams.get(b"filename")
         if filename is None and name.lower() in TITLE_FIELD_NAMES:  # one product title per file, in order
-            fields.setdefault("titles", []).append(bytes(p["data"][:MAX_TITLE_BYTES]).decode("utf-8", "replace"))
+            # UTF-8 needs at most 4 bytes a character: decode a bounded prefix, then cut characters
+            text = bytes(p["data"][:4 * MAX_TITLE_CHARS]).decode("utf-8", "replace")[:MAX_TITLE_CHARS]
+            fields.setdefault("titles", []).append(text)
             continue
         if filename is None and name.lower() not in IMAGE_FIELD_NAMES:
             fields[name] = bytes(p["data"][:256]).decode("utf-8", "replace")  # a plain field, e.g. top_k
@@ -203,7 +205,7 @@ def check_titles(titles, n: int, where: str = "title fields") -> list[str | None
     if len(titles) != n:
         raise ApiError(400, "bad_titles", f"{len(titles)} {where} for {n} images: send one title per image, in "
                                           f"the images' order (an empty title for an image without one)")
-    return [t[:MAX_TITLE_BYTES] if t else None for t in titles]
+    return [t[:MAX_TITLE_CHARS] if t else None for t in titles]
 
 
 def parse_top_k(value, default: int, n_max: int = 1000) -> int:
