@@ -195,3 +195,11 @@ def test_epoch_line_reports_every_class_task_finest_first():
     accs = ft._class_accuracies(probs, Y, tasks, np.arange(4))
     assert list(accs) == ["article", "master"]          # most classes first: the hard level leads
     assert accs == {"article": pytest.approx(2 / 3), "master": 0.75}  # row 2 has no article label
+
+
+def test_a_diverging_run_stops_with_a_clear_error(synth, tmp_path):
+    with pytest.raises(ft.DivergedError, match=r"fine-tuning diverged: the training loss became (nan|inf) in epoch \d "
+                                                r"\(step \d+\); lower finetune.lr \(now 1e\+08\) or "
+                                                r"finetune.backbone_lr_mult \(now 1\), e.g. --set finetune.lr=3.33e\+07"):
+        train(synth, tmp_path / "m", _cfg(lr=1e8, backbone_lr_mult=1.0, label_smoothing=0.0), log=lambda m: None)
+    assert not (tmp_path / "m" / "model.json").exists()   # no model folder from a diverged run

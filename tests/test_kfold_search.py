@@ -193,3 +193,30 @@ def test_search_finetune_with_cv_is_refused_before_any_work(data, tmp_path, caps
     assert main(["search", str(data), "--trials", "2", "--cv", "3", "--out", str(tmp_path / "s"),
                  *FAST, "--finetune", "blocks"]) == 2
     assert "--cv with --finetune: every fold would fine-tune a backbone" in capsys.readouterr().err
+
+
+def test_a_diverged_finetune_trial_fails_alone(data, tmp_path, monkeypatch):
+    """A trial whose fine-tuning diverges is a failed trial (NaN), not a failed search; when every
+    trial diverges the search says so."""
+    pytest.importorskip("optuna")
+    from catalens.train import finetune as ft
+
+    real, calls = ft.finetune, []
+
+    def every_other(*a, **k):
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise ft.DivergedError("fine-tuning diverged: the training loss became nan in epoch 1 (step 3); lower ...")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ft, "finetune", every_other)
+    out = tmp_path / "s"
+    args = ["search", str(data), "--trials", "3", "--out", str(out), *FAST, "--finetune", "blocks",
+            "--set", "finetune.blocks=1", "--set", "finetune.epochs=1", "--set", "finetune.views=1",
+            "--set", "finetune.workers=0"]
+    assert main(args) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert trials["value"].isna().tolist() == [False, True, False]
+    assert json.loads((out / "search.json").read_text())["best_value"] == pytest.approx(trials["value"].max())
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: (_ for _ in ()).throw(ft.DivergedError("diverged; x")))
+    assert main(args[:3] + ["1"] + args[4:]) == 2

@@ -65,6 +65,16 @@ class FinetuneError(ValueError):
     """Fine-tuning cannot run as configured."""
 
 
+class DivergedError(FinetuneError):
+    """The training loss stopped being finite (learning rate too high for this data)."""
+
+
+def _diverged(value: float, epoch: int, step: int, f) -> DivergedError:
+    return DivergedError(f"fine-tuning diverged: the training loss became {value} in epoch {epoch} (step {step}); "
+                         f"lower finetune.lr (now {f.lr:g}) or finetune.backbone_lr_mult (now "
+                         f"{f.backbone_lr_mult:g}), e.g. --set finetune.lr={f.lr / 3:.3g}")
+
+
 @dataclass
 class FinetuneResult:
     backbone: Backbone
@@ -571,17 +581,22 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
                                   cfg.head.loss_weights, weights, f.label_smoothing, cfg.head.focal_gamma)
             if ddp.is_distributed():  # a task without labels in this batch still gets (zero) gradients:
                 loss = loss + 0.0 * sum(v.float().sum() for v in logits.values())  # DDP expects all
+            lv = float(loss.detach())
+            if not math.isfinite(lv) and not ddp.is_distributed():  # torchrun: decided on the epoch's sum
+                raise _diverged(lv, epoch + 1, step + 1, f)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            total_loss += float(loss.detach()) * len(idx)
+            total_loss += lv * len(idx)
             seen += len(idx)
             bar.update(len(idx))
         bar.close()
         if ddp.is_distributed():  # the epoch's loss over every rank; what each rank trained on
             rows_per_rank = [int(n) for n in ddp.all_gather(seen)]
             total_loss, seen = ddp.all_sum([total_loss, seen])
+            if not math.isfinite(total_loss):  # every rank sees the same sum: all stop together
+                raise _diverged(total_loss, epoch + 1, step, f)
         row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "seconds": round(time.time() - te, 1)}
         history.append(row)
         if ddp.is_main():  # torchrun: rank 0 evaluates, checkpoints and reports

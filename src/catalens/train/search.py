@@ -32,6 +32,7 @@ the head's); ``text`` and ``hierarchy_decoding`` are copied from the starting co
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Con
                     log=print):
     """``score(config) -> (objective on val, epochs)`` of fine-tuning from one linear probe."""
     from catalens.embed.backbones import backbone_from_config
-    from catalens.train.finetune import finetune, views_key
+    from catalens.train.finetune import DivergedError, finetune, views_key
 
     backbone = backbone_from_config(cfg.backbone)
     if getattr(backbone, "members", None):
@@ -126,8 +127,13 @@ def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Con
     def score(c: Config) -> tuple[float, int]:
         c = c.model_copy(deep=True)
         c.finetune.resume, c.finetune.keep_work = "off", False
-        res = finetune(prep.cat, probe.tasks, prep.Y, tr, va, backbone, probe.head, c, out / "finetune-trial",
-                       log=lambda m: log(f"    {m}") if " views (" in m else None, views_dir=views_dir)
+        try:
+            res = finetune(prep.cat, probe.tasks, prep.Y, tr, va, backbone, probe.head, c, out / "finetune-trial",
+                           log=lambda m: log(f"    {m}") if " views (" in m else None, views_dir=views_dir)
+        except DivergedError as e:  # a failed trial (Optuna skips NaN), not a failed search
+            log(f"    {str(e).split(';')[0]}")
+            shutil.rmtree(out / "finetune-trial", ignore_errors=True)
+            return float("nan"), c.finetune.epochs
         return objective_value(probe.tasks, Yv, res.probs_val, objective), c.finetune.epochs
 
     return score
@@ -228,6 +234,9 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     study.optimize(run, n_trials=trials, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+        raise ValueError(f"catalens search: none of the {len(study.trials)} trials finished with a score "
+                         f"(fine-tuning diverged in each, see above): lower finetune.lr and search again")
     best = study.best_trial
     best_cfg = cfg.model_copy(deep=True)
     fixed = optuna.trial.FixedTrial(best.params)
