@@ -21,8 +21,9 @@ instead fine-tunes the backbone from one linear probe (fitted once, as ``catalen
 does) with the trial's learning rate, backbone learning-rate multiplier, weight decay, label
 smoothing and epochs, and is scored on val. The pixel store and the precomputed views are
 made by the first trial and reused by the others (``DIR/finetune-views/KEY``, KEY a digest of
-what they depend on), so a trial of ``--finetune blocks`` costs its epochs only. Not with
-``--cv`` (each fold would fine-tune a backbone).
+what they depend on), so a trial of ``--finetune blocks`` costs its epochs only; they are
+removed when the search ends unless ``finetune.keep_work``. A trial whose fine-tuning
+diverges is a failed trial (NaN). Not with ``--cv`` (each fold would fine-tune a backbone).
 
 Written to ``DIR``: ``best_config.yaml`` (the whole run configuration with the best head
 section: ``catalens train DATA --config DIR/best_config.yaml``), ``trials.csv`` and
@@ -206,20 +207,20 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     ft_score = finetune_scorer(prep, train, val, base, out, objective, log) if tuning == "fine-tune" else None
     rows = []
 
+    def val_score(c: Config) -> tuple[float, int]:
+        fitted = fit_on(prep, train, val, c)
+        value = objective_value(fitted.tasks, Yv, predict_rows(prep, fitted, val & prep.usable), objective)
+        return value, int(getattr(fitted.head, "best_epoch_", 0))
+
     def run(trial) -> float:
         s = time.time()
         c = base.model_copy(deep=True)
         if ft_score is not None:
             c.finetune = type(base.finetune).model_validate(finetune_from_trial(trial, base))
             value, epochs = ft_score(c)
-        elif cv_score is not None:
-            c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
-            value, epochs = cv_score(c)
         else:
             c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
-            fitted = fit_on(prep, train, val, c)
-            value = objective_value(fitted.tasks, Yv, predict_rows(prep, fitted, val & prep.usable), objective)
-            epochs = int(getattr(fitted.head, "best_epoch_", 0))
+            value, epochs = (cv_score or val_score)(c)
         rows.append({"trial": trial.number, "value": value, "seconds": round(time.time() - s, 1),
                      "best_epoch": epochs, **trial.params})
         log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
@@ -234,6 +235,8 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     study.optimize(run, n_trials=trials, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
+    if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
+        shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         raise ValueError(f"catalens search: none of the {len(study.trials)} trials finished with a score "
                          f"(fine-tuning diverged in each, see above): lower finetune.lr and search again")
