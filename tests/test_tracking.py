@@ -121,3 +121,17 @@ def test_runs_command_without_a_store(tmp_path, monkeypatch, capsys):
     assert main(["runs"]) == 0
     assert "no runs" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()   # listing creates nothing
+
+
+def test_fine_tuning_history_with_per_task_accuracies_becomes_flat_metrics():
+    """Fine-tuning history rows hold a dict of per-task accuracies: each becomes its own metric
+    (MLflow takes numbers only), and non-finite or non-numeric values are left out."""
+    from catalens.track.mlflow_tracking import history_metrics
+
+    history = [{"epoch": 1, "train_loss": 2.5, "val_loss": float("nan"), "seconds": 11.7,
+                "val_accuracy": 0.89, "val_accuracy_by_task": {"articleType": 0.89, "master Category": 0.99}},
+               {"epoch": 2, "train_loss": 2.1, "note": "text", "ok": True}]
+    assert history_metrics(history) == [
+        ("train_loss", 2.5, 1), ("seconds", 11.7, 1), ("val_accuracy", 0.89, 1),
+        ("val_accuracy_by_task.articleType", 0.89, 1), ("val_accuracy_by_task.master Category", 0.99, 1),
+        ("train_loss", 2.1, 2)]

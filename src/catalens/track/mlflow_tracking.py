@@ -132,6 +132,26 @@ def _params(result, cfg, data) -> dict[str, str]:
     return out
 
 
+def history_metrics(history: list[dict]) -> list[tuple[str, float, int]]:
+    """``(key, value, epoch)`` of every finite number in per-epoch history rows; nested dicts
+    (e.g. ``val_accuracy_by_task``) become ``parent.child`` keys; anything else is skipped."""
+    out = []
+
+    def walk(prefix: str, value, step: int) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v, step)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out.append((clean_key(prefix), float(value), step))
+
+    for row in history:
+        step = int(row.get("epoch", 0))
+        for k, v in row.items():
+            if k != "epoch":
+                walk(k, v, step)
+    return out
+
+
 def _chunks(items: list, n: int):
     for s in range(0, len(items), n):
         yield items[s:s + n]
@@ -168,11 +188,8 @@ def log_training(result, cfg=None, data=None, experiment: str | None = None, uri
             cl.log_batch(run_id, params=part)
         metrics = []
         head = result.model.head
-        for row in getattr(head, "history_", []) or []:
-            step = int(row.get("epoch", 0))
-            for k, v in row.items():
-                if k != "epoch" and v is not None and math.isfinite(float(v)):
-                    metrics.append(Metric(clean_key(k), float(v), now, step))
+        for key, value, step in history_metrics(getattr(head, "history_", []) or []):
+            metrics.append(Metric(key, value, now, step))
         finals = metric_values(result.metrics or {}, "val")
         finals.update({"seconds": float(result.seconds), "train_images": float(meta.get("train_images", 0)),
                        "val_images": float(meta.get("val_images", 0))})
