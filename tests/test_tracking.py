@@ -135,3 +135,22 @@ def test_fine_tuning_history_with_per_task_accuracies_becomes_flat_metrics():
         ("train_loss", 2.5, 1), ("seconds", 11.7, 1), ("val_accuracy", 0.89, 1),
         ("val_accuracy_by_task.articleType", 0.89, 1), ("val_accuracy_by_task.master Category", 0.99, 1),
         ("train_loss", 2.1, 2)]
+
+
+def test_a_fine_tuned_run_is_tracked_with_per_task_epoch_metrics(tmp_path, monkeypatch):
+    """The fine-tuning history (its rows hold per-task val accuracies) reaches MLflow as numbers."""
+    for k in ("MLFLOW_TRACKING_URI", "CATALENS_TRACKING", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = make_catalogue(tmp_path / "data", n_products=40, size=64)
+    ft = {"finetune": {"mode": "blocks", "blocks": 1, "epochs": 2, "views": 1, "workers": 0}}
+    logged = []
+    r = train(data, tmp_path / "m", load_config(None, [CFG, ft]), log=logged.append)
+    assert not any("tracking failed" in m for m in logged), logged
+    cl, [run] = _runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.tags["catalens.status"] == "ok"
+    hist = r.model.head.history_
+    assert [h["epoch"] for h in hist] == [1, 2] and "category" in hist[0]["val_accuracy_by_task"]
+    series = cl.get_metric_history(run.info.run_id, "val_accuracy_by_task.category")
+    assert [(m.step, round(m.value, 6)) for m in series] == \
+        [(h["epoch"], round(h["val_accuracy_by_task"]["category"], 6)) for h in hist]
