@@ -221,4 +221,49 @@ def test_a_diverged_finetune_trial_fails_alone(data, tmp_path, monkeypatch):
     assert trials["value"].isna().tolist() == [False, True, False]
     assert json.loads((out / "search.json").read_text())["best_value"] == pytest.approx(trials["value"].max())
     monkeypatch.setattr(ft, "finetune", lambda *a, **k: (_ for _ in ()).throw(ft.DivergedError("diverged; x")))
+    args[5] = str(tmp_path / "s2")  # a new search (the same --out would resume the finished one)
     assert main(args[:3] + ["1"] + args[4:]) == 2
+
+
+def test_search_resumes_after_an_interrupt_and_counts_trials_in_total(data, tmp_path, monkeypatch):
+    """The study lives in OUT/study.db: a rerun continues it; --trials N is the total; a trial cut
+    off by Ctrl-C is run again with the same settings."""
+    pytest.importorskip("optuna")
+    from catalens.train import search as search_mod
+
+    out = tmp_path / "s"
+    cfg = load_config(None, [{"engine": {"progress": False, "runtime": "eager"}, "head": {"epochs": 30},
+                              "tracking": False}])
+    real_fit, calls = search_mod.fit_on, []
+
+    def interrupted_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(search_mod, "fit_on", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        search_mod.search(data, out, cfg, trials=3, log=lambda m: None)
+    monkeypatch.setattr(search_mod, "fit_on", real_fit)
+    lines = []
+    res = search_mod.search(data, out, cfg, trials=3, log=lines.append)
+    assert any("resuming" in m and "(1 trials finished before)" in m for m in lines), lines
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 3 and res.trials == 3
+    assert trials["start"].tolist() == [True, False, False]       # the starting config is trial 0
+    assert trials["trial"].tolist() == [0, 2, 3]                   # 1 was cut off, and ran again as 2
+    import optuna
+
+    [study] = [optuna.load_study(study_name=s.study_name, storage=f"sqlite:///{out / 'study.db'}")
+               for s in optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")]
+    cut, rerun = study.trials[1], study.trials[2]
+    assert cut.state == optuna.trial.TrialState.FAIL and rerun.user_attrs["interrupted"] == 1
+    assert rerun.params == cut.params
+    again = []
+    search_mod.search(data, out, cfg, trials=3, log=again.append)  # all done: nothing runs
+    assert not any("  trial " in m for m in again)
+    assert len(pd.read_csv(out / "trials.csv")) == 3
+    search_mod.search(data, out, cfg, trials=4, log=again.append)  # one more
+    assert sum("  trial " in m for m in again) == 1
+    assert len(pd.read_csv(out / "trials.csv")) == 4

@@ -25,6 +25,9 @@ what they depend on), so a trial of ``--finetune blocks`` costs its epochs only;
 removed when the search ends unless ``finetune.keep_work``. A trial whose fine-tuning
 diverges is a failed trial (NaN). Not with ``--cv`` (each fold would fine-tune a backbone).
 
+The study is kept in ``DIR/study.db``: the same command again resumes it (``--trials`` counts
+every run's trials; a trial cut off by an interrupt runs again).
+
 Written to ``DIR``: ``best_config.yaml`` (the whole run configuration with the best head
 section: ``catalens train DATA --config DIR/best_config.yaml``), ``trials.csv`` and
 ``search.json``. The title model is not part of the search (its settings do not depend on
@@ -205,7 +208,6 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     Yv = prep.select(val & prep.usable)
     cv_score, cv_rows = fold_scorer(prep, cv, base, objective) if cv else (None, 0)
     ft_score = finetune_scorer(prep, train, val, base, out, objective, log) if tuning == "fine-tune" else None
-    rows = []
 
     def val_score(c: Config) -> tuple[float, int]:
         fitted = fit_on(prep, train, val, c)
@@ -221,20 +223,22 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         else:
             c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
             value, epochs = (cv_score or val_score)(c)
-        rows.append({"trial": trial.number, "value": value, "seconds": round(time.time() - s, 1),
-                     "best_epoch": epochs, **trial.params})
+        trial.set_user_attr("seconds", round(time.time() - s, 1))
+        trial.set_user_attr("best_epoch", epochs)
         log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
             + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
         return value
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    study.enqueue_trial(_start_finetune_params(cfg) if ft_score is not None else _start_params(cfg, class_tasks))
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed (diverged) trials are logged by run()
+    start = _start_finetune_params(cfg) if ft_score is not None else _start_params(cfg, class_tasks)
+    study, done = open_study(out, study_key(data, cfg, objective, cv, tuning), cfg.seed, start, log)
+    todo = None if trials is None else max(0, trials - done)
     scored_on = (f"{cv}-fold out-of-fold predictions over train + val ({cv_rows} images)" if cv else
                  f"val ({int((val & prep.usable).sum())} images), training on {int((train & prep.usable).sum())}")
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
-    study.optimize(run, n_trials=trials, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
+    if todo != 0:
+        study.optimize(run, n_trials=todo, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
@@ -250,23 +254,82 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     config_path = out / "best_config.yaml"
     where = f"{cv}-fold CV over train + val" if cv else "val"
     config_path.write_text(f"# catalens search: best {tuning} settings on {where} "
-                           f"({objective} = {best.value:.4f}, trial {best.number} of {len(study.trials)})\n"
+                           f"({objective} = {best.value:.4f}, trial {best.number} of {len(trial_rows(study))})\n"
                            "# use: catalens train DATA --out MODEL --config " + str(config_path) + "\n"
                            + best_cfg.to_yaml())
-    import pandas as pd
-
-    pd.DataFrame(rows).to_csv(out / "trials.csv", index=False)
+    rows = trial_rows(study)
+    _write_csv(rows, out / "trials.csv")
     seconds = time.time() - t0
-    baseline = rows[0]["value"] if rows else float("nan")
+    baseline = next((r["value"] for r in rows if r["start"]), float("nan"))
     (out / "search.json").write_text(json.dumps({
         "objective": objective, "scored_on": where, "searched": tuning, "best_value": best.value, "best_trial": best.number,
         "best_params": best.params,
-        "baseline_value": baseline, "trials": len(study.trials), "seconds": round(seconds, 1),
+        "baseline_value": baseline, "trials": len(rows), "seconds": round(seconds, 1), "study": str(out / "study.db"),
         "data": str(data)}, indent=1))
-    log(f"best {objective} on {where} {best.value:.4f} (starting config {baseline:.4f}) after {len(study.trials)} "
+    log(f"best {objective} on {where} {best.value:.4f} (starting config {baseline:.4f}) after {len(rows)} "
         f"trials in {seconds:.0f}s; written {config_path}")
-    return SearchResult(best.value, best_cfg.head.model_dump(), len(study.trials), config_path, baseline, seconds,
+    return SearchResult(best.value, best_cfg.head.model_dump(), len(rows), config_path, baseline, seconds,
                         best_cfg.finetune.model_dump())
+
+
+def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
+    """What makes two searches the same one (resumable): data, objective, scoring and every setting
+    that changes a trial's result (not engine, tracking or cache settings)."""
+    import hashlib
+
+    conf = cfg.model_dump(mode="json", exclude={"engine", "tracking", "cache_dir"})
+    conf["finetune"] = {k: v for k, v in conf["finetune"].items() if k not in ("workers", "keep_work", "resume")}
+    blob = json.dumps([str(Path(data).resolve()), objective, cv, tuning, conf], sort_keys=True, default=str)
+    return f"{tuning}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def open_study(out: Path, name: str, seed: int, start: dict, log):
+    """The Optuna study ``name`` in ``out/study.db``, new or resumed; ``(study, finished trials)``.
+
+    Trials cut off by an interrupt (Ctrl-C, or a killed process) are marked failed and their
+    settings queued again, once; a new study starts with the starting configuration (``start``) as its first trial.
+    """
+    import optuna
+
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True,
+                                direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    if not study.trials:
+        study.enqueue_trial(start, user_attrs={"start": True})
+        return study, 0
+    state = optuna.trial.TrialState
+    requeued = {t.user_attrs.get("interrupted") for t in study.trials}
+    for t in study.trials:  # cut off (Ctrl-C: failed by Optuna; killed: still running) before run() ended
+        cut = t.state == state.RUNNING or (t.state == state.FAIL and "seconds" not in t.user_attrs)
+        if cut and t.number not in requeued:
+            if t.state == state.RUNNING:
+                study.tell(t.number, state=state.FAIL)
+            study.enqueue_trial(t.params, user_attrs={**t.user_attrs, "interrupted": t.number})
+    done = len(trial_rows(study))  # trials that ran to the end (scored, or failed by diverging)
+    log(f"search: resuming {out / 'study.db'} ({done} trials finished before)")
+    return study, done
+
+
+def trial_rows(study) -> list[dict]:
+    """Finished trials in order: ``trial``, ``value`` (NaN for a failed one), ``seconds``,
+    ``best_epoch``, ``start`` (the starting configuration), then the trial's parameters."""
+    import optuna
+
+    rows = []
+    for t in sorted(study.trials, key=lambda t: t.number):
+        if t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.FAIL
+                                                           and "seconds" in t.user_attrs):
+            rows.append({"trial": t.number, "value": t.value if t.value is not None else float("nan"),
+                         "seconds": t.user_attrs.get("seconds"), "best_epoch": t.user_attrs.get("best_epoch"),
+                         "start": bool(t.user_attrs.get("start")), **t.params})
+    return rows
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    tmp = path.with_suffix(".csv.tmp")
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(path)
 
 
 def _short(v) -> str:
