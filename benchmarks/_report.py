@@ -5,6 +5,7 @@ markers, so benchmarks can be re-run one at a time without clobbering the others
 """
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import re
@@ -64,3 +65,24 @@ def publish(name: str, title: str, body: str, write: bool = True, command: str |
         write_section(name, title, body, command)
     else:
         print(body)
+
+
+def choose_weights(probs: dict, y) -> tuple[dict[str, int], float]:
+    """Ensemble weights 0-3 per member (two members at least) with the best accuracy of the
+    weighted mean of ``probs`` (``{member: (n, C)}``) on labels ``y`` (``-1`` = unlabelled),
+    ties broken by log-loss; ``({member: weight} without the zeros, that accuracy)``. Used on val
+    only, never on test."""
+    import numpy as np
+
+    names, best = list(probs), None
+    keep = np.asarray(y) >= 0
+    yk = np.asarray(y)[keep]
+    for w in itertools.product(range(4), repeat=len(names)):
+        if sum(1 for x in w if x) < 2:
+            continue
+        p = sum(wi * probs[n] for wi, n in zip(w, names))[keep] / sum(w)
+        acc = float((p.argmax(1) == yk).mean())
+        nll = float(-np.log(np.clip(p[np.arange(len(yk)), yk], 1e-9, 1)).mean())
+        if best is None or (acc, -nll) > best[0]:
+            best = ((acc, -nll), w)
+    return {n: wi for n, wi in zip(names, best[1]) if wi}, best[0][0]

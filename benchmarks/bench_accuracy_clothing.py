@@ -22,7 +22,6 @@ times carry the 1-minute load average measured around each recipe.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, choose_weights, table, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "clothing-small"
 WORK = ROOT / "runs" / "bench_accuracy_clothing"
@@ -228,19 +227,8 @@ def run_ensemble(name: str, members: list[str], res: dict, val, test, cfg) -> No
         return
     y = val.encode()["label"]
     label = {m: ("tta" if "tta" in res[m] else "members" if "members" in res[m] else "plain") for m in have}
-    pv = {m: np.load(WORK / f"{m}.{label[m]}.val.npy") for m in have}
-    best = None
-    for w in itertools.product([0, 1, 2, 3], repeat=len(have)):
-        if sum(w) == 0 or sum(1 for x in w if x) < 2:
-            continue
-        p = sum(wi * pv[m] for wi, m in zip(w, have)) / sum(w)
-        acc = float((p.argmax(1) == y).mean())
-        nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-9, 1)).mean())
-        key = (acc, -nll)
-        if best is None or key > best[0]:
-            best = (key, w)
-    (acc, _), w = best
-    used = [(m, wi) for m, wi in zip(have, w) if wi]
+    weights, acc = choose_weights({m: np.load(WORK / f"{m}.{label[m]}.val.npy") for m in have}, y)
+    used = list(weights.items())
     log(f"{name}: weights chosen on validation {dict(used)} (val acc {acc:.4f})")
     load0 = os.getloadavg()[0]
     t0 = time.time()

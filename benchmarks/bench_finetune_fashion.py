@@ -17,7 +17,6 @@ runtime); the section's header then names the GPU.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import ROOT, SHARED_DATA, publish, table  # noqa: E402
+from _report import ROOT, SHARED_DATA, choose_weights, publish, table  # noqa: E402
 from bench_accuracy_fashion import DATA, sel, tune  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_finetune_fashion"
@@ -92,22 +91,6 @@ def score_rows(model, cat, cfg, what: str) -> list[list[str]]:
     return rows
 
 
-def choose_weights(pv: dict[str, dict[str, np.ndarray]], y: np.ndarray, task: str) -> dict[str, int]:
-    """Integer weights 0-3 per member (two members at least) with the best val accuracy on ``task``,
-    ties broken by log-loss; never looks at test."""
-    names, best = list(pv), None
-    keep = y >= 0
-    for w in itertools.product(range(4), repeat=len(names)):
-        if sum(1 for x in w if x) < 2:
-            continue
-        p = sum(wi * pv[n][task] for wi, n in zip(w, names))[keep] / sum(w)
-        acc = float((p.argmax(1) == y[keep]).mean())
-        nll = float(-np.log(np.clip(p[np.arange(len(p)), y[keep]], 1e-9, 1)).mean())
-        if best is None or (acc, -nll) > best[0]:
-            best = ((acc, -nll), w)
-    return {n: wi for n, wi in zip(names, best[1]) if wi}
-
-
 def run_ensemble(write: bool) -> None:
     """``catalens ensemble`` of every fine-tuned model folder this benchmark left in WORK."""
     from catalens.artifact import CatalensModel
@@ -124,7 +107,7 @@ def run_ensemble(write: bool) -> None:
     val = cat.split("val")
     models = {m.name: CatalensModel.load(m) for m in members}
     y = val.encode(next(iter(models.values())).tasks)["articleType"]
-    weights = choose_weights({n: probabilities(m, val, cfg, False) for n, m in models.items()}, y, "articleType")
+    weights, _ = choose_weights({n: probabilities(m, val, cfg, False)["articleType"] for n, m in models.items()}, y)
     print(f"weights chosen on val articleType accuracy: {weights}", flush=True)
     t0 = time.time()
     out = WORK / "ensemble"
