@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from catalens.embed.backbones import Backbone
-from catalens.embed.multi import ConcatExtractor, MemberInput, shared_preprocess
+from catalens.embed.multi import MemberInput, multi_backbone
 from catalens.ingest.images import Preprocess
 from catalens.tasks import TaskInfo
 
@@ -107,10 +107,10 @@ class EnsembleBackbone(Backbone):
 
 def composite_backbone(members: list) -> EnsembleBackbone:
     """One backbone over the members: decode once, each member its own crop (catalens.embed.multi)."""
-    pre, inputs = shared_preprocess([m.backbone.preprocess for m in members])
-    module = ConcatExtractor([m.backbone.module for m in members], inputs).eval()
+    joint = multi_backbone([m.backbone for m in members])
     name = "ensemble(" + "+".join(m.backbone.name for m in members) + ")"
-    return EnsembleBackbone(name, "ensemble", module, pre, "members", tuple(m.backbone.fingerprint() for m in members))
+    return EnsembleBackbone(name, "ensemble", joint.module, joint.preprocess, "members",
+                            tuple(m.backbone.fingerprint() for m in members))
 
 
 # ----------------------------------------------------------------------------- heads

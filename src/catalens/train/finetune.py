@@ -69,6 +69,15 @@ class DivergedError(FinetuneError):
     """The training loss stopped being finite (learning rate too high for this data)."""
 
 
+def check_finetunable(backbone: Backbone) -> None:
+    """Fine-tuning trains one network: a multi-backbone (``a+b``) is refused, with the ways out."""
+    members = getattr(backbone, "members", None)
+    if members:
+        raise FinetuneError(f"--finetune takes one backbone, and '{backbone.name}' has {len(members)}: "
+                            f"fine-tune each alone and combine the models with 'catalens ensemble', or train "
+                            f"the multi-backbone frozen (without --finetune)")
+
+
 def _diverged(value: float, epoch: int, step: int, f) -> DivergedError:
     return DivergedError(f"fine-tuning diverged: the training loss became {value} in epoch {epoch} (step {step}); "
                          f"lower finetune.lr (now {f.lr:g}) or finetune.backbone_lr_mult (now "

@@ -93,10 +93,10 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRe
         f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
     backbone = backbone_from_config(cfg.backbone)
-    if cfg.finetune.mode != "none" and getattr(backbone, "members", None):
-        raise ValueError(f"--finetune takes one backbone, and '{backbone.name}' has {len(backbone.members)}: "
-                         f"fine-tune each alone and combine the models with 'catalens ensemble', or train "
-                         f"the multi-backbone frozen (without --finetune)")
+    if cfg.finetune.mode != "none":  # before the embedding: a multi-backbone cannot be fine-tuned
+        from catalens.train.finetune import check_finetunable
+
+        check_finetunable(backbone)
     tasks = training_tasks(fit_cat)
     Y = fit_cat.encode(tasks)
     ingest_dir = out / "ingest"

@@ -94,35 +94,38 @@ def head_from_trial(trial, cfg: Config, class_tasks: list[str]) -> dict:
     return head
 
 
+#: the fine-tuning's searched settings: config key -> (low, high, log scale); epochs: E/2 to 2E
+FINETUNE_RANGES = {"lr": (2e-3, 5e-2, True), "backbone_lr_mult": (0.05, 1.0, True),
+                   "weight_decay": (1e-6, 1e-3, True), "label_smoothing": (0.0, 0.2, False)}
+
+
 def finetune_from_trial(trial, cfg: Config) -> dict:
     """The finetune section proposed by an Optuna trial (optimisation settings over ``cfg.finetune``;
     the trained part, views and augmentation stay: the stored views depend on them)."""
     f = cfg.finetune.model_dump()
+    for key, (lo, hi, log) in FINETUNE_RANGES.items():
+        f[key] = trial.suggest_float(f"ft.{key}", lo, hi, log=log)
     e = cfg.finetune.epochs
-    f.update(lr=trial.suggest_float("ft.lr", 2e-3, 5e-2, log=True),
-             backbone_lr_mult=trial.suggest_float("ft.backbone_lr_mult", 0.05, 1.0, log=True),
-             weight_decay=trial.suggest_float("ft.weight_decay", 1e-6, 1e-3, log=True),
-             label_smoothing=trial.suggest_float("ft.label_smoothing", 0.0, 0.2),
-             epochs=trial.suggest_int("ft.epochs", max(1, e // 2), max(2, 2 * e)))
+    f["epochs"] = trial.suggest_int("ft.epochs", max(1, e // 2), max(2, 2 * e))
     return f
 
 
 def _start_finetune_params(cfg: Config) -> dict:
-    f, e = cfg.finetune, cfg.finetune.epochs
-    return {"ft.lr": min(max(f.lr, 2e-3), 5e-2), "ft.backbone_lr_mult": min(max(f.backbone_lr_mult, 0.05), 1.0),
-            "ft.weight_decay": min(max(f.weight_decay, 1e-6), 1e-3), "ft.label_smoothing": min(f.label_smoothing, 0.2),
-            "ft.epochs": min(max(e, max(1, e // 2)), max(2, 2 * e))}
+    """The starting fine-tuning settings as Optuna parameters, clipped into the ranges (trial 0)."""
+    f = cfg.finetune
+    p = {f"ft.{key}": min(max(getattr(f, key), lo), hi) for key, (lo, hi, _) in FINETUNE_RANGES.items()}
+    p["ft.epochs"] = f.epochs  # always inside E/2..2E
+    return p
 
 
 def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, out: Path, objective: str,
                     log=print):
     """``score(config) -> (objective on val, epochs)`` of fine-tuning from one linear probe."""
     from catalens.embed.backbones import backbone_from_config
-    from catalens.train.finetune import DivergedError, finetune, views_key
+    from catalens.train.finetune import DivergedError, check_finetunable, finetune, views_key
 
     backbone = backbone_from_config(cfg.backbone)
-    if getattr(backbone, "members", None):
-        raise ValueError(f"--finetune takes one backbone, and '{backbone.name}' has {len(backbone.members)}")
+    check_finetunable(backbone)
     probe = fit_on(prep, train, val, cfg)  # the linear probe every trial starts from (LP-FT)
     tr, va = train & prep.usable, val & prep.usable
     Yv = prep.select(va)
