@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,11 @@ class ServeSettings:
     @classmethod
     def from_json(cls, text: str) -> "ServeSettings":
         return cls(**json.loads(text))
+
+
+def _has_title_model(folder: Path) -> bool:
+    """A model folder trained with ``--text`` (its ``text/fusion.json``)."""
+    return (folder / "text" / "fusion.json").exists()
 
 
 class ServerState:
@@ -137,20 +143,22 @@ class ServerState:
 
     def _load_text(self):
         """The model folder's title model (``catalens train --text``), or None."""
-        folder = self.model_dir / "text"
-        if not (folder / "fusion.json").exists():
+        if not _has_title_model(self.model_dir):
             return None
         from catalens.text.fusion import TextFusion
 
-        return TextFusion.load(folder)
+        return TextFusion.load(self.model_dir / "text")
 
     def titles_note(self, titles) -> str | None:
         """What the server did with the request's titles (None when it sent none)."""
         if titles is None:
             return None
-        if self.text is not None:
-            return "fused"
-        if any((m / "text" / "fusion.json").exists() for m in (self.model_dir / "members").glob("*")):
+        return "fused" if self.text is not None else self._ignored_titles
+
+    @cached_property
+    def _ignored_titles(self) -> str:
+        """Why titles are ignored (read from the model folder once, not per request)."""
+        if any(_has_title_model(m) for m in (self.model_dir / "members").glob("*")):
             return ("ignored: the server fuses titles for single models only; 'catalens predict' and "
                     "'catalens evaluate' fuse them for this ensemble's members")
         return "ignored: this model has no title model (train with --text)"
