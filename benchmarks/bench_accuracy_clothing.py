@@ -109,7 +109,7 @@ def scores(model, cat, cfg) -> dict:
 
     from catalens.embed.cache import EmbeddingCache
     from catalens.embed.engine import stream_features
-    from catalens.train.features import engine_config
+    from catalens.embed.features import engine_config
 
     task = model.tasks[0]
     cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
@@ -124,7 +124,7 @@ def scores(model, cat, cfg) -> dict:
 
 
 def splits():
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     cat = open_catalogue(DATA)
     return cat.split("val"), cat.split("test")
@@ -132,8 +132,8 @@ def splits():
 
 def evaluate(name: str, folder: Path, cfg, res: dict, val, test) -> None:
     """Validation + test scores, with and without the model's TTA."""
-    from catalens.artifact import CatalensModel
-    from catalens.tta import apply_model_tta
+    from catalens.model.single import CatalensModel
+    from catalens.model.tta import apply_model_tta
 
     model = CatalensModel.load(folder)
     entry = res[name]
@@ -196,7 +196,7 @@ def run_recipe(name: str, res: dict, val, test) -> None:
 def spread(name: str, cfg, res: dict, test) -> None:
     """Frozen recipes: 5-fold CV accuracy over train+val (the choice criterion: 3,409 photos instead
     of validation's 341) and the test accuracy of ``SEEDS`` head seeds (how much one run can vary)."""
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.train.kfold import cross_validate
     from catalens.train.pipeline import train
 
@@ -219,7 +219,7 @@ def spread(name: str, cfg, res: dict, test) -> None:
 
 def run_ensemble(name: str, members: list[str], res: dict, val, test, cfg) -> None:
     """Weights on a small grid chosen by validation accuracy (then log-loss), never by test."""
-    from catalens.ensemble import build_ensemble
+    from catalens.model.ensemble import build_ensemble
 
     have = [m for m in members if m in res and "score" in res[m]]
     if len(have) < 2:

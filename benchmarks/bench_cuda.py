@@ -149,7 +149,7 @@ def main() -> None:
     from catalens.embed.backbones import create_backbone
     from catalens.embed.runtimes import choose_runtime, make_runner
     from catalens.ingest.images import load_rgb
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     cat = open_catalogue(DATA)
     if args.limit:

@@ -53,7 +53,7 @@ def probabilities(model, cat, cfg, texts: bool) -> dict[str, np.ndarray]:
 
     from catalens.embed.cache import EmbeddingCache
     from catalens.embed.engine import stream_features
-    from catalens.train.features import engine_config
+    from catalens.embed.features import engine_config
 
     cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
     out = {t.name: np.zeros((len(cat), t.n_outputs), np.float32) for t in model.tasks}
@@ -93,10 +93,10 @@ def score_rows(model, cat, cfg, what: str) -> list[list[str]]:
 
 def run_ensemble(write: bool) -> None:
     """``catalens ensemble`` of every fine-tuned model folder this benchmark left in WORK."""
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.config import load_config
-    from catalens.ensemble import build_ensemble
-    from catalens.ingest.sources import open_catalogue
+    from catalens.model.ensemble import build_ensemble
+    from catalens.ingest.open import open_catalogue
 
     members = sorted(p for p in WORK.glob("model*") if (p / "model.json").exists())
     if len(members) < 2:
@@ -145,9 +145,9 @@ def main() -> None:
         return
     if args.ensemble:
         return run_ensemble(not args.no_write)
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.config import load_config
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.train.pipeline import train
 
     spec = settings(args.epochs, args.mode, args.blocks, args.backbone, args.crop_pct, args.compile)

@@ -83,8 +83,8 @@ def engine_rate(data: Path, cache: str, limit: int) -> float:
     from catalens.embed.backbones import create_backbone
     from catalens.embed.cache import EmbeddingCache
     from catalens.embed.engine import embed_catalogue
-    from catalens.ingest.sources import open_catalogue
-    from catalens.train.features import engine_config
+    from catalens.ingest.open import open_catalogue
+    from catalens.embed.features import engine_config
 
     cat = open_catalogue(data)
     cat = cat.subset(list(range(min(limit, len(cat)))))
@@ -125,7 +125,7 @@ def main() -> None:
             for chain, c in cons.items():
                 rows.append(["fashion-products", f"consistent paths ({chain})", f"{c['consistent_share']:.4f}",
                              "", "", "", ""])
-        from catalens.ingest.sources import open_catalogue
+        from catalens.ingest.open import open_catalogue
 
         paths = open_catalogue(clothing).frame["path"].tolist()[: args.embed_limit]
         plain = plain_loop(paths[: min(300, len(paths))])

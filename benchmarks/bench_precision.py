@@ -52,7 +52,7 @@ def main() -> None:
         sys.exit(f"benchmark photos not found at {DATA}")
     import torch
 
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.embed import runtimes as rt
     from catalens.ingest.images import load_rgb
     from catalens.runtime import available_cpus

@@ -81,10 +81,10 @@ def rss_child(rows: int, model_dir: str, out: str) -> None:
     """Predict ``rows`` rows (photo paths repeated) with cache off; write RSS figures as JSON."""
     import psutil
 
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.config import load_config
     from catalens.predict.predictor import predict_catalogue
-    from catalens.train.features import engine_config
+    from catalens.embed.features import engine_config
 
     paths = sorted(str(p) for p in DATA.rglob("*.jpg"))
     cat = catalogue((paths * -(-rows // len(paths)))[:rows])
@@ -126,7 +126,7 @@ def main() -> None:
         sys.exit(f"benchmark photos not found at {DATA}")
     import pyarrow.parquet as pq
 
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.config import load_config
     from catalens.embed import runtimes as rt
     from catalens.embed.engine import embed_catalogue
@@ -134,7 +134,7 @@ def main() -> None:
     from catalens.ingest.images import load_rgb
     from catalens.predict.predictor import predict_catalogue
     from catalens.runtime import available_cpus
-    from catalens.train.features import engine_config
+    from catalens.embed.features import engine_config
 
     cores = available_cpus()
     model = CatalensModel.load(ensure_model(CACHE_MODEL, DATA))

@@ -60,7 +60,7 @@ def main() -> None:
     from catalens.config import load_config
     from catalens.embed import engine
     from catalens.embed.export_features import embed_to_folder
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.runtime import available_cpus
     from catalens.scale import RayOptions, ray_embed_to_folder
 

@@ -3,7 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from catalens.predict.aggregate import aggregate_predictions, aggregate_probs, infer_tasks, product_metrics
+from catalens.evaluate.products import aggregate_probs, product_metrics
+from catalens.predict.aggregate import aggregate_predictions, infer_tasks
 from catalens.tasks import MISSING, TaskInfo
 
 KIND = TaskInfo("kind", "class", ["bag", "shoe", "watch"])

@@ -8,7 +8,7 @@ import catalens
 
 
 def test_public_names_resolve_to_the_pipeline_functions():
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.evaluate.pipeline import evaluate_model
     from catalens.train.pipeline import train
 

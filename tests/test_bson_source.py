@@ -16,7 +16,7 @@ if not hasattr(bson, "encode"):  # the unrelated PyPI 'bson' package, not pymong
 
 from catalens.ingest import bson_source as bs  # noqa: E402
 from catalens.ingest.images import ImageProblem  # noqa: E402
-from catalens.ingest.sources import open_catalogue  # noqa: E402
+from catalens.ingest.open import open_catalogue  # noqa: E402
 
 from conftest import jpeg_bytes  # noqa: E402
 

@@ -18,7 +18,8 @@ def run(tmp_path_factory):
     data = make_catalogue(root / "data", n_products=90, size=128, seed=1, bad_files=True)
     assert main(["train", str(data), "--out", str(root / "model"), *FAST]) == 0
     assert main(["evaluate", str(root / "model"), str(data), "--report", str(root / "report"), *FAST]) == 0
-    assert main(["predict", str(root / "model"), str(data), "--out", str(root / "pred.parquet"), *FAST]) == 0
+    # exit 1: some photos (the deliberately broken files) could not be used; their rows are kept
+    assert main(["predict", str(root / "model"), str(data), "--out", str(root / "pred.parquet"), *FAST]) == 1
     return root, data
 
 
@@ -87,9 +88,9 @@ def test_predictions_parquet_keeps_every_row(run):
 
 
 def test_predict_resumes_after_interrupt_without_duplicates(run, tmp_path, monkeypatch):
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.config import load_config
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.predict import predictor
 
     root, data = run

@@ -12,11 +12,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from catalens.artifact import CatalensModel
+from catalens.model.single import CatalensModel
 from catalens.config import load_config
 from catalens.embed.backbones import create_backbone
 from catalens.ingest.images import load_rgb
-from catalens.train import distributed as ddp
+from catalens import distributed as ddp
 from catalens.train.pipeline import train
 
 PER_RANK_BATCH = 4

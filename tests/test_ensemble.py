@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from catalens.artifact import CatalensModel
+from catalens.model.single import CatalensModel
 from catalens.config import load_config
 from catalens.embed.backbones import create_backbone
-from catalens.ensemble import EnsembleError, EnsembleModel, build_ensemble
+from catalens.model.ensemble import EnsembleError, EnsembleModel, build_ensemble
 from catalens.synthetic import make_folder_dataset
-from catalens.tta import TTABackbone, apply_model_tta, with_tta
+from catalens.model.tta import TTABackbone, apply_model_tta, with_tta
 from catalens.train.pipeline import train
 
 
@@ -68,7 +68,7 @@ def test_ensemble_is_the_weighted_mean_of_member_probabilities(models, tmp_path,
 def test_ensemble_predicts_a_catalogue(models, tmp_path):
     import pyarrow.parquet as pq
 
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.predict.predictor import predict_catalogue
 
     data, a, b = models
@@ -180,7 +180,7 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
         np.testing.assert_allclose(got[t.name][1], plain[1], rtol=1e-5, atol=1e-6)  # no title: image only
         assert not np.allclose(got[t.name][[0, 2, 3]], plain[[0, 2, 3]], atol=1e-4)  # titles moved the rest
     # the predictor hands the catalogue's titles to ensembles as to single models
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     cat = open_catalogue(data)
     rows = np.arange(4)

@@ -63,7 +63,7 @@ def model_copy(serve_model, tmp_path) -> Path:
 def torch_probs(model_dir: Path, pixels_hwc: np.ndarray) -> dict[str, np.ndarray]:
     import torch
 
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.embed.runtimes import to_tensor
 
     with torch.inference_mode():
@@ -73,7 +73,7 @@ def torch_probs(model_dir: Path, pixels_hwc: np.ndarray) -> dict[str, np.ndarray
 # ----------------------------------------------------------------------------- export
 
 def test_export_is_self_describing_and_matches_torch_on_training_photos(serve_model):
-    from catalens.artifact import CatalensModel
+    from catalens.model.single import CatalensModel
     from catalens.export.onnx import read_description
 
     info = json.loads((serve_model / "onnx.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from catalens.artifact import CatalensModel
+from catalens.model.single import CatalensModel
 from catalens.config import load_config
 from catalens.embed.backbones import create_backbone
 from catalens.ingest.images import Preprocess, load_rgb
@@ -83,7 +83,7 @@ def test_heads_only_keeps_backbone(synth, tmp_path, pretrained):
     train(synth, out, _cfg(blocks=0, tta=["hflip"]), log=lambda m: None)
     saved = load_file(str(out / "backbone.safetensors"))
     assert all(torch.equal(saved[k], pretrained[k]) for k in pretrained)
-    from catalens.tta import TTABackbone
+    from catalens.model.tta import TTABackbone
 
     assert isinstance(CatalensModel.load(out).backbone, TTABackbone)
 

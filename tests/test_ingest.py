@@ -8,7 +8,7 @@ from PIL import Image
 from catalens.embed.decode import DecodeJob, decode_one
 from catalens.ingest.catalogue import read_file_bytes
 from catalens.ingest.images import ImageProblem, Preprocess, decode, load_rgb
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
 from conftest import jpeg_bytes
 
 PRE = Preprocess(size=32, resize=36)

@@ -9,7 +9,7 @@ import torch
 from catalens.cli import main
 from catalens.config import load_config
 from catalens.heads.sampling import EpochSampler
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
 from catalens.synthetic import make_catalogue
 from catalens.tasks import MISSING, TaskInfo
 from catalens.train.kfold import carve_products, mean_std, product_folds

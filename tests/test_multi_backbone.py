@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from catalens.artifact import CatalensModel
+from catalens.model.single import CatalensModel
 from catalens.config import load_config
 from catalens.embed.backbones import BackboneError, backbone_from_description, create_backbone
 from catalens.embed.multi import MultiBackbone, shared_preprocess
 from catalens.ingest.images import Preprocess
 from catalens.synthetic import make_folder_dataset
 from catalens.train.pipeline import train
-from catalens.tta import with_tta
+from catalens.model.tta import with_tta
 
 NAME = "test_efficientnet+test_efficientnet@128"
 

@@ -11,17 +11,17 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from catalens.artifact import CatalensModel  # noqa: E402
+from catalens.model.single import CatalensModel  # noqa: E402
 from catalens.cli import main  # noqa: E402
 from catalens.config import load_config  # noqa: E402
 from catalens.embed.export_features import embed_to_folder  # noqa: E402
-from catalens.ingest.sources import open_catalogue  # noqa: E402
-from catalens.predict.outputs import output_schema  # noqa: E402
+from catalens.ingest.open import open_catalogue  # noqa: E402
+from catalens.model.predictor import output_schema  # noqa: E402
 from catalens.predict.predictor import predict_catalogue  # noqa: E402
 from catalens.scale import RayOptions, plan_cluster, ray_embed_to_folder, ray_predict_catalogue  # noqa: E402
 from catalens.scale.ray_runner import merge_sorted_parts  # noqa: E402
 from catalens.synthetic import make_catalogue  # noqa: E402
-from catalens.train.features import engine_config  # noqa: E402
+from catalens.embed.features import engine_config  # noqa: E402
 from catalens.train.pipeline import train  # noqa: E402
 
 CFG = [{"engine": {"progress": False, "runtime": "eager"}, "head": {"epochs": 30}, "tracking": False}]

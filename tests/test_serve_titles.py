@@ -100,7 +100,7 @@ def test_titles_sent_to_an_image_only_model_are_reported_as_ignored(tmp_path_fac
 def test_titles_note_of_an_ensemble_of_title_models(text_model, tmp_path):
     """The server's ensemble graph is image-only: titles sent to it are ignored, and the note
     says where they are fused instead."""
-    from catalens.ensemble import build_ensemble
+    from catalens.model.ensemble import build_ensemble
     from catalens.serve.app import ServerState, ServeSettings
 
     model, _, _ = text_model

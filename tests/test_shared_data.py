@@ -6,7 +6,7 @@ import pytest
 
 from catalens.config import load_config
 from catalens.evaluate.pipeline import evaluate_model
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
 from catalens.train.pipeline import train
 
 CFG = [{"engine": {"progress": False}, "head": {"epochs": 120}}]

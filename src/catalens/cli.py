@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -18,6 +19,8 @@ from catalens.runtime import MALLOC_ENV, tune_malloc_env
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catalens", description="Product photos to categories and tags.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
@@ -45,11 +48,41 @@ def _reexec_with_malloc_tuning(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "catalens", *argv], tune_malloc_env())
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message (not the stream of the
+    moment the handler was made: tests and embedding applications replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """The CLI's handler: catalens' messages to stderr as plain lines (the library itself only
+    logs; a library user configures logging as they like)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("catalens")
+    for h in list(root.handlers):
+        if getattr(h, "_catalens_cli", False):
+            root.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._catalens_cli = True
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real command line (tests pass argv and stay in-process)
         argv = sys.argv[1:]
         _reexec_with_malloc_tuning(argv)
     args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -82,7 +82,7 @@ class FinetuneConfig(_Strict):
     compile: Literal["auto", "on", "off"] = "auto"   # auto: on GPU only (measured slower on small CPUs)
     bf16: Literal["auto", "on", "off"] = "auto"      # auto: GPU, or CPUs with native bf16 (avx512_bf16/amx)
     workers: int | None = Field(None, ge=0)          # augmentation processes; None = spare cores
-    tta: list[str] = Field(default_factory=list)     # stored in the model: e.g. [hflip] (see catalens.tta)
+    tta: list[str] = Field(default_factory=list)     # stored in the model: e.g. [hflip] (see catalens.model.tta)
     keep_work: bool = False             # keep the checkpoint / view folder after success
     resume: Literal["auto", "require", "off"] = "auto"  # auto: resume a matching checkpoint in OUT/.finetune
 

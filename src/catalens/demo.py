@@ -1,19 +1,23 @@
 """``catalens demo``: a synthetic catalogue through train → evaluate → predict, offline, in minutes."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from catalens.config import Config
 
+_logger = logging.getLogger(__name__)
 
-def run_demo(out: str | Path = "catalens-demo", n_products: int = 300, cfg: Config | None = None, log=print) -> dict:
+
+def run_demo(out: str | Path = "catalens-demo", n_products: int = 300, cfg: Config | None = None, log=None) -> dict:
     """Generate the demo catalogue in ``out``, train, evaluate and predict; return the paths."""
+    log = log or _logger.info
     from catalens.evaluate.pipeline import evaluate_model
     from catalens.predict.predictor import predict_catalogue
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.synthetic import make_catalogue
-    from catalens.train.features import engine_config
+    from catalens.embed.features import engine_config
     from catalens.train.pipeline import train
 
     t0 = time.time()

@@ -37,9 +37,18 @@ class CatalensPyfunc(mlflow.pyfunc.PythonModel):
     """Encoded photos → top labels, probabilities and tags, with ONNX Runtime."""
 
     def load_context(self, context) -> None:
+        import json
+
         from catalens.export.onnx import OnnxModel
+        from catalens.model.decode import Decoder
 
         self.model = OnnxModel(context.artifacts["onnx"])
+        path = context.artifacts.get("model_json")
+        desc = json.loads(Path(path).read_text()) if path else None
+        # the model folder's decoder (hierarchy decoding, thresholds); a graph logged without
+        # model.json decodes with the tasks the graph carries
+        self.decoder = Decoder.from_description(desc) if desc else Decoder(self.model.tasks,
+                                                                             self.model.description.get("hierarchy_paths") or {})
 
     def predict(self, context, model_input, params=None):
         import numpy as np
@@ -52,7 +61,7 @@ class CatalensPyfunc(mlflow.pyfunc.PythonModel):
             values = list(model_input[col])
         else:
             values = list(model_input)
-        m = self.model
+        m, dec = self.model, self.decoder
         pixels, problems = [], []
         for v in values:
             try:
@@ -61,28 +70,22 @@ class CatalensPyfunc(mlflow.pyfunc.PythonModel):
             except (ImageProblem, ValueError) as e:
                 pixels.append(None)
                 problems.append(str(e))
-        ok = [i for i, p in enumerate(pixels) if p is not None]
-        probs = m.run_hwc(np.stack([pixels[i] for i in ok])) if ok else {}
-        rows = []
-        for i in range(len(values)):
-            row: dict = {"problem": problems[i]}
-            j = ok.index(i) if i in ok else None
-            for t in m.tasks:
-                if t.kind == "class":
-                    if j is None:
-                        row[t.name], row[f"{t.name}_prob"] = None, float("nan")
-                    else:
-                        k = int(np.argmax(probs[t.name][j]))
-                        row[t.name], row[f"{t.name}_prob"] = t.classes[k], float(probs[t.name][j][k])
-                else:
-                    thr = t.threshold_array()
-                    p = probs[t.name][j] if j is not None else np.full(t.n_outputs, np.nan)
-                    row[f"{t.name}_tags"] = ",".join(c for c, pv, th in zip(t.classes, p, thr) if pv >= th) \
-                        if j is not None else None
-                    for c, pv in zip(t.classes, p):
-                        row[f"{t.name}_{c}_prob"] = float(pv)
-            rows.append(row)
-        return pd.DataFrame(rows)
+        ok = np.array([p is not None for p in pixels], dtype=bool)
+        probs = {t.name: np.zeros((len(values), t.n_outputs), np.float32) for t in dec.tasks}
+        if ok.any():
+            for k, v in m.run_hwc(np.stack([p for p in pixels if p is not None])).items():
+                probs[k][ok] = v
+        cols = dec.columns(dec.decode(probs, top_k=1), ok)
+        out = pd.DataFrame({"problem": problems})
+        for t in dec.tasks:
+            if t.kind == "class":
+                out[t.name] = cols[t.name]
+                out[f"{t.name}_prob"] = [float("nan") if v is None else v for v in cols[f"{t.name}_prob"]]
+            else:
+                out[f"{t.name}_tags"] = [None if v is None else ",".join(v) for v in cols[f"{t.name}_tags"]]
+                for c in t.classes:
+                    out[f"{t.name}_{c}_prob"] = [float("nan") if v is None else v for v in cols[f"{t.name}_{c}_prob"]]
+        return out
 
 
 def log_pyfunc(model_dir: str | Path, artifact_path: str = "model", *, onnx_path: str | Path | None = None,
@@ -101,7 +104,7 @@ def log_pyfunc(model_dir: str | Path, artifact_path: str = "model", *, onnx_path
     model_dir = Path(model_dir)
     onnx_file = Path(onnx_path) if onnx_path else ensure_onnx(model_dir)
     desc = read_description(onnx_file)
-    artifacts = {"onnx": str(onnx_file)}
+    artifacts = {"onnx": str(onnx_file), "model_json": str(model_dir / "model.json")}
     if sidecar_path(onnx_file).exists():
         artifacts["onnx_json"] = str(sidecar_path(onnx_file))
     out_cols = [ColSpec("string", "problem")]

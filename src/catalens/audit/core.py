@@ -3,7 +3,7 @@
 1. Every row's bytes are hashed (:func:`catalens.embed.cache.content_hash`); rows with the
    same hash form an **exact** group.
 2. One representative per distinct content is embedded through the embedding cache
-   (:func:`catalens.train.features.catalogue_features`, so a catalogue already trained on
+   (:func:`catalens.embed.features.catalogue_features`, so a catalogue already trained on
    costs no inference) and pairs with cosine >= ``near`` are joined into **near** groups
    (re-encoded, resized or lightly edited copies); a near group lists every row of the
    contents it joins, and holds at least two distinct contents. Measured with
@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from catalens.audit.duplicates import (components, exact_groups, hash_rows, norm
                                        similar_pairs)
 from catalens.config import Config, load_config
 from catalens.ingest.catalogue import Catalogue
+
+_logger = logging.getLogger(__name__)
 
 DEFAULT_NEAR = 0.95
 
@@ -120,8 +123,9 @@ def _group(cat: Catalogue, name: str, kind: str, rows: list[int], sims=None) -> 
 
 
 def audit_catalogue(cat: Catalogue, cfg: Config | None = None, near: float | None = DEFAULT_NEAR,
-                    block: int = 2048, log=print) -> AuditResult:
+                    block: int = 2048, log=None) -> AuditResult:
     """Audit ``cat``; ``near=None`` (or 0) skips the embedding step (exact duplicates only)."""
+    log = log or _logger.info
     cfg = cfg or load_config()
     t0 = time.time()
     paths = cat.frame["path"].astype(str).tolist()
@@ -146,7 +150,7 @@ def audit_catalogue(cat: Catalogue, cfg: Config | None = None, near: float | Non
 
 def _near_groups(cat: Catalogue, keys: list[str | None], cfg: Config, threshold: float, block: int, log):
     from catalens.embed.backbones import backbone_from_config
-    from catalens.train.features import catalogue_features
+    from catalens.embed.features import catalogue_features
 
     first: dict[str, int] = {}
     for i, k in enumerate(keys):
@@ -217,10 +221,11 @@ def summarise(res: AuditResult) -> dict:
 
 
 def run_audit(data, report: str | Path | None = None, cfg: Config | None = None,
-              near: float | None = DEFAULT_NEAR, log=print) -> AuditResult:
+              near: float | None = DEFAULT_NEAR, log=None) -> AuditResult:
     """Open ``data``, audit it and (with ``report``) write the report folder."""
+    log = log or _logger.info
     from catalens.audit.report import write_report
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     cat = open_catalogue(data)
     res = audit_catalogue(cat, cfg, near, log=log)

@@ -6,6 +6,17 @@ import argparse
 from catalens.config import Config, load_config, parse_override
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the message says what arrived)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
 def add_config_options(p: argparse.ArgumentParser, training: bool = False, backbone: bool = False) -> None:
     """Add the configuration flags: common ones; ``backbone`` adds backbone choice and --strict
     (commands that embed); ``training`` adds those and the head/text/k-fold/hierarchy flags."""

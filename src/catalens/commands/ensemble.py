@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from catalens.ensemble import build_ensemble
+    from catalens.model.ensemble import build_ensemble
 
     weights = None
     if args.weights:

@@ -26,11 +26,15 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from catalens.commands._common import config_from_args
-    from catalens.train import distributed
+    from catalens import distributed
     from catalens.train.pipeline import train
 
     cfg = config_from_args(args)
-    train(args.data, args.out, cfg)
+    result = train(args.data, args.out, cfg)
+    if distributed.is_main():  # the MLflow run (off: tracking=false); never fails training
+        from catalens.track import log_training
+
+        log_training(result, cfg, data=args.data)
     if cfg.kfold.folds and distributed.is_main():  # under torchrun: once, by rank 0
         from catalens.train.kfold import cross_validate
 

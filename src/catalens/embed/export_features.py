@@ -1,6 +1,7 @@
 """``catalens embed``: features of a whole catalogue written to a folder others can read."""
 from __future__ import annotations
 
+import logging
 import json
 import time
 from pathlib import Path
@@ -10,12 +11,15 @@ import pandas as pd
 
 from catalens.config import Config
 from catalens.embed.backbones import backbone_from_config
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
+
+_logger = logging.getLogger(__name__)
 
 
-def embed_to_folder(data: str | Path, out: str | Path, cfg: Config, log=print) -> Path:
+def embed_to_folder(data: str | Path, out: str | Path, cfg: Config, log=None) -> Path:
     """Write ``embeddings.npy``, ``index.parquet`` and ``backbone.json`` into ``out``."""
-    from catalens.train.features import catalogue_features
+    log = log or _logger.info
+    from catalens.embed.features import catalogue_features
 
     t0 = time.time()
     out = Path(out)

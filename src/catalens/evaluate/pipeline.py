@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from catalens.artifact import CatalensModel
 from catalens.config import Config
 from catalens.embed.cache import EmbeddingCache
-from catalens.embed.engine import stream_features
+from catalens.embed.features import engine_config
 from catalens.ingest.catalogue import Catalogue
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
+from catalens.model.load import load_model
+from catalens.model.predictor import stream_probabilities
 from catalens.tasks import MISSING
-from catalens.predict.predictor import model_probabilities
-from catalens.train.features import engine_config
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,24 +40,26 @@ def evaluation_rows(cat: Catalogue) -> tuple[Catalogue, str]:
     return cat, "all rows (no split)"
 
 
-def _model_outputs(model: CatalensModel, cat: Catalogue, cfg: Config, n_examples: int = 24):
-    """Probabilities for every row, which rows decoded, and thumbnails of some rows."""
+def _model_outputs(model, cat: Catalogue, cfg: Config):
+    """Probabilities for every row (fused with titles when the model has a title model), which
+    rows decoded, and the problems of those that did not."""
     cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
     probs = {t.name: np.zeros((len(cat), t.n_outputs), np.float32) for t in model.tasks}
     ok = np.zeros(len(cat), dtype=bool)
     problems: list[dict] = []
-    with torch.inference_mode():
-        for block in stream_features(cat, model.backbone, cache, engine_config(cfg)):
-            p = model_probabilities(model, block.features, cat, block.rows)  # + titles when the model has a title model
-            for k, v in p.items():
-                probs[k][block.rows] = v
-            ok[block.rows] = block.ok
-            problems += block.problems
+    for block in stream_probabilities(model, cat, cache, engine_config(cfg)):
+        for k, v in block.probs.items():
+            probs[k][block.rows] = v
+        ok[block.rows] = block.ok
+        problems += [{"row": r, "problem": p.split(":", 1)[0], "detail": p.split(": ", 1)[-1]}
+                     for r, p in block.problems.items()]
     return probs, ok, problems
 
 
-def _examples(model: CatalensModel, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit: int = 24) -> list[dict]:
-    """Thumbnails of the most confident mistakes of the first class task."""
+def _examples(model, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit: int = 24,
+              label: dict | None = None) -> list[dict]:
+    """Thumbnails of the most confident mistakes of the first class task (``label``: the
+    decided class per row, as predict writes it)."""
     from PIL import Image
 
     from catalens.ingest.images import decode
@@ -65,8 +68,10 @@ def _examples(model: CatalensModel, cat: Catalogue, y: dict, probs: dict, ok: np
     if task is None:
         return []
     yt, p = y[task.name], probs[task.name]
-    wrong = np.where(ok & (yt != MISSING) & (p.argmax(1) != yt))[0]
-    wrong = wrong[np.argsort(-p[wrong].max(1))][:limit]
+    pred = (label or {}).get(task.name, p.argmax(1))
+    conf = p[np.arange(len(p)), pred]
+    wrong = np.where(ok & (yt != MISSING) & (pred != yt))[0]
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:limit]
     out = []
     for i in wrong:
         try:
@@ -78,35 +83,34 @@ def _examples(model: CatalensModel, cat: Catalogue, y: dict, probs: dict, ok: np
         im.save(buf, "JPEG", quality=80)
         out.append({"image_b64": base64.b64encode(buf.getvalue()).decode(), "correct": False,
                     "caption": f"{cat.frame['id'].iat[i]}: true {task.classes[yt[i]]}, "
-                               f"predicted {task.classes[p[i].argmax()]} ({p[i].max():.2f})"})
+                               f"predicted {task.classes[pred[i]]} ({conf[i]:.2f})"})
     return out
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
-                   log=print) -> EvalResult:
+                   log=None) -> EvalResult:
     """Evaluate the model folder on ``data`` and write the report folder."""
     from catalens.evaluate.metrics import compute_metrics
     from catalens.evaluate.report import write_report
 
+    log = log or logger.info
     t0 = time.time()
-    model = CatalensModel.load(model_dir)
+    model = load_model(model_dir)
     cat, which = evaluation_rows(open_catalogue(data))
     log(f"evaluating {model_dir} on {len(cat)} images of {data} ({which})")
     probs, ok, problems = _model_outputs(model, cat, cfg)
     y_all = cat.encode(model.tasks)
     y = {k: (np.where(ok, v, MISSING) if v.ndim == 1 else np.where(ok[:, None], v, np.nan)) for k, v in y_all.items()}
     paths = [p for v in model.meta.get("hierarchy_paths", {}).values() for p in v]
-    decoded = None
-    if model.meta.get("hierarchy_decoding") and paths:  # the model predicts the best known path
-        from catalens.heads.hierarchy import decode_hierarchy
-
-        decoded = decode_hierarchy(model.tasks, probs, model.meta["hierarchy_paths"])
+    decoder = model.decoder
+    decoded = decoder.decoded_index(probs) or None  # the labels predict gives (hierarchy decoding)
+    if decoded is not None:
         before = compute_metrics(model.tasks, y, probs, known_paths=paths).get("hierarchy", {})
     metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None, pred_index=decoded)
     for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
         m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
     if cat.frame["product_id"].duplicated().any():  # several photos per product: also per product
-        from catalens.predict.aggregate import product_metrics
+        from catalens.evaluate.products import product_metrics
 
         metrics["product_level"] = product_metrics(
             model.tasks, cat.frame["product_id"].to_numpy(), y, probs, ok, known_paths=paths or None,
@@ -117,7 +121,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
-                          context=context, examples=_examples(model, cat, y, probs, ok))
+                          context=context, examples=_examples(model, cat, y, probs, ok, label=decoded))
     for name, m in metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
             log(f"  {name}: accuracy {_f(m['accuracy'])}, top-5 {_f(m['top5_accuracy'])}, "

@@ -16,6 +16,7 @@ side file ``onnx.json`` with the parity check and, after ``--int8``, the quantis
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -29,6 +30,8 @@ import numpy as np
 
 from catalens.ingest.images import ImageProblem, Preprocess, load_rgb
 from catalens.tasks import TaskInfo, hierarchy_levels
+
+_logger = logging.getLogger(__name__)
 
 ONNX_FORMAT = "catalens-onnx/1"
 INPUT_NAME = "pixels"
@@ -115,7 +118,7 @@ def read_description(onnx_path: str | Path) -> dict:
 
 def _data_catalogue(data: str | Path | None, model=None):
     """The catalogue to draw check/calibration photos from (``data`` or the model's training data)."""
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     path = data if data is not None else (model.meta.get("data") if model is not None else None)
     if not path:
@@ -325,18 +328,19 @@ def parity_check(model, onnx_model: OnnxModel, pixels_hwc: np.ndarray, source: s
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, parity_images: list | None = None,
                 parity_data: str | Path | None = None, parity_n: int = 16, opset: int = DEFAULT_OPSET,
-                name: str | None = None, log=print) -> ExportResult:
+                name: str | None = None, log=None) -> ExportResult:
     """Export ``MODEL`` (a model folder) to ONNX and check it against torch on decoded photos.
 
     Parity photos: ``parity_images`` (files) when given, else up to ``parity_n`` photos of the
     model's training data (test split first), else ``parity_data``. With none at all the check
     runs on random pixels and says so.
     """
-    from catalens.artifact import CatalensModel
+    log = log or _logger.info
+    from catalens.model.load import load_model
 
     t0 = time.time()
     model_dir = Path(model_dir)
-    model = CatalensModel.load(model_dir)
+    model = load_model(model_dir)
     out = Path(out) if out is not None else default_onnx_path(model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     name = name or model_dir.resolve().name
@@ -385,8 +389,9 @@ def _parity_pixels(model, images, data, n) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, (4, pre.size, pre.size, 3), dtype=np.uint8), "random pixels (no photos found)"
 
 
-def ensure_onnx(model_dir: str | Path, log=print) -> Path:
+def ensure_onnx(model_dir: str | Path, log=None) -> Path:
     """``MODEL/model.onnx``, exported first if absent or older than the model's ``model.json``."""
+    log = log or _logger.info
     model_dir = Path(model_dir)
     path = default_onnx_path(model_dir)
     if path.exists():

@@ -18,6 +18,7 @@ CPUs with AVX2 but no VNNI compute u8 x s8 products with saturating 16-bit sums;
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 import tempfile
@@ -29,6 +30,8 @@ import numpy as np
 from catalens.export.onnx import (INPUT_NAME, OnnxModel, _data_catalogue, _set_metadata, _versions, _write_json,
                                   decode_rows, default_onnx_path, ensure_onnx, file_sha256, read_description,
                                   sidecar_path, to_nchw)
+
+_logger = logging.getLogger(__name__)
 
 
 # the backbone's ops; the heads (Gemm after the pooled features) and softmax/sigmoid stay float:
@@ -100,17 +103,18 @@ def compare(fp32: OnnxModel, int8: OnnxModel, pixels_hwc: np.ndarray, labels: di
 def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calibration: str | Path | None = None,
                   n_calibration: int = 128, eval_data: str | Path | None = None, eval_limit: int | None = 400,
                   speed_seconds: float = 3.0, reduce_range: bool | None = None, per_channel: bool = True,
-                  seed: int = 0, log=print) -> dict:
+                  seed: int = 0, log=None) -> dict:
     """Quantise ``MODEL/model.onnx`` to int8 and measure it; returns the report (also stored)."""
+    log = log or _logger.info
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from catalens.artifact import CatalensModel
+    from catalens.model.load import load_model
 
     t0 = time.time()
     model_dir = Path(model_dir)
     fp32_path = ensure_onnx(model_dir, log=log)
-    model = CatalensModel.load(model_dir)
+    model = load_model(model_dir)
     out = Path(out) if out is not None else default_onnx_path(model_dir, int8=True)
     pre = model.preprocess
     cat = _data_catalogue(calibration, model)

@@ -202,15 +202,16 @@ class MultiTaskHead:
         (folder / "head.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "MultiTaskHead":
+    def load(cls, folder: str | Path, meta: dict | None = None, state: dict | None = None) -> "MultiTaskHead":
+        """Read ``head.json`` + ``head.safetensors`` (``meta`` / ``state``: already read)."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        meta = json.loads((folder / "head.json").read_text())
+        meta = meta if meta is not None else json.loads((folder / "head.json").read_text())
         tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
         head = cls(tasks, **meta["params"])
         net = MultiTaskNet(meta["in_dim"], tasks, meta["params"]["hidden"], meta["params"]["dropout"])
-        net.load_state_dict(load_file(str(folder / "head.safetensors")))
+        net.load_state_dict(state if state is not None else load_file(str(folder / "head.safetensors")))
         head.net_ = net.eval()
         head.history_ = meta.get("history", [])
         return head

@@ -12,7 +12,7 @@ The catalogue's rows (row, id, product_id, path, split) become a Ray Dataset
    through the object store (workers need neither the model folder nor the weights on
    their disk), and runs the backbone with the engine's runtimes (``auto`` / ``onnx`` /
    ``eager`` ...); predict actors also run the heads and return exactly the columns of
-   :func:`catalens.predict.outputs.output_schema`.
+   :func:`catalens.model.predictor.output_schema` (decoded by the model's one decoder).
 
 The driver collects the blocks as they finish, whatever their order: ``embed`` writes each
 block's features into ``embeddings.npy`` at its rows (a memory-mapped file, so memory stays
@@ -27,6 +27,7 @@ catalogue's paths (a shared file system, or a BSON dump at the same path). See d
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -39,6 +40,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+_logger = logging.getLogger(__name__)
 
 #: inference actors per node grow past one only on big nodes (ONNX/torch threads scale
 #: sub-linearly beyond ~8 threads; several actors fill the node better)
@@ -132,13 +135,19 @@ def plan_cluster(opts: RayOptions, nodes: list[float] | None = None) -> ClusterP
 # ----------------------------------------------------------------------------- worker side
 
 def _rows_frame(cat) -> pd.DataFrame:
+    """What travels per row: position, ids, path, split, title and the labels of class tasks
+    (``true_<task>``, written next to the predictions as the single-process run does)."""
     f = cat.frame
-    return pd.DataFrame({"row": np.arange(len(f), dtype=np.int64), "id": f["id"].astype(str).to_numpy(),
-                         "product_id": f["product_id"].astype(str).to_numpy(),
-                         "path": f["path"].astype(str).to_numpy(),
-                         "split": [s if isinstance(s, str) else "" for s in f["split"]],
-                         "text": [t if isinstance(t, str) else "" for t in f["text"]] if "text" in f
-                         else [""] * len(f)})
+    out = pd.DataFrame({"row": np.arange(len(f), dtype=np.int64), "id": f["id"].astype(str).to_numpy(),
+                        "product_id": f["product_id"].astype(str).to_numpy(),
+                        "path": f["path"].astype(str).to_numpy(),
+                        "split": [s if isinstance(s, str) else "" for s in f["split"]],
+                        "text": [t if isinstance(t, str) else "" for t in f["text"]] if "text" in f
+                        else [""] * len(f)})
+    for t in cat.tasks:
+        if t.kind == "class" and t.name in f:
+            out[f"true_{t.name}"] = [v if isinstance(v, str) else "" for v in f[t.name]]
+    return out
 
 
 def _dataset(cat, block_rows: int):
@@ -175,7 +184,8 @@ def decode_batch(batch: dict, reader, pre_dict: dict, max_pixels: int) -> dict:
         if d.pixels is not None:
             pixels[i] = d.pixels
             has[i] = True
-    out = {k: _cells(_strings(batch[k])) for k in ("id", "product_id", "path", "split", "text")}
+    keep = ("id", "product_id", "path", "split", "text") + tuple(k for k in batch if k.startswith("true_"))
+    out = {k: _cells(_strings(batch[k])) for k in keep}
     out.update(row=rows, has_pixels=has, pixels=pixels, key=_cells(d.key for d in decoded),
                problem=_cells(f"{d.problem}: {d.detail}" if d.problem else None for d in decoded))
     return out
@@ -217,11 +227,11 @@ class InferStage:
             payload = ray.get(payload[0])
         self.kind = payload["kind"]
         if self.kind == "predict":
-            from catalens.artifact import CatalensModel
+            from catalens.model.load import load_model
 
             folder = _materialise(payload["files"])
             try:
-                self.model = CatalensModel.load(folder)
+                self.model = load_model(folder)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             self.backbone = self.model.backbone
@@ -248,9 +258,10 @@ class InferStage:
                 self.cache = None
         self.dim = self.backbone.feature_dim
         if self.kind == "predict":
-            from catalens.predict.outputs import output_schema
+            from catalens.model.predictor import output_schema
 
-            self.schema = output_schema(self.model.tasks, {"row": pa.int64()})
+            self.true_tasks = list(payload.get("true_tasks") or [])
+            self.schema = output_schema(self.model.tasks, self.true_tasks).append(pa.field("row", pa.int64()))
         else:
             self.schema = pa.schema([("row", pa.int64()), ("ok", pa.bool_()), ("problem", pa.string())])
         if return_features:
@@ -284,16 +295,15 @@ class InferStage:
         feats, ok, new = self._features(batch)
         rows = np.asarray(batch["row"], dtype=np.int64)
         problems = _strings(batch["problem"])
-        if self.kind == "predict":
-            from catalens.predict.predictor import model_columns
-
-            if getattr(self.model, "text", None) is not None:   # titles fused; "" = no title
-                probs = self.model.predict_proba_features(feats, texts=np.asarray(_strings(batch["text"]), dtype=object))
-            else:
-                probs = self.model.predict_proba_features(feats)
+        if self.kind == "predict":   # the probabilities and the decoder every other entry point uses
+            titles = [t or None for t in _strings(batch["text"])] if "text" in batch else None  # "" = no title
+            probs = self.model.predict_proba_features(feats, texts=titles)
             cols = {"id": _strings(batch["id"]), "product_id": _strings(batch["product_id"]),
                     "path": _strings(batch["path"]), "split": _strings(batch["split"]), "problem": problems}
-            cols.update(model_columns(self.model, probs, ok, self.top_k))
+            for n in self.true_tasks:
+                cols[f"true_{n}"] = [v or None for v in _strings(batch[f"true_{n}"])]
+            decoder = self.model.decoder
+            cols.update(decoder.columns(decoder.decode(probs, self.top_k), ok))
             cols["row"] = rows
         else:
             cols = {"row": rows, "ok": ok, "problem": problems}
@@ -365,21 +375,23 @@ def _add_to_cache(cache, tb: pa.Table) -> int:
 
 
 def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, opts: RayOptions | None = None,
-                          use_cache: bool = True, log=print, model=None):
+                          use_cache: bool = True, log=None, model=None):
     """Predict every row of ``cat`` on Ray into the parquet file ``out`` (as :func:`predict_catalogue`)."""
+    log = log or _logger.info
     import ray
 
-    from catalens.artifact import CatalensModel
     from catalens.embed.cache import EmbeddingCache
-    from catalens.predict.outputs import output_schema
+    from catalens.model.load import load_model
+    from catalens.model.predictor import output_schema, true_label_tasks
     from catalens.predict.predictor import PredictResult, write_product_predictions
 
     opts = opts or RayOptions()
     t0 = time.time()
     out = Path(out)
     folder = Path(model_folder)
-    model = model if model is not None else CatalensModel.load(folder)
-    schema = output_schema(model.tasks)
+    model = model if model is not None else load_model(folder)
+    true_tasks = true_label_tasks(model.tasks, cat)
+    schema = output_schema(model.tasks, true_tasks)
     fingerprint = model.backbone.fingerprint()
     cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim) if use_cache else None
     files = _folder_files(folder)
@@ -389,7 +401,7 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     parts.mkdir(parents=True)
     n_problems = new = 0
     try:
-        ref = ray.put({"kind": "predict", "files": files, "fingerprint": fingerprint})
+        ref = ray.put({"kind": "predict", "files": files, "fingerprint": fingerprint, "true_tasks": true_tasks})
         ds = _pipeline(cat, ref, model.preprocess.to_dict(), cfg, opts, plan,
                        cfg.cache_dir if use_cache else None, return_features=use_cache)
         bar = _bar(len(cat), cfg.engine.progress, f"predict on ray [{plan.actors} actors]")
@@ -447,13 +459,14 @@ def merge_sorted_parts(parts: Path, out: Path, schema: pa.Schema, n_rows: int) -
 
 
 def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = None, use_cache: bool = True,
-                        log=print, stats: dict | None = None) -> Path:
+                        log=None, stats: dict | None = None) -> Path:
     """``catalens embed --ray``: the files of :func:`catalens.embed.export_features.embed_to_folder`.
 
     ``stats`` (a dict), when given, receives timings: ``submitted`` / ``first_block`` /
     ``last_block`` (``time.time()``), ``driver_seconds`` (time the driver spent on blocks)
     and the cluster ``plan``.
     """
+    log = log or _logger.info
     import json
 
     import ray
@@ -461,7 +474,7 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
 
     from catalens.embed.backbones import backbone_from_config
     from catalens.embed.cache import EmbeddingCache
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     opts = opts or RayOptions()
     t0 = time.time()

@@ -89,7 +89,7 @@ class ServerState:
         self.ready = False
         self.model = None
         self.text = None     # title model fused with the image head (MODEL/text), when the model has one
-        self.formatter = None
+        self.decoder = None  # probabilities (+ titles) -> answers: the model's one decoder (catalens.model.decode)
         self.batcher: MicroBatcher | None = None
         self.decode_pool: ThreadPoolExecutor | None = None
         self.metrics = ServerMetrics(queue_depth=lambda: self.batcher.depth if self.batcher else 0)
@@ -112,13 +112,16 @@ class ServerState:
 
     async def startup(self) -> None:
         from catalens.export.onnx import OnnxModel
-        from catalens.serve.protocols import Formatter
+        from catalens.model.decode import Decoder
 
         loop = asyncio.get_running_loop()
+        self.decoder = await loop.run_in_executor(None, Decoder.from_folder, self.model_dir)
+        self.text = self.decoder.text
         path = await loop.run_in_executor(None, self.graph_path)
         self.model = await loop.run_in_executor(None, lambda: OnnxModel(path, threads=self.threads, spin=False))
-        self.formatter = Formatter(self.model.tasks, self.model.description.get("hierarchy_paths") or {})
-        self.text = await loop.run_in_executor(None, self._load_text)
+        if [t.to_dict() for t in self.model.tasks] != [t.to_dict() for t in self.decoder.tasks]:
+            raise RuntimeError(f"the graph '{path}' does not predict the tasks of '{self.model_dir}/model.json' "
+                               f"(another model's export?); export it again with 'catalens export {self.model_dir}'")
         if self.settings.warmup:
             size = self.model.size
             rng = np.random.default_rng(0)
@@ -141,14 +144,6 @@ class ServerState:
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=True)
 
-    def _load_text(self):
-        """The model folder's title model (``catalens train --text``), or None."""
-        if not _has_title_model(self.model_dir):
-            return None
-        from catalens.text.fusion import TextFusion
-
-        return TextFusion.load(self.model_dir / "text")
-
     def titles_note(self, titles) -> str | None:
         """What the server did with the request's titles (None when it sent none)."""
         if titles is None:
@@ -165,8 +160,13 @@ class ServerState:
 
     def _fuse(self, probs: list[dict], titles: list[str | None]) -> list[dict]:
         batch = {k: np.stack([p[k] for p in probs]) for k in probs[0]}    # {task: (n, C)}
-        fused = self.text.fuse(batch, titles)
+        fused = self.decoder.fuse(batch, titles)
         return [{k: v[i] for k, v in fused.items()} for i in range(len(probs))]
+
+    def answers(self, results: list[tuple[dict, dict]], top_k: int):
+        """The decoder's answers for the images of one request (``results`` of :meth:`predict`)."""
+        batch = {t.name: np.stack([p[t.name] for p, _ in results]) for t in self.decoder.tasks}  # {task: (n, C)}
+        return self.decoder.decode(batch, top_k)
 
     # ------------------------------------------------------------------ prediction
     def _infer(self, batch_hwc: np.ndarray) -> dict[str, np.ndarray]:
@@ -384,9 +384,9 @@ def create_app(settings: ServeSettings):
         sent = fields.get("titles") if "titles" in fields else ([title] if title is not None else None)
         titles = P.check_titles(sent, len(uploads))
         results = await state.predict([u.data for u in uploads], [u.name for u in uploads], titles)
-        images = []
-        for i, (u, (probs, timings)) in enumerate(zip(uploads, results)):
-            images.append({"index": i, "file": u.name, **state.formatter.image(probs, k), "timings": timings})
+        ans = state.answers(results, k)
+        images = [{"index": i, "file": u.name, **state.decoder.record(ans, i), "timings": timings}
+                  for i, (u, (_, timings)) in enumerate(zip(uploads, results))]
         out = {"model": state.name, "images": images,
                "timings": {"total_ms": round((time.perf_counter() - t0) * 1000.0, 2)}}
         if titles is not None:
@@ -415,7 +415,7 @@ def create_app(settings: ServeSettings):
         images, fmt = await _off_loop(lambda b: P.parse_tf_request(P.parse_json(b), settings.max_images),
                                       await body(request))
         results = await state.predict(images)
-        return P.tf_response(state.model.tasks, [p for p, _ in results], fmt)
+        return P.tf_response(state.decoder, state.answers(results, 1), fmt)
 
     # ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
     @app.get("/v2", tags=["kserve-v2"], summary="Server metadata")
@@ -453,7 +453,7 @@ def create_app(settings: ServeSettings):
                                       await body(request))
         titles = P.kserve_titles(doc, len(images))
         results = await state.predict(images, titles=titles)
-        out = P.kserve_response(state.name, state.model.tasks, [p for p, _ in results], doc)
+        out = P.kserve_response(state.name, state.decoder, state.answers(results, 1), doc)
         if titles is not None:
             out["parameters"] = {"titles": state.titles_note(titles)}
         return out

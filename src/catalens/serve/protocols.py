@@ -18,11 +18,11 @@ import base64
 import binascii
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from catalens.tasks import TaskInfo, hierarchy_levels
+from catalens.tasks import TaskInfo
 
 IMAGE_FIELD_NAMES = {"file", "files", "image", "images", "photo", "photos", "file[]", "files[]"}
 TITLE_FIELD_NAMES = {"title", "titles", "title[]", "titles[]"}
@@ -220,62 +220,6 @@ def parse_top_k(value, default: int, n_max: int = 1000) -> int:
     return k
 
 
-# ----------------------------------------------------------------------------- prediction shapes
-
-@dataclass
-class Formatter:
-    """Turns one image's probabilities into the catalens JSON shape."""
-
-    tasks: list[TaskInfo]
-    hierarchy_paths: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.chains = hierarchy_levels(self.tasks)
-        self.by_name = {t.name: t for t in self.tasks}
-        self.known = {" > ".join(c): {tuple(p) for p in self.hierarchy_paths.get(" > ".join(c), [])}
-                      for c in self.chains}
-
-    def image(self, probs: dict[str, np.ndarray], top_k: int) -> dict:
-        classes, tags = {}, {}
-        for t in self.tasks:
-            p = np.asarray(probs[t.name], dtype=np.float64)
-            if t.kind == "class":
-                order = np.argsort(-p, kind="stable")[:min(top_k, t.n_outputs)]
-                classes[t.name] = [{"label": t.classes[j], "prob": float(p[j])} for j in order]
-            else:
-                thr = t.threshold_array()
-                tags[t.name] = [{"tag": c, "prob": float(p[j]), "threshold": float(thr[j]), "present": bool(p[j] >= thr[j])}
-                                for j, c in enumerate(t.classes)]
-        return {"classes": classes, "tags": tags, "hierarchy": self.paths(probs)}
-
-    def paths(self, probs: dict[str, np.ndarray]) -> list[dict]:
-        out = []
-        for chain in self.chains:
-            key = " > ".join(chain)
-            labels, ps = [], []
-            for level in chain:
-                t = self.by_name[level]
-                j = int(np.argmax(probs[level]))
-                labels.append(t.classes[j])
-                ps.append(float(probs[level][j]))
-            entry = {"levels": chain, "path": labels, "probs": ps}
-            known = self.known.get(key)
-            if known:
-                entry["known"] = tuple(labels) in known
-                if not entry["known"]:  # the most probable path seen in training
-                    best, best_p = None, -1.0
-                    for path in known:
-                        jp = 1.0
-                        for level, label in zip(chain, path):
-                            t = self.by_name[level]
-                            jp *= float(probs[level][t.classes.index(label)]) if label in t.classes else 0.0
-                        if jp > best_p:
-                            best, best_p = list(path), jp
-                    entry["best_known_path"] = {"path": best, "joint_prob": best_p}
-            out.append(entry)
-        return out
-
-
 # ----------------------------------------------------------------------------- JSON + base64
 
 def parse_json(body: bytes):
@@ -348,10 +292,22 @@ def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
     return [_tf_instance(x, f"{where}[{i}]") for i, x in enumerate(items)], fmt
 
 
-def tf_response(tasks: list[TaskInfo], probs: list[dict[str, np.ndarray]], fmt: str) -> dict:
+def tf_response(decoder, ans, fmt: str) -> dict:
+    """TF-Serving's shapes: per task its probabilities, and per class task ``<task>_label``, the
+    label the decoder decided (hierarchy decoding included), as ``catalens predict`` writes it."""
+    labels = decoder.labels(ans)
+    n = len(ans)
+    rows = []
+    for i in range(n):
+        row = {}
+        for t in decoder.tasks:
+            row[t.name] = [float(v) for v in ans.probs[t.name][i]]
+            if t.kind == "class":
+                row[f"{t.name}_label"] = labels[t.name][i]
+        rows.append(row)
     if fmt == "row":
-        return {"predictions": [{t.name: [float(v) for v in p[t.name]] for t in tasks} for p in probs]}
-    return {"outputs": {t.name: [[float(v) for v in p[t.name]] for p in probs] for t in tasks}}
+        return {"predictions": rows}
+    return {"outputs": {k: [r[k] for r in rows] for k in rows[0]} if rows else {}}
 
 
 # ----------------------------------------------------------------------------- KServe v2
@@ -455,19 +411,29 @@ def _flatten(x):
             yield v
 
 
-def kserve_response(name: str, tasks: list[TaskInfo], probs: list[dict[str, np.ndarray]], doc: dict) -> dict:
+def kserve_output_names(tasks: list[TaskInfo]) -> list[str]:
+    """Per task its probabilities (FP32), and per class task ``<task>_label`` (BYTES)."""
+    return [n for t in tasks for n in ([t.name, f"{t.name}_label"] if t.kind == "class" else [t.name])]
+
+
+def kserve_response(name: str, decoder, ans, doc: dict) -> dict:
+    """v2 outputs: each task's probabilities ``[n, C]`` and each class task's decided label ``[n]``
+    (the decoder's, hierarchy decoding included)."""
     wanted = [o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)]
-    names = [t.name for t in tasks]
+    names = kserve_output_names(decoder.tasks)
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise ApiError(400, "bad_request", f"unknown output(s) {unknown}; outputs are {names}")
+    labels = decoder.labels(ans)
     outputs = []
-    for t in tasks:
-        if wanted and t.name not in wanted:
-            continue
-        arr = np.stack([p[t.name] for p in probs]).astype(np.float32)
-        outputs.append({"name": t.name, "datatype": "FP32", "shape": list(arr.shape),
-                        "data": [float(v) for v in arr.ravel()]})
+    for t in decoder.tasks:
+        if not wanted or t.name in wanted:
+            arr = np.asarray(ans.probs[t.name], dtype=np.float32)
+            outputs.append({"name": t.name, "datatype": "FP32", "shape": list(arr.shape),
+                            "data": [float(v) for v in arr.ravel()]})
+        if t.kind == "class" and (not wanted or f"{t.name}_label" in wanted):
+            outputs.append({"name": f"{t.name}_label", "datatype": "BYTES", "shape": [len(ans)],
+                            "data": labels[t.name]})
     out = {"model_name": name, "model_version": "1", "outputs": outputs}
     if "id" in doc:
         out["id"] = doc["id"]
@@ -483,7 +449,9 @@ def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict, titles:
         inputs.append({"name": "title", "datatype": "BYTES", "shape": [-1], "optional": True,
                        "parameters": {"content": "product titles as UTF-8 strings, one per image (optional)"}})
     return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": inputs,
-            "outputs": [{"name": t.name, "datatype": "FP32", "shape": [-1, t.n_outputs]} for t in tasks],
+            "outputs": [o for t in tasks for o in ([{"name": t.name, "datatype": "FP32", "shape": [-1, t.n_outputs]}]
+                                                   + ([{"name": f"{t.name}_label", "datatype": "BYTES", "shape": [-1]}]
+                                                      if t.kind == "class" else []))],
             "parameters": {"tasks": [{"name": t.name, "kind": t.kind, "classes": t.classes, "parent": t.parent,
                                       "thresholds": t.thresholds} for t in tasks],
                            "preprocess": description.get("preprocess")}}

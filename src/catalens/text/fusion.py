@@ -13,6 +13,7 @@ Saved in the model folder as ``text/``: the title model (``vectorizer.json``,
 """
 from __future__ import annotations
 
+import logging
 import json
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import numpy as np
 from catalens.tasks import MISSING, TaskInfo
 from catalens.text.model import TitleModel
 from catalens.text.vectorizer import clean_titles
+
+_logger = logging.getLogger(__name__)
 
 _EPS = 1e-7
 IMAGE_GRID = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
@@ -136,11 +139,12 @@ def title_model_from_config(tasks: list[TaskInfo], text_cfg) -> TitleModel:
 
 def fit_text_fusion(tasks: list[TaskInfo], texts_train, Y_train: dict[str, np.ndarray], texts_val,
                     Y_val: dict[str, np.ndarray], image_probs_val: dict[str, np.ndarray], text_cfg,
-                    log=print) -> TextFusion | None:
+                    log=None) -> TextFusion | None:
     """Fit the title model on the training titles and the fusion weights on validation.
 
     Returns ``None`` (image only) when the training rows have no titles.
     """
+    log = log or _logger.info
     _, has_train = clean_titles(texts_train)
     if not has_train.any():
         log("text: no training row has a title; the model stays image-only")

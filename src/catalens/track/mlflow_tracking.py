@@ -20,12 +20,15 @@ What a run holds:
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
 import sys
 import time
 from pathlib import Path
+
+_logger = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "catalens"
 _PARAM_MAX = 500
@@ -158,15 +161,16 @@ def _chunks(items: list, n: int):
 
 
 def log_training(result, cfg=None, data=None, experiment: str | None = None, uri: str | None = None,
-                 log=print) -> str | None:
+                 log=None) -> str | None:
     """Log a finished training (:class:`catalens.train.pipeline.TrainResult`) as an MLflow run.
 
     Returns the run id, or None when tracking is off or failed (a warning is printed; this
     function never raises).
     """
+    log = log or _logger.info
     if not tracking_enabled(cfg):
         return None
-    from catalens.train import distributed
+    from catalens import distributed
 
     if not distributed.is_main():  # torchrun: only rank 0 logs the run
         return None

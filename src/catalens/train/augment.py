@@ -17,6 +17,7 @@ pure function of ``(image, numpy Generator)``; callers seed the generator per
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 import multiprocessing as mp
@@ -29,6 +30,8 @@ import numpy as np
 from PIL import Image
 
 from catalens.ingest.images import Preprocess
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,9 @@ def _store_pre(pre: Preprocess) -> Preprocess:
 
 
 def decode_store(cat, pre: Preprocess, folder: str | Path, workers: int = 1, max_pixels: int | None = None,
-                 progress: bool = True, log=print) -> PixelStore:
+                 progress: bool = True, log=None) -> PixelStore:
     """Decode every row of ``cat`` once into ``folder/pixels.u8`` (reused when complete)."""
+    log = log or _logger.info
     from catalens.embed.decode import DecodeJob, decode_block, decode_one, init_worker
     from catalens.ingest.images import DEFAULT_MAX_PIXELS
 

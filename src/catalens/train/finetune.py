@@ -28,7 +28,7 @@ written; no pickle. A re-run with the same settings resumes after the last finis
 ends with the same weights as an uninterrupted run: data order and augmentation are functions
 of ``(seed, epoch, row, view)``, the learning rate a function of the step.
 
-**Several GPUs (torchrun).** Launched by ``torchrun`` (see :mod:`catalens.train.distributed`
+**Several GPUs (torchrun).** Launched by ``torchrun`` (see :mod:`catalens.distributed`
 and docs/scale.md), rank 0 decodes the pixels and precomputes the views (the others then map
 its files), the trained part is wrapped in DistributedDataParallel, every rank trains on its
 shard of each epoch's permutation (``finetune.batch_size`` per process), and only rank 0
@@ -36,6 +36,7 @@ evaluates, checkpoints and returns a model worth saving.
 """
 from __future__ import annotations
 
+import logging
 import copy
 import hashlib
 import json
@@ -57,8 +58,10 @@ from catalens.embed.backbones import Backbone
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.tasks import TaskInfo
-from catalens.train import distributed as ddp
+from catalens import distributed as ddp
 from catalens.train.augment import AugmentParams, BatchMaker, decode_store, default_workers
+
+_logger = logging.getLogger(__name__)
 
 
 class FinetuneError(ValueError):
@@ -405,7 +408,7 @@ def _bar(total: int, enabled: bool, desc: str):
 
 # ------------------------------------------------------------------------ main entry
 def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.ndarray, is_val: np.ndarray,
-             backbone: Backbone, head: MultiTaskHead, cfg: Config, work: str | Path, log=print,
+             backbone: Backbone, head: MultiTaskHead, cfg: Config, work: str | Path, log=None,
              views_dir: str | Path | None = None) -> FinetuneResult:
     """Fine-tune ``backbone`` + ``head`` (fitted linear probe) on the train rows of ``cat``.
 
@@ -415,6 +418,7 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     search) decode and precompute once: name it after :func:`views_key`. Returns the new
     backbone and head (the inputs are not modified) and validation probabilities.
     """
+    log = log or _logger.info
     from catalens.runtime import set_threads
 
     f = cfg.finetune
@@ -477,10 +481,12 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     workers = f.workers if f.workers is not None else default_workers()
     maker = BatchMaker(store, params, cfg.seed, workers)
     try:
-        return _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, bb_params, hnet, cfg,
-                    work, views_dir, maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log)
+        result = _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, bb_params, hnet, cfg,
+                      work, views_dir, maker, views, device, bf16, cl, progress, stamp, resume_meta, t_start, log)
     finally:
         maker.close()
+    result.head.params = dict(head.params)  # head.json describes the head that was fine-tuned, not defaults
+    return result
 
 
 def views_key(cfg: Config, backbone: Backbone, n_train: int, n_val: int) -> str:

@@ -15,6 +15,7 @@ layout of ``catalens predict``).
 """
 from __future__ import annotations
 
+import logging
 import copy
 import json
 import time
@@ -28,6 +29,8 @@ from catalens.config import Config
 from catalens.ingest.catalogue import Catalogue
 from catalens.tasks import TaskInfo
 from catalens.train.splits import _stratify_column
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,15 +63,16 @@ def pool_tasks(cat: Catalogue) -> list[TaskInfo]:
     return out
 
 
-def prepare(data: str | Path, cfg: Config, log=print, classes_from: str = "train") -> Prepared:
+def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train") -> Prepared:
     """Open ``data``, make splits when missing, embed train + val through the cache.
 
     ``classes_from='train'``: class order as ``catalens train`` (labels seen in the train
     split); ``'pool'``: every label in train + val (cross-validation).
     """
+    log = log or _logger.info
     from catalens.embed.backbones import backbone_from_config
-    from catalens.ingest.sources import open_catalogue
-    from catalens.train.features import catalogue_features
+    from catalens.ingest.open import open_catalogue
+    from catalens.embed.features import catalogue_features
     from catalens.train.pipeline import _drop_unlabelled, training_tasks
     from catalens.train.splits import ensure_splits
 
@@ -192,10 +196,10 @@ def evaluate_rows(prep: Prepared, fitted: Fitted, rows: np.ndarray, probs: dict[
                   decode: bool) -> tuple[dict, dict | None]:
     """compute_metrics on ``rows`` (usable ones) with optional hierarchy decoding."""
     from catalens.evaluate.metrics import compute_metrics
-    from catalens.heads.hierarchy import decode_hierarchy
+    from catalens.model.decode import Decoder
 
     flat = [p for v in fitted.paths.values() for p in v]
-    decoded = decode_hierarchy(fitted.tasks, probs, fitted.paths) if decode else None
+    decoded = Decoder(fitted.tasks, fitted.paths, True).decoded_index(probs) if decode else None
     m = compute_metrics(fitted.tasks, prep.select(rows), probs, known_paths=flat or None, pred_index=decoded)
     return m, decoded
 
@@ -233,7 +237,7 @@ def _oof_table(prep: Prepared, fitted: Fitted, rows: np.ndarray, oof: dict, deco
     """Prediction columns of ``rows`` (positions) at this fold's tag thresholds."""
     import pyarrow as pa
 
-    from catalens.predict.outputs import prediction_columns
+    from catalens.model.decode import Decoder
 
     frame = prep.cat.frame.iloc[rows]
     ok = prep.usable[rows]
@@ -242,13 +246,8 @@ def _oof_table(prep: Prepared, fitted: Fitted, rows: np.ndarray, oof: dict, deco
             "path": frame["path"].astype(str).tolist(),
             "split": [s if isinstance(s, str) else None for s in frame["split"]],
             "problem": [None if u else "not predicted: image failed or no label" for u in ok]}
-    cols.update(prediction_columns(fitted.tasks, probs, ok, top_k))
-    for t in fitted.tasks:
-        if t.name in decoded:
-            idx = decoded[t.name][rows]
-            cols[t.name] = [t.classes[j] if o else None for j, o in zip(idx, ok)]
-            cols[f"{t.name}_prob"] = [float(probs[t.name][i, j]) if o else None
-                                      for i, (j, o) in enumerate(zip(idx, ok))]
+    decoder = Decoder(fitted.tasks, fitted.paths, bool(decoded))
+    cols.update(decoder.columns(decoder.decode(probs, top_k), ok))
     cols["fold"] = [fold] * len(rows)
     return pa.table(cols, schema=schema)
 
@@ -274,13 +273,14 @@ class KFoldResult:
 
 
 def cross_validate(data: str | Path, out: str | Path, cfg: Config, folds: int | None = None,
-                   log=print, prep: Prepared | None = None) -> KFoldResult:
+                   log=None, prep: Prepared | None = None) -> KFoldResult:
     """K-fold cross-validation; writes ``out/kfold/metrics.json`` and ``oof_predictions.parquet``."""
+    log = log or _logger.info
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from catalens.evaluate.metrics import compute_metrics
-    from catalens.predict.outputs import output_schema
+    from catalens.model.decode import arrow_schema
 
     t0 = time.time()
     k = int(folds or cfg.kfold.folds)
@@ -293,7 +293,7 @@ def cross_validate(data: str | Path, out: str | Path, cfg: Config, folds: int | 
     oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
     oof_decoded: dict[str, np.ndarray] = {}
     per_fold, pieces = [], []
-    schema = output_schema(prep.tasks, {"fold": pa.int64()})
+    schema = arrow_schema(prep.tasks, {"fold": pa.int64()})
     for f, (train, inner, rows) in enumerate(parts):
         test = fold == f
         fitted = fit_on(prep, train, inner, cfg)

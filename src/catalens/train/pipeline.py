@@ -1,27 +1,30 @@
 """``catalens train``: ingest → embed (cached) → fit heads → tune thresholds → model folder.
 
-Under ``torchrun`` (``catalens train ... --finetune``, see :mod:`catalens.train.distributed`)
+Under ``torchrun`` (``catalens train ... --finetune``, see :mod:`catalens.distributed`)
 rank 0 does all of it; the other ranks receive its linear probe and take part in fine-tuning only.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from catalens.artifact import CatalensModel
+from catalens.model.single import CatalensModel
 from catalens.config import Config
 from catalens.embed.backbones import backbone_from_config
 from catalens.heads import create_head
 from catalens.ingest.catalogue import Catalogue
-from catalens.ingest.sources import open_catalogue
+from catalens.ingest.open import open_catalogue
 from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
-from catalens.train import distributed as ddp
-from catalens.train.features import catalogue_features
+from catalens import distributed as ddp
+from catalens.embed.features import catalogue_features
 from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
 from catalens.train.splits import ensure_splits
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,23 +71,25 @@ def _drop_unlabelled(tasks: list[TaskInfo], Y: dict[str, np.ndarray], ok: np.nda
     return ok & labelled
 
 
-def train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainResult:
+def train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainResult:
     """Train a model on ``data`` and write it to the folder ``out``; returns the result.
 
     Under torchrun every rank calls this; rank 0 writes the folder, the others return a result
     whose ``model`` is None once it has.
     """
+    log = log or _logger.info
     with ddp.process_group():
         return _train(data, out, cfg, log if ddp.is_main() else (lambda *_: None))
 
 
-def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainResult:
+def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainResult:
+    log = log or _logger.info
     from catalens.evaluate.metrics import compute_metrics
     from catalens.evaluate.thresholds import tune_thresholds
 
     t0 = time.time()
     out = Path(out)
-    cat = open_catalogue(data)
+    cat = data if isinstance(data, Catalogue) else open_catalogue(data)
     cat, split_note = ensure_splits(cat, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     if split_note:
         log(split_note)
@@ -153,10 +158,10 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRe
                 if is_val.any() else [0.5] * t.n_outputs
     paths = known_paths(fit_cat, tasks)
     decoded = None
-    if cfg.hierarchy_decoding and is_val.any():  # most probable seen path (heads/hierarchy.py)
-        from catalens.heads.hierarchy import decode_hierarchy
+    if cfg.hierarchy_decoding and is_val.any():  # most probable seen path (the model's decoder)
+        from catalens.model.decode import Decoder
 
-        decoded = decode_hierarchy(tasks, probs_val, paths)
+        decoded = Decoder(tasks, paths, True).decoded_index(probs_val)
         before = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths)).get("hierarchy", {})
     val_metrics = compute_metrics(tasks, Yv, probs_val, known_paths=_flat_paths(paths),
                                   pred_index=decoded) if is_val.any() else {}
@@ -165,7 +170,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRe
             m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
             log(f"  val {chain}: consistent {_f(m['consistent_share_before_decoding'])} -> "
                 f"{_f(m['consistent_share'])} with hierarchy decoding")
-    meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": str(data),
+    meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data),
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
             "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
             "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),
@@ -189,11 +194,14 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=print) -> TrainRe
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  val {name}: micro-F1 {_f(m['micro_f1'])}, mAP {_f(m['mean_average_precision'])}")
     log(f"model written to {out} in {seconds:.1f}s")
-    result = TrainResult(model, out, val_metrics, seconds)
-    from catalens.track import log_training  # MLflow run (off: tracking=false); never fails training
+    return TrainResult(model, out, val_metrics, seconds)
 
-    log_training(result, cfg, data=data, log=log)
-    return result
+
+def data_name(data) -> str:
+    """What model.json records as the training data: the path, or what an in-memory catalogue was."""
+    if isinstance(data, Catalogue):
+        return f"<{data.source}: {len(data)} rows>"
+    return str(data)
 
 
 def _flat_paths(paths: dict[str, list[list[str]]]) -> list[list[str]]:

@@ -35,6 +35,7 @@ the head's); ``text`` and ``hierarchy_decoding`` are copied from the starting co
 """
 from __future__ import annotations
 
+import logging
 import json
 import shutil
 import time
@@ -45,6 +46,8 @@ import numpy as np
 
 from catalens.config import Config
 from catalens.train.kfold import Prepared, fit_on, predict_rows, prepare
+
+_logger = logging.getLogger(__name__)
 
 HIDDEN_CHOICES = (0, 256, 512, 1024)
 
@@ -119,8 +122,9 @@ def _start_finetune_params(cfg: Config) -> dict:
 
 
 def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, out: Path, objective: str,
-                    log=print):
+                    log=None):
     """``score(config) -> (objective on val, epochs)`` of fine-tuning from one linear probe."""
+    log = log or _logger.info
     from catalens.embed.backbones import backbone_from_config
     from catalens.train.finetune import DivergedError, check_finetunable, finetune, views_key
 
@@ -184,8 +188,9 @@ def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
 
 
 def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
-           objective: str = "mean", log=print, prep: Prepared | None = None, cv: int = 0) -> SearchResult:
+           objective: str = "mean", log=None, prep: Prepared | None = None, cv: int = 0) -> SearchResult:
     """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``."""
+    log = log or _logger.info
     try:
         import optuna
     except ImportError:

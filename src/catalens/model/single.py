@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +31,10 @@ from torch import nn
 from catalens.embed.backbones import Backbone, backbone_from_description
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.net import ProbabilityNet
+from catalens.model.decode import Decoder, load_text
+from catalens.model.format import (BACKBONE_FILE, FORMAT, TEXT_DIR, WEIGHT_FILES, ModelDescription,
+                                   ModelError, package_versions, parse_description, read_description)
 from catalens.tasks import TaskInfo
-
-FORMAT = "catalens-model/1"
-
-
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("catalens", "torch", "timm", "numpy", "pillow", "onnxruntime", "scikit-learn"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 class PixelModel(nn.Module):
@@ -77,13 +66,22 @@ class CatalensModel:
     def preprocess(self):
         return self.backbone.preprocess
 
+    @property
+    def description(self) -> ModelDescription:
+        """model.json, typed (validated; see :mod:`catalens.model.format`)."""
+        return parse_description({**self.meta, "format": FORMAT, "backbone": self.backbone.describe(),
+                                  "tasks": [t.to_dict() for t in self.tasks]})
+
+    @property
+    def decoder(self) -> Decoder:
+        """Probabilities (+ titles) → answers, as every entry point decodes them."""
+        return Decoder(self.tasks, dict(self.meta.get("hierarchy_paths") or {}),
+                       bool(self.meta.get("hierarchy_decoding")), self.text)
+
     def predict_proba_features(self, features: np.ndarray, texts=None) -> dict[str, np.ndarray]:
         """Task probabilities from backbone features ``(n, D)``; with a title model and ``texts``
         (one title or None per row), fused with the titles (rows without one: image only)."""
-        probs = self.head.predict_proba(features)
-        if self.text is not None and texts is not None:
-            probs = self.text.fuse(probs, texts)
-        return probs
+        return self.decoder.fuse(self.head.predict_proba(features), texts)
 
     def pixel_module(self) -> PixelModel:
         """One torch module from pixels to probabilities (for export and serving)."""
@@ -100,18 +98,17 @@ class CatalensModel:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         state = {k: v.contiguous() for k, v in self.backbone.module.net.state_dict().items()}
-        save_file(state, str(tmp / "backbone.safetensors"))
+        save_file(state, str(tmp / BACKBONE_FILE))
         self.head.save(tmp)
         if self.text is not None:
-            self.text.save(tmp / "text")
+            self.text.save(tmp / TEXT_DIR)
         meta = dict(self.meta)
         meta.update(format=FORMAT, backbone=self.backbone.describe(),
                     tasks=[t.to_dict() for t in self.tasks], versions=package_versions(),
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         (tmp / "model.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
         if folder.exists():
-            keep = [p for p in folder.iterdir() if p.name not in {"model.json", "backbone.safetensors",
-                                                                 "head.safetensors", "head.json", "text"}]
+            keep = [p for p in folder.iterdir() if p.name not in WEIGHT_FILES]
             for p in keep:  # reports, ingest files, config written earlier stay
                 if not (tmp / p.name).exists():
                     shutil.move(str(p), tmp / p.name)
@@ -124,33 +121,24 @@ class CatalensModel:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "CatalensModel":
-        """Read a model folder written by :meth:`save` (weights via safetensors, no pickle)."""
-        from safetensors.torch import load_file
+    def load(cls, folder: str | Path, description: ModelDescription | None = None) -> "CatalensModel":
+        """Read a single-model folder written by :meth:`save` (safetensors, no pickle); the
+        description is validated against the weights. :func:`catalens.model.load` also reads
+        ensembles."""
+        from catalens.model.check import check_weights
 
         folder = Path(folder)
-        path = folder / "model.json"
-        if not path.exists():
-            raise FileNotFoundError(f"'{folder}' is not a catalens model folder (no model.json); "
-                                    f"create one with 'catalens train DATA --out {folder}'")
-        meta = json.loads(path.read_text())
-        if meta.get("ensemble"):  # several member folders acting as one (catalens.ensemble)
-            from catalens.ensemble import EnsembleModel
-
-            return EnsembleModel.load(folder)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"'{path}' has format {meta.get('format')!r}; this catalens reads {FORMAT}")
-        backbone = backbone_from_description(meta["backbone"], load_file(str(folder / "backbone.safetensors")))
-        head = MultiTaskHead.load(folder)
-        # thresholds and classes in model.json are authoritative (tuned after fitting)
-        head.tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
+        desc = description or read_description(folder)
+        if desc.is_ensemble:
+            raise ModelError(f"'{folder}' holds an ensemble; load it with catalens.model.load()")
+        meta = desc.model_dump(mode="json")
+        backbone_state, head = check_weights(folder, desc)
+        backbone = backbone_from_description(meta["backbone"], backbone_state)
+        head.tasks = desc.task_infos()  # thresholds and classes in model.json are authoritative
         model = cls(backbone, head, meta)
-        if (folder / "text" / "fusion.json").exists():
-            from catalens.text.fusion import TextFusion
-
-            model.text = TextFusion.load(folder / "text")
-        if meta.get("tta"):  # test-time augmentation: the backbone averages features over views
-            from catalens.tta import apply_model_tta
+        model.text = load_text(folder)
+        if desc.tta:  # test-time augmentation: the backbone averages features over views
+            from catalens.model.tta import apply_model_tta
 
             apply_model_tta(model)
         return model

@@ -7,8 +7,7 @@
                         orders, averaged tag thresholds), the composite backbone description
       members/0/ ...    each member a complete model folder (copied), loadable on its own
 
-:meth:`catalens.artifact.CatalensModel.load` returns an :class:`EnsembleModel` for such a
-folder. It has the interface the predictor, evaluator, exporter and server use —
+:func:`catalens.model.load` returns an :class:`EnsembleModel` for such a folder. It has the interface the predictor, evaluator, exporter and server use —
 ``tasks``, ``meta``, ``backbone`` (``module``, ``preprocess``, ``fingerprint()``,
 ``feature_dim``), ``predict_proba_features``, ``pixel_module`` — so none of them needs to
 know about ensembles:
@@ -29,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,9 +41,13 @@ from torch import nn
 from catalens.embed.backbones import Backbone
 from catalens.embed.multi import MemberInput, multi_backbone
 from catalens.ingest.images import Preprocess
+from catalens.model.decode import Decoder
+from catalens.model.format import (FORMAT, MEMBERS_DIR, ModelDescription, ModelError, package_versions,
+                                   read_description)
+from catalens.model.single import CatalensModel
 from catalens.tasks import TaskInfo
 
-FORMAT = "catalens-model/1"
+logger = logging.getLogger(__name__)
 
 
 class EnsembleError(ValueError):
@@ -135,14 +139,10 @@ class EnsembleHead:
         return average_probabilities(parts, self.weights, self.tasks)
 
     def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
-        proba = self.predict_proba(X)
-        out = {}
-        for t in self.tasks:
-            if t.kind == "class":
-                out[t.name] = np.asarray(t.classes, dtype=object)[proba[t.name].argmax(1)]
-            else:
-                out[t.name] = proba[t.name] >= t.threshold_array()[None, :]
-        return out
+        """Class tasks: label array ``(n,)``; tags: boolean decisions ``(n, T)`` (the decoder's)."""
+        ans = Decoder(self.tasks).decode(self.predict_proba(X), top_k=1)
+        return {**{k: np.asarray(v, dtype=object) for k, v in Decoder(self.tasks).labels(ans).items()},
+                **ans.present}
 
 
 def average_probabilities(parts: list[dict[str, np.ndarray]], weights: list[float],
@@ -176,7 +176,7 @@ class EnsemblePixelModule(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 class EnsembleModel:
-    """Several models as one; same interface as :class:`~catalens.artifact.CatalensModel`."""
+    """Several models as one; same interface as :class:`~catalens.model.single.CatalensModel`."""
 
     def __init__(self, members: list, weights=None, meta: dict | None = None,
                  names: list[str] | None = None) -> None:
@@ -196,6 +196,13 @@ class EnsembleModel:
     @property
     def preprocess(self) -> Preprocess:
         return self.backbone.preprocess
+
+    @property
+    def decoder(self) -> Decoder:
+        """Probabilities → answers. Titles are fused per member inside
+        :meth:`predict_proba_features`, so the decoder itself fuses none."""
+        return Decoder(self.tasks, dict(self.meta.get("hierarchy_paths") or {}),
+                       bool(self.meta.get("hierarchy_decoding")), None)
 
     @property
     def text(self) -> list | None:
@@ -239,8 +246,6 @@ class EnsembleModel:
             else:
                 m.save(dst)
             rel.append(f"members/{i}")
-        from catalens.artifact import package_versions
-
         meta = dict(self.meta)
         meta.update(format=FORMAT, backbone=self.backbone.describe(), tasks=[t.to_dict() for t in self.tasks],
                     versions=package_versions(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -254,18 +259,25 @@ class EnsembleModel:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "EnsembleModel":
-        from catalens.artifact import CatalensModel
-
+    def load(cls, folder: str | Path, description: ModelDescription | None = None) -> "EnsembleModel":
+        """Read an ensemble folder (its members are loaded and checked like any model folder)."""
         folder = Path(folder)
-        meta = json.loads((folder / "model.json").read_text())
-        ens = meta.get("ensemble")
-        if not ens or not ens.get("members"):
-            raise ValueError(f"'{folder / 'model.json'}' describes no ensemble members")
-        members = [CatalensModel.load(folder / p) for p in ens["members"]]
-        model = cls(members, ens.get("weights"), meta, names=[str(folder / p) for p in ens["members"]])
+        desc = description or read_description(folder)
+        if not desc.is_ensemble:
+            raise ModelError(f"'{folder / 'model.json'}' describes no ensemble members")
+        meta = desc.model_dump(mode="json")
+        root = folder.resolve()
+        paths = []
+        for p in desc.ensemble.members:
+            member = (folder / p).resolve()
+            if root not in member.parents or member.parent.name != MEMBERS_DIR:
+                raise ModelError(f"'{folder / 'model.json'}': member path {p!r} leaves the ensemble folder; "
+                                 f"members live in {MEMBERS_DIR}/N")
+            paths.append(folder / p)
+        members = [CatalensModel.load(p) for p in paths]
+        model = cls(members, desc.ensemble.weights, meta, names=[str(p) for p in paths])
         # tag thresholds saved at the top level are authoritative
-        model.tasks = [TaskInfo.from_dict(t) for t in meta["tasks"]]
+        model.tasks = desc.task_infos()
         model.head.tasks = model.tasks
         return model
 
@@ -291,10 +303,9 @@ def _union_paths(members: list) -> dict:
     return out
 
 
-def build_ensemble(model_dirs: list[str | Path], out: str | Path, weights=None, log=print) -> EnsembleModel:
+def build_ensemble(model_dirs: list[str | Path], out: str | Path, weights=None, log=None) -> EnsembleModel:
     """``catalens ensemble``: load, check, and write one ensemble folder."""
-    from catalens.artifact import CatalensModel
-
+    log = log or logger.info
     dirs = [Path(d) for d in model_dirs]
     models = [CatalensModel.load(d) for d in dirs]
     ens = EnsembleModel(models, weights, {"metrics": {}}, names=[str(d) for d in dirs])

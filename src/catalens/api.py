@@ -1,0 +1,54 @@
+"""One-line Python entry points: ``catalens.train(...)`` and ``catalens.load(...)``.
+
+::
+
+    import catalens
+
+    model = catalens.train(df, "models/shop", label="category", title="title")   # or a folder / YAML
+    model.predict("new_photos/")            # DataFrame: the columns of `catalens predict --out X.parquet`
+    catalens.load("models/shop").predict(["a.jpg", "b.jpg"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from catalens.model.predictor import Predictor, load, settings_overrides
+
+__all__ = ["train", "load", "Predictor"]
+
+
+def train(data, out: str | Path, *, label=None, path: str | None = None, title: str | None = None,
+          split: str | None = None, product: str | None = None, tags: dict | None = None, config=None,
+          track: bool = False, **settings) -> Predictor:
+    """Train a model on ``data`` and write it to the folder ``out``; returns it ready to predict.
+
+    ``data``: a photo folder, a dataset ``.yaml``, a ``.bson`` dump, or a pandas DataFrame with a
+    path column (``path=`` names it when it is not path/image/file/filepath) and label columns
+    (``label=``: a column, a list, or ``{task: parent}`` for a hierarchy, root first), optionally
+    ``title=`` (product titles; set ``text={"enabled": True}`` to learn from them), ``split=``
+    (train/val/test), ``product=`` (several photos of one product) and ``tags={task: [0/1 columns]}``.
+    ``config``: a :class:`catalens.Config` or a YAML file; ``settings`` override config keys
+    (``epochs``-style nesting as dicts: ``head={"epochs": 30}``, ``backbone={"name": ...}``).
+    ``track=True`` also logs the run to MLflow (as ``catalens train`` does).
+    """
+    import pandas as pd
+
+    from catalens.config import Config, load_config
+    from catalens.train.pipeline import train as train_pipeline
+
+    if config is None or isinstance(config, (str, Path)):
+        cfg = load_config(config, [settings_overrides(settings)] if settings else None)
+    else:
+        cfg = Config.model_validate({**config.model_dump(), **settings_overrides(settings)}) if settings else config
+    if isinstance(data, pd.DataFrame):
+        from catalens.ingest.inputs import labelled_frame
+
+        data = labelled_frame(data, label, path, title, split, product, tags)
+    elif label is not None or tags is not None:
+        raise ValueError("label= and tags= name DataFrame columns; a folder or dataset file describes its own labels")
+    result = train_pipeline(data, out, cfg)
+    if track:
+        from catalens.track import log_training
+
+        log_training(result, cfg, data=str(data) if not hasattr(data, "frame") else None)
+    return Predictor(result.model, out, cfg)

@@ -1,0 +1,236 @@
+"""The one place where probabilities become answers.
+
+Every consumer of a model — ``catalens predict`` (parquet / CSV / JSONL), ``catalens.load().predict``,
+evaluate, the server's three protocols and its web page, Ray, the MLflow pyfunc — turns
+probabilities into labels here and nowhere else:
+
+1. **fusion**: a model trained with ``--text`` fuses each row's title with the image
+   probabilities (:meth:`Decoder.fuse`; rows without a title keep the image's);
+2. **hierarchy decoding**: with ``hierarchy_decoding`` in model.json the label of every level of a
+   ``master > sub > article`` chain is the most probable path seen in training
+   (:mod:`catalens.heads.hierarchy`); without it each level takes its own argmax;
+3. **top-k**: labels ranked by probability (stable order on ties);
+4. **tag thresholds**: a tag is present when its probability reaches the tuned threshold.
+
+:meth:`Decoder.decode` returns :class:`Answers` (index arrays, no strings); :meth:`Decoder.columns`
+turns them into the output columns (one row shape for every output), :meth:`Decoder.record` into
+the server's JSON for one image. numpy only: no torch on this path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from catalens.tasks import TaskInfo, hierarchy_levels
+
+#: columns every prediction row starts with (then the task columns, see :func:`column_names`)
+BASE_COLUMNS = ("id", "product_id", "path", "split", "problem")
+
+
+@dataclass
+class Answers:
+    """Decoded answers for ``n`` rows (indices into each task's class order)."""
+
+    probs: dict[str, np.ndarray]                 # task -> (n, C) float32, after fusion
+    label: dict[str, np.ndarray]                 # class task -> (n,) chosen class (hierarchy-decoded)
+    top: dict[str, np.ndarray]                   # class task -> (n, k) classes ranked by probability
+    present: dict[str, np.ndarray]               # tags task -> (n, T) bool
+    best_path: dict[str, np.ndarray] = field(default_factory=dict)  # class task in a chain -> (n,)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.probs.values()))) if self.probs else 0
+
+    def label_prob(self, task: str) -> np.ndarray:
+        """``(n,)`` probability of the chosen label of ``task``."""
+        p = self.probs[task]
+        return p[np.arange(len(p)), self.label[task]]
+
+
+@dataclass
+class Decoder:
+    """Probabilities (+ titles) → answers for a model's tasks.
+
+    ``hierarchy_paths``: the paths seen in training (model.json); ``hierarchy_decoding``: labels
+    follow the best known path; ``text``: the title fusion (:class:`catalens.text.fusion.TextFusion`)
+    of a model trained with ``--text``, or None.
+    """
+
+    tasks: list[TaskInfo]
+    hierarchy_paths: dict = field(default_factory=dict)
+    hierarchy_decoding: bool = False
+    text: object = None
+
+    def __post_init__(self) -> None:
+        self.chains = hierarchy_levels(self.tasks)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_description(cls, desc, text=None) -> "Decoder":
+        """From a :class:`~catalens.model.format.ModelDescription` (or model.json's dict)."""
+        if isinstance(desc, dict):
+            from catalens.model.format import parse_description
+
+            desc = parse_description(desc)
+        return cls(desc.task_infos(), dict(desc.hierarchy_paths), bool(desc.hierarchy_decoding), text)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Decoder":
+        """The decoder of a model folder, without loading any weights but the title model's."""
+        from catalens.model.format import read_description
+
+        return cls.from_description(read_description(folder), load_text(folder))
+
+    # ------------------------------------------------------------------ steps
+    def fuse(self, probs: dict[str, np.ndarray], titles=None) -> dict[str, np.ndarray]:
+        """Image probabilities fused with ``titles`` (one per row, None = no title) when the model
+        has a title model; otherwise ``probs`` unchanged."""
+        if self.text is None or titles is None:
+            return probs
+        return self.text.fuse(probs, np.asarray(list(titles), dtype=object))
+
+    def decode(self, probs: dict[str, np.ndarray], top_k: int = 5) -> Answers:
+        """Labels, top-k and tag decisions of ``n`` rows of probabilities ``{task: (n, C)}``."""
+        label, top, present = {}, {}, {}
+        for t in self.tasks:
+            p = np.asarray(probs[t.name])
+            if t.kind == "class":
+                k = max(1, min(int(top_k), t.n_outputs))
+                top[t.name] = np.argsort(-p, axis=1, kind="stable")[:, :k]          # (n, k)
+                label[t.name] = top[t.name][:, 0] if len(p) else np.zeros(0, np.int64)
+            else:
+                present[t.name] = p >= t.threshold_array()[None, :]                  # (n, T)
+        best = self._best_paths(probs) if self.hierarchy_paths else {}
+        if self.hierarchy_decoding:
+            label.update(best)
+        return Answers(probs, label, top, present, best)
+
+    def _best_paths(self, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from catalens.heads.hierarchy import decode_hierarchy
+
+        n = len(next(iter(probs.values())))
+        if n == 0:
+            return {}
+        return decode_hierarchy(self.tasks, probs, self.hierarchy_paths)
+
+    def __call__(self, probs: dict[str, np.ndarray], titles=None, top_k: int = 5) -> Answers:
+        """Fuse, then decode."""
+        return self.decode(self.fuse(probs, titles), top_k)
+
+    # ------------------------------------------------------------------ outputs
+    def columns(self, ans: Answers, ok: np.ndarray | None = None) -> dict[str, list]:
+        """The prediction columns of every row (see :func:`column_names`); rows with
+        ``ok == False`` (their photo failed) get nulls."""
+        n = len(ans) if ok is None else len(ok)
+        ok = np.ones(n, bool) if ok is None else np.asarray(ok, bool)
+        cols: dict[str, list] = {}
+        for t in self.tasks:
+            names = np.asarray(t.classes, dtype=object)
+            if t.kind == "class":
+                p, top, lab = ans.probs[t.name], ans.top[t.name], ans.label[t.name]
+                cols[t.name] = [names[lab[i]] if ok[i] else None for i in range(n)]
+                cols[f"{t.name}_prob"] = [float(p[i, lab[i]]) if ok[i] else None for i in range(n)]
+                cols[f"{t.name}_top_labels"] = [list(names[top[i]]) if ok[i] else None for i in range(n)]
+                cols[f"{t.name}_top_probs"] = [p[i, top[i]].astype(float).tolist() if ok[i] else None
+                                               for i in range(n)]
+            else:
+                p, dec = ans.probs[t.name], ans.present[t.name]
+                cols[f"{t.name}_tags"] = [list(names[dec[i]]) if ok[i] else None for i in range(n)]
+                for j, tag in enumerate(t.classes):
+                    cols[f"{t.name}_{tag}_prob"] = [float(p[i, j]) if ok[i] else None for i in range(n)]
+                    cols[f"{t.name}_{tag}"] = [bool(dec[i, j]) if ok[i] else None for i in range(n)]
+        return cols
+
+    def record(self, ans: Answers, i: int) -> dict:
+        """The server's JSON for row ``i``: ``labels`` (the decided label per class task, as
+        ``catalens predict`` writes it), ``classes`` (top-k ranked by probability), ``tags``
+        and ``hierarchy`` (per chain: the path, whether it was seen in training, and the best
+        seen path when it was not)."""
+        labels, classes, tags = {}, {}, {}
+        for t in self.tasks:
+            p = np.asarray(ans.probs[t.name][i], dtype=np.float64)
+            if t.kind == "class":
+                j = int(ans.label[t.name][i])
+                labels[t.name] = {"label": t.classes[j], "prob": float(p[j])}
+                classes[t.name] = [{"label": t.classes[c], "prob": float(p[c])} for c in ans.top[t.name][i]]
+            else:
+                thr = t.threshold_array()
+                tags[t.name] = [{"tag": c, "prob": float(p[j]), "threshold": float(thr[j]),
+                                 "present": bool(ans.present[t.name][i, j])} for j, c in enumerate(t.classes)]
+        return {"labels": labels, "classes": classes, "tags": tags, "hierarchy": self._hierarchy(ans, i)}
+
+    def _hierarchy(self, ans: Answers, i: int) -> list[dict]:
+        by_name = {t.name: t for t in self.tasks}
+        out = []
+        for chain in self.chains:
+            idx = [int(ans.label[c][i]) for c in chain]
+            entry = {"levels": chain, "path": [by_name[c].classes[j] for c, j in zip(chain, idx)],
+                     "probs": [float(ans.probs[c][i, j]) for c, j in zip(chain, idx)]}
+            known = {tuple(p) for p in self.hierarchy_paths.get(" > ".join(chain), [])}
+            if known:
+                entry["known"] = tuple(entry["path"]) in known
+                if not entry["known"] and all(c in ans.best_path for c in chain):
+                    best = [int(ans.best_path[c][i]) for c in chain]
+                    entry["best_known_path"] = {
+                        "path": [by_name[c].classes[j] for c, j in zip(chain, best)],
+                        "joint_prob": float(np.prod([ans.probs[c][i, j] for c, j in zip(chain, best)]))}
+            out.append(entry)
+        return out
+
+    def decoded_index(self, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``{class task in a hierarchy chain: (n,) decided class}``: what the metrics compare with
+        the labels (``pred_index`` of :func:`catalens.evaluate.metrics.compute_metrics`); empty
+        without hierarchy decoding (each task's argmax stands)."""
+        if not self.hierarchy_decoding:
+            return {}
+        ans = self.decode(probs, top_k=1)
+        return {c: ans.label[c] for chain in self.chains for c in chain if c in ans.best_path}
+
+    def labels(self, ans: Answers) -> dict[str, list[str]]:
+        """``{class task: [label per row]}`` (the decided labels)."""
+        return {t.name: [t.classes[j] for j in ans.label[t.name]] for t in self.tasks if t.kind == "class"}
+
+
+def column_names(tasks: list[TaskInfo]) -> list[str]:
+    """The task columns of a prediction row, in order (after :data:`BASE_COLUMNS`)."""
+    out = []
+    for t in tasks:
+        if t.kind == "class":
+            out += [t.name, f"{t.name}_prob", f"{t.name}_top_labels", f"{t.name}_top_probs"]
+        else:
+            out.append(f"{t.name}_tags")
+            for tag in t.classes:
+                out += [f"{t.name}_{tag}_prob", f"{t.name}_{tag}"]
+    return out
+
+
+def arrow_schema(tasks: list[TaskInfo], extra: dict | None = None):
+    """The pyarrow schema of prediction rows (fixed up front so every part matches): the base
+    columns, ``extra`` (e.g. ``true_<task>`` columns), then the task columns."""
+    import pyarrow as pa
+
+    fields = [pa.field(c, pa.string()) for c in BASE_COLUMNS]
+    fields += [pa.field(k, v) for k, v in (extra or {}).items()]
+    for t in tasks:
+        if t.kind == "class":
+            fields += [pa.field(t.name, pa.string()), pa.field(f"{t.name}_prob", pa.float32()),
+                       pa.field(f"{t.name}_top_labels", pa.list_(pa.string())),
+                       pa.field(f"{t.name}_top_probs", pa.list_(pa.float32()))]
+        else:
+            fields.append(pa.field(f"{t.name}_tags", pa.list_(pa.string())))
+            for tag in t.classes:
+                fields += [pa.field(f"{t.name}_{tag}_prob", pa.float32()), pa.field(f"{t.name}_{tag}", pa.bool_())]
+    return pa.schema(fields)
+
+
+def load_text(folder: str | Path):
+    """The title fusion of a model folder (``text/fusion.json``), or None."""
+    from catalens.model.format import FUSION_FILE, TEXT_DIR
+
+    path = Path(folder) / TEXT_DIR
+    if not (path / FUSION_FILE).exists():
+        return None
+    from catalens.text.fusion import TextFusion
+
+    return TextFusion.load(path)

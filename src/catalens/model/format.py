@@ -1,0 +1,200 @@
+"""The model folder format, written down once.
+
+::
+
+    MODEL/
+      model.json            the typed description (:class:`ModelDescription`): format, backbone
+                            (name, arch, preprocess, weights origin), tasks (kind, class order,
+                            parent, thresholds), hierarchy paths seen in training, decoding
+                            options, validation metrics, package versions, creation time
+      backbone.safetensors  the backbone's weights (the folder needs no download to load)
+      head.safetensors      the heads' weights;  head.json  their hyper-parameters and history
+      config.yaml           the resolved run configuration
+      text/                 optional title model (catalens train --text): vectorizer.json,
+                            title_model.safetensors, title_model.json, fusion.json
+      members/N/            ensembles only: each member a complete model folder
+      ingest/               problems.csv, class_counts.json, split.csv
+
+This module imports neither torch nor the heads: the server, the ONNX predictor and the
+decoder read descriptions through it without paying for torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from catalens.tasks import TaskInfo, hierarchy_levels
+
+FORMAT = "catalens-model/1"
+DESCRIPTION_FILE = "model.json"
+BACKBONE_FILE = "backbone.safetensors"
+HEAD_FILE = "head.safetensors"
+HEAD_JSON = "head.json"
+TEXT_DIR = "text"
+FUSION_FILE = "fusion.json"
+MEMBERS_DIR = "members"
+#: what :meth:`CatalensModel.save` owns in a folder (anything else there is kept on re-save)
+WEIGHT_FILES = frozenset({DESCRIPTION_FILE, BACKBONE_FILE, HEAD_FILE, HEAD_JSON, TEXT_DIR})
+#: bounds on what a description may ask for (a tampered model.json fails at load, not at predict)
+MAX_IMAGE_SIDE = 4096
+MAX_CLASSES = 100_000
+
+
+class ModelError(ValueError):
+    """A folder that is not a usable catalens model (missing, tampered, inconsistent)."""
+
+
+class TaskDescription(BaseModel):
+    """One task as model.json stores it (see :class:`catalens.tasks.TaskInfo`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    kind: str
+    classes: list[str] = Field(min_length=1, max_length=MAX_CLASSES)
+    parent: str | None = None
+    thresholds: list[float] | None = None
+    extra: dict = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in ("class", "tags"):
+            raise ValueError(f"kind must be 'class' or 'tags', got {v!r}")
+        return v
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(self.name, self.kind, list(self.classes), self.parent,
+                        None if self.thresholds is None else list(self.thresholds), dict(self.extra))
+
+
+class EnsembleDescription(BaseModel):
+    """The ``ensemble`` entry of an ensemble's model.json."""
+
+    members: list[str] = Field(min_length=1)
+    weights: list[float]
+    member_backbones: list[str] = Field(default_factory=list)
+    sources: list[str] | None = None
+
+
+class ModelDescription(BaseModel):
+    """model.json, typed. Unknown keys (training notes such as ``ingest`` or ``finetune``) are
+    kept as they are; the keys every reader relies on are checked here, once."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    backbone: dict
+    tasks: list[TaskDescription] = Field(min_length=1)
+    hierarchy_paths: dict[str, list[list[str]]] = Field(default_factory=dict)
+    hierarchy_decoding: bool = False
+    tta: list[str] = Field(default_factory=list)
+    ensemble: EnsembleDescription | None = None
+    metrics: dict = Field(default_factory=dict)
+    data: str | None = None
+    created: str | None = None
+    versions: dict = Field(default_factory=dict)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != FORMAT:
+            raise ValueError(f"format {v!r} is not one this catalens reads ({FORMAT})")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[TaskDescription]) -> list[TaskDescription]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names repeat: {dup}")
+        for t in v:
+            if t.kind == "tags" and t.thresholds is not None and len(t.thresholds) != len(t.classes):
+                raise ValueError(f"task '{t.name}': {len(t.thresholds)} thresholds for {len(t.classes)} tags")
+            if len(set(t.classes)) != len(t.classes):
+                raise ValueError(f"task '{t.name}': class names repeat")
+        hierarchy_levels([t.info() for t in v])  # a parent that is missing or a cycle raises here
+        return v
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, v: dict) -> dict:
+        pre = v.get("preprocess") or {}
+        for key in ("size", "resize"):
+            side = pre.get(key)
+            if side is not None and not (isinstance(side, int) and 1 <= side <= MAX_IMAGE_SIDE):
+                raise ValueError(f"backbone.preprocess.{key} = {side!r}; expected a whole number of pixels "
+                                 f"from 1 to {MAX_IMAGE_SIDE}")
+        return v
+
+    def task_infos(self) -> list[TaskInfo]:
+        return [t.info() for t in self.tasks]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.ensemble is not None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=False), indent=1)
+
+
+def description_path(folder: str | Path) -> Path:
+    return Path(folder) / DESCRIPTION_FILE
+
+
+def read_description(folder: str | Path) -> ModelDescription:
+    """The validated description of a model folder; :class:`FileNotFoundError` when ``folder``
+    is not a model folder, :class:`ModelError` naming the file and the field when it is broken."""
+    folder = Path(folder)
+    path = description_path(folder)
+    if not path.is_file():
+        what = "does not exist" if not folder.exists() else "is not a catalens model folder (no model.json)"
+        raise FileNotFoundError(f"'{folder}' {what}; create a model with 'catalens train DATA --out {folder}'")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"'{path}' is not valid JSON ({e}); the model folder is damaged: train it again") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"'{path}' holds {type(raw).__name__}, not a model description")
+    return parse_description(raw, path)
+
+
+def parse_description(raw: dict, where: str | Path = "model.json") -> ModelDescription:
+    from pydantic import ValidationError
+
+    try:
+        return ModelDescription.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ModelError(f"'{where}': field '{field}': {first['msg']} ({e.error_count()} problem(s)); "
+                         f"the model folder is damaged or from another tool: train it again") from None
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    return description_path(folder).is_file()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("catalens", "torch", "timm", "numpy", "pillow", "onnxruntime", "scikit-learn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json_atomic(path: str | Path, obj, default=None) -> Path:
+    """Write ``obj`` as JSON to a sibling temporary file, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=default))
+    os.replace(tmp, path)
+    return path
