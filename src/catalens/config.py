@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,7 +21,7 @@ def default_cache_dir() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BackboneConfig(_Strict):
@@ -50,7 +50,7 @@ class HeadConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(25, ge=1)     # epochs without validation improvement before stopping
-    loss_weights: dict[str, float] = Field(default_factory=dict)  # per task; default 1.0
+    loss_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)  # per task; default 1.0
     class_weighting: Literal["none", "balanced", "sqrt"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
@@ -108,6 +108,13 @@ class TextConfig(_Strict):
     alpha: float = Field(0.1, gt=0)              # Naive Bayes smoothing
     max_iter: int = Field(100, ge=1)             # L-BFGS iterations
 
+    @field_validator("ngram", "char_ngram")
+    @classmethod
+    def _ngram_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or v[0] < 1 or v[0] > v[1]):
+            raise ValueError(f"an n-gram range is [lo, hi] with 1 <= lo <= hi, e.g. [1, 2]")
+        return v
+
 
 class KFoldConfig(_Strict):
     """``catalens train --folds K``: cross-validation over train+val, split by product."""
@@ -126,7 +133,7 @@ class KFoldConfig(_Strict):
 class Config(_Strict):
     """The whole run configuration."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     cache_dir: str = Field(default_factory=default_cache_dir)
     top_k: int = Field(5, ge=1)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -151,8 +158,16 @@ def _errors_text(e: ValidationError, origin: str) -> str:
             parent = _section(err["loc"][:-1])
             lines.append(f"  {loc}: unknown key; valid keys here: {', '.join(parent.model_fields)}")
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r}{_default_hint(err['loc'])})")
     return f"invalid configuration from {origin}:\n" + "\n".join(lines)
+
+
+def _default_hint(loc: tuple) -> str:
+    """``"; default 0.003"`` for a key with a plain default: the value to go back to."""
+    field = _section(loc[:-1]).model_fields.get(str(loc[-1])) if loc else None
+    if field is None or field.default_factory is not None or isinstance(field.default, BaseModel):
+        return ""
+    return f"; default {field.default!r}"
 
 
 def _section(loc: tuple) -> type[BaseModel]:
