@@ -112,7 +112,7 @@ class TextConfig(_Strict):
     @classmethod
     def _ngram_range(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and (len(v) != 2 or v[0] < 1 or v[0] > v[1]):
-            raise ValueError(f"an n-gram range is [lo, hi] with 1 <= lo <= hi, e.g. [1, 2]")
+            raise ValueError("an n-gram range is [lo, hi] with 1 <= lo <= hi, e.g. [1, 2]")
         return v
 
 
