@@ -121,3 +121,88 @@ def test_embed_recomputes_a_broken_cache_part(tmp_path, caplog):
     assert main([*args, "--out", str(tmp_path / "e3")]) == 0
     assert f"embedding cache part '{part}' set aside" in caplog.text
     np.testing.assert_allclose(np.load(tmp_path / "e3" / "embeddings.npy"), first, atol=1e-5)
+
+
+# --- item 14: tag spellings ----------------------------------------------------------------------
+
+def _dataset(tmp_path, rows, header="sku,cat,striped,split", keys="split: split\n",
+             tasks="  cat: {kind: class}\n  pattern: {kind: tags, columns: [striped]}\n"):
+    (tmp_path / "t.csv").write_text("\n".join([header, *rows]) + "\n")
+    (tmp_path / "d.yaml").write_text(f"table: t.csv\nimage: img/{{sku}}.jpg\nid: sku\n{keys}tasks:\n{tasks}")
+    return tmp_path / "d.yaml"
+
+
+def test_tag_spellings_accepted_and_others_refused_with_the_row(tmp_path):
+    from catalens.ingest.sources import open_catalogue
+
+    rows = ["1,top,yes,train", "2,top,No,train", "3,top,TRUE,val", "4,top,false,test", "5,top,,test",
+            "6,top,1,train", "7,top,0.0,train"]
+    cat = open_catalogue(_dataset(tmp_path, rows))
+    got = cat.encode()["pattern"][:, 0]
+    np.testing.assert_array_equal(got, [1, 0, 1, 0, np.nan, 1, 0])
+    for value in ("NA", "2", "maybe"):
+        with pytest.raises(ValueError) as e:
+            open_catalogue(_dataset(tmp_path, rows + [f"8,top,{value},train"]))
+        assert str(e.value) == (f"task 'pattern': tag 'striped' of id '8' ('t.csv' row 9) holds '{value}'; "
+                                f"expected 0 or 1 (also accepted: true/false, yes/no); leave the cell empty "
+                                f"when unknown")
+
+
+# --- item 15: catalogue structure ----------------------------------------------------------------
+
+@pytest.mark.parametrize("tasks, message", [
+    ("  cat: {kind: class, parent: cat}\n",
+     "task 'cat' names itself as its parent; remove 'parent' or name the level above it"),
+    ("  cat: {kind: class, parent: sub, column: cat}\n  sub: {kind: class, parent: cat, column: cat}\n",
+     "task parents form a cycle: cat > sub > cat; a hierarchy runs from one root task down, so remove one 'parent'"),
+])
+def test_parent_cycles_are_refused(tmp_path, tasks, message):
+    from catalens.ingest.sources import open_catalogue
+
+    with pytest.raises(ValueError) as e:
+        open_catalogue(_dataset(tmp_path, ["1,top,1,train"], tasks=tasks))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("key", ["product", "split", "text"])
+def test_missing_key_column_names_key_file_and_columns(tmp_path, key):
+    from catalens.ingest.sources import open_catalogue
+
+    p = _dataset(tmp_path, ["1,top,1,train"], keys=f"{key}: title\n")
+    with pytest.raises(ValueError) as e:
+        open_catalogue(p)
+    assert str(e.value) == (f"dataset file '{p}': {key}: column 'title' is not in 't.csv'; columns are "
+                            f"['sku', 'cat', 'striped', 'split'] (fix the name, or remove the '{key}' key)")
+
+
+def test_invalid_dataset_file_points_to_a_readme_section_that_exists(tmp_path):
+    from pathlib import Path
+
+    from catalens.ingest.sources import open_catalogue
+
+    p = _dataset(tmp_path, ["1,top,1,train"], keys="colour: red\n")
+    with pytest.raises(ValueError) as e:
+        open_catalogue(p)
+    assert str(e.value).endswith("See README.md, section 'Data: what DATA can be', for the keys.")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "\n## Data: what `DATA` can be\n" in readme
+
+
+def test_empty_class_folder_is_reported_in_problems(tmp_path, caplog):
+    from catalens.ingest.sources import open_catalogue
+    from catalens.train.ingest_report import write_ingest_report
+
+    from conftest import jpeg_bytes
+
+    (tmp_path / "p" / "red").mkdir(parents=True)
+    (tmp_path / "p" / "red" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "p" / "blue").mkdir()
+    with caplog.at_level(logging.WARNING, "catalens.ingest.folder"):
+        cat = open_catalogue(tmp_path / "p")
+    assert f"class folder '{tmp_path / 'p' / 'blue'}' holds no files" in caplog.text
+    summary = write_ingest_report(tmp_path / "ingest", cat, [], [], 1)
+    problems = pd.read_csv(tmp_path / "ingest" / "problems.csv")
+    assert problems[["path", "problem", "detail", "fix"]].values.tolist() == [
+        [str(tmp_path / "p" / "blue"), "empty_folder", "class folder 'blue' holds no files",
+         "add its photos, or remove the folder"]]
+    assert summary["problems"] == {"empty_folder": 1} and summary["excluded"] == 0

@@ -83,7 +83,7 @@ def load_spec(path: Path) -> DatasetSpec:
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise ValueError(f"dataset file '{path}' is invalid:\n" + "\n".join(lines) +
-                         "\nSee README 'Dataset files' for the keys.") from None
+                         "\nSee README.md, section 'Data: what DATA can be', for the keys.") from None
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -115,8 +115,45 @@ def _image_paths(df: pd.DataFrame, template: str, root: Path) -> list[str]:
     return [v if re.match(r"^[a-z]+://", v) or Path(v).is_absolute() else str(root / v) for v in values]
 
 
-def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root: Path) -> tuple[pd.DataFrame, list[str]]:
+#: spellings accepted in a 0/1 tag column (case-insensitive); an empty cell means unknown
+TAG_TRUE = frozenset({"1", "1.0", "true", "yes"})
+TAG_FALSE = frozenset({"0", "0.0", "false", "no"})
+
+
+def _tag_value(cell) -> float | None:
+    """One tag cell as 1.0 / 0.0 / NaN (empty), or None when it is none of the accepted spellings."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)) or cell is pd.NA:
+        return np.nan
+    if isinstance(cell, (bool, np.bool_)):
+        return float(cell)
+    if isinstance(cell, (int, float, np.integer, np.floating)):
+        return float(cell) if cell in (0, 1) else None
+    text = str(cell).strip().lower()
+    if not text:
+        return np.nan
+    return 1.0 if text in TAG_TRUE else 0.0 if text in TAG_FALSE else None
+
+
+def _tag_values(cells: pd.DataFrame, name: str, where) -> pd.DataFrame:
+    """Tag cells → float 0/1/NaN; the first other value raises naming ``where(row)``, the tag and the fix."""
+    out = {}
+    for tag in cells.columns:
+        col = cells[tag].tolist()
+        values = [_tag_value(v) for v in col]
+        for r, v in enumerate(values):
+            if v is None:
+                raise ValueError(f"task '{name}': tag '{tag}' {where(r)} holds {col[r]!r}; expected 0 or 1 "
+                                 f"(also accepted: true/false, yes/no); leave the cell empty when unknown")
+        out[tag] = np.asarray(values, dtype=float)
+    return pd.DataFrame(out, index=cells.index)
+
+
+def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root: Path,
+                 table_name: str = "the table") -> tuple[pd.DataFrame, list[str]]:
     """0/1/NaN columns ``name/tag`` aligned with ``df`` rows."""
+    def main_row(r: int) -> str:
+        return f"of id '{df[id_col].iat[r]}' ('{table_name}' row {r + 2})"
+
     if spec.columns and spec.table:
         tt = read_table(root / spec.table)
         key = spec.key or id_col
@@ -129,27 +166,27 @@ def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root:
             raise ValueError(f"task '{name}': table '{spec.table}' repeats key "
                              f"'{tt[key].astype(str)[dup].iloc[0]}' in column '{key}' "
                              f"({int(dup.sum())} repeats); keys must be unique")
-        tt = tt.set_index(tt[key].astype(str))
-        joined = tt.reindex(df[id_col].astype(str))[spec.columns]
-        values = joined.apply(pd.to_numeric, errors="coerce")
+        keys = tt[key].astype(str)
+        values = _tag_values(tt[spec.columns], name,
+                             lambda r: f"of id '{keys.iat[r]}' ('{spec.table}' row {r + 2})")
+        values = values.set_index(keys).reindex(df[id_col].astype(str))
         tags = list(spec.columns)
     elif spec.columns:
         missing = [c for c in spec.columns if c not in df]
         if missing:
-            raise ValueError(f"task '{name}': columns {missing} are not in the table")
-        values = df[spec.columns].apply(pd.to_numeric, errors="coerce")
+            raise ValueError(f"task '{name}': columns {missing} are not in '{table_name}'; "
+                             f"columns are {list(df.columns)}")
+        values = _tag_values(df[spec.columns], name, main_row)
         tags = list(spec.columns)
     else:
         col = spec.column or name
+        if col not in df:
+            raise ValueError(f"task '{name}': column '{col}' is not in '{table_name}'; "
+                             f"columns are {list(df.columns)}")
         cells = df[col]
         tags = sorted({t.strip() for v in cells.dropna() for t in str(v).split(spec.sep) if t.strip()})
         values = pd.DataFrame({t: [np.nan if not isinstance(v, str) else float(t in {s.strip() for s in v.split(spec.sep)})
                                    for v in cells] for t in tags})
-    bad = ~values.isin([0, 1]) & values.notna()
-    if bad.to_numpy().any():
-        r, c = np.argwhere(bad.to_numpy())[0]
-        raise ValueError(f"task '{name}': tag '{tags[c]}' of id '{df[id_col].iat[r]}' (table row {r + 2}) holds "
-                         f"{values.iat[r, c]:g}; expected 0 or 1 (or empty for unknown)")
     out = pd.DataFrame({f"{name}/{t}": values[t].to_numpy(dtype=float) for t in tags}, index=df.index)
     return out, tags
 
@@ -169,6 +206,8 @@ class TableSource:
         df = read_table(root / spec.table)
         if spec.id not in df:
             raise ValueError(f"id column '{spec.id}' is not in '{spec.table}'; columns are {list(df.columns)}")
+        for key in ("product", "split", "text"):
+            _require_column(df, getattr(spec, key), key, path, spec.table)
         ids = df[spec.id].astype(str)
         if ids.duplicated().any() and not spec.product:
             first = ids[ids.duplicated()].iloc[0]
@@ -193,7 +232,7 @@ class TableSource:
                 frame[name] = df[col].where(df[col].notna() & (df[col].astype(str).str.strip() != ""), None)
                 class_specs.append((name, t.parent))
             else:
-                cols, tags = _tag_columns(name, t, df, spec.id, root)
+                cols, tags = _tag_columns(name, t, df, spec.id, root, spec.table)
                 frame = pd.concat([frame, cols], axis=1)
                 tag_tasks.append(TaskInfo(name=name, kind="tags", classes=tags))
         tasks = class_tasks_from_frame(frame, class_specs) + tag_tasks
@@ -201,6 +240,13 @@ class TableSource:
         hierarchy_levels(tasks)  # validates parents now, naming the bad one
         return Catalogue(frame=frame, tasks=tasks, root=root, source=self.name,
                          meta={"dataset_file": str(path), "name": spec.name or path.stem})
+
+
+def _require_column(df: pd.DataFrame, column: str | None, key: str, spec_path: Path, table: str) -> None:
+    """Raise naming the dataset-file key, the table and its columns when ``column`` is absent."""
+    if column is not None and column not in df:
+        raise ValueError(f"dataset file '{spec_path}': {key}: column '{column}' is not in '{table}'; "
+                         f"columns are {list(df.columns)} (fix the name, or remove the '{key}' key)")
 
 
 def _ordered(tasks: list[TaskInfo], order: list[str]) -> list[TaskInfo]:
