@@ -206,3 +206,160 @@ def test_empty_class_folder_is_reported_in_problems(tmp_path, caplog):
         [str(tmp_path / "p" / "blue"), "empty_folder", "class folder 'blue' holds no files",
          "add its photos, or remove the folder"]]
     assert summary["problems"] == {"empty_folder": 1} and summary["excluded"] == 0
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_max_pixels_can_exceed_pillows_limit_and_is_the_one_quoted():
+    from catalens.ingest.images import ImageProblem, open_image
+
+    big = _png_claiming(15000, 15000)  # 225 M pixels: Pillow alone refuses above 2 x 89.5 M
+    with pytest.raises(ImageProblem) as e:
+        open_image(big, max_pixels=1_000_000)
+    assert "225,000,000 pixels > limit 1,000,000" in e.value.detail
+    assert open_image(big, max_pixels=300_000_000).size == (15000, 15000)
+
+
+def test_configured_max_pixels_reaches_the_embedding_pass(tmp_path):
+    data = make_catalogue(tmp_path / "d", n_products=4, size=96, seed=4)
+    assert main(["embed", str(data), "--out", str(tmp_path / "e"), "--set", "data.max_pixels=5000", *FAST]) == 0
+    index = pd.read_parquet(tmp_path / "e" / "index.parquet")
+    assert set(index["problem"]) == {"decompression_bomb: 96x96 = 9,216 pixels > limit 5,000"}
+
+
+# --- BSON dumps ------------------------------------------------------------------------------------
+
+def test_random_bytes_bson_is_refused(tmp_path, capsys):
+    path = tmp_path / "junk.bson"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    rc = main(["embed", str(path), "--out", str(tmp_path / "e"), *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: BSON dump '{path}' holds no usable document: 1 problem(s), first: ")
+    assert "See docs/bson.md" in err and not (tmp_path / "e").exists()
+
+
+def _dump(path, docs):
+    import bson
+
+    path.write_bytes(b"".join(bson.encode(d) for d in docs))
+    return path
+
+
+def test_corrupt_bson_documents_are_in_problems_csv_and_unlabelled_rows_have_no_split(tmp_path):
+    import struct
+
+    from catalens.ingest.sources import open_catalogue
+    from catalens.train.ingest_report import write_ingest_report
+
+    from conftest import jpeg_bytes
+
+    pic = jpeg_bytes()
+    good = [{"_id": i, "category_id": 1 + i % 2, "imgs": [{"picture": pic}]} for i in range(3)]
+    garbage = struct.pack("<i", 40) + bytes(range(1, 35)) + b"\x00\x00"
+    path = tmp_path / "d.bson"
+    import bson
+    path.write_bytes(bson.encode(good[0]) + garbage + bson.encode(good[1])
+                     + bson.encode({"_id": 7, "imgs": [{"picture": pic}]}))  # no category: unlabelled
+    offset = len(bson.encode(good[0]))
+    with pytest.warns(UserWarning):
+        cat = open_catalogue(path)
+    write_ingest_report(tmp_path / "ingest", cat, [], [], 1)
+    problems = pd.read_csv(tmp_path / "ingest" / "problems.csv")
+    assert problems[["row", "path", "problem"]].values.tolist() == [
+        [offset, f"{path.resolve()}::{offset}", "corrupt_document"]]
+    assert problems["detail"].iat[0].startswith(f"document 1 at offset {offset}: ")
+    assert cat.frame.loc[cat.frame["product_id"] == "7", "split"].tolist() == [None]
+    assert cat.frame.loc[cat.frame["product_id"] != "7", "split"].notna().all()
+    unlabelled = _dump(tmp_path / "test.bson", [{"_id": i, "imgs": [{"picture": pic}]} for i in range(5)])
+    assert open_catalogue(unlabelled).frame["split"].isna().all()
+
+
+# --- a small trained model: evaluation, file modes, permissions --------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = make_catalogue(root / "data", n_products=24, size=96, seed=5)
+    old = os.umask(0o022)
+    try:
+        assert main(["train", str(data), "--out", str(root / "model"), *FAST, "--set", "head.epochs=20"]) == 0
+    finally:
+        os.umask(old)
+    return root / "model", data
+
+
+def test_evaluating_on_labels_the_model_never_saw_fails(tiny_model, tmp_path, capsys):
+    model, data = tiny_model
+    from conftest import jpeg_bytes
+
+    other = tmp_path / "other"  # a photo folder: task 'label', which the model does not have
+    for cls in ("hats", "socks"):
+        (other / cls).mkdir(parents=True)
+        (other / cls / "a.jpg").write_bytes(jpeg_bytes())
+    rc = main(["evaluate", str(model), str(other), "--report", str(tmp_path / "r"), *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"error: none of the 2 images of '{other}' has a label the model knows, so there is nothing to score:" in err
+    assert "task 'department': the data has no such task (its tasks: ['label'])" in err
+    assert "or use 'catalens predict' for unlabelled data." in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_head_and_onnx_files_follow_the_umask(tiny_model, tmp_path):
+    from catalens.export.onnx import export_onnx
+
+    model, _ = tiny_model
+    assert stat.S_IMODE((model / "head.safetensors").stat().st_mode) == 0o644
+    old = os.umask(0o002)
+    try:
+        export_onnx(model, tmp_path / "m.onnx", parity_n=0, log=lambda *a: None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o664
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_permission_error_is_one_clean_line(tiny_model, tmp_path, capsys):
+    _, data = tiny_model
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        rc = main(["embed", str(data), "--out", str(locked / "e"), *FAST])
+    finally:
+        locked.chmod(0o700)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: permission denied: '{locked / 'e'}' (check the owner and mode of it and of its "
+                       f"folder, or choose another path); set CATALENS_DEBUG=1 for the traceback")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_os_errors_are_one_clean_line_even_as_root(monkeypatch, capsys):
+    import catalens.embed.export_features as ef
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "/srv/models/x")
+    monkeypatch.setattr(ef, "embed_to_folder", denied)
+    assert main(["embed", "D", "--out", "E"]) == 2
+    assert capsys.readouterr().err == ("error: permission denied: '/srv/models/x' (check the owner and mode of it "
+                                       "and of its folder, or choose another path); set CATALENS_DEBUG=1 for the "
+                                       "traceback\n")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", "/srv/out/embeddings.npy")
+    monkeypatch.setattr(ef, "embed_to_folder", full)
+    assert main(["embed", "D", "--out", "E"]) == 2
+    assert capsys.readouterr().err == ("error: no space left on device: '/srv/out/embeddings.npy'; "
+                                       "set CATALENS_DEBUG=1 for the traceback\n")

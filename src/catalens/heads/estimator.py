@@ -192,11 +192,14 @@ class MultiTaskHead:
         """``head.safetensors`` + ``head.json`` (tasks, hyper-parameters, history)."""
         from safetensors.torch import save_file
 
+        from catalens.files import apply_umask_mode
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         net = self._check_fitted()
         state = {k: v.contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(folder / "head.safetensors"))
+        apply_umask_mode(folder / "head.safetensors")  # safetensors writes 0600
         meta = {"type": type(self).__name__, "in_dim": int(net.mean.numel()), "params": self.params,
                 "tasks": [t.to_dict() for t in self.tasks], "history": self.history_}
         (folder / "head.json").write_text(json.dumps(meta, indent=1))

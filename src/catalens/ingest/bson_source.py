@@ -857,7 +857,9 @@ class BsonSource:
                              f"first: {index.problems[0]['problem']}. Is it a MongoDB dump of products "
                              f"{{_id, category_id, imgs: [{{picture}}]}}? See docs/bson.md")
         unlabelled = frame[list(cols)].isna().all(axis=1).to_numpy()
-        frame.loc[unlabelled, "split"] = None  # nothing to train or score on: not part of any split
+        # nothing to train or score on: not part of any split (None, like every source's missing split)
+        frame["split"] = pd.Series(np.where(unlabelled, None, frame["split"].to_numpy(dtype=object)),
+                                   index=frame.index, dtype=object)
         _warn_problems(path, index.problems)
         meta = {"name": path.stem, "dump": dump, "documents": len(index.frame),
                 "documents_seen": index.documents_seen, "documents_skipped": index.documents_seen - len(index.frame),
