@@ -363,3 +363,17 @@ def test_os_errors_are_one_clean_line_even_as_root(monkeypatch, capsys):
     assert main(["embed", "D", "--out", "E"]) == 2
     assert capsys.readouterr().err == ("error: no space left on device: '/srv/out/embeddings.npy'; "
                                        "set CATALENS_DEBUG=1 for the traceback\n")
+
+
+@pytest.mark.parametrize("epochs, rows", [(1, 8), (2, 8), (20, 8), (10, 40), (1, 1)])
+def test_few_head_epochs_train_without_a_scheduler_crash(epochs, rows):
+    """20 epochs of one step each (a small catalogue) once hit ZeroDivisionError inside OneCycleLR."""
+    from catalens.heads.estimator import MultiTaskHead
+    from catalens.tasks import TaskInfo
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(rows, 6)).astype(np.float32)
+    y = {"c": (np.arange(rows) % 2).astype(np.int64)}
+    head = MultiTaskHead([TaskInfo("c", "class", ["a", "b"])], epochs=epochs).fit(X, y)
+    p = head.predict_proba(X)["c"]
+    assert p.shape == (rows, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
