@@ -377,3 +377,37 @@ def test_few_head_epochs_train_without_a_scheduler_crash(epochs, rows):
     head = MultiTaskHead([TaskInfo("c", "class", ["a", "b"])], epochs=epochs).fit(X, y)
     p = head.predict_proba(X)["c"]
     assert p.shape == (rows, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_unreadable_tables_name_the_file_and_the_fix(tmp_path):
+    from catalens.ingest.sources import open_catalogue
+
+    p = _dataset(tmp_path, ["1,top,1,train"])
+    t = tmp_path / "t.csv"
+    t.write_bytes("sku,cat,striped,split\n1,t\xf6p,1,train\n".encode("latin-1"))
+    with pytest.raises(ValueError) as e:
+        open_catalogue(p)
+    assert str(e.value) == (f"table '{t}' is not UTF-8 text (line 2: byte b'\\xf6'); re-save it as UTF-8 "
+                            f"(e.g. 'CSV UTF-8' in a spreadsheet)")
+    t.write_text("sku,cat,striped,split\n1,top,1,train\n2,top,1,train,extra\n")
+    with pytest.raises(ValueError) as e:
+        open_catalogue(p)
+    assert str(e.value) == (f"table '{t}' cannot be read: Error tokenizing data. C error: Expected 4 fields in "
+                            f"line 3, saw 5; fix the file (a CSV field holding the separator must be quoted)")
+    t.write_text("sku,cat,striped,split\n1,top,1,train,extra\n")  # pandas alone shifts it onto an index
+    with pytest.raises(ValueError) as e:
+        open_catalogue(p)
+    assert str(e.value) == (f"table '{t}' has rows with more fields than its header line; name every column "
+                            f"in the header, and quote fields holding the separator")
+    t.write_text("")
+    with pytest.raises(ValueError, match="is empty: expected a header line and one row per image"):
+        open_catalogue(p)
+    t.write_bytes("\ufeffsku,cat,striped,split\n1,top,1,train\n".encode("utf-8"))  # Excel's byte-order mark
+    assert open_catalogue(p).frame["id"].tolist() == ["1"]
+
+
+def test_dataset_file_needs_a_task(tmp_path):
+    from catalens.ingest.sources import open_catalogue
+
+    with pytest.raises(ValueError, match=r"is invalid:\n  tasks: Dictionary should have at least 1 item"):
+        open_catalogue(_dataset(tmp_path, ["1,top,1,train"], tasks=" {}\n"))

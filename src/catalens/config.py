@@ -33,20 +33,20 @@ class BackboneConfig(_Strict):
 
 
 class EngineSettings(_Strict):
-    batch_size: int = Field(64, ge=1)
-    workers: int | None = Field(None, ge=0)   # decode threads / processes; None = sized from the cores
+    batch_size: int = Field(64, ge=1, le=65536)
+    workers: int | None = Field(None, ge=0, le=4096)   # decode threads / processes; None = sized from the cores
     decode: Literal["auto", "threads", "processes"] = "auto"  # auto: threads up to 4 cores (docs/engine.md)
     runtime: str = "auto"                     # auto | eager | onnx | compile | bf16 | cuda | cuda-bf16
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     progress: bool = True
 
 
 class HeadConfig(_Strict):
     type: str = "linear"                # see catalens.heads.HEADS
-    hidden: int = Field(0, ge=0)        # >0: one hidden layer of this width (type mlp)
+    hidden: int = Field(0, ge=0, le=65536)  # >0: one hidden layer of this width (type mlp)
     dropout: float = Field(0.0, ge=0, lt=1)
     epochs: int = Field(300, ge=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=1 << 20)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(25, ge=1)     # epochs without validation improvement before stopping
@@ -72,7 +72,7 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     views: int | None = Field(None, ge=0)   # augmented views precomputed through the frozen part;
     #                                         0 = augment online every epoch; None = 4 on CPU, 0 on GPU
     scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from catalens.ingest.catalogue import Catalogue, class_tasks_from_frame, normalise_split
 from catalens.ingest.sources import SOURCES
@@ -66,7 +67,7 @@ class DatasetSpec(BaseModel):
     product: str | None = None     # column grouping several photos of one product
     split: str | None = None
     text: str | None = None
-    tasks: dict[str, TaskSpec]
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
     name: str | None = None
 
 
@@ -90,13 +91,44 @@ def read_table(path: Path) -> pd.DataFrame:
     """A CSV or parquet table, with every column as read (ids kept as strings)."""
     if not path.exists():
         raise FileNotFoundError(f"table '{path}' does not exist (paths are relative to the dataset file)")
-    if path.suffix.lower() in {".parquet", ".pq"}:
-        return pd.read_parquet(path)
-    if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                           on_bad_lines="error")
-    raise ValueError(f"table '{path}' has suffix '{path.suffix}'; expected .csv, .tsv or .parquet")
+    suffix = path.suffix.lower()
+    if suffix not in {".parquet", ".pq", ".csv", ".tsv", ".txt"}:
+        raise ValueError(f"table '{path}' has suffix '{path.suffix}'; expected .csv, .tsv or .parquet")
+    try:
+        if suffix in {".parquet", ".pq"}:
+            return pd.read_parquet(path)
+        # utf-8-sig: a byte-order mark (Excel's CSV export) must not become part of the first column name;
+        # index_col=False + the warning as an error: rows longer than the header are refused, never
+        # silently shifted onto an index column
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                               na_values=[""], on_bad_lines="error", encoding="utf-8-sig", index_col=False)
+    except pd.errors.ParserWarning:
+        raise ValueError(f"table '{path}' has rows with more fields than its header line; name every column "
+                         f"in the header, and quote fields holding the separator") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"table '{path}' is not UTF-8 text ({_first_bad_utf8(path)}); re-save it as UTF-8 "
+                         f"(e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"table '{path}' is empty: expected a header line and one row per image") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:  # bad CSV rows, a corrupt parquet file
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"table '{path}' cannot be read: {first}; fix the file (a CSV field holding the "
+                         f"separator must be quoted)") from None
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits, as 'line L: byte b'\\xNN''."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return f"line {line}: byte {raw[e.start:e.start + 1]!r}"
+    return "an undecodable byte"
 
 
 def _image_paths(df: pd.DataFrame, template: str, root: Path) -> list[str]:
