@@ -411,3 +411,36 @@ def test_dataset_file_needs_a_task(tmp_path):
 
     with pytest.raises(ValueError, match=r"is invalid:\n  tasks: Dictionary should have at least 1 item"):
         open_catalogue(_dataset(tmp_path, ["1,top,1,train"], tasks=" {}\n"))
+
+
+def test_yaml_errors_in_config_and_set_are_clean(tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("head:\n  lr: [0.1\n")
+    with pytest.raises(ValueError) as e:
+        load_config(bad)
+    assert str(e.value).startswith(f"config file '{bad}' is not valid YAML: expected ',' or ']', but got ")
+    bad.write_text("head: !!python/object:os.system {}\n")
+    with pytest.raises(ValueError, match="is not valid YAML: could not determine a constructor"):
+        load_config(bad)
+    rc = main(["train", "D", "--out", "M", "--set", "head.lr=[0.1"])
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("error: --set head.lr=[0.1: the value is not valid YAML (")
+
+
+def test_broken_link_in_a_class_folder_is_missing_not_skipped(tmp_path):
+    from catalens.ingest.sources import open_catalogue
+
+    from conftest import jpeg_bytes
+
+    (tmp_path / "p" / "red").mkdir(parents=True)
+    (tmp_path / "p" / "red" / "a.jpg").write_bytes(jpeg_bytes())
+    (tmp_path / "p" / "red" / "b.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert open_catalogue(tmp_path / "p").frame["id"].tolist() == ["red/a.jpg", "red/b.jpg"]
+
+
+def test_cache_keys_of_the_wrong_type_set_the_part_aside(tmp_path, caplog):
+    d = _cache_with_two_parts(tmp_path)
+    np.save(d / "part-00000.keys.npy", np.array([1, 2]))
+    with caplog.at_level(logging.WARNING, "catalens.embed.cache"):
+        assert EmbeddingCache(tmp_path, "fp", 4).keys() == {"c", "d"}
+    assert "keys file 'part-00000.keys.npy' holds int64, not content hashes (bytes)" in caplog.text

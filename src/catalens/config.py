@@ -192,7 +192,11 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"--set expects KEY=VALUE such as head.lr=0.01; got '{text}'")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text}: the value is not valid YAML ({_yaml_problem(e)}); quote it, "
+                         f"e.g. --set 'KEY=\"...\"'") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -200,6 +204,13 @@ def parse_override(text: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, with the position when known."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[dict] | None = None) -> Config:
@@ -210,7 +221,10 @@ def load_config(path: str | Path | None = None, overrides: list[dict] | None = N
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config file '{p}' does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file '{p}' must hold a mapping of keys (seed, backbone, head, ...)")
         data, origin = raw, f"'{p}'"

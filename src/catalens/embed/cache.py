@@ -95,6 +95,8 @@ class EmbeddingCache:
         except Exception as e:  # a truncated body: "mmap length is greater than file size"
             raise BadPart(f"'{epath.name}' is unreadable or shorter than its header says "
                           f"({type(e).__name__}: {e})") from None
+        if keys.dtype.kind != "S":
+            raise BadPart(f"keys file '{kpath.name}' holds {keys.dtype}, not content hashes (bytes)")
         if keys.ndim != 1 or emb.ndim != 2 or emb.shape != (len(keys), self.dim) or emb.dtype != np.float32:
             raise BadPart(f"'{epath.name}' holds {emb.dtype} {emb.shape} for {len(keys)} keys; "
                           f"expected float32 ({len(keys)}, {self.dim})")

@@ -20,7 +20,8 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def _is_image_name(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".")
+    """Every non-hidden file, broken links included (reported as ``missing``, not skipped)."""
+    return (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
 
 
 @SOURCES.register("folder")
