@@ -17,7 +17,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("check-model")
     data = make_catalogue(root / "data", n_products=24, size=96, seed=6)
     assert main(["train", str(data), "--out", str(root / "model"), "--no-progress", "--runtime", "eager",
-                 "--set", "head.epochs=10"]) == 0
+                 "--set", "head.epochs=10", "--text"]) == 0
+    assert (root / "model" / "text" / "title_model.safetensors").exists()
     return root / "model"
 
 
@@ -141,3 +142,15 @@ def test_invalid_json_names_the_file(model):
     (model / "head.json").write_text("{not json")
     with pytest.raises(ModelFolderError, match=r"head.json' is not valid JSON \(Expecting property name"):
         validate_model_folder(model)
+
+
+def test_title_model_weights_must_fit_the_class_list(model):
+    from safetensors.numpy import load_file, save_file
+
+    f = model / "text" / "title_model.safetensors"
+    w = load_file(str(f))
+    w["category.W"], w["category.b"] = w["category.W"][:-1], w["category.b"][:-1]
+    save_file(w, str(f))
+    n_features = w["category.W"].shape[1]
+    _refused(model, f"'{f}': task 'category' lists 9 classes in model.json but the title model's weights are "
+                    f"[8, {n_features}] and [8]; {FIX}")

@@ -13,6 +13,8 @@ What is checked (reading only JSON and the safetensors headers, never the tensor
   ``feature_dim``.
 - ``head.safetensors`` (or the state dict given): exactly the tensors the head has, each of the
   shape the task list implies (a class list cut short shows here).
+- ``text/title_model.safetensors`` when present: per task ``W (classes, features)`` and
+  ``b (classes,)`` as wide as the task's class list.
 - every ``*.safetensors`` in the folder (backbone, head, title model): a readable header and a
   file as long as the header says (a truncated copy shows here).
 
@@ -70,6 +72,9 @@ def validate_model_folder(folder: str | Path, description: dict | None = None,
               else safetensors_shapes(folder / "head.safetensors"))
     check_head_shapes(shapes, tasks, int(head_meta["in_dim"]), int(head_meta["params"].get("hidden", 0)),
                       folder / "head.safetensors")
+    title = folder / "text" / "title_model.safetensors"
+    if title.exists():
+        check_title_shapes(safetensors_shapes(title), tasks, title)
 
 
 # ----------------------------------------------------------------------------- files
@@ -302,3 +307,19 @@ def check_head_shapes(shapes: dict[str, tuple], tasks: list[TaskInfo], in_dim: i
                                f"[{hidden}, {in_dim}]; {FIX}")
     if not hidden and trunk:
         raise ModelFolderError(f"'{where}' has hidden-layer tensors but head.json says hidden 0; {FIX}")
+
+
+def check_title_shapes(shapes: dict[str, tuple], tasks: list[TaskInfo], where: Path | str) -> None:
+    """Title model: one ``W (classes, features)`` and ``b (classes,)`` per task, sharing ``features``."""
+    widths = set()
+    for t in tasks:
+        w, b = shapes.get(f"{t.name}.W"), shapes.get(f"{t.name}.b")
+        if w is None or b is None:
+            raise ModelFolderError(f"'{where}' has no weights for task '{t.name}'; {FIX}")
+        if len(w) != 2 or w[0] != t.n_outputs or tuple(b) != (t.n_outputs,):
+            raise ModelFolderError(f"'{where}': task '{t.name}' lists {t.n_outputs} classes in model.json but the "
+                                   f"title model's weights are {list(w)} and {list(b)}; {FIX}")
+        widths.add(w[1])
+    if len(widths) > 1:
+        raise ModelFolderError(f"'{where}': the tasks' weights disagree on the number of title features "
+                               f"{sorted(widths)}; {FIX}")
