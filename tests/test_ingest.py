@@ -78,7 +78,8 @@ def test_table_missing_column_and_bad_tag_value(tmp_path):
         open_catalogue(p)
     p = _table(tmp_path, ["1,top,shirt,x,train"], tags=["sku,striped", "1,2"],
                spec_extra="  pattern: {kind: tags, table: tags.csv, key: sku, columns: [striped]}\n")
-    with pytest.raises(ValueError, match=r"tag 'striped' of id '1' \(table row 2\) holds 2; expected 0 or 1"):
+    with pytest.raises(ValueError, match=r"tag 'striped' of id '1' \('tags.csv' row 2\) holds '2'; expected 0 or 1 "
+                                         r"\(also accepted: true/false, yes/no\); leave the cell empty when unknown"):
         open_catalogue(p)
 
 

@@ -226,7 +226,7 @@ def test_exit_code_2_for_usage_and_data_errors(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["predict", str(root / "model"), str(photos[0]), "--part-rows", "0"])
     assert e.value.code == 2
-    assert "argument --part-rows: expected a whole number >= 1, got 0" in capsys.readouterr().err
+    assert "argument --part-rows: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_outputs_never_overwrite_inputs(trained, tmp_path, capsys):

@@ -88,8 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # OSError: missing, permission, disk full
         if os.environ.get("CATALENS_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: Exception) -> str:
+    """One line for the user: OS errors say the file and the fix, not ``[Errno 13]``."""
+    if isinstance(e, PermissionError) and e.filename:
+        return (f"permission denied: '{e.filename}' (check the owner and mode of it and of its folder, "
+                f"or choose another path); set CATALENS_DEBUG=1 for the traceback")
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.strerror.lower()}: '{e.filename}'; set CATALENS_DEBUG=1 for the traceback"
+    return str(e)

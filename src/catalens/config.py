@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -21,7 +21,7 @@ def default_cache_dir() -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class BackboneConfig(_Strict):
@@ -33,24 +33,24 @@ class BackboneConfig(_Strict):
 
 
 class EngineSettings(_Strict):
-    batch_size: int = Field(64, ge=1)
-    workers: int | None = Field(None, ge=0)   # decode threads / processes; None = sized from the cores
+    batch_size: int = Field(64, ge=1, le=65536)
+    workers: int | None = Field(None, ge=0, le=4096)   # decode threads / processes; None = sized from the cores
     decode: Literal["auto", "threads", "processes"] = "auto"  # auto: threads up to 4 cores (docs/engine.md)
     runtime: str = "auto"                     # auto | eager | onnx | compile | bf16 | cuda | cuda-bf16
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     progress: bool = True
 
 
 class HeadConfig(_Strict):
     type: str = "linear"                # see catalens.heads.HEADS
-    hidden: int = Field(0, ge=0)        # >0: one hidden layer of this width (type mlp)
+    hidden: int = Field(0, ge=0, le=65536)  # >0: one hidden layer of this width (type mlp)
     dropout: float = Field(0.0, ge=0, lt=1)
     epochs: int = Field(300, ge=1)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=1 << 20)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     patience: int = Field(25, ge=1)     # epochs without validation improvement before stopping
-    loss_weights: dict[str, float] = Field(default_factory=dict)  # per task; default 1.0
+    loss_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)  # per task; default 1.0
     class_weighting: Literal["none", "balanced", "sqrt"] = "none"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     focal_gamma: float = Field(0.0, ge=0)  # >0: focal loss for class tasks
@@ -72,7 +72,7 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
     views: int | None = Field(None, ge=0)   # augmented views precomputed through the frozen part;
     #                                         0 = augment online every epoch; None = 4 on CPU, 0 on GPU
     scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction
@@ -108,6 +108,13 @@ class TextConfig(_Strict):
     alpha: float = Field(0.1, gt=0)              # Naive Bayes smoothing
     max_iter: int = Field(100, ge=1)             # L-BFGS iterations
 
+    @field_validator("ngram", "char_ngram")
+    @classmethod
+    def _ngram_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or v[0] < 1 or v[0] > v[1]):
+            raise ValueError("an n-gram range is [lo, hi] with 1 <= lo <= hi, e.g. [1, 2]")
+        return v
+
 
 class KFoldConfig(_Strict):
     """``catalens train --folds K``: cross-validation over train+val, split by product."""
@@ -126,7 +133,7 @@ class KFoldConfig(_Strict):
 class Config(_Strict):
     """The whole run configuration."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     cache_dir: str = Field(default_factory=default_cache_dir)
     top_k: int = Field(5, ge=1)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -151,8 +158,16 @@ def _errors_text(e: ValidationError, origin: str) -> str:
             parent = _section(err["loc"][:-1])
             lines.append(f"  {loc}: unknown key; valid keys here: {', '.join(parent.model_fields)}")
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r}{_default_hint(err['loc'])})")
     return f"invalid configuration from {origin}:\n" + "\n".join(lines)
+
+
+def _default_hint(loc: tuple) -> str:
+    """``"; default 0.003"`` for a key with a plain default: the value to go back to."""
+    field = _section(loc[:-1]).model_fields.get(str(loc[-1])) if loc else None
+    if field is None or field.default_factory is not None or isinstance(field.default, BaseModel):
+        return ""
+    return f"; default {field.default!r}"
 
 
 def _section(loc: tuple) -> type[BaseModel]:
@@ -177,7 +192,11 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ValueError(f"--set expects KEY=VALUE such as head.lr=0.01; got '{text}'")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {text}: the value is not valid YAML ({_yaml_problem(e)}); quote it, "
+                         f"e.g. --set 'KEY=\"...\"'") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -185,6 +204,13 @@ def parse_override(text: str) -> dict:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line, with the position when known."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[dict] | None = None) -> Config:
@@ -195,7 +221,10 @@ def load_config(path: str | Path | None = None, overrides: list[dict] | None = N
         p = Path(path)
         if not p.exists():
             raise FileNotFoundError(f"config file '{p}' does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file '{p}' must hold a mapping of keys (seed, backbone, head, ...)")
         data, origin = raw, f"'{p}'"

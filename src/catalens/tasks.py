@@ -51,16 +51,29 @@ class TaskInfo:
 def hierarchy_levels(tasks: list[TaskInfo]) -> list[list[str]]:
     """Chains of class tasks linked by ``parent``, root first, e.g. [[master, sub, article]]."""
     by_name = {t.name: t for t in tasks if t.kind == "class"}
+    for t in by_name.values():
+        _check_parents(t.name, by_name)
     children = {t.parent for t in by_name.values() if t.parent}
     chains = []
     for leaf in (t for t in by_name.values() if t.name not in children and t.parent):
         chain = [leaf.name]
-        while by_name[chain[0]].parent:
-            parent = by_name[chain[0]].parent
-            if parent not in by_name:
-                raise ValueError(f"task '{chain[0]}' names parent '{parent}', which is not a class task")
-            if parent in chain:
-                raise ValueError(f"task parents form a cycle: {' > '.join([parent] + chain)}")
-            chain.insert(0, parent)
+        while by_name[chain[0]].parent:   # no cycles: checked above
+            chain.insert(0, by_name[chain[0]].parent)
         chains.append(chain)
     return chains
+
+
+def _check_parents(name: str, by_name: dict[str, TaskInfo]) -> None:
+    """Walk up from ``name``: every parent a class task, no task its own ancestor."""
+    chain = [name]
+    while by_name[chain[0]].parent:
+        parent = by_name[chain[0]].parent
+        if parent == chain[0]:
+            raise ValueError(f"task '{parent}' names itself as its parent; remove 'parent' or name the "
+                             f"level above it")
+        if parent not in by_name:
+            raise ValueError(f"task '{chain[0]}' names parent '{parent}', which is not a class task")
+        if parent in chain:
+            raise ValueError(f"task parents form a cycle: {' > '.join([parent] + chain[:chain.index(parent) + 1])}; "
+                             f"a hierarchy runs from one root task down, so remove one 'parent'")
+        chain.insert(0, parent)

@@ -2,19 +2,47 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Callable
 
 from catalens.config import Config, load_config, parse_override
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (the message says what arrived)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+def bounded(kind: type, lo: float | None = None, hi: float | None = None, *,
+            lo_open: bool = False, what: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type=`` that parses ``kind`` (int or float) and enforces ``lo <= x <= hi``
+    (``lo < x`` with ``lo_open``); the error says the bound and gives an example.
+
+    argparse prints it as ``argument --flag: must be ...`` and exits with status 2.
+    """
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what or _kind_name(kind)}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo:g}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi:g}, got {text}")
+        return value
+
+    parse.__name__ = what or _kind_name(kind)  # argparse names the type in its own messages
+    return parse
+
+
+def _kind_name(kind: type) -> str:
+    return "an integer" if kind is int else "a number"
+
+
+#: argparse types for numeric options: use one of these (or :func:`bounded`) for every number
+positive_int = bounded(int, 1)                  # counts, sizes, rows per part: >= 1
+nonneg_int = bounded(int, 0)                    # 0 meaning "off" or "none": >= 0
+positive_float = bounded(float, 0, lo_open=True)  # durations, budgets: > 0
+nonneg_float = bounded(float, 0)                # waits that may be 0: >= 0
+unit_float = bounded(float, 0, 1)               # shares, cosines: 0..1
+port_int = bounded(int, 1, 65535, what="a TCP port")
 
 
 def add_config_options(p: argparse.ArgumentParser, training: bool = False, backbone: bool = False) -> None:
@@ -24,27 +52,27 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
     g.add_argument("--config", metavar="FILE", help="YAML run configuration")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                    help="override any config key, e.g. --set head.lr=0.01 (repeatable)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=nonneg_int)
     g.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default ~/.cache/catalens/embeddings)")
     g.add_argument("--runtime", help="inference runtime: auto, eager, onnx, compile, bf16, cuda, cuda-bf16")
-    g.add_argument("--workers", type=int, help="decode processes (default: spare cores)")
-    g.add_argument("--batch-size", type=int, help="images per inference batch")
+    g.add_argument("--workers", type=nonneg_int, help="decode processes (default: spare cores)")
+    g.add_argument("--batch-size", type=positive_int, help="images per inference batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     if training or backbone:
         g.add_argument("--backbone", help="backbone name (efficientnet_lite0/1/2 offline, or any timm name)")
         g.add_argument("--weights", metavar="FILE", help="backbone checkpoint (.safetensors/.pth), or 'random'")
-        g.add_argument("--image-size", type=int, metavar="PX",
+        g.add_argument("--image-size", type=bounded(int, 32, 1024), metavar="PX",
                        help="backbone input side (default: the backbone's own, e.g. 224 for lite0)")
-        g.add_argument("--crop-pct", type=float, metavar="F",
+        g.add_argument("--crop-pct", type=bounded(float, 0, 1, lo_open=True), metavar="F",
                        help="centre crop share of the resized short side (default 0.875; 1 = no crop)")
         g.add_argument("--strict", action="store_true", help="any image problem is fatal")
     if training:
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
-        g.add_argument("--epochs", type=int)
+        g.add_argument("--epochs", type=positive_int)
         g.add_argument("--text", action="store_true",
                        help="also learn from product titles (the data's text column): TF-IDF title model "
                             "fused with the image head; rows without a title use the image alone")
-        g.add_argument("--folds", type=int, metavar="K",
+        g.add_argument("--folds", type=nonneg_int, metavar="K",
                        help="also cross-validate over train+val (K folds by product): mean/std per metric "
                             "and out-of-fold predictions in OUT")
         g.add_argument("--hierarchical-decoding", action="store_true",

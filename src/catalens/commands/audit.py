@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from catalens.commands._common import add_config_options
+    from catalens.commands._common import add_config_options, unit_float
 
     p = sub.add_parser("audit", help="find duplicate photos, leakage across splits and conflicting labels",
                        description="Audit DATA: exact duplicates (same bytes), near duplicates (embedding "
@@ -13,7 +13,7 @@ def register(sub) -> None:
                                    "audit.html (thumbnails inline, works offline).")
     p.add_argument("data", help="photo folder, dataset file or BSON dump")
     p.add_argument("--report", metavar="DIR", help="report folder to write")
-    p.add_argument("--near", type=float, default=0.95, metavar="COSINE",
+    p.add_argument("--near", type=unit_float, default=0.95, metavar="COSINE",
                    help="near-duplicate threshold on embedding cosine (default 0.95: also joins colourways of one "
                         "photo shoot; 0.98: only re-cropped / re-encoded copies; 0: exact duplicates only, no "
                         "embedding)")
@@ -27,8 +27,6 @@ def run(args) -> int:
     from catalens.audit import run_audit
     from catalens.commands._common import config_from_args
 
-    if not 0 <= args.near <= 1:
-        raise ValueError(f"--near is a cosine threshold between 0 and 1 (e.g. 0.95); got {args.near}")
     cfg = config_from_args(args)
     res = run_audit(args.data, args.report, cfg, near=args.near or None)
     return 1 if args.fail_on_leakage and res.leakage else 0

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from catalens.commands._common import add_config_options
+    from catalens.commands._common import add_config_options, positive_int
 
     p = sub.add_parser("demo", help="generate a synthetic catalogue and run train → evaluate → predict",
                        description="The whole workflow on an embedded synthetic catalogue (drawn garments with "
                                    "category, department and pattern tags, a few deliberately broken files).")
     p.add_argument("--out", default="catalens-demo", help="folder for data, model, report, predictions")
-    p.add_argument("--products", type=int, default=300, help="number of synthetic products")
+    p.add_argument("--products", type=positive_int, default=300, help="number of synthetic products")
     add_config_options(p)
     p.set_defaults(func=run)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from catalens.commands._common import bounded, nonneg_int, positive_int
+
     p = sub.add_parser("export", help="export a model folder to one ONNX graph (optionally int8)",
                        description="Export MODEL to ONNX: input 'pixels' uint8 (n, 3, S, S) RGB 0..255 after "
                                    "resize + centre crop; one float32 output per task with the probabilities in "
@@ -17,10 +19,10 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also quantise to int8 (static, QDQ)")
     p.add_argument("--calibration", metavar="DATA", help="photos to calibrate int8 on (default: the model's "
                                                           "training data, train split)")
-    p.add_argument("--calibration-images", type=int, default=128, help="photos used for calibration (default 128)")
-    p.add_argument("--eval-limit", type=int, default=400, help="held-out photos used to measure int8 (default 400)")
-    p.add_argument("--parity-images", type=int, default=16, help="decoded photos for the torch parity check")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--calibration-images", type=positive_int, default=128, help="photos used for calibration (default 128)")
+    p.add_argument("--eval-limit", type=nonneg_int, default=400, help="held-out photos used to measure int8 (default 400)")
+    p.add_argument("--parity-images", type=nonneg_int, default=16, help="decoded photos for the torch parity check")
+    p.add_argument("--opset", type=bounded(int, 7, 30), default=17, help="ONNX opset (default 17)")
     p.set_defaults(func=run)
 
 

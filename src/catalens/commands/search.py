@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from catalens.commands._common import add_config_options
+    from catalens.commands._common import add_config_options, nonneg_int, positive_float, positive_int
 
     p = sub.add_parser("search", help="search head (or --finetune) settings with Optuna (scored on val, or --cv K)",
                        description="Fit the task heads many times on the cached embeddings of the train split, "
@@ -15,9 +15,9 @@ def register(sub) -> None:
                                    "each trial fine-tuning from one linear probe (views precomputed once).")
     p.add_argument("data", help="photo folder or dataset file")
     p.add_argument("--out", required=True, help="folder for best_config.yaml, trials.csv, search.json")
-    p.add_argument("--trials", type=int, metavar="N", help="number of trials")
-    p.add_argument("--minutes", type=float, metavar="M", help="time budget (stops after the running trial)")
-    p.add_argument("--cv", type=int, default=0, metavar="K",
+    p.add_argument("--trials", type=positive_int, metavar="N", help="number of trials")
+    p.add_argument("--minutes", type=positive_float, metavar="M", help="time budget (stops after the running trial)")
+    p.add_argument("--cv", type=nonneg_int, default=0, metavar="K",
                    help="score each trial by K-fold cross-validation over train+val (K times slower; "
                         "steadier than a small val split)")
     p.add_argument("--objective", default="mean",
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
                    help="search the fine-tuning's settings instead of the head's (the trained part: "
                         "--set finetune.blocks=N; the head stays as configured)")
-    p.add_argument("--finetune-epochs", type=int, metavar="N",
+    p.add_argument("--finetune-epochs", type=positive_int, metavar="N",
                    help="the starting number of fine-tuning epochs (trials try N/2 to 2N)")
     p.set_defaults(func=run)
 

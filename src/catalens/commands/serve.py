@@ -3,6 +3,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from catalens.commands._common import nonneg_float, port_int, positive_float, positive_int
+
     p = sub.add_parser("serve", help="serve a model over HTTP (ONNX Runtime, micro-batched)",
                        description="Serve MODEL over HTTP: POST /v1/predict (multipart or raw image), TF-Serving "
                                    "POST /v1/models/NAME:predict, KServe v2 POST /v2/models/NAME/infer, health, "
@@ -12,20 +14,20 @@ def register(sub) -> None:
     p.add_argument("model", help="model folder (from 'catalens train')")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                        "0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
+    p.add_argument("--port", type=port_int, default=8000)
+    p.add_argument("--workers", type=positive_int, default=1, help="server processes (each loads the model)")
     p.add_argument("--name", help="model name in URLs (default: the folder's name)")
     p.add_argument("--int8", action="store_true", help="serve MODEL/model.int8.onnx ('catalens export --int8')")
     p.add_argument("--onnx", metavar="FILE", help="serve this exported graph instead of MODEL/model.onnx")
-    p.add_argument("--max-batch", type=int, default=32, help="images per inference batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images per inference batch (default 32)")
+    p.add_argument("--max-wait-ms", type=nonneg_float, default=5.0,
                    help="how long a batch waits for more images when more are on their way (default 5)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit in MiB (default 20)")
-    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
-    p.add_argument("--max-pixels", type=int, help="decompression-bomb limit in pixels (default ~89 M)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default CPUs / workers)")
-    p.add_argument("--decode-threads", type=int, help="decode threads per worker (default CPUs, at most 4)")
-    p.add_argument("--top-k", type=int, default=5, help="labels per class task in /v1/predict (default 5)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=20.0, help="request body limit in MiB (default 20)")
+    p.add_argument("--max-images", type=positive_int, default=64, help="images per request (default 64)")
+    p.add_argument("--max-pixels", type=positive_int, help="decompression-bomb limit in pixels (default ~89 M)")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime threads per worker (default CPUs / workers)")
+    p.add_argument("--decode-threads", type=positive_int, help="decode threads per worker (default CPUs, at most 4)")
+    p.add_argument("--top-k", type=positive_int, default=5, help="labels per class task in /v1/predict (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from catalens.commands._common import add_config_options
+    from catalens.commands._common import add_config_options, positive_int
 
     p = sub.add_parser("train", help="train a multi-task model on a photo folder or dataset file",
                        description="Ingest and validate DATA, embed it (cached), fit the task heads, tune tag "
@@ -15,7 +15,7 @@ def register(sub) -> None:
     ft.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
                     help="also train the backbone: its last stages (blocks, the default; how many: "
                          "--set finetune.blocks=N) or all of it")
-    ft.add_argument("--finetune-epochs", type=int, metavar="N", help="fine-tuning epochs (default 8)")
+    ft.add_argument("--finetune-epochs", type=positive_int, metavar="N", help="fine-tuning epochs (default 8)")
     ft.add_argument("--resume", action="store_true",
                     help="resume the interrupted fine-tuning in OUT (an error when there is no checkpoint; "
                          "a matching checkpoint is resumed anyway without this flag)")

@@ -4,14 +4,31 @@ Layout: ``CACHE_ROOT/<backbone fingerprint>/part-NNNNN.keys.npy`` (content hashe
 ``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is written atomically, embeddings first
 and keys last, so an interrupted run leaves only complete parts and resumes from them.
 Reads memory-map the parts: opening a cache of millions of features costs only its keys.
+
+Parts are checked when the cache is opened: both files readable, the feature file exactly as long
+as its header says, one row per key, ``dim`` columns, every value finite. The finite-value scan
+runs once per part: ``verified.json`` records each checked part's size and modification time, so a
+part changed afterwards (or never checked) is scanned again. A bad part is moved to ``bad/`` with a
+warning naming the file and why, and its rows are recomputed by the run that opened the cache.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+VERIFIED = "verified.json"
+
+
+class BadPart(Exception):
+    """A cache part that cannot be trusted; the message says why."""
 
 
 def content_hash(data: bytes) -> str:
@@ -46,10 +63,87 @@ class EmbeddingCache:
         return sorted(int(p.name.split("-")[1].split(".")[0]) for p in self.dir.glob("part-*.keys.npy"))
 
     def _load_index(self) -> None:
+        verified = self._read_verified()
+        checked = {}
         for pid in self._part_ids():
-            keys = np.load(self.dir / f"part-{pid:05d}.keys.npy")
+            try:
+                keys, stamp = self._check_part(pid, verified)
+            except BadPart as e:
+                self._set_aside(pid, str(e))
+                continue
+            checked[self._name(pid)] = stamp
             for row, k in enumerate(keys):
                 self._index[k.decode()] = (pid, row)
+        if checked != verified:
+            self._write_verified(checked)
+
+    @staticmethod
+    def _name(pid: int) -> str:
+        return f"part-{pid:05d}"
+
+    def _check_part(self, pid: int, verified: dict) -> tuple[np.ndarray, list[int]]:
+        """Keys of part ``pid`` and its (size, mtime) stamp; raises :class:`BadPart`."""
+        kpath, epath = self.dir / f"{self._name(pid)}.keys.npy", self.dir / f"{self._name(pid)}.emb.npy"
+        try:
+            keys = np.load(kpath)
+        except Exception as e:  # truncated header or body: ValueError, EOFError, OSError ...
+            raise BadPart(f"keys file '{kpath.name}' is unreadable ({type(e).__name__}: {e})") from None
+        if not epath.exists():
+            raise BadPart(f"'{epath.name}' is missing")
+        try:
+            emb = np.load(epath, mmap_mode="r")
+        except Exception as e:  # a truncated body: "mmap length is greater than file size"
+            raise BadPart(f"'{epath.name}' is unreadable or shorter than its header says "
+                          f"({type(e).__name__}: {e})") from None
+        if keys.dtype.kind != "S":
+            raise BadPart(f"keys file '{kpath.name}' holds {keys.dtype}, not content hashes (bytes)")
+        if keys.ndim != 1 or emb.ndim != 2 or emb.shape != (len(keys), self.dim) or emb.dtype != np.float32:
+            raise BadPart(f"'{epath.name}' holds {emb.dtype} {emb.shape} for {len(keys)} keys; "
+                          f"expected float32 ({len(keys)}, {self.dim})")
+        st = epath.stat()
+        expected = _data_offset(epath) + emb.size * emb.itemsize
+        if st.st_size != expected:
+            raise BadPart(f"'{epath.name}' is {st.st_size} bytes; its header describes {expected}")
+        stamp = [st.st_size, st.st_mtime_ns]
+        if verified.get(self._name(pid)) != stamp:
+            bad = _first_non_finite_row(emb)
+            if bad is not None:
+                raise BadPart(f"'{epath.name}' row {bad} holds non-finite values (NaN or inf)")
+        return keys, stamp
+
+    def _set_aside(self, pid: int, why: str) -> None:
+        """Move both files of a bad part to ``bad/`` (never deleted), so its rows are recomputed."""
+        bad_dir = self.dir / "bad"
+        bad_dir.mkdir(exist_ok=True)
+        suffix = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for kind in ("keys", "emb"):
+            src = self.dir / f"{self._name(pid)}.{kind}.npy"
+            if src.exists():
+                dst = bad_dir / f"{src.name}.{suffix}-{os.getpid()}"
+                try:
+                    os.replace(src, dst)
+                    moved.append(dst)
+                except FileNotFoundError:  # another process set it aside first
+                    pass
+        log.warning("embedding cache part '%s' set aside: %s; moved to %s, its images will be embedded again",
+                    self.dir / f"{self._name(pid)}.emb.npy", why, ", ".join(str(m) for m in moved) or "(gone)")
+
+    def _read_verified(self) -> dict:
+        try:
+            data = json.loads((self.dir / VERIFIED).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_verified(self, stamps: dict) -> None:
+        """Record the parts checked so far (atomic; a lost race only costs a re-scan)."""
+        tmp = self.dir / f"{VERIFIED}.tmp{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(stamps, sort_keys=True))
+            os.replace(tmp, self.dir / VERIFIED)
+        except OSError as e:  # a read-only cache still works, it is just scanned again next time
+            log.debug("could not record verified cache parts: %s", e)
 
     def __len__(self) -> int:
         return len(self._index) + len(self._pending_keys)
@@ -80,12 +174,29 @@ class EmbeddingCache:
         while (self.dir / f"part-{pid:05d}.keys.npy").exists():
             pid += 1
         emb = np.concatenate(self._pending_emb)
+        finite = np.isfinite(emb).all(axis=1)
+        if not finite.all():  # never persist NaN/inf features: those images are embedded again next time
+            log.warning("%d of %d new features are not finite (NaN or inf); not cached",
+                        int((~finite).sum()), len(finite))
+            self._pending_keys = [k for k, ok in zip(self._pending_keys, finite) if ok]
+            emb = emb[finite]
+            if not self._pending_keys:
+                self._pending_emb = []
+                return
         keys = np.array([k.encode() for k in self._pending_keys], dtype="S32")
         _atomic_save(self.dir / f"part-{pid:05d}.emb.npy", emb)
         _atomic_save(self.dir / f"part-{pid:05d}.keys.npy", keys)
         for row, k in enumerate(self._pending_keys):
             self._index[k] = (pid, row)
+        self._stamp(pid)
         self._pending_keys, self._pending_emb = [], []
+
+    def _stamp(self, pid: int) -> None:
+        """Mark a part this process wrote from finite values as verified."""
+        st = (self.dir / f"{self._name(pid)}.emb.npy").stat()
+        stamps = self._read_verified()
+        stamps[self._name(pid)] = [st.st_size, st.st_mtime_ns]
+        self._write_verified(stamps)
 
     def _part(self, pid: int) -> np.ndarray:
         if pid not in self._parts:
@@ -100,3 +211,23 @@ class EmbeddingCache:
             pid, row = self._index[k]
             out[i] = self._part(pid)[row]
         return out
+
+
+def _data_offset(path: Path) -> int:
+    """Bytes before the array data of a ``.npy`` file (magic + header)."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        if major == 1:
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        return f.tell()
+
+
+def _first_non_finite_row(emb: np.ndarray, chunk: int = 4096) -> int | None:
+    """Index of the first row holding NaN or inf, scanning in chunks (bounded memory)."""
+    for s in range(0, len(emb), chunk):
+        ok = np.isfinite(emb[s:s + chunk]).all(axis=1)
+        if not ok.all():
+            return s + int(np.argmin(ok))
+    return None

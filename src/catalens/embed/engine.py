@@ -23,6 +23,7 @@ from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
 from catalens.embed.runtimes import cuda_available, make_runner
 from catalens.ingest.catalogue import Catalogue
+from catalens.ingest.images import DEFAULT_MAX_PIXELS
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
 
 
@@ -50,6 +51,7 @@ class EngineConfig:
     threads: int | None = None      # inference threads (torch and ONNX Runtime); None: available cores
     progress: bool = True
     runtime_dir: str | None = None  # ONNX exports and auto choices; None: ~/.cache/catalens/onnx
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (config data.max_pixels)
 
 
 @dataclass
@@ -206,7 +208,7 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     set_threads(pl.threads)
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
-                    hash_content=cache is not None)
+                    hash_content=cache is not None, max_pixels=cfg.max_pixels)
     pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
     bar = None
     try:

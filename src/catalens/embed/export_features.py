@@ -23,8 +23,8 @@ def embed_to_folder(data: str | Path, out: str | Path, cfg: Config, log=None) ->
 
     t0 = time.time()
     out = Path(out)
+    cat = open_catalogue(data)  # a bad catalogue fails before anything is created
     out.mkdir(parents=True, exist_ok=True)
-    cat = open_catalogue(data)
     backbone = backbone_from_config(cfg.backbone)
     feats = catalogue_features(cat, backbone, cfg)
     problems = {p["row"]: f"{p['problem']}: {p['detail']}" for p in feats.problems}

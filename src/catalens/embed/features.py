@@ -15,7 +15,7 @@ from catalens.ingest.catalogue import Catalogue
 def engine_config(cfg: Config) -> EngineConfig:
     e = cfg.engine
     return EngineConfig(batch_size=e.batch_size, workers=e.workers, decode=e.decode, runtime=e.runtime,
-                        threads=e.threads, progress=e.progress)
+                        threads=e.threads, progress=e.progress, max_pixels=cfg.data.max_pixels)
 
 
 @dataclass

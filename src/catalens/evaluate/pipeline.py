@@ -98,8 +98,9 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     model = load_model(model_dir)
     cat, which = evaluation_rows(open_catalogue(data))
     log(f"evaluating {model_dir} on {len(cat)} images of {data} ({which})")
-    probs, ok, problems = _model_outputs(model, cat, cfg)
     y_all = cat.encode(model.tasks)
+    _require_known_labels(cat, model, y_all, data)  # before the embedding pass: fail fast
+    probs, ok, problems = _model_outputs(model, cat, cfg)
     y = {k: (np.where(ok, v, MISSING) if v.ndim == 1 else np.where(ok[:, None], v, np.nan)) for k, v in y_all.items()}
     paths = [p for v in model.meta.get("hierarchy_paths", {}).values() for p in v]
     decoder = model.decoder
@@ -137,6 +138,33 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
         log(f"  {len(problems)} images could not be read and are excluded (listed in metrics.json context)")
     log(f"report: {report}")
     return EvalResult(metrics, Path(report), len(cat), int((~ok).sum()))
+
+
+def _labelled(y: dict) -> np.ndarray:
+    """Rows with at least one label the model knows (any task)."""
+    have = [(v != MISSING) if v.ndim == 1 else ~np.isnan(v).all(axis=1) for v in y.values()]
+    return np.logical_or.reduce(have) if have else np.zeros(0, dtype=bool)
+
+
+def _require_known_labels(cat: Catalogue, model: CatalensModel, y: dict, data) -> None:
+    """Refuse to score data none of whose labels the model knows (metrics over n=0 mean nothing)."""
+    if len(cat) and _labelled(y).any():
+        return
+    lines = []
+    for t in model.tasks:
+        if t.kind == "class" and t.name in cat.frame:
+            seen = sorted({v for v in cat.frame[t.name] if isinstance(v, str)})
+            lines.append(f"task '{t.name}': the data's labels {seen[:8]}{' ...' if len(seen) > 8 else ''} "
+                         f"are not among the model's {len(t.classes)} classes {t.classes[:8]}"
+                         f"{' ...' if len(t.classes) > 8 else ''}")
+        elif t.kind == "class" or not any(c.startswith(f"{t.name}/") for c in cat.frame.columns):
+            lines.append(f"task '{t.name}': the data has no such task (its tasks: {cat.task_names})")
+        else:
+            lines.append(f"task '{t.name}': every tag is empty")
+    raise ValueError(f"none of the {len(cat)} images of '{data}' has a label the model knows, so there is "
+                     f"nothing to score:\n  " + "\n  ".join(lines) +
+                     "\nEvaluate on data labelled with the model's classes (listed in MODEL/model.json), "
+                     "or use 'catalens predict' for unlabelled data.")
 
 
 def _f(v) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from catalens.files import apply_umask_mode
 from catalens.ingest.images import ImageProblem, Preprocess, load_rgb
 from catalens.tasks import TaskInfo, hierarchy_levels
 
@@ -352,6 +353,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, parity_
     try:
         _torch_export(_wrapped_module(model), model.preprocess.size, names, tmp, opset)
         _set_metadata(tmp, desc)
+        apply_umask_mode(tmp)  # mkstemp made it 0600: a server account must be able to read it
         tmp.replace(out)
     finally:
         if tmp.exists():

@@ -30,6 +30,7 @@ import numpy as np
 from catalens.export.onnx import (INPUT_NAME, OnnxModel, _data_catalogue, _set_metadata, _versions, _write_json,
                                   decode_rows, default_onnx_path, ensure_onnx, file_sha256, read_description,
                                   sidecar_path, to_nchw)
+from catalens.files import apply_umask_mode
 
 _logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
                                         "activations": "uint8", "reduce_range": reduce_range,
                                         "calibration_images": int(len(calib)), "method": "MinMax"})
         _set_metadata(tmp_out, desc)
+        apply_umask_mode(tmp_out)
         os.replace(tmp_out, out)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 

@@ -84,8 +84,10 @@ class MultiTaskHead:
         n_epoch = sampling.epoch_size(len(X))  # len(X) unless down-sampling
         bs = min(p["batch_size"], max(16, n_epoch // 8))  # at least ~8 steps per epoch on small data
         steps_per_epoch = max(1, -(-n_epoch // bs))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=p["epochs"] * steps_per_epoch,
-                                                    pct_start=0.05, anneal_strategy="cos")
+        total = p["epochs"] * steps_per_epoch
+        # warm-up 5%, but at least 1.5 steps: OneCycleLR divides by zero when its warm-up ends on step 0
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=total,
+                                                    pct_start=min(0.75, max(0.05, 1.5 / total)), anneal_strategy="cos")
         has_val = X_val is not None and Y_val is not None and len(X_val) > 0
         if has_val:
             Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
@@ -192,11 +194,14 @@ class MultiTaskHead:
         """``head.safetensors`` + ``head.json`` (tasks, hyper-parameters, history)."""
         from safetensors.torch import save_file
 
+        from catalens.files import apply_umask_mode
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         net = self._check_fitted()
         state = {k: v.contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(folder / "head.safetensors"))
+        apply_umask_mode(folder / "head.safetensors")  # safetensors writes 0600
         meta = {"type": type(self).__name__, "in_dim": int(net.mean.numel()), "params": self.params,
                 "tasks": [t.to_dict() for t in self.tasks], "history": self.history_}
         (folder / "head.json").write_text(json.dumps(meta, indent=1))

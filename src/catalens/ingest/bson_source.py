@@ -18,7 +18,9 @@ dump ``D`` has the catalogue path ``"D::O:k"``, which :class:`BsonReader` (the
 catalogue's picklable ``reader``) resolves with one ``pread`` per call.
 
 Corrupt documents are skipped, counted and reported by byte offset in
-``catalogue.meta["problems"]``; see ``docs/bson.md``.
+``catalogue.meta["problems"]`` (and as ``corrupt_document`` lines of ``ingest/problems.csv``
+through ``meta["source_problems"]``); a dump with no usable document at all is refused.
+Pictures of products without a label belong to no split. See ``docs/bson.md``.
 
 pymongo is optional: without it indexing and reading pictures use the :mod:`struct`
 parser; :func:`iter_documents` and ids of unusual BSON types need it.
@@ -41,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from catalens.ingest.catalogue import Catalogue
+from catalens.ingest.images import PROBLEM_FIXES
 from catalens.ingest.sources import SOURCES
 from catalens.tasks import TaskInfo
 
@@ -822,6 +825,12 @@ def _warn_problems(path: Path, problems: list[dict]) -> None:
                       f"first: {first}. All are in catalogue.meta['problems'].", stacklevel=3)
 
 
+def _source_problem(dump: str, p: dict) -> dict:
+    """A skipped document as a problems.csv line (row: the byte offset, as no row number exists)."""
+    return {"row": p["offset"], "id": "", "path": f"{dump}{REF_SEP}{p['offset']}", "problem": "corrupt_document",
+            "detail": p["problem"], "fix": PROBLEM_FIXES["corrupt_document"]}
+
+
 @SOURCES.register("bson")
 class BsonSource:
     """A MongoDB BSON dump of products ``{_id, category_id, imgs: [{picture}]}`` (Cdiscount).
@@ -843,10 +852,19 @@ class BsonSource:
         cols, specs, notes = _label_columns(cats, find_category_table(path))
         for name, values in cols.items():
             frame[name] = pd.Series(values, index=frame.index, dtype=object)  # None stays None
+        if index.problems and not len(index.frame):
+            raise ValueError(f"BSON dump '{path}' holds no usable document: {len(index.problems)} problem(s), "
+                             f"first: {index.problems[0]['problem']}. Is it a MongoDB dump of products "
+                             f"{{_id, category_id, imgs: [{{picture}}]}}? See docs/bson.md")
+        unlabelled = frame[list(cols)].isna().all(axis=1).to_numpy()
+        # nothing to train or score on: not part of any split (None, like every source's missing split)
+        frame["split"] = pd.Series(np.where(unlabelled, None, frame["split"].to_numpy(dtype=object)),
+                                   index=frame.index, dtype=object)
         _warn_problems(path, index.problems)
         meta = {"name": path.stem, "dump": dump, "documents": len(index.frame),
                 "documents_seen": index.documents_seen, "documents_skipped": index.documents_seen - len(index.frame),
                 "problems": index.problems, "splits_from": SPLIT_RULE,
+                "source_problems": [_source_problem(dump, p) for p in index.problems],
                 "split_rule": "blake2b(product_id) % 100: <80 train, <90 val, else test",
                 "index": index.sidecar, "index_from_cache": index.from_cache, **notes}
         return Catalogue(frame=frame, tasks=_tasks(frame, specs), root=path.parent, source=self.name,

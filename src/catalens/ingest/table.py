@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from catalens.ingest.catalogue import Catalogue, class_tasks_from_frame, normalise_split
 from catalens.ingest.sources import SOURCES
@@ -66,7 +67,7 @@ class DatasetSpec(BaseModel):
     product: str | None = None     # column grouping several photos of one product
     split: str | None = None
     text: str | None = None
-    tasks: dict[str, TaskSpec]
+    tasks: dict[str, TaskSpec] = Field(min_length=1)
     name: str | None = None
 
 
@@ -83,20 +84,51 @@ def load_spec(path: Path) -> DatasetSpec:
     except ValidationError as e:
         lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise ValueError(f"dataset file '{path}' is invalid:\n" + "\n".join(lines) +
-                         "\nSee README 'Dataset files' for the keys.") from None
+                         "\nSee README.md, section 'Data: what DATA can be', for the keys.") from None
 
 
 def read_table(path: Path) -> pd.DataFrame:
     """A CSV or parquet table, with every column as read (ids kept as strings)."""
     if not path.exists():
         raise FileNotFoundError(f"table '{path}' does not exist (paths are relative to the dataset file)")
-    if path.suffix.lower() in {".parquet", ".pq"}:
-        return pd.read_parquet(path)
-    if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                           on_bad_lines="error")
-    raise ValueError(f"table '{path}' has suffix '{path.suffix}'; expected .csv, .tsv or .parquet")
+    suffix = path.suffix.lower()
+    if suffix not in {".parquet", ".pq", ".csv", ".tsv", ".txt"}:
+        raise ValueError(f"table '{path}' has suffix '{path.suffix}'; expected .csv, .tsv or .parquet")
+    try:
+        if suffix in {".parquet", ".pq"}:
+            return pd.read_parquet(path)
+        # utf-8-sig: a byte-order mark (Excel's CSV export) must not become part of the first column name;
+        # index_col=False + the warning as an error: rows longer than the header are refused, never
+        # silently shifted onto an index column
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
+                               na_values=[""], on_bad_lines="error", encoding="utf-8-sig", index_col=False)
+    except pd.errors.ParserWarning:
+        raise ValueError(f"table '{path}' has rows with more fields than its header line; name every column "
+                         f"in the header, and quote fields holding the separator") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"table '{path}' is not UTF-8 text ({_first_bad_utf8(path)}); re-save it as UTF-8 "
+                         f"(e.g. 'CSV UTF-8' in a spreadsheet)") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"table '{path}' is empty: expected a header line and one row per image") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:  # bad CSV rows, a corrupt parquet file
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"table '{path}' cannot be read: {first}; fix the file (a CSV field holding the "
+                         f"separator must be quoted)") from None
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits, as 'line L: byte b'\\xNN''."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return f"line {line}: byte {raw[e.start:e.start + 1]!r}"
+    return "an undecodable byte"
 
 
 def _image_paths(df: pd.DataFrame, template: str, root: Path) -> list[str]:
@@ -115,8 +147,45 @@ def _image_paths(df: pd.DataFrame, template: str, root: Path) -> list[str]:
     return [v if re.match(r"^[a-z]+://", v) or Path(v).is_absolute() else str(root / v) for v in values]
 
 
-def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root: Path) -> tuple[pd.DataFrame, list[str]]:
+#: spellings accepted in a 0/1 tag column (case-insensitive); an empty cell means unknown
+TAG_TRUE = frozenset({"1", "1.0", "true", "yes"})
+TAG_FALSE = frozenset({"0", "0.0", "false", "no"})
+
+
+def _tag_value(cell) -> float | None:
+    """One tag cell as 1.0 / 0.0 / NaN (empty), or None when it is none of the accepted spellings."""
+    if cell is None or (isinstance(cell, float) and np.isnan(cell)) or cell is pd.NA:
+        return np.nan
+    if isinstance(cell, (bool, np.bool_)):
+        return float(cell)
+    if isinstance(cell, (int, float, np.integer, np.floating)):
+        return float(cell) if cell in (0, 1) else None
+    text = str(cell).strip().lower()
+    if not text:
+        return np.nan
+    return 1.0 if text in TAG_TRUE else 0.0 if text in TAG_FALSE else None
+
+
+def _tag_values(cells: pd.DataFrame, name: str, where) -> pd.DataFrame:
+    """Tag cells → float 0/1/NaN; the first other value raises naming ``where(row)``, the tag and the fix."""
+    out = {}
+    for tag in cells.columns:
+        col = cells[tag].tolist()
+        values = [_tag_value(v) for v in col]
+        for r, v in enumerate(values):
+            if v is None:
+                raise ValueError(f"task '{name}': tag '{tag}' {where(r)} holds {col[r]!r}; expected 0 or 1 "
+                                 f"(also accepted: true/false, yes/no); leave the cell empty when unknown")
+        out[tag] = np.asarray(values, dtype=float)
+    return pd.DataFrame(out, index=cells.index)
+
+
+def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root: Path,
+                 table_name: str = "the table") -> tuple[pd.DataFrame, list[str]]:
     """0/1/NaN columns ``name/tag`` aligned with ``df`` rows."""
+    def main_row(r: int) -> str:
+        return f"of id '{df[id_col].iat[r]}' ('{table_name}' row {r + 2})"
+
     if spec.columns and spec.table:
         tt = read_table(root / spec.table)
         key = spec.key or id_col
@@ -129,27 +198,27 @@ def _tag_columns(name: str, spec: TaskSpec, df: pd.DataFrame, id_col: str, root:
             raise ValueError(f"task '{name}': table '{spec.table}' repeats key "
                              f"'{tt[key].astype(str)[dup].iloc[0]}' in column '{key}' "
                              f"({int(dup.sum())} repeats); keys must be unique")
-        tt = tt.set_index(tt[key].astype(str))
-        joined = tt.reindex(df[id_col].astype(str))[spec.columns]
-        values = joined.apply(pd.to_numeric, errors="coerce")
+        keys = tt[key].astype(str)
+        values = _tag_values(tt[spec.columns], name,
+                             lambda r: f"of id '{keys.iat[r]}' ('{spec.table}' row {r + 2})")
+        values = values.set_index(keys).reindex(df[id_col].astype(str))
         tags = list(spec.columns)
     elif spec.columns:
         missing = [c for c in spec.columns if c not in df]
         if missing:
-            raise ValueError(f"task '{name}': columns {missing} are not in the table")
-        values = df[spec.columns].apply(pd.to_numeric, errors="coerce")
+            raise ValueError(f"task '{name}': columns {missing} are not in '{table_name}'; "
+                             f"columns are {list(df.columns)}")
+        values = _tag_values(df[spec.columns], name, main_row)
         tags = list(spec.columns)
     else:
         col = spec.column or name
+        if col not in df:
+            raise ValueError(f"task '{name}': column '{col}' is not in '{table_name}'; "
+                             f"columns are {list(df.columns)}")
         cells = df[col]
         tags = sorted({t.strip() for v in cells.dropna() for t in str(v).split(spec.sep) if t.strip()})
         values = pd.DataFrame({t: [np.nan if not isinstance(v, str) else float(t in {s.strip() for s in v.split(spec.sep)})
                                    for v in cells] for t in tags})
-    bad = ~values.isin([0, 1]) & values.notna()
-    if bad.to_numpy().any():
-        r, c = np.argwhere(bad.to_numpy())[0]
-        raise ValueError(f"task '{name}': tag '{tags[c]}' of id '{df[id_col].iat[r]}' (table row {r + 2}) holds "
-                         f"{values.iat[r, c]:g}; expected 0 or 1 (or empty for unknown)")
     out = pd.DataFrame({f"{name}/{t}": values[t].to_numpy(dtype=float) for t in tags}, index=df.index)
     return out, tags
 
@@ -169,6 +238,8 @@ class TableSource:
         df = read_table(root / spec.table)
         if spec.id not in df:
             raise ValueError(f"id column '{spec.id}' is not in '{spec.table}'; columns are {list(df.columns)}")
+        for key in ("product", "split", "text"):
+            _require_column(df, getattr(spec, key), key, path, spec.table)
         ids = df[spec.id].astype(str)
         if ids.duplicated().any() and not spec.product:
             first = ids[ids.duplicated()].iloc[0]
@@ -193,7 +264,7 @@ class TableSource:
                 frame[name] = df[col].where(df[col].notna() & (df[col].astype(str).str.strip() != ""), None)
                 class_specs.append((name, t.parent))
             else:
-                cols, tags = _tag_columns(name, t, df, spec.id, root)
+                cols, tags = _tag_columns(name, t, df, spec.id, root, spec.table)
                 frame = pd.concat([frame, cols], axis=1)
                 tag_tasks.append(TaskInfo(name=name, kind="tags", classes=tags))
         tasks = class_tasks_from_frame(frame, class_specs) + tag_tasks
@@ -201,6 +272,13 @@ class TableSource:
         hierarchy_levels(tasks)  # validates parents now, naming the bad one
         return Catalogue(frame=frame, tasks=tasks, root=root, source=self.name,
                          meta={"dataset_file": str(path), "name": spec.name or path.stem})
+
+
+def _require_column(df: pd.DataFrame, column: str | None, key: str, spec_path: Path, table: str) -> None:
+    """Raise naming the dataset-file key, the table and its columns when ``column`` is absent."""
+    if column is not None and column not in df:
+        raise ValueError(f"dataset file '{spec_path}': {key}: column '{column}' is not in '{table}'; "
+                         f"columns are {list(df.columns)} (fix the name, or remove the '{key}' key)")
 
 
 def _ordered(tasks: list[TaskInfo], order: list[str]) -> list[TaskInfo]:

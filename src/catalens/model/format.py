@@ -40,8 +40,8 @@ FUSION_FILE = "fusion.json"
 MEMBERS_DIR = "members"
 #: what :meth:`CatalensModel.save` owns in a folder (anything else there is kept on re-save)
 WEIGHT_FILES = frozenset({DESCRIPTION_FILE, BACKBONE_FILE, HEAD_FILE, HEAD_JSON, TEXT_DIR})
-#: bounds on what a description may ask for (a tampered model.json fails at load, not at predict)
-MAX_IMAGE_SIDE = 4096
+#: bound on a class list (a tampered model.json fails at load, not at predict; the folder's other
+#: checks, preprocess sizes included, are in catalens.model.validate)
 MAX_CLASSES = 100_000
 
 
@@ -120,17 +120,6 @@ class ModelDescription(BaseModel):
             if len(set(t.classes)) != len(t.classes):
                 raise ValueError(f"task '{t.name}': class names repeat")
         hierarchy_levels([t.info() for t in v])  # a parent that is missing or a cycle raises here
-        return v
-
-    @field_validator("backbone")
-    @classmethod
-    def _backbone(cls, v: dict) -> dict:
-        pre = v.get("preprocess") or {}
-        for key in ("size", "resize"):
-            side = pre.get(key)
-            if side is not None and not (isinstance(side, int) and 1 <= side <= MAX_IMAGE_SIDE):
-                raise ValueError(f"backbone.preprocess.{key} = {side!r}; expected a whole number of pixels "
-                                 f"from 1 to {MAX_IMAGE_SIDE}")
         return v
 
     def task_infos(self) -> list[TaskInfo]:

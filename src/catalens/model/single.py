@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from catalens.embed.backbones import Backbone, backbone_from_description
+from catalens.files import apply_umask_mode
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.net import ProbabilityNet
 from catalens.model.decode import Decoder, load_text
@@ -99,6 +100,7 @@ class CatalensModel:
         tmp.mkdir(parents=True)
         state = {k: v.contiguous() for k, v in self.backbone.module.net.state_dict().items()}
         save_file(state, str(tmp / BACKBONE_FILE))
+        apply_umask_mode(tmp / BACKBONE_FILE)  # safetensors writes 0600 whatever the umask
         self.head.save(tmp)
         if self.text is not None:
             self.text.save(tmp / TEXT_DIR)

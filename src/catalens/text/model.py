@@ -178,6 +178,8 @@ class TitleModel:
         ``title_model.json`` (method, parameters, tasks)."""
         from safetensors.numpy import save_file
 
+        from catalens.files import apply_umask_mode
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._check_fitted().save(folder / "vectorizer.json")
@@ -186,6 +188,7 @@ class TitleModel:
             tensors[f"{name}.W"] = np.ascontiguousarray(W, dtype=np.float32)
             tensors[f"{name}.b"] = np.ascontiguousarray(b, dtype=np.float32)
         save_file(tensors, str(folder / "title_model.safetensors"))
+        apply_umask_mode(folder / "title_model.safetensors")  # safetensors writes 0600
         meta = {"method": self.method, "params": self.params, "tasks": [t.to_dict() for t in self.tasks]}
         (folder / "title_model.json").write_text(json.dumps(meta, indent=1))
 

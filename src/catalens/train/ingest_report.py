@@ -22,6 +22,7 @@ def problems_frame(cat: Catalogue, problems: list[dict]) -> pd.DataFrame:
         r = cat.frame.iloc[p["row"]]
         rows.append({"row": int(r["row"]), "id": r["id"], "path": r["path"], "problem": p["problem"],
                      "detail": p["detail"], "fix": PROBLEM_FIXES.get(p["problem"], "")})
+    rows += cat.meta.get("source_problems", [])  # found by the source: corrupt documents, empty folders
     return pd.DataFrame(rows, columns=["row", "id", "path", "problem", "detail", "fix"])
 
 
@@ -43,7 +44,7 @@ def write_ingest_report(folder: Path, cat: Catalogue, problems: list[dict], note
                             "note": n["note"]} for n in notes])
         nf.to_csv(folder / "conversions.csv", index=False)
     counts = {s: cat.class_counts(s) for s in ("train", "val", "test") if cat.has_split(s)}
-    summary = {"images": len(cat), "excluded": len(pf), "problems": dict(Counter(pf["problem"])),
+    summary = {"images": len(cat), "excluded": len(problems), "problems": dict(Counter(pf["problem"])),
                "converted": dict(Counter(n["note"].split(" (")[0] for n in notes)),
                "small_classes": small_classes(cat, min_count), "class_counts": counts,
                "unknown_labels": cat.meta.get("unknown_labels", {})}
@@ -58,7 +59,7 @@ def format_summary(summary: dict, folder: Path) -> str:
         lines.append(f"  {n:6d} {code}: {PROBLEM_FIXES.get(code, '')}")
     for what, n in sorted(summary["converted"].items()):
         lines.append(f"  {n:6d} {what} (kept)")
-    if summary["excluded"]:
+    if summary["problems"]:
         lines.append(f"  full list: {folder / 'problems.csv'}")
     train = summary["class_counts"].get("train", {})
     for task, counts in train.items():
