@@ -29,7 +29,7 @@ MULTI = "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300"
 
 
 def load(cfg):
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.ingest.open import open_catalogue
     from catalens.embed.features import catalogue_features
     from catalens.train.pipeline import _drop_unlabelled, known_paths, training_tasks

@@ -146,7 +146,7 @@ def main() -> None:
     if not (SHARED_DATA / "fashion-products").exists():
         print(f"fashion-products not found under {SHARED_DATA}; skipped")
         return
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.factory import create_backbone
     from catalens.embed.runtimes import choose_runtime, make_runner
     from catalens.ingest.images import load_rgb
     from catalens.ingest.open import open_catalogue

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import SHARED_DATA, publish, table  # noqa: E402
 
 from catalens.embed import runtimes as rt  # noqa: E402
-from catalens.embed.backbones import create_backbone  # noqa: E402
+from catalens.embed.factory import create_backbone  # noqa: E402
 from catalens.embed.cache import EmbeddingCache  # noqa: E402
 from catalens.embed.decode import DecodeJob, decode_one, decode_rate  # noqa: E402
 from catalens.embed.engine import EngineConfig, embed_catalogue, plan, stream_features  # noqa: E402

@@ -59,7 +59,7 @@ def plain_loop(paths: list[str]) -> float:
     import torch
     from PIL import Image
 
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.factory import create_backbone
 
     b = create_backbone("efficientnet_lite0")
     net = b.module.eval()
@@ -80,7 +80,7 @@ def plain_loop(paths: list[str]) -> float:
 
 
 def engine_rate(data: Path, cache: str, limit: int) -> float:
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.factory import create_backbone
     from catalens.embed.cache import EmbeddingCache
     from catalens.embed.engine import embed_catalogue
     from catalens.ingest.open import open_catalogue

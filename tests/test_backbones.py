@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from catalens.embed.backbones import BACKBONES, BackboneError, backbone_from_description, create_backbone
+from catalens.embed.backbones import BACKBONES, BackboneError
+from catalens.embed.factory import backbone_from_description, create_backbone
 from catalens.embed.cache import EmbeddingCache
 
 
@@ -88,7 +89,8 @@ def test_cache_round_trip_and_resume(tmp_path):
 def test_input_size_and_crop_from_config(lite0):
     """backbone.image_size / crop_pct change the preprocessing, the cache key, and survive a round trip."""
     from catalens.config import load_config
-    from catalens.embed.backbones import backbone_from_config, with_input
+    from catalens.embed.backbones import with_input
+    from catalens.embed.factory import backbone_from_config
 
     big = with_input(lite0, image_size=256, crop_pct=1.0)
     assert big.preprocess.size == 256 and big.preprocess.resize == 256

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from catalens.model.single import CatalensModel
 from catalens.config import load_config
-from catalens.embed.backbones import create_backbone
+from catalens.embed.factory import create_backbone
 from catalens.ingest.images import load_rgb
 from catalens import distributed as ddp
 from catalens.train.pipeline import train

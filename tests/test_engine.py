@@ -12,7 +12,7 @@ import torch
 
 from catalens.embed import engine as engine_mod
 from catalens.embed import runtimes as rt
-from catalens.embed.backbones import create_backbone
+from catalens.embed.factory import create_backbone
 from catalens.embed.cache import EmbeddingCache
 from catalens.embed.engine import EngineConfig, embed_catalogue, plan, stream_features
 from catalens.ingest.catalogue import Catalogue

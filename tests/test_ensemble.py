@@ -9,7 +9,7 @@ import torch
 
 from catalens.model.single import CatalensModel
 from catalens.config import load_config
-from catalens.embed.backbones import create_backbone
+from catalens.embed.factory import create_backbone
 from catalens.model.ensemble import EnsembleError, EnsembleModel, build_ensemble
 from catalens.synthetic import make_folder_dataset
 from catalens.model.tta import TTABackbone, apply_model_tta, with_tta

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from catalens.model.single import CatalensModel
 from catalens.config import load_config
-from catalens.embed.backbones import create_backbone
+from catalens.embed.factory import create_backbone
 from catalens.ingest.images import Preprocess, load_rgb
 from catalens.synthetic import make_folder_dataset
 from catalens.train import finetune as ft

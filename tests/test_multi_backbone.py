@@ -7,7 +7,8 @@ import torch
 
 from catalens.model.single import CatalensModel
 from catalens.config import load_config
-from catalens.embed.backbones import BackboneError, backbone_from_description, create_backbone
+from catalens.embed.backbones import BackboneError
+from catalens.embed.factory import backbone_from_description, create_backbone
 from catalens.embed.multi import MultiBackbone, shared_preprocess
 from catalens.ingest.images import Preprocess
 from catalens.synthetic import make_folder_dataset

@@ -87,7 +87,7 @@ def test_cli_profile_backbone_json(tmp_path, capsys):
 def test_profile_model_folder(tmp_path):
     from safetensors.torch import save_file
 
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.factory import create_backbone
 
     bb = create_backbone("test_efficientnet", weights="random")
     folder = tmp_path / "model"

@@ -69,7 +69,7 @@ def test_example_run_configurations_load_and_build(name):
     """The run configurations in examples/ are valid, and their backbone builds."""
     from pathlib import Path
 
-    from catalens.embed.backbones import create_backbone
+    from catalens.embed.factory import create_backbone
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / name)
     bb = create_backbone(cfg.backbone.name, "random", cfg.backbone.image_size, cfg.backbone.crop_pct)

@@ -34,7 +34,7 @@ _API = {
     "load_config": ("catalens.config", "load_config"),
     "Config": ("catalens.config", "Config"),
     "open_catalogue": ("catalens.ingest.open", "open_catalogue"),
-    "create_backbone": ("catalens.embed.backbones", "create_backbone"),
+    "create_backbone": ("catalens.embed.factory", "create_backbone"),
     "create_head": ("catalens.heads", "create_head"),
     "train_model": ("catalens.train.pipeline", "train"),
     "evaluate_model": ("catalens.evaluate.pipeline", "evaluate_model"),

@@ -235,7 +235,8 @@ def profile_module(module: nn.Module, input_size: int, batch: int = 32, runtimes
 def profile_target(target: str, weights: str | None = None, **kw) -> dict:
     """Profile a backbone name (registry or timm, ``weights`` as in ``create_backbone``) or a
     model folder (``model.json`` + ``backbone.safetensors``)."""
-    from catalens.embed.backbones import backbone_from_description, create_backbone, read_state_dict
+    from catalens.embed.backbones import read_state_dict
+    from catalens.embed.factory import backbone_from_description, create_backbone
 
     t = time.perf_counter()
     folder = Path(target)

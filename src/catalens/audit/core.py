@@ -149,7 +149,7 @@ def audit_catalogue(cat: Catalogue, cfg: Config | None = None, near: float | Non
 
 
 def _near_groups(cat: Catalogue, keys: list[str | None], cfg: Config, threshold: float, block: int, log):
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.embed.features import catalogue_features
 
     first: dict[str, int] = {}

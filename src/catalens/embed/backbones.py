@@ -193,51 +193,6 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
     return Backbone(name, name, FeatureExtractor(net.eval(), pre), pre, origin)
 
 
-def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
-                    image_size: int | None = None, crop_pct: float | None = None) -> Backbone:
-    """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
-
-    ``NAME@SIZE`` feeds a backbone at another input side; ``A+B+...`` concatenates the
-    features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct`` applies to each.
-    """
-    specs = [s.strip() for s in name.split("+")]
-    if len(specs) == 1:
-        base, size = _parse_spec(specs[0])
-        return with_input(_create_one(base, weights), image_size or size, crop_pct)
-    from catalens.embed.multi import multi_backbone
-
-    if weights not in (None, "random"):
-        raise BackboneError(f"a weights file belongs to one backbone, but '{name}' names {len(specs)}; "
-                            f"train with each backbone alone, or use offline/hub weights for all")
-    if image_size:
-        raise BackboneError(f"image_size {image_size} is ambiguous for '{name}': give each member its "
-                            f"side as NAME@SIZE, e.g. efficientnet_lite0@256+efficientnet_lite1@272")
-    members = []
-    for spec in specs:
-        base, size = _parse_spec(spec)
-        members.append(with_input(_create_one(base, weights), size, crop_pct))
-    return multi_backbone(members, name)
-
-
-def _parse_spec(spec: str) -> tuple[str, int | None]:
-    """``"efficientnet_lite1@272"`` → ``("efficientnet_lite1", 272)``."""
-    base, _, size = spec.partition("@")
-    if not base:
-        raise BackboneError(f"empty backbone name in '{spec}'; write NAME or NAME@SIZE joined by '+'")
-    if not size:
-        return base, None
-    if not size.isdigit() or not 32 <= int(size) <= 1024:
-        raise BackboneError(f"'{spec}': the input side after '@' must be a whole number of pixels "
-                            f"from 32 to 1024, e.g. {base}@256")
-    return base, int(size)
-
-
-def _create_one(name: str, weights: str | None) -> Backbone:
-    if name in BACKBONES:
-        return BACKBONES.create(name, weights=weights)
-    return _timm_backbone(name, weights)
-
-
 def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: float | None = None) -> Backbone:
     """``backbone`` fed at another input side and/or centre-crop share (same weights, own cache key).
 
@@ -256,22 +211,3 @@ def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: floa
     pre = replace(pre, size=size, resize=max(size, int(round(size / pct))))
     module = FeatureExtractor(backbone.module.net, pre).eval()
     return replace(backbone, module=module, preprocess=pre)
-
-
-def backbone_from_config(bc) -> Backbone:
-    """The backbone a :class:`catalens.config.BackboneConfig` describes (name, weights, input)."""
-    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct)
-
-
-def backbone_from_description(desc: dict, state: dict) -> Backbone:
-    """Rebuild a backbone saved in a model folder (architecture + its own weights)."""
-    if desc["arch"] == "concat":  # several backbones side by side (catalens.embed.multi)
-        from catalens.embed.multi import member_state, multi_backbone
-
-        members = [backbone_from_description(d, member_state(state, i)) for i, d in enumerate(desc["members"])]
-        return multi_backbone(members, desc["name"])
-    timm = import_timm()
-    net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
-    net.load_state_dict(state, strict=True)
-    pre = Preprocess.from_dict(desc["preprocess"])
-    return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])

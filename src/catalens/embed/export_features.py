@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from catalens.config import Config
-from catalens.embed.backbones import backbone_from_config
+from catalens.embed.factory import backbone_from_config
 from catalens.ingest.open import open_catalogue
 
 _logger = logging.getLogger(__name__)

@@ -97,7 +97,7 @@ class GraphModel:
         (decoded in threads, one graph run per batch, titles fused by the decoder)."""
         from catalens.embed.decode import DecodeJob, decode_one
         from catalens.ingest.images import DEFAULT_MAX_PIXELS
-        from catalens.model.predictor import ProbabilityBlock, catalogue_titles
+        from catalens.model.blocks import ProbabilityBlock, catalogue_titles
 
         job = DecodeJob(reader=cat.reader, pre=self.graph.preprocess, max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
                         hash_content=False)

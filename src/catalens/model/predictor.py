@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from catalens.ingest.catalogue import Catalogue
+from catalens.model.blocks import ProbabilityBlock, catalogue_titles
 from catalens.model.decode import BASE_COLUMNS, arrow_schema, column_names
 
 logger = logging.getLogger(__name__)
@@ -63,24 +63,6 @@ def base_columns(cat: Catalogue, rows: np.ndarray, problems: dict[int, str], tru
     for n in true_tasks:
         cols[f"true_{n}"] = [v if isinstance(v, str) else None for v in f[n]]
     return cols
-
-
-def catalogue_titles(cat: Catalogue, rows: np.ndarray):
-    """The titles of ``rows`` (None where a row has none), or None when the catalogue has no
-    title column."""
-    if "text" not in cat.frame or cat.frame["text"].isna().all():
-        return None
-    return cat.frame["text"].to_numpy(dtype=object)[rows]
-
-
-@dataclass
-class ProbabilityBlock:
-    """Fused probabilities of consecutive catalogue rows (``ok``: the photo decoded)."""
-
-    rows: np.ndarray
-    ok: np.ndarray
-    probs: dict[str, np.ndarray]
-    problems: dict[int, str]
 
 
 def stream_probabilities(model, cat: Catalogue, cache=None, engine=None) -> Iterator[ProbabilityBlock]:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalens.embed.backbones import Backbone, backbone_from_description
+from catalens.embed.backbones import Backbone
+from catalens.embed.factory import backbone_from_description
 from catalens.files import apply_umask_mode
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.net import ProbabilityNet

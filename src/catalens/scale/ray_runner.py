@@ -238,7 +238,7 @@ class InferStage:
         else:
             from safetensors.torch import load as load_tensors
 
-            from catalens.embed.backbones import backbone_from_description
+            from catalens.embed.factory import backbone_from_description
 
             self.model = None
             self.backbone = backbone_from_description(payload["desc"], load_tensors(payload["state"]))
@@ -472,7 +472,7 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
     import ray
     from safetensors.torch import save as save_tensors
 
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.embed.cache import EmbeddingCache
     from catalens.ingest.open import open_catalogue
 

@@ -70,7 +70,7 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     split); ``'pool'``: every label in train + val (cross-validation).
     """
     log = log or _logger.info
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.ingest.open import open_catalogue
     from catalens.embed.features import catalogue_features
     from catalens.train.pipeline import _drop_unlabelled, training_tasks

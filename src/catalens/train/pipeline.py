@@ -14,7 +14,7 @@ import numpy as np
 
 from catalens.model.single import CatalensModel
 from catalens.config import Config
-from catalens.embed.backbones import backbone_from_config
+from catalens.embed.factory import backbone_from_config
 from catalens.heads import create_head
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.open import open_catalogue

@@ -125,7 +125,7 @@ def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Con
                     log=None):
     """``score(config) -> (objective on val, epochs)`` of fine-tuning from one linear probe."""
     log = log or _logger.info
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.train.finetune import DivergedError, check_finetunable, finetune, views_key
 
     backbone = backbone_from_config(cfg.backbone)
