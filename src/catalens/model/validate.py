@@ -159,7 +159,7 @@ def check_description(meta: dict, where: Path | str = "model.json") -> None:
     except ValueError as e:
         raise ModelFolderError(f"'{where}': {e}") from None
     tta = meta.get("tta") or []
-    from catalens.tta import VIEWS
+    from catalens.model.tta import VIEWS
 
     if not isinstance(tta, list) or any(v not in VIEWS for v in tta):
         raise ModelFolderError(f"'{where}': tta {tta!r} names unknown views; valid views: {', '.join(VIEWS)}")
