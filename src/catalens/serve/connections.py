@@ -102,6 +102,10 @@ class GuardedH11Protocol(H11Protocol):
             return
         if self.conn.their_state is h11.IDLE and len(self._head) <= LIMITS.max_head_bytes:
             self._head += data[: LIMITS.max_head_bytes + 1 - len(self._head)]
+            if len(self._head) > LIMITS.max_head_bytes and b"\r\n\r\n" not in self._head:
+                # h11 checks its limit on incomplete heads only: one read can bring a whole big head
+                self.send_400_response("the request head is too long")
+                return
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE and self._head_timer is not None and self._app_busy():
             self._head_timer.cancel()      # a whole head arrived: the app has the request now
