@@ -25,7 +25,7 @@ from test_serve import err, expected, metric, metrics, running_server
 from catalens.serve.app import DecodeCost, decode_cost, script_json
 
 LIMITS = ("--max-decode-mb", "2", "--max-queue", "4", "--max-images", "4", "--max-batch", "4",
-          "--head-timeout", "1", "--body-timeout", "1")
+          "--head-timeout", "1", "--body-timeout", "1", "--max-upload-mb", "1", "--max-inflight-mb", "1")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def guarded(model, tmp_path_factory):
-    """A server with small limits: 2 MiB decode budget, queue of 4 images, 1 s head and body timeouts."""
+    """A server with small limits: 2 MiB decode budget, queue of 4 images, 1 s head and body timeouts,
+    1 MiB uploads and 1 MiB of request bodies in memory at once."""
     log = tmp_path_factory.mktemp("serve-abuse") / "server.log"
     with running_server(model, *LIMITS, log=log) as (url, _):
         yield url
@@ -102,6 +103,10 @@ def test_decode_cost_reads_the_header_only_and_counts_bytes_per_pixel():
     Image.new("RGB", (4000, 3000), (200, 10, 10)).save(buf, "JPEG")
     # a JPEG is measured after the decoder's 1/8 downscaling that load_rgb asks for (short side >= 256)
     assert decode_cost(buf.getvalue(), 256, 10**9) == DecodeCost(500, 375, "RGB", 3, "JPEG")
+    # a progressive JPEG holds all its DCT coefficients (2 bytes each; 4:2:0 chroma: 1.5 per pixel)
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 10, 10)).save(buf, "JPEG", progressive=True, quality=80)
+    assert decode_cost(buf.getvalue(), 256, 10**9) == DecodeCost(4000, 3000, "RGB", 3.0, "progressive JPEG")
     buf = io.BytesIO()
     Image.new("RGBA", (300, 200)).save(buf, "PNG")
     assert decode_cost(buf.getvalue(), 256, 10**9).bytes == 300 * 200 * 4
@@ -229,6 +234,24 @@ def test_overload_is_shed_with_503_and_retry_after(guarded, photos):
     assert metric(after, "catalens_shed_total") - metric(before, "catalens_shed_total") == statuses[503]
     assert metric(after, "catalens_errors_total", code="overloaded") - \
         metric(before, "catalens_errors_total", code="overloaded") == statuses[503]
+
+
+def test_request_bodies_held_in_memory_are_bounded(guarded, photos):
+    host, port = guarded.removeprefix("http://").split(":")
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 734003\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=6) as slow:
+        slow.sendall(head + b"\xff\xd8")          # 0.7 MiB announced, 2 bytes sent: its reservation holds
+        time.sleep(0.3)
+        raw, seconds = raw_exchange(guarded, head)
+        status, headers, body = answer(raw)
+        assert (status, headers["retry-after"], headers["connection"]) == (503, "1", "close")
+        assert body["error"] == {"code": "overloaded", "message": (
+            "the server holds 0.7 MiB of request bodies, 0.7 MiB more would pass the limit of 1 MiB (server "
+            "option --max-inflight-mb); retry after 1 s")}
+        assert seconds < 0.5
+        assert answer(slow.recv(65536))[0] == 408    # the slow one times out, which frees its share
+    with httpx.Client(base_url=guarded, timeout=10) as c:
+        assert c.post("/v1/predict", content=photos[0], headers={"content-type": "image/jpeg"}).status_code == 200
 
 
 def test_connections_over_the_limit_get_503(model, tmp_path):

@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="images decoding or waiting for a batch, per worker, beyond which requests get 503 "
                         "with Retry-After (default 256; at least --max-images)")
+    p.add_argument("--max-inflight-mb", type=float, default=256.0,
+                   help="request bodies held in memory at once, per worker, in MiB, beyond which requests get "
+                        "503 with Retry-After (default 256; at least --max-upload-mb)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections per worker beyond which new ones get 503 (default 256)")
     p.add_argument("--head-timeout", type=float, default=10.0,
@@ -65,6 +68,9 @@ def run(args) -> int:
                     ("--body-timeout", args.body_timeout)):
         if not v > 0:
             raise ValueError(f"{flag} must be > 0, got {v}")
+    if args.max_inflight_mb < args.max_upload_mb:
+        raise ValueError(f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb "
+                         f"({args.max_upload_mb:g}): otherwise a request of the allowed size could never be served")
     if args.max_queue < args.max_images:
         raise ValueError(f"--max-queue ({args.max_queue}) must be at least --max-images ({args.max_images}): "
                          f"otherwise a request with --max-images photos could never be served")
@@ -76,7 +82,7 @@ def run(args) -> int:
                              threads=args.threads, decode_threads=args.decode_threads, workers=args.workers,
                              top_k=args.top_k, max_decode_mb=args.max_decode_mb, max_queue=args.max_queue,
                              max_connections=args.max_connections, head_timeout=args.head_timeout,
-                             body_timeout=args.body_timeout)
+                             body_timeout=args.body_timeout, max_inflight_mb=args.max_inflight_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the server is reachable from other machines (no authentication)")
     print(f"serving {settings.name or model.resolve().name} on http://{args.host}:{args.port} "

@@ -49,6 +49,7 @@ STATIC = Path(__file__).with_name("static")
 IMAGE_STATUS = 422  # a file that arrived but is not a usable photo
 RETRY_AFTER_S = 1   # what a shed request is told to wait
 DOCS_ASSETS_URL = "/docs-assets"
+_BODY_KEY = "catalens_body_bytes"
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ServeSettings:
     head_timeout: float = 10.0         # seconds for a request head to arrive
     body_timeout: float = 60.0         # seconds for a request body to arrive
     max_connections: int = 256         # open connections per worker before 503
+    max_inflight_mb: float = 256.0     # request bodies held at once per worker (MiB) before 503
 
     @property
     def max_decode_bytes(self) -> int:
@@ -109,6 +111,7 @@ class ServerState:
         self.threads = settings.threads or max(1, cpus // max(1, settings.workers))
         self.decode_threads = settings.decode_threads or max(1, min(4, cpus))
         self.decoding = 0
+        self.body_bytes = 0  # request bodies being read or processed (reserve_body)
         self.ready = False
         self.model = None
         self.text = None     # title model fused with the image head (MODEL/text), when the model has one
@@ -238,6 +241,29 @@ class ServerState:
                                                 f"--max-queue); retry after {RETRY_AFTER_S} s",
                              headers={"Retry-After": str(RETRY_AFTER_S)})
 
+    def reserve_body(self, scope: dict, declared: str | None) -> None:
+        """Count a request body against ``max_inflight_mb`` (its Content-Length, or the upload limit when
+        chunked) until the request ends (:meth:`release_body`, called by the middleware); 503 beyond."""
+        limit = self.settings.max_upload_bytes
+        try:
+            n = min(int(declared), limit) if declared is not None else limit
+        except ValueError:
+            n = limit       # read_limited answers the bad header
+        n = max(n, 0)
+        budget = int(self.settings.max_inflight_mb * 2**20)
+        if self.body_bytes + n > budget:
+            self.metrics.shed.inc()
+            raise P.ApiError(503, "overloaded", f"the server holds {self.body_bytes / 2**20:.1f} MiB of request "
+                                                f"bodies, {n / 2**20:.1f} MiB more would pass the limit of "
+                                                f"{budget / 2**20:g} MiB (server option --max-inflight-mb); retry "
+                                                f"after {RETRY_AFTER_S} s",
+                             headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+        self.body_bytes += n
+        scope.setdefault("state", {})[_BODY_KEY] = n
+
+    def release_body(self, scope: dict) -> None:
+        self.body_bytes -= (scope.get("state") or {}).pop(_BODY_KEY, 0)
+
     def check_ready(self) -> None:
         if not self.ready:
             raise P.ApiError(503, "not_ready", "the model is loading or the server is shutting down; retry shortly")
@@ -265,25 +291,26 @@ class ServerState:
         own = asyncio.Semaphore(max(1, self.decode_threads // 2))  # leave decode threads to other requests
 
         async def decode_one(data: bytes):
-            try:
-                async with own, self.decode_slots:
-                    return await loop.run_in_executor(self.decode_pool, self._decode, data)
-            finally:
-                self.decoding -= 1
+            async with own, self.decode_slots:
+                return await loop.run_in_executor(self.decode_pool, self._decode, data)
 
-        decoded = await asyncio.gather(*(decode_one(d) for d in images), return_exceptions=True)
-        self._queue_gauge()
-        self._raise_first_problem(decoded, names)
-        for _, ms in decoded:
-            self.metrics.decode.observe(ms / 1000.0)
-        try:
-            results = await asyncio.gather(*(self.batcher.submit(px) for px, _ in decoded))
-        except Overloaded as e:
+        try:   # the images stay counted in pending() until they are in the batcher's queue
+            decoded = await asyncio.gather(*(decode_one(d) for d in images), return_exceptions=True)
+            self._raise_first_problem(decoded, names)
+            for _, ms in decoded:
+                self.metrics.decode.observe(ms / 1000.0)
+            futures = [self.batcher.enqueue(px) for px, _ in decoded]
+        except Overloaded as e:   # not expected: admission (shed_if_full) keeps the queue within its limit
             self.metrics.shed.inc()
-            raise P.ApiError(503, "overloaded", f"{e}; retry after {RETRY_AFTER_S} s",
+            raise P.ApiError(503, "overloaded", f"the server is busy ({e}, server option --max-queue); retry "
+                                                f"after {RETRY_AFTER_S} s",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except RuntimeError as e:
             raise P.ApiError(503, "not_ready", str(e)) from None
+        finally:
+            self.decoding -= len(images)
+            self._queue_gauge()
+        results = await asyncio.gather(*futures)
         if titles is not None and self.text is not None:
             fused = await loop.run_in_executor(None, self._fuse, [p for p, _ in results], titles)
             results = [(p, info) for p, (_, info) in zip(fused, results)]
@@ -332,15 +359,16 @@ class DecodeCost:
     width: int
     height: int
     mode: str
-    bytes_per_pixel: int
+    bytes_per_pixel: float
     format: str | None
 
     @property
     def bytes(self) -> int:
-        return self.width * self.height * self.bytes_per_pixel
+        return int(self.width * self.height * self.bytes_per_pixel)
 
     def describe(self) -> str:
-        return f"a {self.width}x{self.height} {self.format or 'image'} ({self.mode}, {self.bytes_per_pixel} bytes per pixel)"
+        return (f"a {self.width}x{self.height} {self.format or 'image'} ({self.mode}, "
+                f"{self.bytes_per_pixel:g} bytes per pixel)")
 
     def side_within(self, budget: int) -> str:
         """The largest size of the same aspect ratio that fits ``budget``."""
@@ -351,16 +379,24 @@ class DecodeCost:
 def decode_cost(data: bytes, draft_to: int, max_pixels: int) -> DecodeCost:
     """Read a photo's header only (no pixel is decoded) and say what decoding it will cost.
 
-    JPEGs are measured after the decoder's own downscaling to at least ``draft_to`` px (the same
-    ``draft`` that :func:`catalens.ingest.images.load_rgb` applies), so a big JPEG costs 1/64 of its
-    pixels; PNG, TIFF, WebP... have no such reduction and cost their full size. Raises
-    :class:`ImageProblem` for empty files, non-images and bombs (``max_pixels``)."""
+    Baseline JPEGs are measured after the decoder's own downscaling to at least ``draft_to`` px (the
+    same ``draft`` that :func:`catalens.ingest.images.load_rgb` applies), so a big one costs 1/64 of
+    its pixels. A progressive JPEG keeps every DCT coefficient of the full image while it decodes
+    (2 bytes each; 3 bytes per pixel with 4:2:0 chroma), whatever the output size. PNG, TIFF,
+    WebP... have no reduced decoding in Pillow and cost their full size in their own mode (a 16-bit
+    PNG: 2 bytes per pixel per channel). Raises :class:`ImageProblem` for empty files, non-images
+    and bombs (``max_pixels``)."""
     from PIL import ImageMode
 
     from catalens.ingest.images import open_image
 
     im = open_image(data, max_pixels)
     try:
+        if im.format == "JPEG" and (im.info.get("progressive") or im.info.get("progression")):
+            layers = getattr(im, "layer", None) or [(None, 1, 1, None)]
+            hmax, vmax = max(la[1] for la in layers), max(la[2] for la in layers)
+            per_pixel = 2 * sum(la[1] * la[2] for la in layers) / (hmax * vmax)
+            return DecodeCost(im.size[0], im.size[1], im.mode, per_pixel, "progressive JPEG")
         if im.format == "JPEG":
             im.draft("RGB", (draft_to, draft_to))
         m = ImageMode.getmode(im.mode)
@@ -411,6 +447,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            self.state.release_body(scope)
             m.in_flight.dec()
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
@@ -522,6 +559,7 @@ def create_app(settings: ServeSettings):
         from starlette.requests import ClientDisconnect
 
         expect = request.headers.get("expect", "").lower() == "100-continue"
+        state.reserve_body(request.scope, request.headers.get("content-length"))
         try:
             async with asyncio.timeout(settings.body_timeout):
                 return await P.read_limited(request.stream(), settings.max_upload_bytes,

@@ -91,14 +91,19 @@ class MicroBatcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalens-infer")
         self._task = asyncio.create_task(self._collect(), name="catalens-batcher")
 
-    async def submit(self, pixels: np.ndarray) -> tuple[dict[str, np.ndarray], BatchInfo]:
+    def enqueue(self, pixels: np.ndarray) -> asyncio.Future:
+        """Queue one image now; the future gets ``(probs, BatchInfo)``. Raises :class:`Overloaded`
+        when ``max_queue`` images wait already, RuntimeError when the batcher is not running."""
         if not self.running:
             raise RuntimeError("the batcher is not running (server starting or shutting down)")
         if self.max_queue is not None and self.depth >= self.max_queue:
-            raise Overloaded(f"{self.depth} images wait for inference, the queue's limit is {self.max_queue}")
+            raise Overloaded(f"{self.depth} images wait for inference, the limit is {self.max_queue}")
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Item(pixels, fut, time.perf_counter()))
-        return await fut
+        return fut
+
+    async def submit(self, pixels: np.ndarray) -> tuple[dict[str, np.ndarray], BatchInfo]:
+        return await self.enqueue(pixels)
 
     async def stop(self) -> None:
         """Finish every queued image, then stop the collector and the inference thread."""
