@@ -72,12 +72,17 @@ def raw_exchange(url: str, data: bytes, wait: float = 6.0) -> tuple[bytes, float
         t0 = time.perf_counter()
         if data:
             s.sendall(data)
-        out = b""
-        while True:
-            chunk = s.recv(65536)   # socket.timeout (a test failure) when the server never closes
-            if not chunk:
-                return out, time.perf_counter() - t0
-            out += chunk
+        return read_to_end(s), time.perf_counter() - t0
+
+
+def read_to_end(s: socket.socket) -> bytes:
+    """Everything until the server closes the connection (socket.timeout, a failure, if it never does)."""
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
 
 
 def answer(raw: bytes) -> tuple[int, dict, dict]:
@@ -249,7 +254,7 @@ def test_request_bodies_held_in_memory_are_bounded(guarded, photos):
             "the server holds 0.7 MiB of request bodies, 0.7 MiB more would pass the limit of 1 MiB (server "
             "option --max-inflight-mb); retry after 1 s")}
         assert seconds < 0.5
-        assert answer(slow.recv(65536))[0] == 408    # the slow one times out, which frees its share
+        assert answer(read_to_end(slow))[0] == 408   # the slow one times out, which frees its share
     with httpx.Client(base_url=guarded, timeout=10) as c:
         assert c.post("/v1/predict", content=photos[0], headers={"content-type": "image/jpeg"}).status_code == 200
 

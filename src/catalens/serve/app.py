@@ -40,6 +40,7 @@ from fastapi import Request
 
 from catalens.ingest.images import DEFAULT_MAX_PIXELS, ImageProblem, load_rgb
 from catalens.serve import protocols as P
+from catalens.serve import schemas as S
 from catalens.serve.batching import MicroBatcher, Overloaded
 from catalens.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 
@@ -467,7 +468,7 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-BODY_MODELS = (P.TFPredictRequest, P.KServeInferRequest)  # request schemas added to the OpenAPI components
+BODY_MODELS = (S.TFPredictRequest, S.KServeInferRequest)  # request schemas added to the OpenAPI components
 
 
 def _json_body(model, **more_content) -> dict:
@@ -476,8 +477,8 @@ def _json_body(model, **more_content) -> dict:
     return {"requestBody": {"required": True, "content": content}}
 
 
-_TF_BODY = _json_body(P.TFPredictRequest)
-_KS_BODY = _json_body(P.KServeInferRequest, **{"application/octet-stream": {
+_TF_BODY = _json_body(S.TFPredictRequest)
+_KS_BODY = _json_body(S.KServeInferRequest, **{"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"},
     "description": "binary tensor extension: JSON header of Inference-Header-Content-Length bytes, then the data"}})
 
@@ -488,7 +489,7 @@ def _errors(*statuses: int) -> dict:
             408: "the body did not arrive in time", 413: "too large (body, images, decoded pixels)",
             415: "unsupported Content-Type", 422: "a photo that cannot be used (not_an_image, truncated, ...)",
             503: "overloaded (Retry-After) or not ready"}
-    return {s: {"model": P.ErrorResponse, "description": what.get(s, "error")} for s in statuses}
+    return {s: {"model": S.ErrorResponse, "description": what.get(s, "error")} for s in statuses}
 
 
 PREDICT_ERRORS = _errors(400, 408, 413, 415, 422, 503)
@@ -561,10 +562,10 @@ def create_app(settings: ServeSettings):
         expect = request.headers.get("expect", "").lower() == "100-continue"
         state.reserve_body(request.scope, request.headers.get("content-length"))
         try:
-            async with asyncio.timeout(settings.body_timeout):
-                return await P.read_limited(request.stream(), settings.max_upload_bytes,
-                                            request.headers.get("content-length"), expect_continue=expect)
-        except TimeoutError:
+            return await asyncio.wait_for(P.read_limited(request.stream(), settings.max_upload_bytes,
+                                                         request.headers.get("content-length"),
+                                                         expect_continue=expect), settings.body_timeout)
+        except asyncio.TimeoutError:
             raise P.ApiError(408, "body_timeout", f"the request body did not arrive within {settings.body_timeout:g} "
                                                   f"s (server option --body-timeout); send it faster or in smaller "
                                                   f"requests") from None
@@ -573,7 +574,7 @@ def create_app(settings: ServeSettings):
                                                            "the whole body") from None
 
     # ---------------------------------------------------------------- catalens API
-    @app.post("/v1/predict", openapi_extra=_PREDICT_BODY, tags=["catalens"], response_model=P.PredictResponse,
+    @app.post("/v1/predict", openapi_extra=_PREDICT_BODY, tags=["catalens"], response_model=S.PredictResponse,
               response_model_exclude_unset=True, responses=PREDICT_ERRORS,
               summary="Predict categories and tags for one or several photos")
     async def predict(request: Request,
@@ -599,7 +600,7 @@ def create_app(settings: ServeSettings):
 
     # ---------------------------------------------------------------- TF-Serving REST
     @app.get("/v1/models/{name}", tags=["tf-serving"], summary="Model status (TF-Serving)",
-             response_model=P.TFModelStatus, responses=_errors(404))
+             response_model=S.TFModelStatus, responses=_errors(404))
     async def tf_status(name: str):
         state.check_name(name)
         ok = state.ready
@@ -607,7 +608,7 @@ def create_app(settings: ServeSettings):
                                           "status": {"error_code": "OK", "error_message": ""}}]}
 
     @app.get("/v1/models/{name}/metadata", tags=["tf-serving"], summary="Model metadata: tasks, classes",
-             response_model=P.TFModelMetadata, responses=_errors(404, 503))
+             response_model=S.TFModelMetadata, responses=_errors(404, 503))
     async def tf_metadata(name: str):
         state.check_name(name)
         state.check_ready()
@@ -615,7 +616,7 @@ def create_app(settings: ServeSettings):
                 "metadata": {"catalens": state.model.description}}
 
     @app.post("/v1/models/{name}:predict", openapi_extra=_TF_BODY, tags=["tf-serving"],
-              response_model=P.TFPredictResponse, response_model_exclude_unset=True,
+              response_model=S.TFPredictResponse, response_model_exclude_unset=True,
               responses={**PREDICT_ERRORS, **_errors(404)},
               summary="TF-Serving REST predict: {\"instances\": [{\"b64\": ...}]}")
     async def tf_predict(name: str, request: Request):
@@ -625,30 +626,30 @@ def create_app(settings: ServeSettings):
         return P.tf_response(state.model.tasks, [p for p, _ in results], fmt)
 
     # ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
-    @app.get("/v2", tags=["kserve-v2"], summary="Server metadata", response_model=P.ServerMetadata)
+    @app.get("/v2", tags=["kserve-v2"], summary="Server metadata", response_model=S.ServerMetadata)
     async def v2_server():
         return {"name": "catalens", "version": version("catalens"), "extensions": ["binary_tensor_data"]}
 
-    @app.get("/v2/health/live", tags=["kserve-v2"], response_model=P.Live, summary="Liveness (GET or HEAD)")
+    @app.get("/v2/health/live", tags=["kserve-v2"], response_model=S.Live, summary="Liveness (GET or HEAD)")
     async def live():
         return {"live": True}
 
-    @app.get("/v2/health/ready", tags=["kserve-v2"], response_model=P.Ready,
-             responses={503: {"model": P.Ready, "description": "not ready yet"}}, summary="Readiness (GET or HEAD)")
+    @app.get("/v2/health/ready", tags=["kserve-v2"], response_model=S.Ready,
+             responses={503: {"model": S.Ready, "description": "not ready yet"}}, summary="Readiness (GET or HEAD)")
     async def ready():
         if not state.ready:
             return JSONResponse({"ready": False}, status_code=503)
         return {"ready": True}
 
-    @app.get("/v2/models/{name}", tags=["kserve-v2"], summary="Model metadata", response_model=P.KServeModelMetadata,
+    @app.get("/v2/models/{name}", tags=["kserve-v2"], summary="Model metadata", response_model=S.KServeModelMetadata,
              responses=_errors(404, 503))
     async def v2_metadata(name: str):
         state.check_name(name)
         state.check_ready()
         return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None)
 
-    @app.get("/v2/models/{name}/ready", tags=["kserve-v2"], response_model=P.ModelReady,
-             responses={**_errors(404), 503: {"model": P.ModelReady, "description": "not ready yet"}})
+    @app.get("/v2/models/{name}/ready", tags=["kserve-v2"], response_model=S.ModelReady,
+             responses={**_errors(404), 503: {"model": S.ModelReady, "description": "not ready yet"}})
     async def v2_model_ready(name: str):
         state.check_name(name)
         if not state.ready:
@@ -669,14 +670,14 @@ def create_app(settings: ServeSettings):
         return out
 
     @app.post("/v2/models/{name}/infer", openapi_extra=_KS_BODY, tags=["kserve-v2"],
-              response_model=P.KServeInferResponse, response_model_exclude_unset=True,
+              response_model=S.KServeInferResponse, response_model_exclude_unset=True,
               responses={**PREDICT_ERRORS, **_errors(404)},
               summary="Open Inference Protocol infer: one BYTES input of encoded photos")
     async def v2_infer(name: str, request: Request):
         return await v2_infer_impl(name, request)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_KS_BODY, tags=["kserve-v2"],
-              response_model=P.KServeInferResponse, response_model_exclude_unset=True, include_in_schema=False)
+              response_model=S.KServeInferResponse, response_model_exclude_unset=True, include_in_schema=False)
     async def v2_infer_version(name: str, version: str, request: Request):
         return await v2_infer_impl(name, request, version)
 

@@ -11,9 +11,9 @@
 
 Everything that can go wrong with a request raises :class:`ApiError` (an HTTP status, a short
 code and a message saying what was wrong); nothing here fetches URLs. The JSON bodies of the
-TF-Serving and KServe routes are validated with the pydantic models below (:class:`TFPredictRequest`,
-:class:`KServeInferRequest`), which also give ``/docs`` its schemas; JSON nested deeper than the
-parser's limit (200 levels) is refused with 400 ``bad_json``.
+TF-Serving and KServe routes are validated with the pydantic models of :mod:`catalens.serve.schemas`
+(which also give ``/docs`` its schemas); JSON nested deeper than the parser's limit (200 levels)
+is refused with 400 ``bad_json``.
 """
 from __future__ import annotations
 
@@ -22,10 +22,8 @@ import binascii
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from catalens.tasks import TaskInfo, hierarchy_levels
 
@@ -57,151 +55,6 @@ class Upload:
     data: bytes
     name: str
     content_type: str | None = None
-
-
-# ----------------------------------------------------------------------------- request and response models
-# Requests: validated before anything else is looked at (types only; what the values mean is checked
-# by the parse_* functions below, with messages that say how to fix the request). Responses: the
-# envelopes are typed for /docs; the per-image prediction parts are documented, not constrained.
-
-_B64_EXAMPLE = "/9j/4AAQSkZJRg..."
-
-
-class TFPredictRequest(BaseModel):
-    """TF-Serving REST predict: ``instances`` (row format) or ``inputs`` (columnar format)."""
-
-    model_config = ConfigDict(extra="allow", json_schema_extra={
-        "examples": [{"instances": [{"b64": _B64_EXAMPLE}]}, {"inputs": {"image": [{"b64": _B64_EXAMPLE}]}}]})
-    signature_name: StrictStr | None = None
-    instances: list[Any] | dict[str, Any] | None = Field(
-        None, description='photos as [{"b64": "<base64 bytes>"}, ...] or [{"<input>": {"b64": ...}}, ...]')
-    inputs: list[Any] | dict[str, Any] | None = Field(
-        None, description='columnar: {"<input>": [{"b64": ...}, ...]} or [{"b64": ...}, ...]')
-
-
-class KServeInput(BaseModel):
-    """One input tensor of a v2 infer request (the photos, or the optional ``title`` input)."""
-
-    name: StrictStr = "image"
-    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(description="sizes, e.g. [n] for n photos")
-    datatype: StrictStr = Field(description="BYTES")
-    parameters: dict[str, Any] | None = Field(None, description='e.g. {"binary_data_size": N}')
-    data: list[Any] | None = Field(None, description="base64 strings (photos) or UTF-8 strings (titles)")
-
-
-class KServeRequestedOutput(BaseModel):
-    """An output the client wants (by task name); all tasks when ``outputs`` is left out."""
-
-    name: StrictStr
-    parameters: dict[str, Any] | None = None
-
-
-class KServeInferRequest(BaseModel):
-    """Open Inference Protocol (KServe v2) infer request."""
-
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"id": "1", "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [_B64_EXAMPLE]}]}]})
-    id: StrictStr | StrictInt | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[KServeInput] = Field(min_length=1)
-    outputs: list[KServeRequestedOutput] | None = None
-
-
-class ErrorDetail(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    code: str = Field(description="short error code, e.g. too_large, bad_parameter, not_an_image")
-    message: str = Field(description="what was wrong and how to fix it")
-
-
-class ErrorResponse(BaseModel):
-    """Every refusal: a 4xx (or 503) status with this body."""
-
-    error: ErrorDetail
-
-
-class ImageResult(BaseModel):
-    """One photo's answer in ``/v1/predict``."""
-
-    model_config = ConfigDict(extra="allow")
-    index: int
-    file: str
-    classes: Any = Field(None, description="per class task: the top-k labels with probabilities")
-    tags: Any = Field(None, description="per tag task: every tag with its probability, threshold, decision")
-    hierarchy: Any = Field(None, description="per hierarchy chain: the predicted path")
-    timings: dict[str, float] = Field(description="decode_ms, queue_ms, inference_ms, batch_size, total_ms")
-
-
-class PredictResponse(BaseModel):
-    """``/v1/predict`` answer."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str
-    images: list[ImageResult]
-    timings: dict[str, float]
-    titles: str | None = Field(None, description="what was done with the titles (only when some were sent)")
-
-
-class TFPredictResponse(BaseModel):
-    """TF-Serving answer: ``predictions`` (row format) or ``outputs`` (columnar format)."""
-
-    predictions: list[dict[str, list[float]]] | None = None
-    outputs: dict[str, list[list[float]]] | None = None
-
-
-class KServeOutputTensor(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
-    data: list[float]
-
-
-class KServeInferResponse(BaseModel):
-    """Open Inference Protocol infer answer: one FP32 output per task."""
-
-    model_config = ConfigDict(extra="allow")
-    model_name: str
-    model_version: str
-    id: str | int | None = None
-    outputs: list[KServeOutputTensor]
-    parameters: dict[str, Any] | None = None
-
-
-class KServeModelMetadata(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    parameters: dict[str, Any] | None = None
-
-
-class ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class Live(BaseModel):
-    live: bool
-
-
-class Ready(BaseModel):
-    ready: bool
-
-
-class ModelReady(BaseModel):
-    name: str
-    ready: bool
-
-
-class TFModelStatus(BaseModel):
-    model_version_status: list[dict[str, Any]]
-
-
-class TFModelMetadata(BaseModel):
-    model_spec: dict[str, Any]
-    metadata: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- body reading
@@ -441,11 +294,13 @@ def parse_json(body: bytes):
         raise ApiError(400, "bad_json", "the JSON is nested too deeply to be a request of this server") from None
 
 
-def validate_json(model: type[BaseModel], body: bytes, what: str) -> dict:
+def validate_json(model, body: bytes, what: str) -> dict:
     """Parse and validate a JSON body with a pydantic model: the fields that were sent, as a dict.
 
     Malformed or too deeply nested JSON → 400 ``bad_json``; a wrong shape → 400 ``bad_request``
     naming each wrong field (never a 500, never the body echoed back)."""
+    from pydantic import ValidationError
+
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty: send a JSON document")
     try:
@@ -504,6 +359,8 @@ def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
 
     ``doc``: the request body as bytes (validated with :class:`TFPredictRequest`) or already parsed."""
     if isinstance(doc, (bytes, bytearray)):
+        from catalens.serve.schemas import TFPredictRequest
+
         doc = validate_json(TFPredictRequest, bytes(doc), "the TF-Serving predict request")
     if not isinstance(doc, dict):
         raise ApiError(400, "bad_request", "expected a JSON object with 'instances' (or 'inputs')")
@@ -557,6 +414,8 @@ def _split_bytes_tensor(blob: bytes, n: int, where: str) -> list[bytes]:
 
 def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[bytes], dict]:
     """Image bytes of a v2 infer request (JSON, or JSON + binary tensor data) and the JSON header."""
+    from catalens.serve.schemas import KServeInferRequest
+
     header_len = headers.get(KSERVE_BINARY_HEADER)
     binary = b""
     if header_len is not None:
@@ -629,16 +488,11 @@ def kserve_titles(doc: dict, n: int) -> list[str | None] | None:
 
 
 def _flatten(x):
-    """Elements of nested lists in order (iterative: the nesting depth is the client's)."""
-    stack = [iter(x)]
-    while stack:
-        for v in stack[-1]:
-            if isinstance(v, list):
-                stack.append(iter(v))
-                break
-            yield v
+    for v in x:
+        if isinstance(v, list):
+            yield from _flatten(v)
         else:
-            stack.pop()
+            yield v
 
 
 def kserve_response(name: str, tasks: list[TaskInfo], probs: list[dict[str, np.ndarray]], doc: dict) -> dict:
