@@ -129,24 +129,28 @@ def test_a_title_model_shows_a_title_box_and_fuses_it(text_model, tmp_path, brow
 
 
 def test_hostile_class_names_do_not_break_the_page(tmp_path_factory, tmp_path, browser):
-    """A class named ``<!--<script>...`` is embedded as JSON the browser cannot misread: the page's
-    script runs, reads the name back verbatim and still predicts."""
+    """A tag named ``<!--<script>...`` is embedded as JSON the browser cannot misread: the page's
+    script runs, reads the name back verbatim, predicts, and shows the name as text."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_serve_abuse import HOSTILE, hostile_graph
+    from test_serve_abuse import HOSTILE, hostile_model
 
     model = shared_model(tmp_path_factory)
     photo = sorted((model.parent / "data" / "images").glob("*.jpg"))[0]
-    onnx = hostile_graph(model, tmp_path)
-    with running_server(model, "--onnx", str(onnx), log=tmp_path / "server.log") as (url, _):
+    folder = hostile_model(model, tmp_path)
+    with running_server(folder, log=tmp_path / "server.log") as (url, _):
         browser.get(url + "/")
-        assert browser.execute_script("return CONFIG.tasks[0].classes[0]") == HOSTILE
-        assert "model: model" in browser.find_element(By.ID, "model").text
+        got = browser.execute_script("return CONFIG.tasks.find(t => t.name === 'pattern').classes[0]")
+        assert got == HOSTILE
+        assert "model: hostile-model" in browser.find_element(By.ID, "model").text
         assert browser.execute_script("return document.scripts.length") == 1
         browser.find_element(By.ID, "file").send_keys(str(photo))
         WebDriverWait(browser, 90).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
         assert "photo" in browser.find_element(By.ID, "status").text
+        chips = [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".card .tag")]
+        assert any(c.startswith(HOSTILE) for c in chips), chips
+        assert browser.execute_script("return document.scripts.length") == 1   # nothing injected
 
 
 def test_api_docs_render_offline(tmp_path_factory, tmp_path, browser):
