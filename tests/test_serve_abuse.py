@@ -163,6 +163,8 @@ def kserve_cases() -> list[tuple[str, dict | bytes, str, str]]:
          "the v2 infer request: inputs.0.parameters: Input should be an object"),
         ("shape [true]", {"inputs": [dict(ok, shape=[True])]}, "/v2/models/model/infer",
          "the v2 infer request: inputs.0.shape.0: Input should be a valid integer"),
+        ("shape whose product overflows int64", {"inputs": [dict(ok, shape=[2**62, 4])]}, "/v2/models/model/infer",
+         "18446744073709551616 images in one request; the limit is 4"),
         ("shape [-1]", {"inputs": [dict(ok, shape=[-1])]}, "/v2/models/model/infer",
          "the v2 infer request: inputs.0.shape.0: Input should be greater than or equal to 0"),
         ("outputs list of numbers", {"inputs": [ok], "outputs": [5]}, "/v2/models/model/infer",
@@ -178,8 +180,11 @@ def test_nested_json_and_junk_fields_get_400_never_500(guarded):
         for label, body, path, want in kserve_cases():
             content = body if isinstance(body, bytes) else json.dumps(body).encode()
             r = c.post(path, content=content, headers={"content-type": "application/json"})
-            assert r.status_code == 400, (label, r.text[:300])
             e = err(r)
+            if "images in one request" in want:
+                assert (r.status_code, e) == (413, {"code": "too_many_images", "message": want}), (label, e)
+                continue
+            assert r.status_code == 400, (label, r.text[:300])
             if want == "bad_json":
                 assert e["code"] == "bad_json" and "nested too deeply" in e["message"], (label, e)
             else:

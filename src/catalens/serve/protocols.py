@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -219,7 +220,7 @@ def parse_top_k(value, default: int, n_max: int = 1000) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise ApiError(400, "bad_parameter", f"top_k must be a whole number, got '{value}'") from None
+        raise ApiError(400, "bad_parameter", f"top_k must be a whole number, got '{str(value)[:40]}'") from None
     if not 1 <= k <= n_max:
         raise ApiError(400, "bad_parameter", f"top_k must be between 1 and {n_max}, got {k}")
     return k
@@ -447,7 +448,7 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
     shape = inp.get("shape")
     if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise ApiError(400, "bad_request", f"input '{name}': shape must be a list of sizes like [n], got {shape!r}")
-    n = int(np.prod(shape))
+    n = math.prod(shape)  # exact: numpy's product wraps around for sizes like [2**62, 4]
     if n == 0:
         raise ApiError(400, "no_images", f"input '{name}': shape {shape} holds no image")
     if n > max_images:
