@@ -95,7 +95,7 @@ def answer(raw: bytes) -> tuple[int, dict, dict]:
 
 # ----------------------------------------------------------------------------- 1. decode cost
 
-def test_decode_cost_reads_the_header_only_and_counts_bytes_per_pixel():
+def test_decode_cost_reads_the_header_only_and_counts_peak_bytes_per_pixel():
     from PIL import Image
 
     big = png16(9400, 9400)
@@ -103,18 +103,18 @@ def test_decode_cost_reads_the_header_only_and_counts_bytes_per_pixel():
     t0 = time.perf_counter()
     c = decode_cost(big, 256, 10**9)
     assert time.perf_counter() - t0 < 0.5
-    assert c == DecodeCost(9400, 9400, "I;16", 2, "PNG") and c.bytes == 9400 * 9400 * 2
+    assert c == DecodeCost(9400, 9400, "I;16", 25, "PNG") and c.bytes == 9400 * 9400 * 25   # via float64
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (200, 10, 10)).save(buf, "JPEG")
     # a JPEG is measured after the decoder's 1/8 downscaling that load_rgb asks for (short side >= 256)
-    assert decode_cost(buf.getvalue(), 256, 10**9) == DecodeCost(500, 375, "RGB", 3, "JPEG")
+    assert decode_cost(buf.getvalue(), 256, 10**9) == DecodeCost(500, 375, "RGB", 6, "JPEG")
     # a progressive JPEG holds all its DCT coefficients (2 bytes each; 4:2:0 chroma: 1.5 per pixel)
     buf = io.BytesIO()
     Image.new("RGB", (4000, 3000), (200, 10, 10)).save(buf, "JPEG", progressive=True, quality=80)
     assert decode_cost(buf.getvalue(), 256, 10**9) == DecodeCost(4000, 3000, "RGB", 3.0, "progressive JPEG")
     buf = io.BytesIO()
     Image.new("RGBA", (300, 200)).save(buf, "PNG")
-    assert decode_cost(buf.getvalue(), 256, 10**9).bytes == 300 * 200 * 4
+    assert decode_cost(buf.getvalue(), 256, 10**9).bytes == 300 * 200 * 20      # alpha composited on white
 
 
 def test_16bit_png_over_the_decode_budget_is_refused_fast_before_decoding(guarded, photos, onnx_model):
@@ -125,9 +125,9 @@ def test_16bit_png_over_the_decode_budget_is_refused_fast_before_decoding(guarde
         seconds = time.perf_counter() - t0
         assert r.status_code == 413, r.text
         assert err(r) == {"code": "decode_too_large", "index": 0, "file": "body", "limit_bytes": 2 * 2**20,
-                          "message": "body: a 9400x9400 PNG (I;16, 2 bytes per pixel) needs 168.5 MiB to decode, "
-                                     "over the limit of 2 MiB per image (server option --max-decode-mb); send it "
-                                     "downscaled to at most 1024x1024 px or as an 8-bit JPEG"}
+                          "message": "body: a 9400x9400 PNG (I;16, 25 bytes per pixel while decoding) needs "
+                                     "2,106.7 MiB to decode, over the limit of 2 MiB per image (server option "
+                                     "--max-decode-mb); send it downscaled to at most 289x289 px or as an 8-bit JPEG"}
         assert seconds < 1.0, seconds
     with httpx.Client(base_url=guarded, timeout=30) as c:   # 413 closes the connection
         files = [("file", (f"b{i}.png", big, "image/png")) for i in range(3)] + \
@@ -135,7 +135,7 @@ def test_16bit_png_over_the_decode_budget_is_refused_fast_before_decoding(guarde
         t0 = time.perf_counter()
         r = c.post("/v1/predict", files=files)
         assert r.status_code == 413 and err(r)["file"] == "b0.png" and time.perf_counter() - t0 < 1.0
-    small = png16(900, 700, 30000)          # 1.2 MiB decoded: within the budget, and answered right
+    small = png16(250, 200, 30000)          # 1.2 MiB to decode: within the budget, and answered right
     with httpx.Client(base_url=guarded, timeout=30) as c:
         r = c.post("/v1/predict?top_k=1", content=small, headers={"content-type": "image/png"})
         assert r.status_code == 200, r.text

@@ -27,10 +27,11 @@ def register(sub) -> None:
     p.add_argument("--decode-threads", type=int, help="decode threads per worker (default CPUs, at most 4)")
     p.add_argument("--top-k", type=int, default=5, help="labels per class task in /v1/predict (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--max-decode-mb", type=float, default=64.0,
-                   help="decoded pixels per photo, width x height x bytes per pixel, in MiB (default 64); "
-                        "bigger photos get 413 before they are decoded (baseline JPEGs count after the "
-                        "decoder's 1/2-1/8 downscaling, progressive ones their DCT coefficients)")
+    p.add_argument("--max-decode-mb", type=float, default=256.0,
+                   help="memory one photo may take to decode, in MiB: width x height x bytes per pixel at the "
+                        "decoder's peak (6 for RGB, 20 with alpha, 25 for 16-bit) (default 256); bigger photos get "
+                        "413 before they are decoded (baseline JPEGs count after the decoder's 1/2-1/8 "
+                        "downscaling, progressive ones their DCT coefficients)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="images decoding or waiting for a batch, per worker, beyond which requests get 503 "
                         "with Retry-After (default 256; at least --max-images)")
