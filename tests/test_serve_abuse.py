@@ -12,6 +12,7 @@ import asyncio
 import collections
 import io
 import json
+import os
 import re
 import socket
 import time
@@ -399,3 +400,52 @@ def test_metrics_are_summed_over_workers(model, tmp_path, photos, monkeypatch):
 def scrape(url: str) -> dict:
     with httpx.Client(base_url=url, timeout=10) as c:
         return metrics(c)
+
+
+# ----------------------------------------------------------------------------- units: batcher bound, metrics folder
+
+def test_batcher_queue_is_bounded():
+    from catalens.serve.batching import MicroBatcher, Overloaded
+
+    release = asyncio.Event()
+
+    async def run():
+        loop = asyncio.get_running_loop()
+
+        def infer(x):   # blocks the inference thread until the test lets it go
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+            return {"t": x.reshape(len(x), -1)[:, :2].astype(np.float32)}
+
+        b = MicroBatcher(infer, max_batch=1, max_wait_ms=0, max_queue=2)
+        await b.start()
+        px = np.zeros((4, 4, 3), np.uint8)
+        first = b.enqueue(px)            # taken by the collector, stuck in infer
+        await asyncio.sleep(0.05)
+        queued = [b.enqueue(px), b.enqueue(px)]
+        with pytest.raises(Overloaded, match=r"^2 images wait for inference, the limit is 2$"):
+            b.enqueue(px)
+        release.set()
+        results = await asyncio.gather(first, *queued)
+        await b.stop()
+        return results
+
+    results = asyncio.run(run())
+    assert len(results) == 3 and all(r[1].batch_size == 1 for r in results)
+
+
+def test_multiprocess_metrics_folder_is_made_and_removed(monkeypatch, tmp_path):
+    from catalens.serve.app import multiprocess_metrics_dir
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with multiprocess_metrics_dir() as folder:
+        assert folder.is_dir() and os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder)
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert not folder.exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    given = tmp_path / "prom"
+    given.mkdir()
+    for name in ("counter_12.db", "gauge_livesum_12.db", "histogram_3.db", "keep.db", "notes.txt"):
+        (given / name).write_bytes(b"x")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
+    with multiprocess_metrics_dir() as folder:
+        assert folder == given and sorted(p.name for p in given.iterdir()) == ["keep.db", "notes.txt"]
+    assert given.is_dir()   # the user's folder stays
