@@ -154,3 +154,17 @@ def test_decoder_choice(monkeypatch):
     monkeypatch.setattr(im_mod, "simplejpeg", None)
     monkeypatch.delenv("CATALENS_JPEG_DECODER")
     assert jpeg_decoder() == "pillow" and jpeg_decoder("simplejpeg") == "pillow"
+
+
+def test_engine_picks_the_decoder_for_its_plan(monkeypatch):
+    """simplejpeg holds the GIL: decode threads get Pillow, decode processes get libjpeg-turbo."""
+    from catalens.embed.engine import EngineConfig, Plan, engine_jpeg
+
+    monkeypatch.delenv("CATALENS_JPEG_DECODER", raising=False)
+    threads, procs, main = Plan(2, 2, 2, 0, "threads"), Plan(16, 4, 16, 9, "processes"), Plan(2, 0, 2, 0, "threads")
+    assert engine_jpeg(EngineConfig(), threads) == "pillow"
+    assert engine_jpeg(EngineConfig(), procs) == engine_jpeg(EngineConfig(), main) == "simplejpeg"
+    assert engine_jpeg(EngineConfig(jpeg="simplejpeg"), threads) == "simplejpeg"
+    assert engine_jpeg(EngineConfig(jpeg="pillow"), procs) == "pillow"
+    monkeypatch.setenv("CATALENS_JPEG_DECODER", "simplejpeg")
+    assert engine_jpeg(EngineConfig(), threads) == "simplejpeg"
