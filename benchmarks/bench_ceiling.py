@@ -329,7 +329,7 @@ def main() -> None:
         splits.append([f"{workers} {mode}", jpeg, f"{len(part) / c.wall:.1f}", f"{len(part) / c.cpu:.1f}"])
         log(f"split {mode} {jpeg}: {len(part) / c.wall:.1f} img/s {len(part) / c.cpu:.1f} img/CPU-s")
     pl = plan(cfg, len(paths))
-    jpeg_used = engine_jpeg(cfg, pl)
+    jpeg_used = engine_jpeg(cfg)
     remembered = json.loads((tmp / "cli-cache" / "onnx" / "auto-choices.json").read_text())
     cli_choice = next(iter(remembered.values()))
 
@@ -385,8 +385,10 @@ def main() -> None:
     body.append(table(["way", "img/s", "img/CPU-s", "vs peer (CPU)", "vs plain (CPU)", "of ceiling (CPU)", ""],
                       out_rows))
     if splits:
-        body.append(f"\nThe engine's decode mode and JPEG decoder ({len(part)} photos, in process, runtime auto; "
-                    f"`auto` picks Pillow for decode threads: simplejpeg holds the GIL):\n")
+        body.append(f"\nThe engine's decode mode and JPEG decoder ({len(part)} photos, in process, runtime auto). "
+                    f"The decoder is one per install (`CATALENS_JPEG_DECODER`, else simplejpeg when installed), "
+                    f"whatever the plan, so that features do not depend on the core count; simplejpeg holds the "
+                    f"GIL, which costs decode threads their parallelism:\n")
         body.append(table(["decode", "JPEG decoder", "img/s", "img/CPU-s"], splits))
     body.append(f"\n`auto`'s measurement for `catalens embed` here (img/s on random pixels, {cli_choice['threads']} "
                 f"threads): " + ", ".join(f"{k} {v}" for k, v in cli_choice["img_per_s"].items())

@@ -302,6 +302,20 @@ def test_onnx_engine_on_real_photos(lite0, tmp_path):
     assert np.abs(emb.features[:8] - ref).max() < 1e-3
 
 
+@needs_openvino
+def test_openvino_engine_on_real_photos(lite0, tmp_path):
+    """The engine on OpenVINO, with decode threads and with a decode process: the features of eager
+    on the pixels load_rgb gives (the same JPEG decoder everywhere), to fp32 precision."""
+    paths = _real_photos(40)
+    ref = rt.make_runner("eager", lite0.module, 224)(_pixels(paths, lite0.preprocess))
+    for workers, decode in [(2, "threads"), (1, "processes")]:
+        cfg = EngineConfig(workers=workers, decode=decode, block_rows=16, batch_size=16, runtime="openvino",
+                           progress=False, runtime_dir=str(tmp_path))
+        emb = embed_catalogue(_catalogue(paths), lite0, None, cfg)
+        assert emb.ok.all() and not emb.problems
+        assert np.abs(emb.features - ref).max() < 1e-4, decode
+
+
 def test_empty_catalogue(tiny):
     assert list(stream_features(_catalogue([]), tiny, None, EngineConfig(runtime="eager", progress=False))) == []
 

@@ -156,15 +156,23 @@ def test_decoder_choice(monkeypatch):
     assert jpeg_decoder() == "pillow" and jpeg_decoder("simplejpeg") == "pillow"
 
 
-def test_engine_picks_the_decoder_for_its_plan(monkeypatch):
-    """simplejpeg holds the GIL: decode threads get Pillow, decode processes get libjpeg-turbo."""
-    from catalens.embed.engine import EngineConfig, Plan, engine_jpeg
+def test_engine_decodes_like_load_rgb(monkeypatch, tmp_path):
+    """One decoder everywhere (engine, load_rgb for serving): features never depend on the plan;
+    the embedding cache keeps simplejpeg features apart from Pillow's."""
+    from catalens.embed.cache import EmbeddingCache
+    from catalens.embed.engine import EngineConfig, engine_jpeg, stream_features
 
     monkeypatch.delenv("CATALENS_JPEG_DECODER", raising=False)
-    threads, procs, main = Plan(2, 2, 2, 0, "threads"), Plan(16, 4, 16, 9, "processes"), Plan(2, 0, 2, 0, "threads")
-    assert engine_jpeg(EngineConfig(), threads) == "pillow"
-    assert engine_jpeg(EngineConfig(), procs) == engine_jpeg(EngineConfig(), main) == "simplejpeg"
-    assert engine_jpeg(EngineConfig(jpeg="simplejpeg"), threads) == "simplejpeg"
-    assert engine_jpeg(EngineConfig(jpeg="pillow"), procs) == "pillow"
-    monkeypatch.setenv("CATALENS_JPEG_DECODER", "simplejpeg")
-    assert engine_jpeg(EngineConfig(), threads) == "simplejpeg"
+    assert engine_jpeg(EngineConfig()) == jpeg_decoder() == "simplejpeg"
+    assert engine_jpeg(EngineConfig(jpeg="pillow")) == "pillow"
+    monkeypatch.setenv("CATALENS_JPEG_DECODER", "pillow")
+    assert engine_jpeg(EngineConfig()) == jpeg_decoder() == "pillow"
+    pil = EmbeddingCache(tmp_path, "fp", 4)
+    monkeypatch.delenv("CATALENS_JPEG_DECODER")
+    turbo = EmbeddingCache(tmp_path, "fp", 4)
+    assert (pil.decoder, pil.dir.name, turbo.decoder, turbo.dir.name) == ("pillow", "fp", "simplejpeg",
+                                                                          "fp+simplejpeg")
+    with pytest.raises(ValueError, match=r"the embedding cache at .*/fp holds features of JPEGs decoded by pillow, "
+                                         r"but the engine decodes with simplejpeg: open the cache with "
+                                         r"jpeg='simplejpeg' or run the engine with jpeg='pillow'"):
+        next(stream_features(None, types.SimpleNamespace(preprocess=PRE), pil, EngineConfig()))

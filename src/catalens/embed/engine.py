@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 import sys
 import weakref
 from collections import deque
@@ -52,7 +51,7 @@ class EngineConfig:
     threads: int | None = None      # inference threads (torch and ONNX Runtime); None: available cores
     progress: bool = True
     runtime_dir: str | None = None  # ONNX exports and auto choices; None: ~/.cache/catalens/onnx
-    jpeg: str = "auto"              # JPEG decoder: auto (simplejpeg when installed, else Pillow) | simplejpeg | pillow
+    jpeg: str = "auto"              # JPEG decoder: auto (CATALENS_JPEG_DECODER, else simplejpeg when installed) | simplejpeg | pillow
 
 
 @dataclass
@@ -108,17 +107,15 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     return Plan(cores, workers, threads, in_flight, decode)
 
 
-def engine_jpeg(cfg: EngineConfig, pl: Plan) -> str:
-    """The JPEG decoder the engine uses: ``cfg.jpeg`` (or ``CATALENS_JPEG_DECODER``) when set, else
-    the fastest for the plan. simplejpeg (libjpeg-turbo, M/8 DCT scaling) costs ~10-30% less CPU
-    per photo than Pillow but holds the GIL while it decodes: two decode threads then run one at a
-    time (measured 468 against 788 img/s for Pillow on 2 cores). So decode threads get Pillow, and
-    decode processes or the main thread get simplejpeg (when installed)."""
-    if cfg.jpeg != "auto" or os.environ.get("CATALENS_JPEG_DECODER"):
-        return jpeg_decoder(cfg.jpeg)
-    if pl.decode == "threads" and pl.workers > 1:
-        return "pillow"
-    return jpeg_decoder("auto")
+def engine_jpeg(cfg: EngineConfig) -> str:
+    """The JPEG decoder the engine uses: ``cfg.jpeg``, resolved as everywhere else
+    (:func:`catalens.ingest.images.jpeg_decoder`: ``CATALENS_JPEG_DECODER``, else simplejpeg when
+    installed), so training, prediction and serving decode a photo to the same pixels.
+
+    The engine does not pick a decoder per plan: simplejpeg costs less CPU per photo but holds
+    the GIL while it decodes (two decode threads: 468 against 788 img/s for Pillow on 2 cores),
+    and a plan-dependent choice would make features depend on the machine's core count."""
+    return jpeg_decoder(cfg.jpeg)
 
 
 def on_gpu(runtime: str) -> bool:
@@ -220,12 +217,17 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     added to it, so an interrupted run resumes where it stopped.
     """
     cfg = cfg or EngineConfig()
+    jpeg = engine_jpeg(cfg)
+    if cache is not None and getattr(cache, "decoder", jpeg) != jpeg:
+        raise ValueError(f"the embedding cache at {cache.dir} holds features of JPEGs decoded by {cache.decoder}, "
+                         f"but the engine decodes with {jpeg}: open the cache with jpeg={jpeg!r} or run the "
+                         f"engine with jpeg={cache.decoder!r}")
     paths = cat.frame["path"]
     pl = plan(cfg, len(paths))
     set_threads(pl.threads)
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
-                    hash_content=cache is not None, jpeg=engine_jpeg(cfg, pl))
+                    hash_content=cache is not None, jpeg=jpeg)
     pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
     bar = None
     try:
