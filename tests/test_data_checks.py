@@ -61,7 +61,7 @@ def _cache_with_two_parts(root):
     c = EmbeddingCache(root, "fp", 4, flush_every=2)
     c.add(["a", "b"], np.arange(8, dtype=np.float32).reshape(2, 4))
     c.add(["c", "d"], np.ones((2, 4), np.float32))
-    return root / "fp"
+    return c.dir   # <root>/fp, or <root>/fp+simplejpeg where simplejpeg decodes the JPEGs
 
 
 def test_truncated_cache_part_is_set_aside_with_a_warning(tmp_path, caplog):

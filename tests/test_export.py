@@ -152,7 +152,7 @@ def test_ensure_onnx_exports_when_missing_and_again_when_model_changes(model_cop
 def test_cli_export_out_file_and_errors(serve_model, tmp_path, capsys):
     out = tmp_path / "x" / "catalog.onnx"
     assert main(["export", str(serve_model), "--format", "onnx", "--out", str(out), "--parity-images", "4"]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err   # the CLI logs to stderr
     assert "parity with torch on 4 decoded photos" in text and "OK" in text
     assert out.exists() and (tmp_path / "x" / "catalog.json").exists()
     assert main(["export", str(tmp_path / "nope")]) == 2
@@ -163,7 +163,7 @@ def test_cli_export_int8_measures_agreement_accuracy_and_speed(model_copy, capsy
     from catalens.export.onnx import OnnxModel
 
     assert main(["export", str(model_copy), "--int8", "--calibration-images", "48", "--eval-limit", "60"]) == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err   # the CLI logs to stderr
     assert "int8 vs fp32" in out and "top-1 agreement" in out
     int8 = model_copy / "model.int8.onnx"
     assert int8.exists() and int8.stat().st_size < 0.5 * (model_copy / "model.onnx").stat().st_size

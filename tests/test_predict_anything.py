@@ -338,3 +338,40 @@ def test_public_api_is_listed():
     for n in ("load", "train", "Predictor", "load_model", "Decoder", "open_inputs", "evaluate_model"):
         assert n in names
     assert "- ``load`` (catalens.api.load)" in catalens.__doc__
+
+
+def test_the_printed_table_is_answered_without_importing_torch(trained, reference, tmp_path):
+    """A few photos through the exported graph: no torch, same answers as the torch engine."""
+    import subprocess
+    import sys
+
+    root, _, photos = trained
+    code = ("import sys\nfrom catalens.cli import main\n"
+            f"rc = main(['predict', {str(root / 'model')!r}, {str(photos[0])!r}, {str(photos[1])!r}])\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)\n")
+    env = {**__import__("os").environ, "CATALENS_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "exporting" in first.stderr and first.stdout.strip().endswith("0")   # the graph is made once
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert again.stdout.strip().splitlines()[-1] == "NO-TORCH 0", again.stderr
+    rows = again.stdout.splitlines()[2:4]
+    for line, (_, r) in zip(rows, reference.head(2).iterrows()):
+        assert f"{r['category']} {r['category_prob']:.2f}" in line
+    assert not any((root / "model").glob("*.onnx"))   # the model folder is never written to
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_graph_backends_match_the_torch_engine(trained, reference, backend):
+    from catalens.embed.ov import openvino_available
+    from catalens.model.graph import GraphModel, ensure_graph
+    from catalens.model.predictor import Predictor
+
+    if backend == "openvino" and not openvino_available():
+        pytest.skip("openvino is not installed (pip install 'catalens[fast]')")
+    root, _, photos = trained
+    graph = GraphModel(root / "model", ensure_graph(root / "model"), threads=1, backend=backend)
+    assert graph.graph.backend == backend
+    got = Predictor(graph, root / "model").predict([str(p) for p in photos])
+    assert list(got.columns) == list(reference.columns)
+    _same_answers(got, reference)

@@ -94,7 +94,7 @@ def client(server):
 def onnx_model(model):
     from catalens.export.onnx import OnnxModel
 
-    return OnnxModel(model / "model.onnx", threads=1)
+    return OnnxModel(model / "model.onnx", threads=1, backend="auto")  # as the server runs it
 
 
 @pytest.fixture(scope="module")

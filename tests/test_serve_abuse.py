@@ -54,7 +54,7 @@ def photos(model) -> list[bytes]:
 def onnx_model(model):
     from catalens.export.onnx import OnnxModel
 
-    return OnnxModel(model / "model.onnx", threads=1)
+    return OnnxModel(model / "model.onnx", threads=1, backend="auto")  # as the server runs it
 
 
 def png16(width: int, height: int, value: int = 1000) -> bytes:

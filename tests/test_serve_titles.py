@@ -34,7 +34,7 @@ def _expected(model, photos, titles):
     from catalens.export.onnx import OnnxModel
     from catalens.text.fusion import TextFusion
 
-    onnx = OnnxModel(model / "model.onnx", threads=1)
+    onnx = OnnxModel(model / "model.onnx", threads=1, backend="auto")  # as the server runs it
     image = onnx.predict_bytes(photos)
     classes = {t.name: t.classes for t in onnx.tasks if t.kind == "class"}
     return image, TextFusion.load(model / "text").fuse(image, titles), classes

@@ -48,7 +48,7 @@ def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browse
         photo = real_photos(1)[0]
     except pytest.skip.Exception:
         photo = sorted((model.parent / "data" / "images").glob("*.jpg"))[0]
-    onnx = OnnxModel(model / "model.onnx", threads=1)
+    onnx = OnnxModel(model / "model.onnx", threads=1, backend="auto")  # as the server runs it
     probs = onnx.predict_bytes([photo.read_bytes()])
     tasks = {t.name: t for t in onnx.tasks}
     top_dep = tasks["department"].classes[int(probs["department"][0].argmax())]

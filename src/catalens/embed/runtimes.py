@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from catalens.embed.ov import _ov_config, _ov_core, openvino_available, runtime_cache_dir  # noqa: F401
 from catalens.registry import Registry
 
 RUNTIMES: Registry = Registry("runtime")
@@ -135,13 +136,7 @@ def onnxruntime_available() -> bool:
         return False
 
 
-def openvino_available() -> bool:
-    """True when the ``openvino`` package imports (``pip install catalens[fast]``)."""
-    try:
-        import openvino  # noqa: F401
-        return True
-    except ImportError:
-        return False
+
 
 
 def auto_candidates(flags: set[str] | None = None) -> list[str]:
@@ -156,13 +151,7 @@ def auto_candidates(flags: set[str] | None = None) -> list[str]:
     return out
 
 
-def runtime_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where ONNX exports and ``auto`` choices live (default ``~/.cache/catalens/onnx``)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    base = os.environ.get("CATALENS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "catalens")
-    return Path(base) / "onnx"
+
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -377,25 +366,6 @@ def onnx_runner(module: nn.Module, size: int, threads: int | None = None, cache_
 
 
 # ---------------------------------------------------------------- OpenVINO
-
-def _ov_core(cache_dir):
-    """An OpenVINO Core whose compiled-model cache lives next to the ONNX exports."""
-    import openvino as ov
-
-    core = ov.Core()
-    blobs = runtime_cache_dir(cache_dir) / "openvino"
-    blobs.mkdir(parents=True, exist_ok=True)
-    core.set_property({"CACHE_DIR": str(blobs)})
-    return core
-
-
-def _ov_config(threads: int, streams: int, precision: str | None = "f32") -> dict:
-    cfg = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": streams, "PERFORMANCE_HINT": "LATENCY",
-           "ENABLE_CPU_PINNING": False}
-    if precision:
-        cfg["INFERENCE_PRECISION_HINT"] = precision
-    return cfg
-
 
 def _ov_runner(name: str, compiled, streams: int, info: dict) -> Runner:
     """Run a compiled OpenVINO model: a batch is split across ``streams`` infer requests that run

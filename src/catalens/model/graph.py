@@ -75,13 +75,14 @@ def ensure_graph(folder: str | Path, graph_dir: str | Path | None = None) -> Pat
 class GraphModel:
     """A model folder answered through its ONNX graph: ``tasks``, ``decoder``, :meth:`blocks`."""
 
-    def __init__(self, folder: str | Path, graph: str | Path, threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, graph: str | Path, threads: int | None = None,
+                 backend: str = "auto") -> None:
         from catalens.export.onnx import OnnxModel
 
         self.folder = Path(folder)
         self.description = read_description(folder)
         self.decoder = Decoder.from_folder(folder)
-        self.graph = OnnxModel(graph, threads=threads)
+        self.graph = OnnxModel(graph, threads=threads, backend=backend)  # OpenVINO where installed
         if [t.to_dict() for t in self.graph.tasks] != [t.to_dict() for t in self.decoder.tasks]:
             raise ValueError(f"the graph '{graph}' does not predict the tasks of '{self.folder / DESCRIPTION_FILE}'; "
                              f"export it again with 'catalens export {self.folder}'")

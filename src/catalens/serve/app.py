@@ -71,6 +71,7 @@ class ServeSettings:
     workers: int = 1
     top_k: int = 5
     warmup: bool = True
+    backend: str = "auto"              # how the graph runs: auto (OpenVINO when installed), onnxruntime, openvino
     max_decode_mb: float = 256.0       # peak memory to decode one image (w x h x bytes per pixel), MiB
     max_queue: int = 256               # images decoding or waiting for a batch before 503 (per worker)
     head_timeout: float = 10.0         # seconds for a request head to arrive
@@ -147,7 +148,8 @@ class ServerState:
         self.decoder = await loop.run_in_executor(None, Decoder.from_folder, self.model_dir)
         self.text = self.decoder.text
         path = await loop.run_in_executor(None, self.graph_path)
-        self.model = await loop.run_in_executor(None, lambda: OnnxModel(path, threads=self.threads, spin=False))
+        self.model = await loop.run_in_executor(None, lambda: OnnxModel(path, threads=self.threads, spin=False,
+                                                                        backend=self.settings.backend))
         if [t.to_dict() for t in self.model.tasks] != [t.to_dict() for t in self.decoder.tasks]:
             raise RuntimeError(f"the graph '{path}' does not predict the tasks of '{self.model_dir}/model.json' "
                                f"(another model's export?); export it again with 'catalens export {self.model_dir}'")
