@@ -77,3 +77,20 @@ def _check_parents(name: str, by_name: dict[str, TaskInfo]) -> None:
             raise ValueError(f"task parents form a cycle: {' > '.join([parent] + chain[:chain.index(parent) + 1])}; "
                              f"a hierarchy runs from one root task down, so remove one 'parent'")
         chain.insert(0, parent)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ``(n, C)`` (float64 inside, stable)."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function (stable: tanh form)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+
+
+def probabilities(kind: str, logits: np.ndarray) -> np.ndarray:
+    """A task's probabilities from its logits: softmax for a class task, sigmoid per tag (float32)."""
+    return (softmax(logits) if kind == "class" else sigmoid(logits)).astype(np.float32)

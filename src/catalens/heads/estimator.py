@@ -18,7 +18,7 @@ from catalens.heads.losses import class_weights, multitask_loss
 from catalens.heads.net import MultiTaskNet
 from catalens.heads.sampling import EpochSampler
 from catalens.registry import Registry
-from catalens.tasks import MISSING, TaskInfo
+from catalens.tasks import MISSING, TaskInfo, probabilities
 
 HEADS: Registry = Registry("head")
 
@@ -170,12 +170,7 @@ class MultiTaskHead:
         out = {}
         logits = self.predict_logits(X)
         for t in self.tasks:
-            z = logits[t.name].astype(np.float64)
-            if t.kind == "class":
-                e = np.exp(z - z.max(1, keepdims=True))
-                out[t.name] = (e / e.sum(1, keepdims=True)).astype(np.float32)
-            else:
-                out[t.name] = (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # stable sigmoid
+            out[t.name] = probabilities(t.kind, logits[t.name])
         return out
 
     def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:

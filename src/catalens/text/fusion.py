@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from catalens.tasks import MISSING, TaskInfo
+from catalens.tasks import MISSING, TaskInfo, sigmoid, softmax
 from catalens.text.model import TitleModel
 from catalens.text.vectorizer import clean_titles
 
@@ -39,18 +39,11 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def combine(kind: str, p_image: np.ndarray, p_text: np.ndarray, a: float, b: float) -> np.ndarray:
     """Fused probabilities of one task for rows that all have a title."""
     if kind == "class":
-        return _softmax(a * _log(p_image) + b * _log(p_text))
-    z = a * _logit(p_image) + b * _logit(p_text)
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+        return softmax(a * _log(p_image) + b * _log(p_text))
+    return sigmoid(a * _logit(p_image) + b * _logit(p_text))
 
 
 def _nll(kind: str, p: np.ndarray, y: np.ndarray) -> float:

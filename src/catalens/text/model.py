@@ -15,21 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from catalens.tasks import MISSING, TaskInfo
+from catalens.tasks import MISSING, TaskInfo, probabilities
 from catalens.text.vectorizer import TitleVectorizer, clean_titles
 
 METHODS = ("logreg", "nb")
 _ABSENT = -30.0  # bias of a class never seen with a title in training
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 class TitleModel:
@@ -159,7 +149,7 @@ class TitleModel:
         z = self.decision_function(texts)
         out = {}
         for t in self.tasks:
-            out[t.name] = (_softmax(z[t.name]) if t.kind == "class" else _sigmoid(z[t.name])).astype(np.float32)
+            out[t.name] = probabilities(t.kind, z[t.name])
         return out
 
     def predict(self, texts) -> dict[str, np.ndarray]:
