@@ -156,7 +156,8 @@ def test_cli_export_out_file_and_errors(serve_model, tmp_path, capsys):
     assert "parity with torch on 4 decoded photos" in text and "OK" in text
     assert out.exists() and (tmp_path / "x" / "catalog.json").exists()
     assert main(["export", str(tmp_path / "nope")]) == 2
-    assert "not a catalens model folder" in capsys.readouterr().err
+    assert f"error: '{tmp_path / 'nope'}' does not exist; create a model with 'catalens train DATA --out " \
+           f"{tmp_path / 'nope'}'" in capsys.readouterr().err
 
 
 def test_cli_export_int8_measures_agreement_accuracy_and_speed(model_copy, capsys):

@@ -31,10 +31,10 @@ def run(args) -> int:
 
     from catalens.export.onnx import default_onnx_path, export_onnx
 
+    from catalens.model.format import read_description
+
     model = Path(args.model)
-    if not (model / "model.json").exists():
-        raise FileNotFoundError(f"'{model}' is not a catalens model folder (no model.json); "
-                                f"create one with 'catalens train DATA --out {model}'")
+    read_description(model)  # a clear error before anything heavy: missing folder, no or broken model.json
     fp32_out = Path(args.out) if args.out and not args.int8 else default_onnx_path(model)
     res = export_onnx(model, fp32_out, parity_n=args.parity_images, opset=args.opset)
     print(f"description: {res.sidecar}")

@@ -59,10 +59,10 @@ def run(args) -> int:
     from catalens.ingest.images import DEFAULT_MAX_PIXELS
     from catalens.serve.app import ServeSettings, run_server
 
+    from catalens.model.format import read_description
+
     model = Path(args.model)
-    if not (model / "model.json").exists():
-        raise FileNotFoundError(f"'{model}' is not a catalens model folder (no model.json); "
-                                f"create one with 'catalens train DATA --out {model}'")
+    read_description(model)  # a clear error before anything heavy: missing folder, no or broken model.json
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1),
                         ("--max-images", args.max_images, 1), ("--top-k", args.top_k, 1),
                         ("--max-connections", args.max_connections, 1), ("--max-queue", args.max_queue, 1)):
