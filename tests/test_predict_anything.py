@@ -375,3 +375,23 @@ def test_graph_backends_match_the_torch_engine(trained, reference, backend):
     got = Predictor(graph, root / "model").predict([str(p) for p in photos])
     assert list(got.columns) == list(reference.columns)
     _same_answers(got, reference)
+
+
+def test_a_bson_dump_is_predicted_photo_by_photo(trained, tmp_path):
+    """A MongoDB dump (the Cdiscount format): every picture a row, several per product, plus the
+    per-product file next to it."""
+    bson = pytest.importorskip("bson")
+    root, _, photos = trained
+    docs = [{"_id": 7, "imgs": [{"picture": photos[0].read_bytes()}, {"picture": photos[1].read_bytes()}]},
+            {"_id": 8, "imgs": [{"picture": photos[2].read_bytes()}]}]
+    dump = tmp_path / "new.bson"
+    dump.write_bytes(b"".join(bson.encode(d) for d in docs))
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(root / "model"), str(dump), "--out", str(out), *FAST]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["product_id"] for r in rows] == ["7", "7", "8"]
+    assert all(r["split"] is None for r in rows)           # an unlabelled dump gets no split
+    fresh = _model(trained).predict([str(p) for p in photos[:3]])
+    assert [r["category"] for r in rows] == fresh["category"].tolist()
+    products = [json.loads(line) for line in (tmp_path / "p.products.jsonl").read_text().splitlines()]
+    assert [p["product_id"] for p in products] == ["7", "8"] and [p["n_images"] for p in products] == [2, 1]
