@@ -395,3 +395,19 @@ def test_a_bson_dump_is_predicted_photo_by_photo(trained, tmp_path):
     assert [r["category"] for r in rows] == fresh["category"].tolist()
     products = [json.loads(line) for line in (tmp_path / "p.products.jsonl").read_text().splitlines()]
     assert [p["product_id"] for p in products] == ["7", "8"] and [p["n_images"] for p in products] == [2, 1]
+
+
+def test_no_command_writes_into_its_inputs(trained, tmp_path, capsys):
+    """train --out inside the photo folder (it would become a class on the next run), an evaluation
+    report inside the model, an ensemble over one of its members: refused, nothing written."""
+    root, data, photos = trained
+    folder = tmp_path / "photos"
+    (folder / "red").mkdir(parents=True)
+    shutil.copy(photos[0], folder / "red" / "a.jpg")
+    assert main(["train", str(folder), "--out", str(folder / "m")]) == 2
+    assert f"error: --out '{folder / 'm'}' lies inside the input folder '{folder}'" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["red"]
+    assert main(["evaluate", str(root / "model"), str(data), "--report", str(root / "model" / "r")]) == 2
+    assert "--report" in capsys.readouterr().err and not (root / "model" / "r").exists()
+    assert main(["ensemble", str(root / "model"), str(root / "model"), "--out", str(root / "model")]) == 2
+    assert "is an input of this command" in capsys.readouterr().err

@@ -26,7 +26,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from catalens.audit import run_audit
     from catalens.commands._common import config_from_args
+    from catalens.paths import check_output
 
+    if args.report:
+        check_output(args.report, [args.data], flag="--report")
     cfg = config_from_args(args)
     res = run_audit(args.data, args.report, cfg, near=args.near or None)
     return 1 if args.fail_on_leakage and res.leakage else 0

@@ -20,7 +20,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from catalens.commands._common import config_from_args
     from catalens.embed.export_features import embed_to_folder
+    from catalens.paths import check_output
 
+    check_output(args.out, [args.data])
     if getattr(args, "ray", None):  # the same pipeline on a Ray cluster
         from catalens.scale import RayOptions, ray_embed_to_folder
 

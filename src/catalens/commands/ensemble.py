@@ -15,6 +15,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from catalens.model.ensemble import build_ensemble
+    from catalens.paths import check_output
 
     weights = None
     if args.weights:
@@ -22,5 +23,6 @@ def run(args) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise ValueError(f"--weights expects numbers separated by commas, e.g. 2,1,1; got '{args.weights}'") from None
+    check_output(args.out, args.models)   # never over (or inside) a member folder
     build_ensemble(args.models, args.out, weights)
     return 0

@@ -17,6 +17,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from catalens.commands._common import config_from_args
     from catalens.evaluate.pipeline import evaluate_model
+    from catalens.paths import check_output
 
+    check_output(args.report, [args.data, args.model], flag="--report")
     evaluate_model(args.model, args.data, args.report, config_from_args(args))
     return 0

@@ -34,9 +34,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from catalens.commands._common import config_from_args
     from catalens.train.search import search
+    from catalens.paths import check_output
 
     if not args.trials and not args.minutes:
         raise ValueError("catalens search needs --trials N and/or --minutes M")
+    check_output(args.out, [args.data])
     search(args.data, args.out, config_from_args(args), trials=args.trials, minutes=args.minutes,
            objective=args.objective, cv=args.cv)
     return 0

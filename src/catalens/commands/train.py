@@ -26,9 +26,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from catalens.commands._common import config_from_args
+    from catalens.paths import check_output
     from catalens import distributed
     from catalens.train.pipeline import train
 
+    check_output(args.out, [args.data])   # a model folder inside a photo folder would become a class
     cfg = config_from_args(args)
     result = train(args.data, args.out, cfg)
     if distributed.is_main():  # the MLflow run (off: tracking=false); never fails training
