@@ -87,6 +87,26 @@ def _examples(model, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit
     return out
 
 
+def add_selective(metrics: dict, tasks, accept: dict | None, y: dict, probs: dict, decoded: dict | None) -> None:
+    """Per class task, ``metrics[task]["selective"]``: the model's auto-accept threshold and the
+    coverage and precision it realises on these rows (all None for a model without thresholds)."""
+    from catalens.evaluate.selective import selective_metrics
+
+    for t in tasks:
+        if t.kind != "class" or t.name not in metrics:
+            continue
+        yt, p = np.asarray(y[t.name]), np.asarray(probs[t.name])
+        pred = (decoded or {}).get(t.name, p.argmax(1) if len(p) else np.zeros(0, np.int64))
+        keep = yt != MISSING
+        conf = p[np.arange(len(p)), pred][keep]
+        if not accept or t.name not in (accept.get("thresholds") or {}):
+            metrics[t.name]["selective"] = {"target_precision": None, "threshold": None, "coverage": None,
+                                            "precision": None}
+            continue
+        metrics[t.name]["selective"] = selective_metrics(conf, pred[keep] == yt[keep], accept["thresholds"][t.name],
+                                                         accept.get("target_precision"))
+
+
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
                    log=None) -> EvalResult:
     """Evaluate the model folder on ``data`` and write the report folder."""
@@ -107,6 +127,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     if decoded is not None:
         before = compute_metrics(model.tasks, y, probs, known_paths=paths).get("hierarchy", {})
     metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None, pred_index=decoded)
+    add_selective(metrics, model.tasks, model.meta.get("accept"), y, probs, decoded)
     for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
         m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
     if cat.frame["product_id"].duplicated().any():  # several photos per product: also per product
@@ -121,11 +142,16 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
-                          context=context, examples=_examples(model, cat, y, probs, ok, label=decoded))
+                          context=context, examples=_examples(model, cat, y, probs, ok, label=decoded),
+                          pred_index=decoded)
     for name, m in metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
             log(f"  {name}: accuracy {_f(m['accuracy'])}, top-5 {_f(m['top5_accuracy'])}, "
                 f"macro-F1 {_f(m['macro_f1'])}, weighted-F1 {_f(m['weighted_f1'])} (n={m['n']})")
+            sel = m.get("selective") or {}
+            if sel.get("target_precision") is not None:
+                log(f"  {name}: auto-accepted {_f(sel['coverage'])} of photos at precision {_f(sel['precision'])} "
+                    f"(target {sel['target_precision']}, threshold {sel['threshold']})")
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  {name}: micro-F1 {_f(m['micro_f1'])}, macro-F1 {_f(m['macro_f1'])}, "
                 f"mAP {_f(m['mean_average_precision'])} (n={m['n']})")

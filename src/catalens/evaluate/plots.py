@@ -173,6 +173,33 @@ def _calibration_points(y, probs, kind: str, pred_index=None) -> tuple[np.ndarra
     return probs[rows, pred[rows]], pred[rows] == y[rows]
 
 
+def coverage_png(y, probs, path: str | Path, pred_index=None, selective: dict | None = None, title: str = "") -> Path:
+    """Precision–coverage curve of accepting rows by decreasing confidence (the probability of the
+    decided label), with the target precision and the model's accept threshold when it has one."""
+    from catalens.evaluate.selective import coverage_curve
+
+    conf, correct = _calibration_points(y, probs, "class", pred_index)
+    curve = coverage_curve(conf, correct)
+    fig = _new_figure(6.0, 4.6)
+    ax = fig.add_subplot()
+    ax.plot(curve.coverage, curve.precision, color="#1f4e79", lw=1.5, label="accept prob ≥ t")
+    sel = selective or {}
+    if sel.get("target_precision") is not None:
+        ax.axhline(sel["target_precision"], ls="--", color="grey", lw=1, label=f"target {sel['target_precision']:g}")
+    if sel.get("coverage") is not None and sel.get("precision") is not None:
+        ax.plot(sel["coverage"], sel["precision"], "o", color="#c00000", ms=6,
+                label=f"model threshold {sel['threshold']:.3f}")
+    low = float(np.min(curve.precision)) if curve.precision.size else 0.0
+    ax.set_ylim(max(0.0, min(low, (sel.get("target_precision") or 1.0)) - 0.02), 1.005)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of photos auto-accepted)")
+    ax.set_ylabel("precision of the accepted photos")
+    ax.set_title(title or "precision–coverage", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
 def class_counts_png(classes: list[str], counts, title: str, path: str | Path, top: int = 60) -> Path:
     """Horizontal bars of rows per class, most frequent first (the ``top`` most frequent when more)."""
     counts = np.asarray(counts, dtype=np.int64)

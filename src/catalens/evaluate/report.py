@@ -97,8 +97,9 @@ def write_per_class_csv(path: str | Path, rows: list[dict]) -> Path:
 
 # ---------------------------------------------------------------- figures
 
-def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs) -> dict[str, Path]:
-    """The PNGs of one task: {"confusion"/"pr", "calibration", "counts"} → path."""
+def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs, pred_index=None) -> dict[str, Path]:
+    """The PNGs of one task: {"confusion"/"pr", "calibration", "counts", "coverage"} → path
+    (``pred_index``: the decided class per row when it is not the argmax)."""
     slug = safe_name(task.name)
     out = {}
     if task.kind == "class":
@@ -107,6 +108,8 @@ def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs) -> dict[st
         counts = np.asarray(m["confusion"]).sum(axis=1)
         out["counts"] = plots.class_counts_png(task.classes, counts, f"{task.name}: labelled rows per class",
                                                report_dir / f"counts_{slug}.png")
+        out["coverage"] = plots.coverage_png(y, probs, report_dir / f"coverage_{slug}.png", pred_index,
+                                             m.get("selective"), f"{task.name}: precision–coverage")
     else:
         out["pr"] = plots.pr_curves_png(y, probs, task.classes, report_dir / f"pr_{slug}.png",
                                         thresholds=task.threshold_array())
@@ -218,8 +221,14 @@ def task_section(task: TaskInfo, m: dict, rows: list[dict], figs: dict[str, Path
                  ("top-3", _num(m["top3_accuracy"], True)), ("top-5", _num(m["top5_accuracy"], True)),
                  ("macro-F1", _num(m["macro_f1"])), ("weighted-F1", _num(m["weighted_f1"])),
                  ("log loss", _num(m["log_loss"])), ("ECE", _num(m["ece"]))]
+        sel = m.get("selective") or {}
+        if sel.get("target_precision") is not None:
+            facts += [(f"auto-accepted (target {sel['target_precision']:g})", _num(sel["coverage"], True)),
+                      ("precision accepted", _num(sel["precision"], True))]
         captions = {"confusion": "Confusion matrix: rows are true classes, columns predictions (share of each row).",
                     "calibration": "Reliability: accuracy per confidence bin; bars on the diagonal = well calibrated.",
+                    "coverage": "Precision of the photos accepted from the most confident down, against the share "
+                                "accepted; the dot is the model's auto-accept threshold (<task>_accept).",
                     "counts": "Labelled test images per class."}
     else:
         facts = [("labelled images", _num(m["n"])), ("micro-F1", _num(m["micro_f1"])),
@@ -339,13 +348,15 @@ def render_html(title: str, metrics: dict, tasks: list[TaskInfo], sections: list
 # ---------------------------------------------------------------- entry point
 
 def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y: dict, probs: dict, title: str,
-                 context: dict | None = None, examples: list[dict] | None = None) -> Path:
+                 context: dict | None = None, examples: list[dict] | None = None,
+                 pred_index: dict | None = None) -> Path:
     """Write the report folder and return the path of ``report.html``.
 
     Files: ``metrics.json`` (``metrics`` plus ``"context"`` when given), per task
     ``per_class_<task>.csv``, ``calibration_<task>.png``, ``counts_<task>.png``, and
     ``confusion_<task>.png`` (class tasks) or ``pr_<task>.png`` (tags tasks); then
-    ``report.html`` with all of it inline. ``examples``: ``{"image_b64", "caption", "correct"}``.
+    ``report.html`` with all of it inline. ``examples``: ``{"image_b64", "caption", "correct"}``;
+    ``pred_index``: ``{task: decided class per row}`` where it is not the argmax (hierarchy decoding).
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +368,7 @@ def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y
             continue
         rows = per_class_rows(t, m)
         write_per_class_csv(report_dir / f"per_class_{safe_name(t.name)}.csv", rows)
-        figs = task_figures(report_dir, t, m, y[t.name], probs[t.name])
+        figs = task_figures(report_dir, t, m, y[t.name], probs[t.name], (pred_index or {}).get(t.name))
         sections.append(task_section(t, m, rows, figs))
     page = render_html(title, metrics, tasks, sections, context, examples)
     return atomic_write_bytes(report_dir / "report.html", page.encode("utf-8"))

@@ -1,0 +1,121 @@
+"""Auto-accept at a target precision (selective classification).
+
+A class task's answer is *accepted* when the probability of the decided label reaches the
+task's accept threshold. The threshold is chosen on labelled held-out rows (the val split,
+plus out-of-fold training rows when val is small, see :func:`catalens.train.pipeline`) so that
+the precision of the accepted rows reaches ``target_precision`` **with a statistical margin**:
+
+- at every candidate threshold (each distinct probability, highest first) the accepted rows
+  give ``k`` right out of ``n``; the one-sided Clopper-Pearson lower bound of their precision at
+  ``bound_confidence`` (default 95%) is computed;
+- the threshold kept is the lowest one (largest coverage) whose lower bound reaches the target;
+  no threshold → nothing is accepted (``threshold`` None).
+
+Why a bound rather than the raw validation precision: the raw precision picks the most
+permissive threshold that happened to work on a few hundred photos and falls under the target
+on photos from another collection; the bound asks for evidence proportional to the target
+(100% precision on fewer than ``log(0.05) / log(0.98)`` ≈ 149 accepted rows does not reach
+0.98) and so leaves a margin that covariate shift eats first. docs/benchmarks.md
+(bench_selective) has the realised precision on test and on held-out collections.
+
+numpy + scipy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from catalens.model.decode import accept_mask
+
+DEFAULT_TARGET = 0.98
+DEFAULT_BOUND_CONFIDENCE = 0.95
+
+
+def precision_lower_bound(k, n, confidence: float = DEFAULT_BOUND_CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a binomial proportion with ``k`` successes in
+    ``n`` trials: the ``1 - confidence`` quantile of Beta(k, n - k + 1); 0 where ``k == 0``."""
+    from scipy.stats import beta
+
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lb = beta.ppf(1.0 - confidence, np.maximum(k, 1e-12), n - k + 1.0)
+    return np.where(k > 0, lb, 0.0)
+
+
+@dataclass
+class CoverageCurve:
+    """Per distinct confidence (highest first): accept ``prob >= threshold`` → ``accepted`` rows,
+    ``right`` of them correct; ``coverage`` and ``precision`` of that set."""
+
+    threshold: np.ndarray
+    accepted: np.ndarray
+    right: np.ndarray
+    total: int
+
+    @property
+    def coverage(self) -> np.ndarray:
+        return self.accepted / max(self.total, 1)
+
+    @property
+    def precision(self) -> np.ndarray:
+        return self.right / np.maximum(self.accepted, 1)
+
+
+def coverage_curve(confidence: np.ndarray, correct: np.ndarray) -> CoverageCurve:
+    """The precision–coverage curve of accepting rows by decreasing ``confidence``."""
+    s = np.asarray(confidence, dtype=np.float64)
+    c = np.asarray(correct, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, c = s[order], c[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1] if s.size else np.zeros(0, int)
+    return CoverageCurve(s[last], last + 1.0, np.cumsum(c)[last] if s.size else np.zeros(0), int(s.size))
+
+
+@dataclass
+class AcceptThreshold:
+    """The chosen threshold of one task (None: no threshold reaches the target) and what it
+    gave on the rows it was chosen on."""
+
+    threshold: float | None
+    coverage: float
+    precision: float | None
+    lower_bound: float | None
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"threshold": self.threshold, "coverage": self.coverage, "precision": self.precision,
+                "lower_bound": self.lower_bound, "n": self.n}
+
+
+def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float = DEFAULT_TARGET,
+                     bound_confidence: float = DEFAULT_BOUND_CONFIDENCE) -> AcceptThreshold:
+    """The lowest probability threshold whose accepted rows have a Clopper-Pearson lower bound
+    of precision ≥ ``target`` (see the module docstring)."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target precision must lie strictly between 0 and 1, got {target}")
+    curve = coverage_curve(confidence, correct)
+    if curve.total == 0:
+        return AcceptThreshold(None, 0.0, None, None, 0)
+    lb = precision_lower_bound(curve.right, curve.accepted, bound_confidence)
+    good = np.flatnonzero(lb >= target)
+    if good.size == 0:
+        return AcceptThreshold(None, 0.0, None, None, curve.total)
+    i = int(good[-1])  # the lowest threshold (largest coverage) that reaches the target
+    return AcceptThreshold(float(np.float32(curve.threshold[i])), float(curve.coverage[i]),
+                           float(curve.precision[i]), float(lb[i]), curve.total)
+
+
+def selective_metrics(confidence: np.ndarray, correct: np.ndarray, threshold: float | None,
+                      target: float | None) -> dict:
+    """``{"target_precision", "threshold", "coverage", "precision"}`` realised on labelled rows
+    (``precision`` None when nothing is accepted)."""
+    confidence = np.asarray(confidence)
+    correct = np.asarray(correct, dtype=bool)
+    acc = accept_mask(confidence, threshold)
+    n = confidence.shape[0]
+    return {"target_precision": None if target is None else float(target),
+            "threshold": None if threshold is None else float(threshold),
+            "coverage": float(acc.mean()) if n else None,
+            "precision": float(correct[acc].mean()) if acc.any() else None}

@@ -1,0 +1,226 @@
+"""Decisions a shop can trust (issue 14): auto-accept at a target precision, unknown products.
+
+Exact values on hand-made probabilities, the decoder's columns and server record, model.json
+validation, and one synthetic model trained, predicted and evaluated end to end.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+
+from catalens.evaluate.selective import (choose_threshold, coverage_curve, precision_lower_bound,
+                                         selective_metrics)
+from catalens.model.decode import Decoder, arrow_schema, column_names
+from catalens.model.format import ModelError, parse_description
+from catalens.model.unknown import describe, keep_threshold, unknown_score
+from catalens.tasks import TaskInfo
+
+FAST = ["--no-progress", "--runtime", "eager"]
+
+
+# ----------------------------------------------------------------------------- the bound
+
+@pytest.mark.parametrize("k,n", [(149, 149), (148, 149), (95, 100), (1, 3), (40, 41)])
+def test_lower_bound_is_the_exact_clopper_pearson_bound(k, n):
+    # one-sided 95% lower bound = lower end of the two-sided 90% exact interval
+    want = binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").low
+    assert precision_lower_bound(k, n, 0.95) == pytest.approx(want, abs=1e-12)
+
+
+def test_all_right_needs_149_rows_to_prove_98_percent():
+    assert precision_lower_bound(149, 149) == pytest.approx(0.05 ** (1 / 149))
+    assert precision_lower_bound(149, 149) >= 0.98 > precision_lower_bound(148, 148)
+    assert precision_lower_bound(0, 10) == 0.0
+
+
+def _rows(n_right_top: int, tail_pattern: list[bool]):
+    """Confidence 1.0, 0.999, ... decreasing; the first ``n_right_top`` right, then the pattern."""
+    correct = np.array([True] * n_right_top + tail_pattern)
+    conf = np.linspace(1.0, 0.5, correct.size).astype(np.float32)
+    return conf, correct
+
+
+def test_threshold_is_the_largest_coverage_whose_bound_reaches_the_target():
+    conf, correct = _rows(200, [False] + [True] * 99 + [False] * 100)
+    chosen = choose_threshold(conf, correct, 0.98, 0.95)
+    curve = coverage_curve(conf, correct)
+    lb = precision_lower_bound(curve.right, curve.accepted)
+    i = int(np.flatnonzero(lb >= 0.98)[-1])
+    assert chosen.threshold == float(conf[i])
+    assert chosen.coverage == (i + 1) / 400
+    assert chosen.precision == pytest.approx(curve.precision[i])
+    assert chosen.lower_bound == pytest.approx(lb[i]) and chosen.lower_bound >= 0.98
+    assert lb[i + 1] < 0.98 and chosen.n == 400
+    # 200 right then one mistake: the 201st row has 200/201 (LB 0.9766 < 0.98); more rights lift it
+    assert precision_lower_bound(200, 200) >= 0.98 > precision_lower_bound(200, 201)
+    assert i + 1 > 200  # the 99 right answers after the mistake lift the bound again
+
+
+def test_no_threshold_when_too_few_rows_or_target_out_of_range():
+    conf, correct = _rows(100, [])
+    c = choose_threshold(conf, correct, 0.98)
+    assert (c.threshold, c.coverage, c.precision, c.n) == (None, 0.0, None, 100)
+    assert choose_threshold(conf, correct, 0.9).threshold is not None  # 0.05**(1/29) >= 0.9
+    with pytest.raises(ValueError, match="target precision must lie strictly between 0 and 1, got 1.0"):
+        choose_threshold(conf, correct, 1.0)
+
+
+def test_ties_are_accepted_together():
+    conf = np.array([0.9, 0.9, 0.9, 0.5], np.float32)
+    curve = coverage_curve(conf, np.array([True, False, True, True]))
+    assert curve.accepted.tolist() == [3, 4] and curve.right.tolist() == [2, 3]
+
+
+def test_selective_metrics_exact_keys_and_values():
+    conf = np.array([0.99, 0.97, 0.95, 0.60, 0.40], np.float32)
+    right = np.array([True, True, False, True, False])
+    got = selective_metrics(conf, right, 0.95, 0.98)
+    assert got == {"target_precision": 0.98, "threshold": pytest.approx(0.95), "coverage": 0.6,
+                   "precision": pytest.approx(2 / 3)}
+    assert selective_metrics(conf, right, None, 0.98) == {"target_precision": 0.98, "threshold": None,
+                                                          "coverage": 0.0, "precision": None}
+
+
+# ----------------------------------------------------------------------------- unknown score
+
+def test_unknown_scores_and_threshold_keep_95_percent():
+    p = {"a": np.array([[1.0, 0.0], [0.5, 0.5], [0.8, 0.2]]), "b": np.array([[0.25] * 4, [1, 0, 0, 0], [0.7, 0.1, 0.1, 0.1]])}
+    np.testing.assert_allclose(unknown_score(p, ["a"], "msp"), [0.0, 0.5, 0.2])
+    np.testing.assert_allclose(unknown_score(p, ["a"], "margin"), [0.0, 1.0, 0.4])
+    np.testing.assert_allclose(unknown_score(p, ["a", "b"], "entropy")[:2], [0.5, 0.5], atol=1e-9)
+    scores = np.arange(100) / 100.0
+    thr = keep_threshold(scores, 0.95)
+    assert thr == 0.95 and (scores > thr).sum() == 4 and (scores <= thr).mean() >= 0.95
+    with pytest.raises(ValueError, match="unknown-score method 'energy' is not one of"):
+        unknown_score(p, ["a"], "energy")
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+TASKS = [TaskInfo("dept", "class", ["men", "women"]), TaskInfo("cat", "class", ["shirt", "shoe", "hat"], "dept"),
+         TaskInfo("pattern", "tags", ["striped", "solid"], thresholds=[0.5, 0.5])]
+PROBS = {"dept": np.array([[0.99, 0.01], [0.6, 0.4], [0.1, 0.9]], np.float32),
+         "cat": np.array([[0.95, 0.04, 0.01], [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]], np.float32),
+         "pattern": np.array([[0.9, 0.1], [0.2, 0.7], [0.6, 0.6]], np.float32)}
+
+
+def _decoder(accept=None, unknown=None):
+    return Decoder(TASKS, accept=accept or {}, unknown=unknown)
+
+
+def test_decoder_accept_and_unknown_columns():
+    unknown = {"method": "msp", "tasks": ["dept", "cat"], "threshold": 0.3, "keep": 0.95}
+    d = _decoder({"dept": 0.9, "cat": None}, unknown)
+    cols = d.columns(d.decode(PROBS), ok=np.array([True, True, False]))
+    assert cols["dept_accept"] == [True, False, None]      # 0.99 >= 0.9, 0.6 < 0.9, failed photo
+    assert cols["cat_accept"] == [False, False, None]      # None threshold: nothing accepted
+    np.testing.assert_allclose(cols["unknown_score"][:2], [(0.01 + 0.05) / 2, (0.4 + 0.5) / 2], rtol=1e-6)
+    assert cols["unknown"] == [False, True, None] and cols["unknown_score"][2] is None
+    assert list(cols) == column_names(TASKS)
+    assert arrow_schema(TASKS).names == ["id", "product_id", "path", "split", "problem", *column_names(TASKS)]
+
+
+def test_decoder_without_flags_writes_nulls_and_record_says_so():
+    d = _decoder()
+    cols = d.columns(d.decode(PROBS))
+    assert cols["dept_accept"] == [None] * 3 and cols["unknown"] == [None] * 3
+    rec = d.record(d.decode(PROBS), 0)
+    assert "accept" not in rec["labels"]["dept"] and rec["unknown"] is None and rec["unknown_score"] is None
+
+
+def test_record_carries_accept_and_unknown():
+    d = _decoder({"dept": 0.9, "cat": 0.5}, {"method": "msp", "tasks": ["cat"], "threshold": 0.3, "keep": 0.95})
+    rec = d.record(d.decode(PROBS), 1)
+    assert rec["labels"]["dept"] == {"label": "men", "prob": pytest.approx(0.6), "accept": False}
+    assert rec["labels"]["cat"] == {"label": "shirt", "prob": pytest.approx(0.5), "accept": True}
+    assert rec["unknown_score"] == pytest.approx(0.5) and rec["unknown"] is True
+
+
+def test_hierarchy_decoded_label_is_what_accept_reads():
+    # the best seen path of row 1 is (men, shoe): accept reads shoe's 0.3, not shirt's 0.5
+    paths = {"dept > cat": [["men", "shoe"], ["women", "hat"]]}
+    d = Decoder(TASKS, paths, True, accept={"cat": 0.35})
+    ans = d.decode(PROBS)
+    assert [TASKS[1].classes[j] for j in ans.label["cat"]] == ["shoe", "shoe", "hat"]
+    assert d.columns(ans)["cat_accept"] == [False, False, True]
+
+
+def _description(**extra):
+    return {"format": "catalens-model/1", "backbone": {"name": "x"},
+            "tasks": [{"name": t.name, "kind": t.kind, "classes": t.classes, "parent": t.parent} for t in TASKS],
+            **extra}
+
+
+def test_model_json_flags_are_typed_and_checked():
+    acc = {"target_precision": 0.98, "bound_confidence": 0.95, "source": "val", "thresholds": {"dept": 0.9, "cat": None}}
+    unk = {"method": "msp", "tasks": ["dept"], "threshold": 0.3, "keep": 0.95}
+    d = Decoder.from_description(_description(accept=acc, unknown=unk))
+    assert d.accept == {"dept": 0.9, "cat": None} and d.unknown["method"] == "msp"
+    with pytest.raises(ModelError, match=r"accept/unknown name \['pattern'\], which are not class tasks"):
+        parse_description(_description(accept={**acc, "thresholds": {"pattern": 0.5}}))
+    with pytest.raises(ModelError, match=r"unknown.method 'energy' is not one of \['entropy', 'margin', 'msp'\]"):
+        parse_description(_description(unknown={**unk, "method": "energy"}))
+    with pytest.raises(ModelError, match="field 'accept.target_precision'"):
+        parse_description(_description(accept={**acc, "target_precision": 1.5}))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A synthetic catalogue and a model trained with --target-precision 0.9 (through the CLI)."""
+    from catalens.cli import main
+    from catalens.synthetic import make_catalogue
+
+    root = tmp_path_factory.mktemp("decisions")
+    data = make_catalogue(root / "data", n_products=80, size=96, seed=3)
+    assert main(["train", str(data), "--out", str(root / "model"), "--target-precision", "0.9", "--epochs", "40",
+                 "--set", "tracking=false", *FAST]) == 0
+    return root, data
+
+
+def test_model_json_stores_thresholds_chosen_on_val_plus_out_of_fold(trained):
+    root, _ = trained
+    desc = json.loads((root / "model" / "model.json").read_text())
+    acc = desc["accept"]
+    assert acc["target_precision"] == 0.9 and acc["bound_confidence"] == 0.95
+    assert acc["source"] == "val (12 photos) + out-of-fold train (56 photos, 5 folds)"
+    assert set(acc["thresholds"]) == {"department", "category"}
+    for task, chosen in acc["chosen_on"].items():
+        assert chosen["n"] == 68 and chosen["threshold"] == acc["thresholds"][task]
+        if chosen["threshold"] is not None:
+            assert chosen["lower_bound"] >= 0.9 and chosen["precision"] >= chosen["lower_bound"]
+    assert desc["unknown"]["method"] == "entropy" and desc["unknown"]["keep"] == 0.95
+    assert desc["unknown"]["tasks"] == ["department", "category"]
+
+
+def test_predict_and_evaluate_agree_with_the_stored_thresholds(trained, tmp_path):
+    from catalens.cli import main
+
+    root, data = trained
+    out = tmp_path / "p.parquet"
+    assert main(["predict", str(root / "model"), str(data), "--out", str(out), *FAST]) == 0
+    df = pd.read_parquet(out)
+    desc = json.loads((root / "model" / "model.json").read_text())
+    thr = desc["accept"]["thresholds"]
+    for task in ("department", "category"):
+        want = (df[f"{task}_prob"] >= np.float32(thr[task])) if thr[task] is not None else False
+        assert (df[f"{task}_accept"] == want).all()
+    assert (df["unknown"] == (df["unknown_score"] > desc["unknown"]["threshold"])).all()
+    assert main(["evaluate", str(root / "model"), str(data), "--report", str(tmp_path / "rep"), *FAST]) == 0
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    test = df[df["split"] == "test"]
+    for task in ("department", "category"):
+        sel = metrics[task]["selective"]
+        assert list(sel) == ["target_precision", "threshold", "coverage", "precision"]
+        assert sel["target_precision"] == 0.9 and sel["threshold"] == thr[task]
+        acc = test[f"{task}_accept"].astype(bool)
+        assert sel["coverage"] == pytest.approx(acc.mean())
+        right = test[task] == test[f"true_{task}"]
+        assert sel["precision"] == (pytest.approx(right[acc].mean()) if acc.any() else None)
+    assert (tmp_path / "rep" / "coverage_department.png").stat().st_size > 5000
+    assert "auto-accepted (target 0.9)" in (tmp_path / "rep" / "report.html").read_text()
