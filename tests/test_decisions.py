@@ -46,7 +46,7 @@ def _rows(n_right_top: int, tail_pattern: list[bool]):
 
 def test_threshold_is_the_largest_coverage_whose_bound_reaches_the_target():
     conf, correct = _rows(200, [False] + [True] * 99 + [False] * 100)
-    chosen = choose_threshold(conf, correct, 0.98, 0.95)
+    chosen = choose_threshold(conf, correct, 0.98, 0.95, shift_margin=0)
     curve = coverage_curve(conf, correct)
     lb = precision_lower_bound(curve.right, curve.accepted)
     i = int(np.flatnonzero(lb >= 0.98)[-1])
@@ -60,11 +60,26 @@ def test_threshold_is_the_largest_coverage_whose_bound_reaches_the_target():
     assert i + 1 > 200  # the 99 right answers after the mistake lift the bound again
 
 
+def test_shift_margin_puts_a_floor_under_the_threshold():
+    # 5000 right answers from 1.0 down to 0.9: the bound alone would accept all of them
+    conf = np.linspace(1.0, 0.9, 5000).astype(np.float32)
+    right = np.ones(5000, bool)
+    assert choose_threshold(conf, right, 0.98, shift_margin=0).threshold == pytest.approx(0.9)
+    c = choose_threshold(conf, right, 0.98)  # default margin 2: never under 1 - 0.02 / 2 = 0.99
+    assert c.threshold == float(conf[conf >= np.float32(0.99)].min()) and c.threshold >= np.float32(0.99)
+    assert c.coverage == (conf >= np.float32(0.99)).mean() == 0.1
+    # only 100 of 1000 rows over the floor: 100/100 right proves 0.9705 only, nothing is accepted
+    assert choose_threshold(conf[::5], right[::5], 0.98).threshold is None
+    assert choose_threshold(conf, right, 0.98, shift_margin=1).threshold == float(conf[conf >= np.float32(0.98)].min())
+    with pytest.raises(ValueError, match="shift margin must be 0 \\(no floor\\) or positive, got -1"):
+        choose_threshold(conf, right, 0.98, shift_margin=-1)
+
+
 def test_no_threshold_when_too_few_rows_or_target_out_of_range():
     conf, correct = _rows(100, [])
     c = choose_threshold(conf, correct, 0.98)
     assert (c.threshold, c.coverage, c.precision, c.n) == (None, 0.0, None, 100)
-    assert choose_threshold(conf, correct, 0.9).threshold is not None  # 0.05**(1/29) >= 0.9
+    assert choose_threshold(conf, correct, 0.9, shift_margin=0).threshold is not None  # 0.05**(1/29) >= 0.9
     with pytest.raises(ValueError, match="target precision must lie strictly between 0 and 1, got 1.0"):
         choose_threshold(conf, correct, 1.0)
 
@@ -187,12 +202,13 @@ def test_model_json_stores_thresholds_chosen_on_val_plus_out_of_fold(trained):
     root, _ = trained
     desc = json.loads((root / "model" / "model.json").read_text())
     acc = desc["accept"]
-    assert acc["target_precision"] == 0.9 and acc["bound_confidence"] == 0.95
+    assert acc["target_precision"] == 0.9 and acc["bound_confidence"] == 0.95 and acc["shift_margin"] == 2.0
     assert acc["source"] == "val (12 photos) + out-of-fold train (56 photos, 5 folds)"
     assert set(acc["thresholds"]) == {"department", "category"}
     for task, chosen in acc["chosen_on"].items():
         assert chosen["n"] == 68 and chosen["threshold"] == acc["thresholds"][task]
         if chosen["threshold"] is not None:
+            assert chosen["threshold"] >= np.float32(0.95)  # the shift margin's floor: 1 - 0.1 / 2
             assert chosen["lower_bound"] >= 0.9 and chosen["precision"] >= chosen["lower_bound"]
     assert desc["unknown"]["method"] == "entropy" and desc["unknown"]["keep"] == 0.95
     assert desc["unknown"]["tasks"] == ["department", "category"]

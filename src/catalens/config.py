@@ -129,6 +129,7 @@ class SelectiveConfig(_Strict):
 
     target_precision: float = Field(0.98, gt=0, lt=1)
     bound_confidence: float = Field(0.95, gt=0, lt=1)  # one-sided Clopper-Pearson confidence
+    shift_margin: float = Field(2.0, ge=0)  # threshold >= 1 - (1 - target) / margin (0 = no floor)
     oof_below: int = Field(1000, ge=0)   # val has fewer labelled photos: add out-of-fold train photos (0 = never)
     folds: int = Field(5, ge=2)          # folds of those out-of-fold probabilities
     unknown_method: Literal["msp", "entropy", "margin"] = "entropy"  # see catalens.model.unknown

@@ -85,13 +85,15 @@ class EnsembleDescription(BaseModel):
 class AcceptDescription(BaseModel):
     """The ``accept`` entry: per class task, the probability from which its answer is
     auto-accepted (``<task>_accept``), chosen to reach ``target_precision`` with a one-sided
-    Clopper-Pearson bound at ``bound_confidence`` (:mod:`catalens.evaluate.selective`). A task
+    Clopper-Pearson bound at ``bound_confidence`` and never under ``1 - (1 - target) /
+    shift_margin`` (:mod:`catalens.evaluate.selective`). A task
     whose threshold is None accepts nothing (no threshold reached the target)."""
 
     model_config = ConfigDict(extra="allow")
 
     target_precision: float = Field(gt=0, lt=1)
     bound_confidence: float = Field(gt=0, lt=1)
+    shift_margin: float = Field(0.0, ge=0)
     source: str                                      # "val", or "val + out-of-fold train (K folds)"
     thresholds: dict[str, float | None]
     chosen_on: dict[str, dict] = Field(default_factory=dict)  # per task: coverage, precision, lower_bound, n

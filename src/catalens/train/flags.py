@@ -1,6 +1,7 @@
 """Decisions stored in the model at training: auto-accept thresholds and the unknown flag.
 
 - ``accept``: per class task, the threshold of :func:`catalens.evaluate.selective.choose_threshold`
+  (a Clopper-Pearson bound and a shift margin)
   on held-out photos: the val split, plus **out-of-fold** training photos when val has fewer than
   ``selective.oof_below`` labelled photos (k heads fit on the cached features of k-1 folds of
   the training rows, each predicting the fold it did not see; split by product). Out-of-fold
@@ -70,7 +71,7 @@ def accept_description(tasks: list[TaskInfo], decoder, y: dict, probs: dict, cfg
         keep = np.asarray(y[t.name]) != MISSING
         conf = ans.label_prob(t.name)[keep]
         right = ans.label[t.name][keep] == np.asarray(y[t.name])[keep]
-        c = choose_threshold(conf, right, sel.target_precision, sel.bound_confidence)
+        c = choose_threshold(conf, right, sel.target_precision, sel.bound_confidence, sel.shift_margin)
         thresholds[t.name], chosen[t.name] = c.threshold, c.to_dict()
         log(f"  accept {t.name}: " + (f"prob >= {c.threshold:.4f} accepts {c.coverage:.1%} of {c.n} held-out photos "
                                       f"at precision {c.precision:.4f} (95% lower bound {c.lower_bound:.4f})"
@@ -80,7 +81,7 @@ def accept_description(tasks: list[TaskInfo], decoder, y: dict, probs: dict, cfg
     if not thresholds:
         return None
     return {"target_precision": sel.target_precision, "bound_confidence": sel.bound_confidence,
-            "source": source, "thresholds": thresholds, "chosen_on": chosen}
+            "shift_margin": sel.shift_margin, "source": source, "thresholds": thresholds, "chosen_on": chosen}
 
 
 def unknown_description(tasks: list[TaskInfo], probs_val: dict, cfg: Config) -> dict | None:
