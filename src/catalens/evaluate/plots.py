@@ -173,6 +173,33 @@ def _calibration_points(y, probs, kind: str, pred_index=None) -> tuple[np.ndarra
     return probs[rows, pred[rows]], pred[rows] == y[rows]
 
 
+def roc_curves_png(y, probs, classes: list[str], path: str | Path, title: str = "", max_curves: int = 12) -> Path:
+    """One-vs-rest ROC curve of the ``max_curves`` most frequent classes (sklearn's roc_curve)."""
+    from sklearn.metrics import auc, roc_curve
+
+    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    keep = y >= 0
+    y, probs = y[keep], probs[keep]
+    counts = np.bincount(y, minlength=len(classes)) if y.size else np.zeros(len(classes), int)
+    order = [c for c in np.argsort(-counts, kind="mergesort") if 0 < counts[c] < y.size][:max_curves]
+    fig = _new_figure(6.5, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    for c in order:
+        fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+        ax.plot(fpr, tpr, lw=1.3, label=f"{classes[c]} (AUC {auc(fpr, tpr):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    shown = f" ({len(order)} most frequent of {len(classes)})" if len(order) < len(classes) else ""
+    ax.set_title((title or "ROC one-vs-rest") + shown, fontsize=10)
+    ax.grid(alpha=0.3)
+    if order:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, path)
+
+
 def coverage_png(y, probs, path: str | Path, pred_index=None, selective: dict | None = None, title: str = "") -> Path:
     """Precision–coverage curve of accepting rows by decreasing confidence (the probability of the
     decided label), with the target precision and the model's accept threshold when it has one."""

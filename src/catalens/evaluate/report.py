@@ -108,6 +108,8 @@ def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs, pred_index
         counts = np.asarray(m["confusion"]).sum(axis=1)
         out["counts"] = plots.class_counts_png(task.classes, counts, f"{task.name}: labelled rows per class",
                                                report_dir / f"counts_{slug}.png")
+        out["roc"] = plots.roc_curves_png(y, probs, task.classes, report_dir / f"roc_{slug}.png",
+                                          f"{task.name}: ROC one-vs-rest")
         out["coverage"] = plots.coverage_png(y, probs, report_dir / f"coverage_{slug}.png", pred_index,
                                              m.get("selective"), f"{task.name}: precision–coverage")
     else:
@@ -187,7 +189,7 @@ def per_class_table(task: TaskInfo, rows: list[dict]) -> str:
                                           r["f1"] if r["f1"] is not None else 2.0, str(r["class"])))
     is_tags = task.kind == "tags"
     cols = ["class" if not is_tags else "tag", "support", "precision", "recall", "F1"]
-    cols += ["AP", "threshold"] if is_tags else ["most often predicted instead"]
+    cols += ["AP", "threshold", "TN FP / FN TP"] if is_tags else ["most often predicted instead"]
     head = "".join(f'<th onclick="sortTable(this)">{c}</th>' for c in cols)
     body = []
     for r in ordered:
@@ -198,6 +200,8 @@ def per_class_table(task: TaskInfo, rows: list[dict]) -> str:
             cells.append(f'<td class="n" data-v="{"" if v is None else v}"{_heat(v)}>{_num(v)}</td>')
         if is_tags:
             cells.append(f'<td class="n" data-v="{r["threshold"]}">{r["threshold"]:.3f}</td>')
+            cm = r.get("confusion") or [[0, 0], [0, 0]]
+            cells.append(f'<td class="n" data-v="{cm[1][1]}">{cm[0][0]} {cm[0][1]} / {cm[1][0]} {cm[1][1]}</td>')
         else:
             other = r["top_confusion"]
             text = f"{_e(other)} ({r['top_confusion_count']})" if other is not None else "–"
@@ -220,13 +224,17 @@ def task_section(task: TaskInfo, m: dict, rows: list[dict], figs: dict[str, Path
         facts = [("labelled images", _num(m["n"])), ("accuracy", _num(m["accuracy"], True)),
                  ("top-3", _num(m["top3_accuracy"], True)), ("top-5", _num(m["top5_accuracy"], True)),
                  ("macro-F1", _num(m["macro_f1"])), ("weighted-F1", _num(m["weighted_f1"])),
-                 ("log loss", _num(m["log_loss"])), ("ECE", _num(m["ece"]))]
+                 ("log loss", _num(m["log_loss"])), ("ECE", _num(m["ece"])),
+                 ("top-2", _num((m.get("top_k_accuracy") or {}).get("2"), True)),
+                 ("ROC-AUC (one-vs-rest, macro)", _num(m.get("roc_auc_ovr_macro"))), ("MCC", _num(m.get("mcc"))),
+                 ("Cohen's κ", _num(m.get("cohen_kappa")))]
         sel = m.get("selective") or {}
         if sel.get("target_precision") is not None:
             facts += [(f"auto-accepted (target {sel['target_precision']:g})", _num(sel["coverage"], True)),
                       ("precision accepted", _num(sel["precision"], True))]
         captions = {"confusion": "Confusion matrix: rows are true classes, columns predictions (share of each row).",
                     "calibration": "Reliability: accuracy per confidence bin; bars on the diagonal = well calibrated.",
+                    "roc": "ROC curve of each class against the rest (the most frequent classes).",
                     "coverage": "Precision of the photos accepted from the most confident down, against the share "
                                 "accepted; the dot is the model's auto-accept threshold (<task>_accept).",
                     "counts": "Labelled test images per class."}
