@@ -284,7 +284,7 @@ def _mahalanobis(X, Xtrain, ytrain):
     centred = Xtrain - means[np.searchsorted(classes, ytrain)]
     cov = centred.T @ centred / len(Xtrain) + 1e-3 * np.eye(X.shape[1])
     prec = np.linalg.inv(cov)
-    d = [np.einsum("ij,jk,ik->i", X - mu, prec, X - mu) for mu in means]
+    d = [(((X - mu) @ prec) * (X - mu)).sum(1) for mu in means]
     return np.min(d, axis=0)
 
 
