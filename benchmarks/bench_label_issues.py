@@ -54,7 +54,8 @@ def at_n(ranked_rows: np.ndarray, flipped: set, n: int) -> float:
 
 
 def one_seed(seed: int) -> dict:
-    from catalens.audit.labels import confident_issues, find_issues, out_of_fold_probabilities
+    from catalens.audit.labels import (confident_issues, find_issues, lowest_self_confidence,
+                                       out_of_fold_probabilities)
     from catalens.config import Config
 
     cfg = Config()
@@ -71,7 +72,16 @@ def one_seed(seed: int) -> dict:
     self_conf = p[np.arange(len(y)), y]
     order_all = np.argsort(self_conf, kind="mergesort")
     out = {"n": n, "oof_s": oof_s}
-    for name, mask in (("shipped", find_issues(y, p)), ("fallback", confident_issues(y, p))):
+    variants = [("shipped", find_issues(y, p)),
+                ("fallback", lowest_self_confidence(y, p, int(confident_issues(y, p).sum())))]
+    try:
+        from cleanlab.filter import find_label_issues
+
+        q = p.astype(np.float64) / p.astype(np.float64).sum(1, keepdims=True)
+        variants.append(("cl_default", find_label_issues(y, q)))
+    except ImportError:
+        pass
+    for name, mask in variants:
         flagged = np.flatnonzero(mask)
         ranked = flagged[np.argsort(self_conf[flagged], kind="mergesort")]
         hits = len(set(flagged.tolist()) & flipped)
@@ -88,14 +98,18 @@ def main() -> None:
         sys.exit(f"benchmark photos not found at {DATA}")
     try:
         import cleanlab
-        shipped = f"cleanlab {cleanlab.__version__} find_label_issues"
+        shipped = f"cleanlab {cleanlab.__version__} find_label_issues, filter_by=low_self_confidence"
     except ImportError:
         shipped = "confident learning (cleanlab not installed)"
     runs = [one_seed(s) for s in (0, 1, 2)]
-    names = {"shipped": f"shipped: {shipped}", "fallback": "confident learning without cleanlab",
+    names = {"shipped": f"shipped: {shipped}", "fallback": "without cleanlab: confident-learning count, "
+                                                         "lowest self-confidence",
+             "cl_default": "cleanlab's default filter (prune_by_noise_rate)",
              "self": "plain out-of-fold self-confidence (every row ranked)"}
     rows = []
     for key, label in names.items():
+        if key not in runs[0]:
+            continue
         at = np.mean([r[key][0] for r in runs])
         if key == "self":
             rows.append([label, f"{at:.3f}", "–", "–", "–"])
@@ -105,7 +119,12 @@ def main() -> None:
     body = (f"clothing-small train split, {runs[0]['n']} of 3,068 labels (5%) flipped, mean of seeds 0, 1, 2; "
             f"5 out-of-fold heads on cached features: {np.mean([r['oof_s'] for r in runs]):.1f} s per run.\n\n"
             + table(["ranking", "precision = recall at N", "flagged rows", "precision of flagged",
-                     "recall of flagged"], rows))
+                     "recall of flagged"], rows)
+            + "\n\nThe flagged rows are ranked by self-confidence, so at N the shipped list equals the plain "
+              "ranking; confident learning adds where to stop (how many rows to review). Tried without gain "
+              "(precision at N, 3 seeds): 10 folds 0.813-0.819, label smoothing 0.2 0.802, an MLP head 0.804, "
+              "cleanlab's normalized margin 0.684 / confidence-weighted entropy 0.784, kNN label agreement "
+              "0.623, pruning the flagged rows and re-fitting 0.815-0.826: the frozen features are the limit.")
     publish("bench_label_issues", "Label issues: flipped labels found by catalens audit --labels", body,
             write=not args.no_write)
 

@@ -228,6 +228,20 @@ def test_confident_learning_fallback_flags_exactly_the_confident_disagreements()
     assert confident_issues(labels, probs).tolist() == [False, False, True, False, False, True]
 
 
+def test_without_cleanlab_the_count_comes_from_confident_learning_and_rows_from_self_confidence(monkeypatch):
+    import sys
+
+    from catalens.audit.labels import find_issues
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.45, 0.55], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.7, 0.3]])
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)  # import fails: the fallback
+    # confident learning finds 2 issues (rows 2 and 5); the 2 of lowest self-confidence are rows 2 and 5
+    assert find_issues(labels, probs).tolist() == [False, False, True, False, False, True]
+    probs[1] = [0.15, 0.85]  # row 1 joins: 3 issues, the rows of self-confidence 0.15, 0.2 and 0.3
+    assert find_issues(labels, probs).tolist() == [False, True, True, False, False, True]
+
+
 def test_audit_labels_finds_the_planted_conflict(planted, tmp_path):
     data, _ = planted
     assert main(["audit", str(data), "--near", "0", "--labels", "--report", str(tmp_path / "r"), "--no-progress",

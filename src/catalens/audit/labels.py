@@ -6,11 +6,16 @@
    inner validation part for early stopping and temperature scaling
    (:func:`catalens.train.kfold.fit_on`, as ``catalens train --folds`` does). Seconds on a
    cached catalogue.
-2. **Confident learning** per class task: cleanlab's ``find_label_issues`` (the rows the
-   confident joint says are mislabelled, ``prune_by_noise_rate``) when cleanlab is installed,
-   otherwise the same rule written here (:func:`confident_issues`): a row is an issue when
-   another class's out-of-fold probability reaches that class's own threshold (the mean
-   probability of the class over the rows labelled with it) and beats the given label's.
+2. **Confident learning** per class task decides *how many* rows are wrong, self-confidence
+   *which*: cleanlab's ``find_label_issues(filter_by="low_self_confidence")`` when cleanlab is
+   installed (the confident joint estimates the number of issues per class; the rows of
+   lowest out-of-fold probability of their given label are flagged). Without cleanlab the
+   same idea here: the count is the number of rows for which another class's out-of-fold
+   probability reaches that class's own threshold (its mean probability over the rows
+   labelled with it) and beats the given label's (:func:`confident_issues`), and the rows
+   are the as many of lowest self-confidence. Measured (bench_label_issues): with 5% of
+   clothing-small's labels flipped, cleanlab's default ``prune_by_noise_rate`` flags 309 rows
+   (precision 0.43, recall 0.86), ``low_self_confidence`` 226 (0.62, 0.91).
 3. Ranked most likely wrong first by ``score`` = 1 - the out-of-fold probability of the given
    label (self-confidence); ``suggested`` = the most probable class.
 
@@ -77,15 +82,24 @@ def confident_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return above.any(1) & (probs[np.arange(n), best] > probs[np.arange(n), labels])
 
 
+def lowest_self_confidence(labels: np.ndarray, probs: np.ndarray, count: int) -> np.ndarray:
+    """``(n,)`` bool: the ``count`` rows of lowest probability of their given label."""
+    out = np.zeros(len(labels), dtype=bool)
+    self_conf = probs[np.arange(len(labels)), labels]
+    out[np.argsort(self_conf, kind="mergesort")[:count]] = True
+    return out
+
+
 def find_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """``(n,)`` bool label issues: cleanlab's ``find_label_issues`` when installed, else
-    :func:`confident_issues`."""
+    """``(n,)`` bool label issues: cleanlab's ``find_label_issues(filter_by="low_self_confidence")``
+    when installed, else as many rows of lowest self-confidence as :func:`confident_issues` finds."""
     try:
         from cleanlab.filter import find_label_issues
     except ImportError:
-        return confident_issues(labels, probs)
+        return lowest_self_confidence(labels, probs, int(confident_issues(labels, probs).sum()))
     p = np.clip(probs.astype(np.float64), 1e-12, None)
-    return np.asarray(find_label_issues(labels, p / p.sum(1, keepdims=True)), dtype=bool)
+    return np.asarray(find_label_issues(labels, p / p.sum(1, keepdims=True), filter_by="low_self_confidence"),
+                      dtype=bool)
 
 
 def label_issues(prep, probs: dict[str, np.ndarray]) -> pd.DataFrame:
