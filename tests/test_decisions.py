@@ -240,3 +240,31 @@ def test_predict_and_evaluate_agree_with_the_stored_thresholds(trained, tmp_path
         assert sel["precision"] == (pytest.approx(right[acc].mean()) if acc.any() else None)
     assert (tmp_path / "rep" / "coverage_department.png").stat().st_size > 5000
     assert "auto-accepted (target 0.9)" in (tmp_path / "rep" / "report.html").read_text()
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_real_photos_auto_accept_holds_on_test_and_unknown_keeps_95_percent(tmp_path):
+    """clothing-small: the threshold chosen on val + out-of-fold train photos holds on test."""
+    from pathlib import Path
+
+    from catalens.cli import main
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing-small"
+    if not data.exists():
+        pytest.skip(f"clothing-small photos not found at {data}")
+    model = tmp_path / "model"
+    assert main(["train", str(data), "--out", str(model), "--set", "tracking=false", "--no-progress"]) == 0
+    desc = json.loads((model / "model.json").read_text())
+    acc = desc["accept"]
+    assert acc["source"] == "val (341 photos) + out-of-fold train (3068 photos, 5 folds)"
+    assert acc["thresholds"]["label"] >= np.float32(0.99)
+    assert acc["chosen_on"]["label"]["lower_bound"] >= 0.98 and acc["chosen_on"]["label"]["coverage"] > 0.25
+    assert main(["evaluate", str(model), str(data), "--report", str(tmp_path / "rep"), "--no-progress"]) == 0
+    sel = json.loads((tmp_path / "rep" / "metrics.json").read_text())["label"]["selective"]
+    assert sel["precision"] >= 0.98 and sel["coverage"] > 0.25
+    out = tmp_path / "test.parquet"
+    assert main(["predict", str(model), str(data / "test"), "--out", str(out), "--no-progress"]) == 0
+    df = pd.read_parquet(out)
+    assert 0.02 <= df["unknown"].mean() <= 0.10  # the threshold keeps 95% of val photos; test is alike
+    assert (df["label_accept"] == (df["label_prob"] >= np.float32(acc["thresholds"]["label"]))).all()
