@@ -73,18 +73,49 @@ def _examples(model, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit
     wrong = np.where(ok & (yt != MISSING) & (pred != yt))[0]
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:limit]
     out = []
+    heat = _heatmaps(model, cat, wrong, task.name, pred)
     for i in wrong:
         try:
             im = decode(cat.read_bytes(int(i)), draft_to=160)
         except Exception:
             continue
         im.thumbnail((160, 160), Image.Resampling.BILINEAR)
+        if int(i) in heat:  # the photo and, beside it, where the evidence for the wrong label lies
+            h = Image.fromarray(heat[int(i)]).resize(im.size, Image.Resampling.BILINEAR)
+            pair = Image.new("RGB", (im.width * 2 + 4, im.height), "white")
+            pair.paste(im.convert("RGB"), (0, 0))
+            pair.paste(h, (im.width + 4, 0))
+            im = pair
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=80)
         out.append({"image_b64": base64.b64encode(buf.getvalue()).decode(), "correct": False,
+                    "heatmap": int(i) in heat,
                     "caption": f"{cat.frame['id'].iat[i]}: true {task.classes[yt[i]]}, "
                                f"predicted {task.classes[pred[i]]} ({conf[i]:.2f})"})
     return out
+
+
+def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarray) -> dict[int, np.ndarray]:
+    """Grad-CAM overlays (``{row: uint8 image}``) of the decided label of ``rows``; empty for a
+    model Grad-CAM cannot explain (not a single CNN backbone)."""
+    from catalens.ingest.images import ImageProblem, load_rgb
+    from catalens.model.explain import ExplainError, grad_cam, overlay
+
+    keep, pix = [], []
+    for i in rows:
+        try:
+            pix.append(load_rgb(cat.read_bytes(int(i)), model.preprocess))
+            keep.append(int(i))
+        except (ImageProblem, OSError, AttributeError):
+            continue
+    if not keep:
+        return {}
+    try:
+        heat, _ = grad_cam(model, np.stack(pix), task, np.asarray(pred)[keep])
+    except ExplainError as e:
+        logger.info(f"report: no heatmaps ({e})")
+        return {}
+    return {r: overlay(p, h) for r, p, h in zip(keep, pix, heat)}
 
 
 def add_selective(metrics: dict, tasks, accept: dict | None, y: dict, probs: dict, decoded: dict | None) -> None:

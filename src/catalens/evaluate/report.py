@@ -275,10 +275,12 @@ def examples_section(examples: list[dict] | None) -> str:
     items = []
     for ex in examples:
         b64 = re.sub(r"[^A-Za-z0-9+/=]", "", str(ex.get("image_b64", "")))  # only base64 characters
-        cls = "ok" if ex.get("correct") else "bad"
+        cls = ("ok" if ex.get("correct") else "bad") + (" wide" if ex.get("heatmap") else "")
         items.append(f'<figure class="ex {cls}"><img src="data:image/jpeg;base64,{b64}" alt="">'
                      f'<figcaption>{_e(ex.get("caption", ""))}</figcaption></figure>')
-    return (f'<section id="examples"><h2>Examples <small>{len(examples)} images; red = wrong, green = right'
+    note = (" · beside each photo, Grad-CAM: where the evidence for the predicted label lies"
+            if any(ex.get("heatmap") for ex in examples) else "")
+    return (f'<section id="examples"><h2>Examples <small>{len(examples)} images; red = wrong, green = right{note}'
             f'</small></h2><div class="grid">{"".join(items)}</div></section>')
 
 
@@ -320,7 +322,7 @@ tr.worst{background:#fdecea}.note{color:#5a6475;font-size:12px;margin:4px 0 8px}
 figure{margin:0 0 16px}figure img{max-width:100%;height:auto;border:1px solid #e3e8ee;border-radius:6px}
 figcaption{font-size:12px;color:#5a6475}.grid{display:flex;flex-wrap:wrap;gap:10px}
 .ex{width:170px;margin:0}.ex img{width:160px;height:160px;object-fit:contain;background:#fafafa;border:3px solid}
-.ex.ok img{border-color:#2e8b57}.ex.bad img{border-color:#c0392b}
+.ex.wide{width:334px}.ex.wide img{width:324px}.ex.ok img{border-color:#2e8b57}.ex.bad img{border-color:#c0392b}
 table.kv th{width:180px;color:#5a6475;cursor:default;position:static;background:none}pre{white-space:pre-wrap;font-size:12px}
 footer{color:#8a93a3;font-size:12px;padding:0 32px 24px}
 """
