@@ -279,7 +279,14 @@ def test_grad_cam_heat_lies_on_the_drawn_garment(trained):
     from catalens.model.load import load_model
     from catalens.synthetic import CATEGORIES, _random_look, render_photo
 
+    import torch
+
     model = load_model(trained[0] / "model")
+    with torch.inference_mode():  # as the engine's runtime set-up may leave them: not usable by autograd
+        fe = model.backbone.module
+        fe.mean = fe.mean.clone()
+        first = next(fe.net.parameters())
+        first.data = first.data.clone()
     rng = np.random.default_rng(5)
     size = model.preprocess.size
     inside = []

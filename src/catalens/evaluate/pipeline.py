@@ -115,6 +115,9 @@ def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarr
     except ExplainError as e:
         logger.info(f"report: no heatmaps ({e})")
         return {}
+    except RuntimeError as e:  # the heatmaps decorate the report; a torch failure must not lose it
+        logger.warning(f"report: Grad-CAM heatmaps failed ({e}); the examples are shown without them")
+        return {}
     return {r: overlay(p, h) for r, p, h in zip(keep, pix, heat)}
 
 

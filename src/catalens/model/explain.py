@@ -48,6 +48,8 @@ def grad_cam(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
     if task not in {t.name for t in tasks}:
         raise ExplainError(f"'{task}' is not a class task of the model; class tasks: {[t.name for t in tasks]}")
     head = model.head._check_fitted()
+    for module in (fe, head):
+        _normal_tensors(module)
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()
     was_training = net.training
     net.eval()
@@ -68,6 +70,20 @@ def grad_cam(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
     peak = cam.amax((1, 2), keepdim=True)
     heat = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
     return heat.numpy().astype(np.float32), chosen.numpy()
+
+
+def _normal_tensors(module) -> None:
+    """Replace parameters and buffers made under ``torch.inference_mode`` (e.g. by the engine's
+    runtime set-up) by normal copies: autograd cannot save inference tensors. Values unchanged."""
+    import torch
+
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
 
 
 def overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
