@@ -287,3 +287,9 @@ def test_flipped_labels_of_real_photos_are_found():
     by_id = issues.set_index("id")
     back = [by_id.at[i, "suggested"] == truth[list(ids).index(i)] for i in hits]
     assert np.mean(back) >= 0.8  # and the suggestion is mostly the original label
+
+
+def test_labels_without_a_report_folder_is_refused_with_the_fix(planted, capsys):
+    data, _ = planted
+    assert main(["audit", str(data), "--labels", "--no-progress"]) == 2
+    assert "--labels writes REPORT/label_issues.csv and thumbnails: give --report DIR too" in capsys.readouterr().err

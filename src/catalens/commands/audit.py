@@ -34,6 +34,8 @@ def run(args) -> int:
     if not 0 <= args.near <= 1:
         raise ValueError(f"--near is a cosine threshold between 0 and 1 (e.g. 0.95); got {args.near}")
     cfg = config_from_args(args)
+    if args.labels and not args.report:
+        raise ValueError("--labels writes REPORT/label_issues.csv and thumbnails: give --report DIR too")
     if args.label_folds < 2:
         raise ValueError(f"--label-folds needs at least 2 folds; got {args.label_folds}")
     res = run_audit(args.data, args.report, cfg, near=args.near or None, labels=args.labels, folds=args.label_folds)
