@@ -318,3 +318,19 @@ def test_predict_explain_writes_one_overlay_per_photo_and_refuses_other_tasks(tr
     with pytest.raises(ExplainError, match=r"'pattern' is not a class task of the model; class tasks: "
                                            r"\['department', 'category'\]"):
         grad_cam(load_model(root / "model"), np.zeros((1, 224, 224, 3), np.uint8), "pattern")
+
+
+def test_product_level_selective_uses_the_mean_probability_of_each_product():
+    from catalens.evaluate.products import product_metrics
+    from catalens.train.flags import product_folds
+
+    task = TaskInfo("kind", "class", ["bag", "shoe"])
+    probs = {"kind": np.array([[0.99, 0.01], [0.97, 0.03], [0.9, 0.1], [0.2, 0.8], [0.01, 0.99]], np.float32)}
+    y = {"kind": np.array([0, 0, 0, 1, 0])}
+    # products: p1 = rows 0, 1 (mean 0.98 bag, right); p2 = row 2 (0.9 bag); p3 = rows 3, 4 (mean shoe 0.895)
+    m = product_metrics([task], ["p1", "p1", "p2", "p3", "p3"], y, probs,
+                        accept={"target_precision": 0.98, "thresholds": {"kind": 0.95}})
+    assert m["kind"]["selective"] == {"target_precision": 0.98, "threshold": 0.95, "coverage": pytest.approx(1 / 3),
+                                      "precision": 1.0}
+    folds = product_folds(np.array(["a", "a", "b", "c", "c", "d"]), 2, 0)
+    assert folds[0] == folds[1] and folds[3] == folds[4] and sorted(np.bincount(folds[[0, 2, 3, 5]])) == [2, 2]

@@ -121,26 +121,6 @@ def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarr
     return {r: overlay(p, h) for r, p, h in zip(keep, pix, heat)}
 
 
-def add_selective(metrics: dict, tasks, accept: dict | None, y: dict, probs: dict, decoded: dict | None) -> None:
-    """Per class task, ``metrics[task]["selective"]``: the model's auto-accept threshold and the
-    coverage and precision it realises on these rows (all None for a model without thresholds)."""
-    from catalens.evaluate.selective import selective_metrics
-
-    for t in tasks:
-        if t.kind != "class" or t.name not in metrics:
-            continue
-        yt, p = np.asarray(y[t.name]), np.asarray(probs[t.name])
-        pred = (decoded or {}).get(t.name, p.argmax(1) if len(p) else np.zeros(0, np.int64))
-        keep = yt != MISSING
-        conf = p[np.arange(len(p)), pred][keep]
-        if not accept or t.name not in (accept.get("thresholds") or {}):
-            metrics[t.name]["selective"] = {"target_precision": None, "threshold": None, "coverage": None,
-                                            "precision": None}
-            continue
-        metrics[t.name]["selective"] = selective_metrics(conf, pred[keep] == yt[keep], accept["thresholds"][t.name],
-                                                         accept.get("target_precision"))
-
-
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
                    log=None) -> EvalResult:
     """Evaluate the model folder on ``data`` and write the report folder."""
@@ -161,6 +141,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     if decoded is not None:
         before = compute_metrics(model.tasks, y, probs, known_paths=paths).get("hierarchy", {})
     metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None, pred_index=decoded)
+    from catalens.evaluate.selective import add_selective
+
     add_selective(metrics, model.tasks, model.meta.get("accept"), y, probs, decoded)
     for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
         m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
@@ -169,7 +151,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
 
         metrics["product_level"] = product_metrics(
             model.tasks, cat.frame["product_id"].to_numpy(), y, probs, ok, known_paths=paths or None,
-            hierarchy_paths=model.meta["hierarchy_paths"] if decoded is not None else None)
+            hierarchy_paths=model.meta["hierarchy_paths"] if decoded is not None else None,
+            accept=model.meta.get("accept"))
     context = {"model": str(model_dir), "data": str(data), "rows": which, "images": len(cat),
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),

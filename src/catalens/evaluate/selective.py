@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from catalens.model.decode import accept_mask
+from catalens.tasks import MISSING
 
 DEFAULT_TARGET = 0.98
 DEFAULT_BOUND_CONFIDENCE = 0.95
@@ -134,3 +135,21 @@ def selective_metrics(confidence: np.ndarray, correct: np.ndarray, threshold: fl
             "threshold": None if threshold is None else float(threshold),
             "coverage": float(acc.mean()) if n else None,
             "precision": float(correct[acc].mean()) if acc.any() else None}
+
+
+def add_selective(metrics: dict, tasks, accept: dict | None, y: dict, probs: dict, decoded: dict | None) -> None:
+    """Per class task, ``metrics[task]["selective"]``: the model's auto-accept threshold and the
+    coverage and precision it realises on these rows (all None for a model without thresholds)."""
+    for t in tasks:
+        if t.kind != "class" or t.name not in metrics:
+            continue
+        yt, p = np.asarray(y[t.name]), np.asarray(probs[t.name])
+        pred = (decoded or {}).get(t.name, p.argmax(1) if len(p) else np.zeros(0, np.int64))
+        keep = yt != MISSING
+        conf = p[np.arange(len(p)), pred][keep]
+        if not accept or t.name not in (accept.get("thresholds") or {}):
+            metrics[t.name]["selective"] = {"target_precision": None, "threshold": None, "coverage": None,
+                                            "precision": None}
+            continue
+        metrics[t.name]["selective"] = selective_metrics(conf, pred[keep] == yt[keep], accept["thresholds"][t.name],
+                                                         accept.get("target_precision"))

@@ -4,7 +4,8 @@
   (a Clopper-Pearson bound and a shift margin)
   on held-out photos: the val split, plus **out-of-fold** training photos when val has fewer than
   ``selective.oof_below`` labelled photos (k heads fit on the cached features of k-1 folds of
-  the training rows, each predicting the fold it did not see; split by product). Out-of-fold
+  the training rows, each predicting the fold it did not see; split by product: this module
+  imports nothing from :mod:`catalens.train.kfold`, which imports the training pipeline). Out-of-fold
   photos are used only for a plain image head on frozen features: a fine-tuned backbone or a
   title model makes the fold heads differ from the model that answers, so those use val alone.
 - ``unknown``: method and threshold of :mod:`catalens.model.unknown` on the val photos.
@@ -24,15 +25,24 @@ from catalens.tasks import MISSING, TaskInfo
 _logger = logging.getLogger(__name__)
 
 
+def product_folds(product_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of every row: products shuffled with ``seed`` and dealt round-robin, so all
+    photos of a product share a fold."""
+    products, inverse = np.unique(product_ids, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(products))
+    fold_of = np.empty(len(products), np.int64)
+    fold_of[order] = np.arange(len(products)) % k
+    return fold_of[inverse]
+
+
 def out_of_fold(cat, tasks: list[TaskInfo], Y: dict, features: np.ndarray, is_train: np.ndarray,
                 is_val: np.ndarray, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold probabilities of the training rows: ``(probs, rows)`` with ``rows`` the
     indices (into ``cat``) they belong to."""
     from catalens.heads import create_head
-    from catalens.train.kfold import product_folds
 
     h, k = cfg.head, cfg.selective.folds
-    fold = product_folds(cat, k, cfg.seed)
+    fold = product_folds(cat.frame["product_id"].astype(str).to_numpy(), k, cfg.seed)
     rows = np.flatnonzero(is_train)
     out = {t.name: np.zeros((len(rows), t.n_outputs), np.float32) for t in tasks}
     sel = lambda m: {n: v[m] for n, v in Y.items()}  # noqa: E731
