@@ -239,6 +239,8 @@ def test_predict_and_evaluate_agree_with_the_stored_thresholds(trained, tmp_path
         right = test[task] == test[f"true_{task}"]
         assert sel["precision"] == (pytest.approx(right[acc].mean()) if acc.any() else None)
     assert (tmp_path / "rep" / "coverage_department.png").stat().st_size > 5000
+    assert metrics["unknown"] == {"method": "entropy", "threshold": desc["unknown"]["threshold"],
+                                  "flagged_share": pytest.approx(test["unknown"].mean())}
     assert "auto-accepted (target 0.9)" in (tmp_path / "rep" / "report.html").read_text()
 
 

@@ -144,6 +144,13 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     from catalens.evaluate.selective import add_selective
 
     add_selective(metrics, model.tasks, model.meta.get("accept"), y, probs, decoded)
+    unknown = model.meta.get("unknown")
+    if unknown:  # share of the evaluated photos the model would flag as none of its classes
+        from catalens.model.unknown import unknown_score
+
+        scores = unknown_score({k: v[ok] for k, v in probs.items()}, unknown["tasks"], unknown["method"])
+        metrics["unknown"] = {"method": unknown["method"], "threshold": unknown["threshold"],
+                              "flagged_share": float((scores > unknown["threshold"]).mean()) if scores.size else None}
     for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
         m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
     if cat.frame["product_id"].duplicated().any():  # several photos per product: also per product
