@@ -52,6 +52,14 @@ def test_mean_of_probabilities_matches_hand_computation(tmp_path):
     assert len(pd.read_parquet(tmp_path / "prod.parquet")) == 3
 
 
+def test_products_are_auto_accepted_on_their_mean_probability():
+    out = aggregate_predictions(_frame(), [KIND, PAT], accept={"kind": 0.6})
+    # p1: bag 0.5 < 0.6 (its photos disagree); p2: watch 0.9; p3: no readable photo
+    assert out["kind_accept"].tolist() == [False, True, None]
+    assert out.columns.get_loc("kind_accept") == out.columns.get_loc("kind_prob") + 1
+    assert "kind_accept" not in aggregate_predictions(_frame(), [KIND, PAT]).columns
+
+
 def test_tasks_are_inferred_from_columns():
     tasks = infer_tasks(list(_frame().columns))
     assert [(t.name, t.kind) for t in tasks] == [("kind", "class"), ("pattern", "tags")]

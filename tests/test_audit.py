@@ -212,3 +212,84 @@ def test_fashion_products_near_duplicates(fashion, tmp_path):
     # 18961 (Jackets) and 18963 (Sweatshirts): the same photo labelled twice differently
     jacket = next(g for g in res.near if {"18961", "18963"} <= set(ids.iloc[g.rows]))
     assert "articleType" in jacket.conflicts
+
+
+# ----------------------------------------------------------------------------- label issues (issue 14)
+
+def test_confident_learning_fallback_flags_exactly_the_confident_disagreements():
+    from catalens.audit.labels import confident_issues
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.2, 0.8],    # row 2: labelled 0, class 1 confident
+                      [0.1, 0.9], [0.3, 0.7], [0.6, 0.4]])   # row 5: labelled 1, 0.6 >= mean p0 of 0s (0.633)? no
+    # thresholds: class 0 = mean(0.9, 0.8, 0.2) = 0.633, class 1 = mean(0.9, 0.7, 0.4) = 0.667
+    assert confident_issues(labels, probs).tolist() == [False, False, True, False, False, False]
+    probs[5] = [0.7, 0.3]
+    assert confident_issues(labels, probs).tolist() == [False, False, True, False, False, True]
+
+
+def test_without_cleanlab_the_count_comes_from_confident_learning_and_rows_from_self_confidence(monkeypatch):
+    import sys
+
+    from catalens.audit.labels import find_issues
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.45, 0.55], [0.2, 0.8], [0.1, 0.9], [0.3, 0.7], [0.7, 0.3]])
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)  # import fails: the fallback
+    # confident learning finds 2 issues (rows 2 and 5); the 2 of lowest self-confidence are rows 2 and 5
+    assert find_issues(labels, probs).tolist() == [False, False, True, False, False, True]
+    probs[1] = [0.15, 0.85]  # row 1 joins: 3 issues, the rows of self-confidence 0.15, 0.2 and 0.3
+    assert find_issues(labels, probs).tolist() == [False, True, True, False, False, True]
+
+
+def test_audit_labels_finds_the_planted_conflict(planted, tmp_path):
+    data, _ = planted
+    assert main(["audit", str(data), "--near", "0", "--labels", "--report", str(tmp_path / "r"), "--no-progress",
+                 "--runtime", "eager"]) == 0
+    issues = pd.read_csv(tmp_path / "r" / "label_issues.csv", dtype={"id": str})
+    assert issues.columns.tolist() == ["path", "task", "given", "suggested", "score", "id", "split"]
+    assert issues["score"].is_monotonic_decreasing and issues["score"].between(0, 1).all()
+    row = issues[(issues["id"] == "confC") & (issues["task"] == "category")]
+    assert issues["id"].iat[0] == "confC"  # the copy of C labelled with another category: most likely wrong
+    assert len(row) == 1 and row["given"].iat[0] != row["suggested"].iat[0]
+    doc = json.loads((tmp_path / "r" / "audit.json").read_text())
+    assert doc["summary"]["label_issues"] == len(issues)
+    page = (tmp_path / "r" / "audit.html").read_text()
+    assert f"Likely wrong labels ({len(issues)})" in page and "confC" in page
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_flipped_labels_of_real_photos_are_found():
+    """clothing-small, 40 training labels flipped to another class: most come back first."""
+    from catalens.audit.labels import audit_labels
+    from catalens.ingest.open import open_catalogue
+
+    folder = SHARED / "clothing-small"
+    if not folder.exists():
+        pytest.skip(f"clothing-small photos not found at {folder}")
+    cat = open_catalogue(folder)
+    cat = cat.subset((cat.frame["split"] == "train").to_numpy())
+    task = cat.tasks[0].name
+    classes = sorted(cat.frame[task].unique())
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(cat), 40, replace=False)
+    truth = cat.frame[task].to_numpy(dtype=object).copy()
+    flipped = truth.copy()
+    for r in rows:
+        flipped[r] = rng.choice([c for c in classes if c != truth[r]])
+    cat.frame[task] = flipped
+    issues = audit_labels(cat, load_config(None, CFG), **QUIET)
+    ids = cat.frame["id"].astype(str).to_numpy()
+    top = set(issues["id"].head(40))
+    hits = top & set(ids[rows])
+    assert len(hits) >= 28, f"only {len(hits)} of 40 flipped labels in the top 40"
+    by_id = issues.set_index("id")
+    back = [by_id.at[i, "suggested"] == truth[list(ids).index(i)] for i in hits]
+    assert np.mean(back) >= 0.8  # and the suggestion is mostly the original label
+
+
+def test_labels_without_a_report_folder_is_refused_with_the_fix(planted, capsys):
+    data, _ = planted
+    assert main(["audit", str(data), "--labels", "--no-progress"]) == 2
+    assert "--labels writes REPORT/label_issues.csv and thumbnails: give --report DIR too" in capsys.readouterr().err

@@ -263,7 +263,7 @@ def test_write_report_folder(tmp_path):
     assert saved.pop("context") == context
     assert saved == json.loads(json.dumps(metrics))
     for name in ("per_class_category.csv", "per_class_pattern.csv", "confusion_category.png", "pr_pattern.png",
-                 "calibration_category.png", "calibration_pattern.png"):
+                 "calibration_category.png", "calibration_pattern.png", "roc_category.png", "coverage_category.png"):
         assert (folder / name).stat().st_size > 0, name
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*"))
     rows = list(csv.DictReader((folder / "per_class_category.csv").open()))
@@ -278,6 +278,7 @@ def test_write_report_folder(tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
     assert "<link" not in page and "@import" not in page
     assert "models/m1" in page and "striped" in page
+    assert "ROC-AUC (one-vs-rest, macro)" in page and "Cohen's κ" in page and "TN FP / FN TP" in page
     # every embedded PNG decodes
     for b64 in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page):
         with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
@@ -290,3 +291,43 @@ def test_write_report_without_context_keeps_metrics_exactly(tmp_path):
     out = write_report(tmp_path, metrics, tasks, y, probs, title="h")
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert "Hierarchy consistency" in out.read_text()
+
+
+# ---------------------------------------------------------------- the seeds' metrics (issue 14)
+
+def test_roc_auc_mcc_kappa_top_k_equal_sklearn():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 6, 400)
+    logits = rng.normal(size=(400, 6)) + 2.0 * np.eye(6)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    m = compute_metrics([TaskInfo("t", "class", list("abcdef"))], {"t": y}, {"t": p})["t"]
+    pred = p.argmax(1)
+    assert m["roc_auc_ovr_macro"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["cohen_kappa"] == pytest.approx(skm.cohen_kappa_score(y, pred))
+    assert list(m["top_k_accuracy"]) == ["1", "2", "3", "5"]
+    for k in (1, 2, 3, 5):
+        assert m["top_k_accuracy"][str(k)] == pytest.approx(skm.top_k_accuracy_score(y, p, k=k, labels=range(6)))
+    assert m["top_k_accuracy"]["1"] == pytest.approx(m["accuracy"])
+
+
+def test_agreement_metrics_on_the_hand_case_and_degenerate_cases():
+    m = compute_metrics([CLS], {"category": Y6}, {"category": P6})["category"]
+    assert m["top_k_accuracy"] == {"1": pytest.approx(5 / 8), "2": pytest.approx(7 / 8), "3": pytest.approx(7 / 8),
+                                   "5": 1.0}
+    # every class occurs: the one-vs-rest mean equals sklearn's multiclass score
+    assert m["roc_auc_ovr_macro"] == pytest.approx(skm.roc_auc_score(Y6, P6, multi_class="ovr"))
+    # one class only in the labels and predictions: undefined, None (not NaN)
+    one = compute_metrics([CLS], {"category": np.zeros(3, int)}, {"category": np.tile(P6[:1], (3, 1))})["category"]
+    assert (one["roc_auc_ovr_macro"], one["mcc"], one["cohen_kappa"]) == (None, None, None)
+    none = compute_metrics([CLS], {"category": np.full(2, -1)}, {"category": P6[:2]})["category"]
+    assert none["top_k_accuracy"] == {"1": None, "2": None, "3": None, "5": None}
+
+
+def test_two_by_two_confusion_per_tag_equals_sklearn():
+    task, y, p = _tags_case()
+    m = compute_metrics([task], {"pattern": y}, {"pattern": p})["pattern"]
+    for j, name in enumerate(task.classes):
+        keep = ~np.isnan(y[:, j])
+        want = skm.confusion_matrix(y[keep, j].astype(int), (p[keep, j] >= 0.5).astype(int), labels=[0, 1])
+        assert m["per_tag"][name]["confusion"] == want.tolist()

@@ -130,6 +130,19 @@ class KFoldConfig(_Strict):
         return v
 
 
+class SelectiveConfig(_Strict):
+    """Decisions stored in the model at training: auto-accept thresholds per class task
+    (``<task>_accept``, ``catalens train --target-precision``) and the unknown-product flag."""
+
+    target_precision: float = Field(0.98, gt=0, lt=1)
+    bound_confidence: float = Field(0.95, gt=0, lt=1)  # one-sided Clopper-Pearson confidence
+    shift_margin: float = Field(2.0, ge=0)  # threshold >= 1 - (1 - target) / margin (0 = no floor)
+    oof_below: int = Field(1000, ge=0)   # val has fewer labelled photos: add out-of-fold train photos (0 = never)
+    folds: int = Field(5, ge=2)          # folds of those out-of-fold probabilities
+    unknown_method: Literal["msp", "entropy", "margin"] = "entropy"  # see catalens.model.unknown
+    unknown_keep: float = Field(0.95, gt=0, le=1)  # share of validation photos not flagged unknown
+
+
 class Config(_Strict):
     """The whole run configuration."""
 
@@ -143,6 +156,7 @@ class Config(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     kfold: KFoldConfig = Field(default_factory=KFoldConfig)
+    selective: SelectiveConfig = Field(default_factory=SelectiveConfig)
     hierarchy_decoding: bool = False               # predict the most probable path seen in training
     tracking: bool = True                           # log runs to MLflow when it is installed
 

@@ -72,6 +72,7 @@ class AuditResult:
     seconds: float
     summary: dict = field(default_factory=dict)
     report_dir: Path | None = None
+    label_issues: object = None           # pandas DataFrame of --labels (catalens.audit.labels), or None
 
     @property
     def groups(self) -> list[Group]:
@@ -221,8 +222,9 @@ def summarise(res: AuditResult) -> dict:
 
 
 def run_audit(data, report: str | Path | None = None, cfg: Config | None = None,
-              near: float | None = DEFAULT_NEAR, log=None) -> AuditResult:
-    """Open ``data``, audit it and (with ``report``) write the report folder."""
+              near: float | None = DEFAULT_NEAR, log=None, labels: bool = False, folds: int = 5) -> AuditResult:
+    """Open ``data``, audit it and (with ``report``) write the report folder; ``labels``: also
+    rank likely wrong labels (:mod:`catalens.audit.labels`, ``folds`` out-of-fold heads)."""
     log = log or _logger.info
     from catalens.audit.report import write_report
     from catalens.ingest.open import open_catalogue
@@ -233,6 +235,11 @@ def run_audit(data, report: str | Path | None = None, cfg: Config | None = None,
     log(f"audit: {s['exact_groups']} exact groups, {s['near_groups']} near groups"
         + (f" (cosine >= {s['near_threshold']})" if s["near_threshold"] else "")
         + f", {s['leakage_groups']} across splits, {s['conflict_groups']} with conflicting labels")
+    if labels:
+        from catalens.audit.labels import audit_labels
+
+        res.label_issues = audit_labels(cat, cfg or load_config(), folds, log=log)
+        s["label_issues"] = len(res.label_issues)
     if report:
         res.report_dir = write_report(res, report)
         log(f"audit report written to {res.report_dir} (audit.html, audit.json, CSVs)")

@@ -79,6 +79,8 @@ def write_report(res: AuditResult, folder: str | Path, max_groups: int = 200) ->
     _atomic_csv(out / "problems.csv", pd.DataFrame(
         [{"id": ids.iat[r], "row": int(cat.frame["row"].iat[r]), "path": cat.frame["path"].iat[r], "problem": p}
          for r, p in sorted(res.problems.items())], columns=["id", "row", "path", "problem"]))
+    if res.label_issues is not None:
+        _atomic_csv(out / "label_issues.csv", res.label_issues)
     _atomic_text(out / "audit.html", render_html(res, max_groups))
     return out
 
@@ -141,6 +143,29 @@ def _group_html(res: AuditResult, g: Group) -> str:
             + "".join(cells) + "</div>")
 
 
+def _label_section(res: AuditResult, limit: int = 120) -> str:
+    """Thumbnails of the likely wrong labels, most likely first (all of them in label_issues.csv)."""
+    df = res.label_issues
+    if df is None:
+        return ""
+    if not len(df):
+        return "<h2>Likely wrong labels</h2><p>None found.</p>"
+    cells = []
+    for r in df.head(limit).itertuples(index=False):
+        try:
+            uri = thumbnail(res.cat.reader(str(r.path)))
+        except OSError:
+            uri = None
+        img = f'<img src="{uri}" alt="">' if uri else '<div class="im-missing">(no image)</div>'
+        cells.append(f'<div class="im">{img}<b>{_esc(r.id)}</b> [{_esc(r.split or "-")}]<br>{_esc(r.task)}: '
+                     f'<span class="tag red">{_esc(r.given)}</span> → <span class="tag">{_esc(r.suggested)}</span>'
+                     f'<br>score {r.score:.3f}</div>')
+    more = f"<p>{len(df) - limit} more in label_issues.csv.</p>" if len(df) > limit else ""
+    return (f"<h2>Likely wrong labels ({len(df)})</h2><p>Most likely wrong first: given label (red) → the "
+            f"label out-of-fold predictions suggest; score = 1 - out-of-fold probability of the given label."
+            f"</p><div class='g'>{''.join(cells)}</div>{more}")
+
+
 def _section(res: AuditResult, title: str, groups: list[Group], max_groups: int) -> str:
     if not groups:
         return f"<h2>{_esc(title)}</h2><p>None.</p>"
@@ -163,6 +188,7 @@ def render_html(res: AuditResult, max_groups: int = 200) -> str:
              f"<table class='s'>{rows}</table>",
              _section(res, "Leakage: the same picture in several splits", res.leakage, max_groups),
              _section(res, "Conflicting labels", [g for g in res.conflicts if not g.cross_split], max_groups),
+             _label_section(res),
              _section(res, "Exact duplicates", rest_exact, max_groups),
              _section(res, "Near duplicates", rest_near, max_groups),
              "</body></html>"]

@@ -110,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("text.enabled", getattr(args, "text", None))
     put("kfold.folds", getattr(args, "folds", None))
     put("hierarchy_decoding", getattr(args, "hierarchical_decoding", None))
+    put("selective.target_precision", getattr(args, "target_precision", None))
     put("finetune.mode", getattr(args, "finetune", None))
     put("finetune.epochs", getattr(args, "finetune_epochs", None))
     put("finetune.resume", "require" if getattr(args, "resume", False) else None)

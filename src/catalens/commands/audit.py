@@ -18,6 +18,10 @@ def register(sub) -> None:
                         "photo shoot; 0.98: only re-cropped / re-encoded copies; 0: exact duplicates only, no "
                         "embedding)")
     p.add_argument("--backbone", help="backbone for near duplicates (default efficientnet_lite0)")
+    p.add_argument("--labels", action="store_true",
+                   help="also rank likely wrong class labels (out-of-fold predictions on cached embeddings, "
+                        "confident learning): REPORT/label_issues.csv and thumbnails in audit.html")
+    p.add_argument("--label-folds", type=int, default=5, metavar="K", help="folds for --labels (default 5)")
     p.add_argument("--fail-on-leakage", action="store_true", help="exit with status 1 when any group spans splits")
     add_config_options(p)
     p.set_defaults(func=run)
@@ -31,5 +35,9 @@ def run(args) -> int:
     if args.report:
         check_output(args.report, [args.data], flag="--report")
     cfg = config_from_args(args)
-    res = run_audit(args.data, args.report, cfg, near=args.near or None)
+    if args.labels and not args.report:
+        raise ValueError("--labels writes REPORT/label_issues.csv and thumbnails: give --report DIR too")
+    if args.label_folds < 2:
+        raise ValueError(f"--label-folds needs at least 2 folds; got {args.label_folds}")
+    res = run_audit(args.data, args.report, cfg, near=args.near or None, labels=args.labels, folds=args.label_folds)
     return 1 if args.fail_on_leakage and res.leakage else 0

@@ -39,6 +39,9 @@ def register(sub) -> None:
                    help="the product-title column of a table (for a model trained with --text)")
     p.add_argument("--show", type=positive_int, default=DEFAULT_SHOW, metavar="N",
                    help=f"without --out: photos predicted and printed (default {DEFAULT_SHOW})")
+    p.add_argument("--explain", metavar="DIR",
+                   help="also write DIR/<id>.png per photo: a Grad-CAM heatmap of the first class task's label "
+                        "over the photo (CNN backbones; see docs/decisions.md)")
     p.add_argument("--part-rows", type=positive_int, default=8192, help="rows per resumable part (with --out)")
     p.add_argument("--no-cache", action="store_true", help="do not read/write the embedding cache")
     add_config_options(p)
@@ -76,6 +79,8 @@ def run(args) -> int:
     cat = open_inputs(args.sources, args.path_column, args.title_column)
     if len(cat) == 0:
         raise ValueError(f"{', '.join(args.sources)}: no photo to predict")
+    if args.explain:
+        _explain(args, cat)
     if args.out is None:
         return _print_table(cat, cfg, args)
     from catalens.model.load import load_model
@@ -93,6 +98,14 @@ def run(args) -> int:
     logger.info(f"{res.rows} rows ({res.problems} with problems) written to {res.path} in {res.seconds:.1f}s "
                 f"({res.rows / max(res.seconds, 1e-9):.1f} img/s)")
     return 1 if res.problems else 0
+
+
+def _explain(args, cat) -> None:
+    from catalens.model.explain import explain_catalogue
+    from catalens.model.load import load_model
+
+    written = explain_catalogue(load_model(args.model), cat, args.explain)
+    logger.info(f"{len(written)} Grad-CAM heatmaps written to {args.explain}")
 
 
 #: runtimes for which the printed table is answered through the ONNX graph (no torch import)

@@ -11,6 +11,10 @@ def register(sub) -> None:
     p.add_argument("data", help="photo folder (one subfolder per class) or dataset file (.yaml)")
     p.add_argument("--out", required=True, help="model folder to write")
     add_config_options(p, training=True)
+    p.add_argument("--target-precision", type=float, metavar="P",
+                   help="precision the auto-accepted answers (<task>_accept) must reach: 95%% Clopper-Pearson "
+                        "bound on held-out photos, threshold never under 1 - (1 - P) / 2 for photos from "
+                        "other collections (default 0.98; see docs/decisions.md)")
     ft = p.add_argument_group("fine-tuning (see docs/finetune.md; other knobs: --set finetune.KEY=VALUE)")
     ft.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
                     help="also train the backbone: its last stages (blocks, the default; how many: "

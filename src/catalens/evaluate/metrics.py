@@ -5,8 +5,10 @@ missing; tag labels are float32 ``(n, n_tags)`` of 0/1 with NaN = missing. Missi
 are masked out of every metric. Every float in the result is a plain Python float, and a
 value that is undefined (no labelled rows, a class that never occurs) is ``None``, never NaN.
 
-Only numpy is needed here (no scikit-learn at run time); the tests check the numbers
-against scikit-learn.
+The generic agreement metrics (ROC-AUC one-vs-rest, MCC, Cohen's kappa, top-k accuracy, the
+2x2 confusion of each tag) come from ``sklearn.metrics`` (imported on first use); the others
+are numpy, checked against scikit-learn by the tests. Domain metrics (hierarchy, products)
+stay here.
 """
 from __future__ import annotations
 
@@ -119,6 +121,32 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(-np.mean(np.log(np.clip(p[np.arange(y.size), y], _EPS, 1.0))))
 
 
+TOP_K = (1, 2, 3, 5)
+
+
+def agreement_metrics(y: np.ndarray, pred: np.ndarray, probs: np.ndarray) -> dict:
+    """``roc_auc_ovr_macro`` (mean one-vs-rest ROC-AUC over the classes that occur with both
+    outcomes in ``y``; None with fewer than two), ``mcc``, ``cohen_kappa`` and ``top_k_accuracy``
+    (k = 1, 2, 3, 5; 1.0 once k reaches the number of classes), by ``sklearn.metrics``."""
+    from sklearn.metrics import cohen_kappa_score, matthews_corrcoef, roc_auc_score, top_k_accuracy_score
+
+    n, n_classes = probs.shape
+    if n == 0:
+        return {"roc_auc_ovr_macro": None, "mcc": None, "cohen_kappa": None,
+                "top_k_accuracy": {str(k): None for k in TOP_K}}
+    present = np.unique(y)
+    aucs = [roc_auc_score(y == c, probs[:, c]) for c in present] if present.size >= 2 else []
+    single = np.unique(np.r_[y, pred]).size < 2  # one label everywhere: kappa/MCC undefined (sklearn: 0 / nan)
+    labels = np.arange(n_classes)
+    # sklearn takes two classes as a binary problem (1-d scores); argmax is top-1 there
+    topk = {str(k): (1.0 if k >= n_classes else _f(top_k_accuracy_score(y, probs, k=k, labels=labels))
+                     if n_classes > 2 else _topk_accuracy(y, probs, k)) for k in TOP_K}
+    return {"roc_auc_ovr_macro": _f(np.mean(aucs)) if aucs else None,
+            "mcc": None if single else _f(matthews_corrcoef(y, pred)),
+            "cohen_kappa": None if single else _f(cohen_kappa_score(y, pred)),
+            "top_k_accuracy": topk}
+
+
 def class_metrics(task: TaskInfo, y: np.ndarray, probs: np.ndarray, pred_index: np.ndarray | None = None) -> dict:
     """Metrics of one class task; rows labelled ``-1`` are left out."""
     y = np.asarray(y, dtype=np.int64)
@@ -145,6 +173,7 @@ def class_metrics(task: TaskInfo, y: np.ndarray, probs: np.ndarray, pred_index: 
         "weighted_f1": _f(np.sum(f1 * support) / n) if n else None,
         "log_loss": _log_loss(yt, p),
         "ece": expected_calibration_error(confidence, yt == yp),
+        **agreement_metrics(yt, yp, p),
         "per_class": _per_label(task.classes, precision, recall, f1, support, predicted),
         "confusion": cm.tolist(),
     }
@@ -168,15 +197,24 @@ def tags_metrics(task: TaskInfo, y: np.ndarray, probs: np.ndarray) -> dict:
     seen = (support > 0) | (predicted > 0)
     n = int(labelled.any(axis=1).sum())
     micro_den = predicted.sum() + support.sum()
+    per_tag = _per_label(task.classes, precision, recall, f1, support, predicted, extra={"average_precision": ap})
+    for j, name in enumerate(task.classes):
+        per_tag[name]["confusion"] = tag_confusion(truth[labelled[:, j], j], decided[labelled[:, j], j])
     return {
         "kind": "tags", "n": n,
         "micro_f1": _f(2 * tp.sum() / micro_den) if micro_den else None,
         "macro_f1": _f(f1[seen].mean()) if seen.any() else None,
         "mean_average_precision": _f(np.nanmean(ap)) if np.isfinite(ap).any() else None,
         "thresholds": {name: float(t) for name, t in zip(task.classes, thr)},
-        "per_tag": _per_label(task.classes, precision, recall, f1, support, predicted,
-                              extra={"average_precision": ap}),
+        "per_tag": per_tag,
     }
+
+
+def tag_confusion(truth: np.ndarray, decided: np.ndarray) -> list[list[int]]:
+    """``[[tn, fp], [fn, tp]]`` of one tag (rows = truth absent/present), by sklearn."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(np.asarray(truth, bool), np.asarray(decided, bool), labels=[False, True]).tolist()
 
 
 def _path_keys(tasks: list[TaskInfo], known_paths: list[list[str]]) -> np.ndarray:

@@ -73,18 +73,52 @@ def _examples(model, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit
     wrong = np.where(ok & (yt != MISSING) & (pred != yt))[0]
     wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:limit]
     out = []
+    heat = _heatmaps(model, cat, wrong, task.name, pred)
     for i in wrong:
         try:
             im = decode(cat.read_bytes(int(i)), draft_to=160)
         except Exception:
             continue
         im.thumbnail((160, 160), Image.Resampling.BILINEAR)
+        if int(i) in heat:  # the photo and, beside it, where the evidence for the wrong label lies
+            h = Image.fromarray(heat[int(i)]).resize(im.size, Image.Resampling.BILINEAR)
+            pair = Image.new("RGB", (im.width * 2 + 4, im.height), "white")
+            pair.paste(im.convert("RGB"), (0, 0))
+            pair.paste(h, (im.width + 4, 0))
+            im = pair
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=80)
         out.append({"image_b64": base64.b64encode(buf.getvalue()).decode(), "correct": False,
+                    "heatmap": int(i) in heat,
                     "caption": f"{cat.frame['id'].iat[i]}: true {task.classes[yt[i]]}, "
                                f"predicted {task.classes[pred[i]]} ({conf[i]:.2f})"})
     return out
+
+
+def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarray) -> dict[int, np.ndarray]:
+    """Grad-CAM overlays (``{row: uint8 image}``) of the decided label of ``rows``; empty for a
+    model Grad-CAM cannot explain (not a single CNN backbone)."""
+    from catalens.ingest.images import ImageProblem, load_rgb
+    from catalens.model.explain import ExplainError, grad_cam, overlay
+
+    keep, pix = [], []
+    for i in rows:
+        try:
+            pix.append(load_rgb(cat.read_bytes(int(i)), model.preprocess))
+            keep.append(int(i))
+        except (ImageProblem, OSError, AttributeError):
+            continue
+    if not keep:
+        return {}
+    try:
+        heat, _ = grad_cam(model, np.stack(pix), task, np.asarray(pred)[keep])
+    except ExplainError as e:
+        logger.info(f"report: no heatmaps ({e})")
+        return {}
+    except RuntimeError as e:  # the heatmaps decorate the report; a torch failure must not lose it
+        logger.warning(f"report: Grad-CAM heatmaps failed ({e}); the examples are shown without them")
+        return {}
+    return {r: overlay(p, h) for r, p, h in zip(keep, pix, heat)}
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
@@ -108,6 +142,16 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     if decoded is not None:
         before = compute_metrics(model.tasks, y, probs, known_paths=paths).get("hierarchy", {})
     metrics = compute_metrics(model.tasks, y, probs, known_paths=paths or None, pred_index=decoded)
+    from catalens.evaluate.selective import add_selective
+
+    add_selective(metrics, model.tasks, model.meta.get("accept"), y, probs, decoded)
+    unknown = model.meta.get("unknown")
+    if unknown:  # share of the evaluated photos the model would flag as none of its classes
+        from catalens.model.unknown import unknown_score
+
+        scores = unknown_score({k: v[ok] for k, v in probs.items()}, unknown["tasks"], unknown["method"])
+        metrics["unknown"] = {"method": unknown["method"], "threshold": unknown["threshold"],
+                              "flagged_share": float((scores > unknown["threshold"]).mean()) if scores.size else None}
     for chain, m in (metrics.get("hierarchy") or {}).items() if decoded is not None else ():
         m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
     if cat.frame["product_id"].duplicated().any():  # several photos per product: also per product
@@ -115,18 +159,24 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
 
         metrics["product_level"] = product_metrics(
             model.tasks, cat.frame["product_id"].to_numpy(), y, probs, ok, known_paths=paths or None,
-            hierarchy_paths=model.meta["hierarchy_paths"] if decoded is not None else None)
+            hierarchy_paths=model.meta["hierarchy_paths"] if decoded is not None else None,
+            accept=model.meta.get("accept"))
     context = {"model": str(model_dir), "data": str(data), "rows": which, "images": len(cat),
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),
                "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
-                          context=context, examples=_examples(model, cat, y, probs, ok, label=decoded))
+                          context=context, examples=_examples(model, cat, y, probs, ok, label=decoded),
+                          pred_index=decoded)
     for name, m in metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
             log(f"  {name}: accuracy {_f(m['accuracy'])}, top-5 {_f(m['top5_accuracy'])}, "
                 f"macro-F1 {_f(m['macro_f1'])}, weighted-F1 {_f(m['weighted_f1'])} (n={m['n']})")
+            sel = m.get("selective") or {}
+            if sel.get("target_precision") is not None:
+                log(f"  {name}: auto-accepted {_f(sel['coverage'])} of photos at precision {_f(sel['precision'])} "
+                    f"(target {sel['target_precision']}, threshold {sel['threshold']})")
         elif isinstance(m, dict) and m.get("kind") == "tags":
             log(f"  {name}: micro-F1 {_f(m['micro_f1'])}, macro-F1 {_f(m['macro_f1'])}, "
                 f"mAP {_f(m['mean_average_precision'])} (n={m['n']})")

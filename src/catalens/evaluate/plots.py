@@ -173,6 +173,60 @@ def _calibration_points(y, probs, kind: str, pred_index=None) -> tuple[np.ndarra
     return probs[rows, pred[rows]], pred[rows] == y[rows]
 
 
+def roc_curves_png(y, probs, classes: list[str], path: str | Path, title: str = "", max_curves: int = 12) -> Path:
+    """One-vs-rest ROC curve of the ``max_curves`` most frequent classes (sklearn's roc_curve)."""
+    from sklearn.metrics import auc, roc_curve
+
+    y, probs = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    keep = y >= 0
+    y, probs = y[keep], probs[keep]
+    counts = np.bincount(y, minlength=len(classes)) if y.size else np.zeros(len(classes), int)
+    order = [c for c in np.argsort(-counts, kind="mergesort") if 0 < counts[c] < y.size][:max_curves]
+    fig = _new_figure(6.5, 5.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    for c in order:
+        fpr, tpr, _ = roc_curve(y == c, probs[:, c])
+        ax.plot(fpr, tpr, lw=1.3, label=f"{classes[c]} (AUC {auc(fpr, tpr):.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    shown = f" ({len(order)} most frequent of {len(classes)})" if len(order) < len(classes) else ""
+    ax.set_title((title or "ROC one-vs-rest") + shown, fontsize=10)
+    ax.grid(alpha=0.3)
+    if order:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return _save(fig, path)
+
+
+def coverage_png(y, probs, path: str | Path, pred_index=None, selective: dict | None = None, title: str = "") -> Path:
+    """Precision–coverage curve of accepting rows by decreasing confidence (the probability of the
+    decided label), with the target precision and the model's accept threshold when it has one."""
+    from catalens.evaluate.selective import coverage_curve
+
+    conf, correct = _calibration_points(y, probs, "class", pred_index)
+    curve = coverage_curve(conf, correct)
+    fig = _new_figure(6.0, 4.6)
+    ax = fig.add_subplot()
+    ax.plot(curve.coverage, curve.precision, color="#1f4e79", lw=1.5, label="accept prob ≥ t")
+    sel = selective or {}
+    if sel.get("target_precision") is not None:
+        ax.axhline(sel["target_precision"], ls="--", color="grey", lw=1, label=f"target {sel['target_precision']:g}")
+    if sel.get("coverage") is not None and sel.get("precision") is not None:
+        ax.plot(sel["coverage"], sel["precision"], "o", color="#c00000", ms=6,
+                label=f"model threshold {sel['threshold']:.3f}")
+    low = float(np.min(curve.precision)) if curve.precision.size else 0.0
+    ax.set_ylim(max(0.0, min(low, (sel.get("target_precision") or 1.0)) - 0.02), 1.005)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of photos auto-accepted)")
+    ax.set_ylabel("precision of the accepted photos")
+    ax.set_title(title or "precision–coverage", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
 def class_counts_png(classes: list[str], counts, title: str, path: str | Path, top: int = 60) -> Path:
     """Horizontal bars of rows per class, most frequent first (the ``top`` most frequent when more)."""
     counts = np.asarray(counts, dtype=np.int64)

@@ -66,10 +66,12 @@ def product_labels(product_ids, y: dict[str, np.ndarray], tasks: list[TaskInfo])
 
 def product_metrics(tasks: list[TaskInfo], product_ids, y: dict[str, np.ndarray], probs: dict[str, np.ndarray],
                     ok: np.ndarray | None = None, known_paths: list[list[str]] | None = None,
-                    hierarchy_paths: dict | None = None) -> dict:
+                    hierarchy_paths: dict | None = None, accept: dict | None = None) -> dict:
     """:func:`catalens.evaluate.metrics.compute_metrics` at product level (mean of probabilities).
 
     ``hierarchy_paths``: also decode product predictions to known paths (as the model does).
+    ``accept`` (model.json's): per class task also ``selective``, products auto-accepted as the
+    products file decides (mean probability of the product's label against the threshold).
     Adds ``products`` (count) and ``images`` (readable images) to the result.
     """
     from catalens.evaluate.metrics import compute_metrics
@@ -85,6 +87,9 @@ def product_metrics(tasks: list[TaskInfo], product_ids, y: dict[str, np.ndarray]
 
         pred_index = Decoder(tasks, hierarchy_paths, True).decoded_index(mean)
     m = compute_metrics(tasks, labels, mean, known_paths=known_paths, pred_index=pred_index)
+    from catalens.evaluate.selective import add_selective
+
+    add_selective(m, tasks, accept, labels, mean, pred_index)
     m["products"] = int(keep.sum())
     m["images"] = int(n.sum())
     return m

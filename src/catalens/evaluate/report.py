@@ -97,8 +97,9 @@ def write_per_class_csv(path: str | Path, rows: list[dict]) -> Path:
 
 # ---------------------------------------------------------------- figures
 
-def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs) -> dict[str, Path]:
-    """The PNGs of one task: {"confusion"/"pr", "calibration", "counts"} → path."""
+def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs, pred_index=None) -> dict[str, Path]:
+    """The PNGs of one task: {"confusion"/"pr", "calibration", "counts", "coverage"} → path
+    (``pred_index``: the decided class per row when it is not the argmax)."""
     slug = safe_name(task.name)
     out = {}
     if task.kind == "class":
@@ -107,6 +108,10 @@ def task_figures(report_dir: Path, task: TaskInfo, m: dict, y, probs) -> dict[st
         counts = np.asarray(m["confusion"]).sum(axis=1)
         out["counts"] = plots.class_counts_png(task.classes, counts, f"{task.name}: labelled rows per class",
                                                report_dir / f"counts_{slug}.png")
+        out["roc"] = plots.roc_curves_png(y, probs, task.classes, report_dir / f"roc_{slug}.png",
+                                          f"{task.name}: ROC one-vs-rest")
+        out["coverage"] = plots.coverage_png(y, probs, report_dir / f"coverage_{slug}.png", pred_index,
+                                             m.get("selective"), f"{task.name}: precision–coverage")
     else:
         out["pr"] = plots.pr_curves_png(y, probs, task.classes, report_dir / f"pr_{slug}.png",
                                         thresholds=task.threshold_array())
@@ -184,7 +189,7 @@ def per_class_table(task: TaskInfo, rows: list[dict]) -> str:
                                           r["f1"] if r["f1"] is not None else 2.0, str(r["class"])))
     is_tags = task.kind == "tags"
     cols = ["class" if not is_tags else "tag", "support", "precision", "recall", "F1"]
-    cols += ["AP", "threshold"] if is_tags else ["most often predicted instead"]
+    cols += ["AP", "threshold", "TN FP / FN TP"] if is_tags else ["most often predicted instead"]
     head = "".join(f'<th onclick="sortTable(this)">{c}</th>' for c in cols)
     body = []
     for r in ordered:
@@ -195,6 +200,8 @@ def per_class_table(task: TaskInfo, rows: list[dict]) -> str:
             cells.append(f'<td class="n" data-v="{"" if v is None else v}"{_heat(v)}>{_num(v)}</td>')
         if is_tags:
             cells.append(f'<td class="n" data-v="{r["threshold"]}">{r["threshold"]:.3f}</td>')
+            cm = r.get("confusion") or [[0, 0], [0, 0]]
+            cells.append(f'<td class="n" data-v="{cm[1][1]}">{cm[0][0]} {cm[0][1]} / {cm[1][0]} {cm[1][1]}</td>')
         else:
             other = r["top_confusion"]
             text = f"{_e(other)} ({r['top_confusion_count']})" if other is not None else "–"
@@ -217,9 +224,19 @@ def task_section(task: TaskInfo, m: dict, rows: list[dict], figs: dict[str, Path
         facts = [("labelled images", _num(m["n"])), ("accuracy", _num(m["accuracy"], True)),
                  ("top-3", _num(m["top3_accuracy"], True)), ("top-5", _num(m["top5_accuracy"], True)),
                  ("macro-F1", _num(m["macro_f1"])), ("weighted-F1", _num(m["weighted_f1"])),
-                 ("log loss", _num(m["log_loss"])), ("ECE", _num(m["ece"]))]
+                 ("log loss", _num(m["log_loss"])), ("ECE", _num(m["ece"])),
+                 ("top-2", _num((m.get("top_k_accuracy") or {}).get("2"), True)),
+                 ("ROC-AUC (one-vs-rest, macro)", _num(m.get("roc_auc_ovr_macro"))), ("MCC", _num(m.get("mcc"))),
+                 ("Cohen's κ", _num(m.get("cohen_kappa")))]
+        sel = m.get("selective") or {}
+        if sel.get("target_precision") is not None:
+            facts += [(f"auto-accepted (target {sel['target_precision']:g})", _num(sel["coverage"], True)),
+                      ("precision accepted", _num(sel["precision"], True))]
         captions = {"confusion": "Confusion matrix: rows are true classes, columns predictions (share of each row).",
                     "calibration": "Reliability: accuracy per confidence bin; bars on the diagonal = well calibrated.",
+                    "roc": "ROC curve of each class against the rest (the most frequent classes).",
+                    "coverage": "Precision of the photos accepted from the most confident down, against the share "
+                                "accepted; the dot is the model's auto-accept threshold (<task>_accept).",
                     "counts": "Labelled test images per class."}
     else:
         facts = [("labelled images", _num(m["n"])), ("micro-F1", _num(m["micro_f1"])),
@@ -258,10 +275,12 @@ def examples_section(examples: list[dict] | None) -> str:
     items = []
     for ex in examples:
         b64 = re.sub(r"[^A-Za-z0-9+/=]", "", str(ex.get("image_b64", "")))  # only base64 characters
-        cls = "ok" if ex.get("correct") else "bad"
+        cls = ("ok" if ex.get("correct") else "bad") + (" wide" if ex.get("heatmap") else "")
         items.append(f'<figure class="ex {cls}"><img src="data:image/jpeg;base64,{b64}" alt="">'
                      f'<figcaption>{_e(ex.get("caption", ""))}</figcaption></figure>')
-    return (f'<section id="examples"><h2>Examples <small>{len(examples)} images; red = wrong, green = right'
+    note = (" · beside each photo, Grad-CAM: where the evidence for the predicted label lies"
+            if any(ex.get("heatmap") for ex in examples) else "")
+    return (f'<section id="examples"><h2>Examples <small>{len(examples)} images; red = wrong, green = right{note}'
             f'</small></h2><div class="grid">{"".join(items)}</div></section>')
 
 
@@ -303,7 +322,7 @@ tr.worst{background:#fdecea}.note{color:#5a6475;font-size:12px;margin:4px 0 8px}
 figure{margin:0 0 16px}figure img{max-width:100%;height:auto;border:1px solid #e3e8ee;border-radius:6px}
 figcaption{font-size:12px;color:#5a6475}.grid{display:flex;flex-wrap:wrap;gap:10px}
 .ex{width:170px;margin:0}.ex img{width:160px;height:160px;object-fit:contain;background:#fafafa;border:3px solid}
-.ex.ok img{border-color:#2e8b57}.ex.bad img{border-color:#c0392b}
+.ex.wide{width:334px}.ex.wide img{width:324px}.ex.ok img{border-color:#2e8b57}.ex.bad img{border-color:#c0392b}
 table.kv th{width:180px;color:#5a6475;cursor:default;position:static;background:none}pre{white-space:pre-wrap;font-size:12px}
 footer{color:#8a93a3;font-size:12px;padding:0 32px 24px}
 """
@@ -339,13 +358,15 @@ def render_html(title: str, metrics: dict, tasks: list[TaskInfo], sections: list
 # ---------------------------------------------------------------- entry point
 
 def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y: dict, probs: dict, title: str,
-                 context: dict | None = None, examples: list[dict] | None = None) -> Path:
+                 context: dict | None = None, examples: list[dict] | None = None,
+                 pred_index: dict | None = None) -> Path:
     """Write the report folder and return the path of ``report.html``.
 
     Files: ``metrics.json`` (``metrics`` plus ``"context"`` when given), per task
     ``per_class_<task>.csv``, ``calibration_<task>.png``, ``counts_<task>.png``, and
     ``confusion_<task>.png`` (class tasks) or ``pr_<task>.png`` (tags tasks); then
-    ``report.html`` with all of it inline. ``examples``: ``{"image_b64", "caption", "correct"}``.
+    ``report.html`` with all of it inline. ``examples``: ``{"image_b64", "caption", "correct"}``;
+    ``pred_index``: ``{task: decided class per row}`` where it is not the argmax (hierarchy decoding).
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +378,7 @@ def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y
             continue
         rows = per_class_rows(t, m)
         write_per_class_csv(report_dir / f"per_class_{safe_name(t.name)}.csv", rows)
-        figs = task_figures(report_dir, t, m, y[t.name], probs[t.name])
+        figs = task_figures(report_dir, t, m, y[t.name], probs[t.name], (pred_index or {}).get(t.name))
         sections.append(task_section(t, m, rows, figs))
     page = render_html(title, metrics, tasks, sections, context, examples)
     return atomic_write_bytes(report_dir / "report.html", page.encode("utf-8"))

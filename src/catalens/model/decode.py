@@ -10,7 +10,12 @@ probabilities into labels here and nowhere else:
    ``master > sub > article`` chain is the most probable path seen in training
    (:mod:`catalens.heads.hierarchy`); without it each level takes its own argmax;
 3. **top-k**: labels ranked by probability (stable order on ties);
-4. **tag thresholds**: a tag is present when its probability reaches the tuned threshold.
+4. **tag thresholds**: a tag is present when its probability reaches the tuned threshold;
+5. **auto-accept**: ``<task>_accept`` is true when the probability of the decided label reaches
+   the task's accept threshold (model.json ``accept``, chosen for a target precision:
+   :mod:`catalens.evaluate.selective`); null for a model without one;
+6. **unknown products**: ``unknown_score`` (model.json ``unknown``: :mod:`catalens.model.unknown`)
+   and ``unknown`` (the score exceeds the threshold keeping 95% of validation photos).
 
 :meth:`Decoder.decode` returns :class:`Answers` (index arrays, no strings); :meth:`Decoder.columns`
 turns them into the output columns (one row shape for every output), :meth:`Decoder.record` into
@@ -27,6 +32,8 @@ from catalens.tasks import TaskInfo, hierarchy_levels
 
 #: columns every prediction row starts with (then the task columns, see :func:`column_names`)
 BASE_COLUMNS = ("id", "product_id", "path", "split", "problem")
+#: per-photo flags that close every prediction row (null for a model without them)
+FLAG_COLUMNS = ("unknown_score", "unknown")
 
 
 @dataclass
@@ -38,6 +45,9 @@ class Answers:
     top: dict[str, np.ndarray]                   # class task -> (n, k) classes ranked by probability
     present: dict[str, np.ndarray]               # tags task -> (n, T) bool
     best_path: dict[str, np.ndarray] = field(default_factory=dict)  # class task in a chain -> (n,)
+    accept: dict[str, np.ndarray] = field(default_factory=dict)     # class task with a threshold -> (n,) bool
+    unknown_score: np.ndarray | None = None                         # (n,) float, None without model.json unknown
+    unknown: np.ndarray | None = None                               # (n,) bool
 
     def __len__(self) -> int:
         return len(next(iter(self.probs.values()))) if self.probs else 0
@@ -61,6 +71,8 @@ class Decoder:
     hierarchy_paths: dict = field(default_factory=dict)
     hierarchy_decoding: bool = False
     text: object = None
+    accept: dict = field(default_factory=dict)   # class task -> accept threshold (None: accept nothing)
+    unknown: dict | None = None                  # {"method", "tasks", "threshold", "keep"}
 
     def __post_init__(self) -> None:
         self.chains = hierarchy_levels(self.tasks)
@@ -73,7 +85,16 @@ class Decoder:
             from catalens.model.format import parse_description
 
             desc = parse_description(desc)
-        return cls(desc.task_infos(), dict(desc.hierarchy_paths), bool(desc.hierarchy_decoding), text)
+        return cls(desc.task_infos(), dict(desc.hierarchy_paths), bool(desc.hierarchy_decoding), text,
+                   dict(desc.accept.thresholds) if desc.accept else {},
+                   desc.unknown.model_dump() if desc.unknown else None)
+
+    @classmethod
+    def from_meta(cls, tasks: list[TaskInfo], meta: dict, text=None) -> "Decoder":
+        """From a loaded model's ``meta`` (model.json as a dict) and its tasks."""
+        acc, unk = meta.get("accept") or {}, meta.get("unknown") or None
+        return cls(tasks, dict(meta.get("hierarchy_paths") or {}), bool(meta.get("hierarchy_decoding")), text,
+                   dict(acc.get("thresholds") or {}), dict(unk) if unk else None)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "Decoder":
@@ -104,7 +125,16 @@ class Decoder:
         best = self._best_paths(probs) if self.hierarchy_paths else {}
         if self.hierarchy_decoding:
             label.update(best)
-        return Answers(probs, label, top, present, best)
+        ans = Answers(probs, label, top, present, best)
+        for name, thr in self.accept.items():
+            if name in label:
+                ans.accept[name] = accept_mask(ans.label_prob(name), thr)
+        if self.unknown is not None:
+            from catalens.model.unknown import unknown_score
+
+            ans.unknown_score = unknown_score(probs, self.unknown["tasks"], self.unknown["method"])
+            ans.unknown = ans.unknown_score > float(self.unknown["threshold"])
+        return ans
 
     def _best_paths(self, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from catalens.heads.hierarchy import decode_hierarchy
@@ -131,6 +161,8 @@ class Decoder:
                 p, top, lab = ans.probs[t.name], ans.top[t.name], ans.label[t.name]
                 cols[t.name] = [names[lab[i]] if ok[i] else None for i in range(n)]
                 cols[f"{t.name}_prob"] = [float(p[i, lab[i]]) if ok[i] else None for i in range(n)]
+                acc = ans.accept.get(t.name)
+                cols[f"{t.name}_accept"] = [bool(acc[i]) if ok[i] and acc is not None else None for i in range(n)]
                 cols[f"{t.name}_top_labels"] = [list(names[top[i]]) if ok[i] else None for i in range(n)]
                 cols[f"{t.name}_top_probs"] = [p[i, top[i]].astype(float).tolist() if ok[i] else None
                                                for i in range(n)]
@@ -140,25 +172,34 @@ class Decoder:
                 for j, tag in enumerate(t.classes):
                     cols[f"{t.name}_{tag}_prob"] = [float(p[i, j]) if ok[i] else None for i in range(n)]
                     cols[f"{t.name}_{tag}"] = [bool(dec[i, j]) if ok[i] else None for i in range(n)]
+        has = ans.unknown_score is not None
+        cols["unknown_score"] = [float(ans.unknown_score[i]) if has and ok[i] else None for i in range(n)]
+        cols["unknown"] = [bool(ans.unknown[i]) if has and ok[i] else None for i in range(n)]
         return cols
 
     def record(self, ans: Answers, i: int) -> dict:
         """The server's JSON for row ``i``: ``labels`` (the decided label per class task, as
-        ``catalens predict`` writes it), ``classes`` (top-k ranked by probability), ``tags``
-        and ``hierarchy`` (per chain: the path, whether it was seen in training, and the best
-        seen path when it was not)."""
+        ``catalens predict`` writes it, with ``accept`` when the model has accept thresholds),
+        ``classes`` (top-k ranked by probability), ``tags``, ``hierarchy`` (per chain: the path,
+        whether it was seen in training, and the best seen path when it was not), and
+        ``unknown_score`` / ``unknown`` (null for a model without them)."""
         labels, classes, tags = {}, {}, {}
         for t in self.tasks:
             p = np.asarray(ans.probs[t.name][i], dtype=np.float64)
             if t.kind == "class":
                 j = int(ans.label[t.name][i])
                 labels[t.name] = {"label": t.classes[j], "prob": float(p[j])}
+                if t.name in ans.accept:
+                    labels[t.name]["accept"] = bool(ans.accept[t.name][i])
                 classes[t.name] = [{"label": t.classes[c], "prob": float(p[c])} for c in ans.top[t.name][i]]
             else:
                 thr = t.threshold_array()
                 tags[t.name] = [{"tag": c, "prob": float(p[j]), "threshold": float(thr[j]),
                                  "present": bool(ans.present[t.name][i, j])} for j, c in enumerate(t.classes)]
-        return {"labels": labels, "classes": classes, "tags": tags, "hierarchy": self._hierarchy(ans, i)}
+        has = ans.unknown_score is not None
+        return {"labels": labels, "classes": classes, "tags": tags, "hierarchy": self._hierarchy(ans, i),
+                "unknown_score": float(ans.unknown_score[i]) if has else None,
+                "unknown": bool(ans.unknown[i]) if has else None}
 
     def _hierarchy(self, ans: Answers, i: int) -> list[dict]:
         by_name = {t.name: t for t in self.tasks}
@@ -192,17 +233,26 @@ class Decoder:
         return {t.name: [t.classes[j] for j in ans.label[t.name]] for t in self.tasks if t.kind == "class"}
 
 
+def accept_mask(confidence: np.ndarray, threshold: float | None) -> np.ndarray:
+    """``(n,)`` bool: the rows whose decided-label probability reaches the accept ``threshold``
+    (none when it is None: no threshold reached the target precision)."""
+    confidence = np.asarray(confidence)
+    if threshold is None:
+        return np.zeros(confidence.shape[0], dtype=bool)
+    return confidence >= np.float32(threshold)
+
+
 def column_names(tasks: list[TaskInfo]) -> list[str]:
     """The task columns of a prediction row, in order (after :data:`BASE_COLUMNS`)."""
     out = []
     for t in tasks:
         if t.kind == "class":
-            out += [t.name, f"{t.name}_prob", f"{t.name}_top_labels", f"{t.name}_top_probs"]
+            out += [t.name, f"{t.name}_prob", f"{t.name}_accept", f"{t.name}_top_labels", f"{t.name}_top_probs"]
         else:
             out.append(f"{t.name}_tags")
             for tag in t.classes:
                 out += [f"{t.name}_{tag}_prob", f"{t.name}_{tag}"]
-    return out
+    return out + list(FLAG_COLUMNS)
 
 
 def arrow_schema(tasks: list[TaskInfo], extra: dict | None = None):
@@ -215,12 +265,14 @@ def arrow_schema(tasks: list[TaskInfo], extra: dict | None = None):
     for t in tasks:
         if t.kind == "class":
             fields += [pa.field(t.name, pa.string()), pa.field(f"{t.name}_prob", pa.float32()),
+                       pa.field(f"{t.name}_accept", pa.bool_()),
                        pa.field(f"{t.name}_top_labels", pa.list_(pa.string())),
                        pa.field(f"{t.name}_top_probs", pa.list_(pa.float32()))]
         else:
             fields.append(pa.field(f"{t.name}_tags", pa.list_(pa.string())))
             for tag in t.classes:
                 fields += [pa.field(f"{t.name}_{tag}_prob", pa.float32()), pa.field(f"{t.name}_{tag}", pa.bool_())]
+    fields += [pa.field("unknown_score", pa.float32()), pa.field("unknown", pa.bool_())]
     return pa.schema(fields)
 
 

@@ -201,8 +201,7 @@ class EnsembleModel:
     def decoder(self) -> Decoder:
         """Probabilities → answers. Titles are fused per member inside
         :meth:`predict_proba_features`, so the decoder itself fuses none."""
-        return Decoder(self.tasks, dict(self.meta.get("hierarchy_paths") or {}),
-                       bool(self.meta.get("hierarchy_decoding")), None)
+        return Decoder.from_meta(self.tasks, self.meta, None)
 
     @property
     def text(self) -> list | None:

@@ -26,7 +26,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catalens.tasks import TaskInfo, hierarchy_levels
 
@@ -82,6 +82,36 @@ class EnsembleDescription(BaseModel):
     sources: list[str] | None = None
 
 
+class AcceptDescription(BaseModel):
+    """The ``accept`` entry: per class task, the probability from which its answer is
+    auto-accepted (``<task>_accept``), chosen to reach ``target_precision`` with a one-sided
+    Clopper-Pearson bound at ``bound_confidence`` and never under ``1 - (1 - target) /
+    shift_margin`` (:mod:`catalens.evaluate.selective`). A task
+    whose threshold is None accepts nothing (no threshold reached the target)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    target_precision: float = Field(gt=0, lt=1)
+    bound_confidence: float = Field(gt=0, lt=1)
+    shift_margin: float = Field(0.0, ge=0)
+    source: str                                      # "val", or "val + out-of-fold train (K folds)"
+    thresholds: dict[str, float | None]
+    chosen_on: dict[str, dict] = Field(default_factory=dict)  # per task: coverage, precision, lower_bound, n
+
+
+class UnknownDescription(BaseModel):
+    """The ``unknown`` entry: how ``unknown_score`` is computed from the probabilities
+    (:mod:`catalens.model.unknown`) and the score above which a photo is flagged ``unknown``
+    (the ``keep`` quantile of validation photos)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    tasks: list[str] = Field(min_length=1)
+    threshold: float
+    keep: float = Field(gt=0, le=1)
+
+
 class ModelDescription(BaseModel):
     """model.json, typed. Unknown keys (training notes such as ``ingest`` or ``finetune``) are
     kept as they are; the keys every reader relies on are checked here, once."""
@@ -99,6 +129,8 @@ class ModelDescription(BaseModel):
     data: str | None = None
     created: str | None = None
     versions: dict = Field(default_factory=dict)
+    accept: AcceptDescription | None = None
+    unknown: UnknownDescription | None = None
 
     @field_validator("format")
     @classmethod
@@ -121,6 +153,20 @@ class ModelDescription(BaseModel):
                 raise ValueError(f"task '{t.name}': class names repeat")
         hierarchy_levels([t.info() for t in v])  # a parent that is missing or a cycle raises here
         return v
+
+    @model_validator(mode="after")
+    def _flags_name_class_tasks(self) -> "ModelDescription":
+        kinds = {t.name: t.kind for t in self.tasks}
+        named = list((self.accept.thresholds if self.accept else {}).keys()) + (self.unknown.tasks if self.unknown else [])
+        bad = sorted({n for n in named if kinds.get(n) != "class"})
+        if bad:
+            raise ValueError(f"accept/unknown name {bad}, which are not class tasks of this model")
+        if self.unknown is not None:
+            from catalens.model.unknown import METHODS
+
+            if self.unknown.method not in METHODS:
+                raise ValueError(f"unknown.method {self.unknown.method!r} is not one of {sorted(METHODS)}")
+        return self
 
     def task_infos(self) -> list[TaskInfo]:
         return [t.info() for t in self.tasks]

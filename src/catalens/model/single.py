@@ -77,8 +77,7 @@ class CatalensModel:
     @property
     def decoder(self) -> Decoder:
         """Probabilities (+ titles) → answers, as every entry point decodes them."""
-        return Decoder(self.tasks, dict(self.meta.get("hierarchy_paths") or {}),
-                       bool(self.meta.get("hierarchy_decoding")), self.text)
+        return Decoder.from_meta(self.tasks, self.meta, self.text)
 
     def predict_proba_features(self, features: np.ndarray, texts=None) -> dict[str, np.ndarray]:
         """Task probabilities from backbone features ``(n, D)``; with a title model and ``texts``

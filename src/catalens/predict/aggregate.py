@@ -60,7 +60,8 @@ def _class_columns(df: pd.DataFrame, name: str, n_images: pd.Series, top_k: int)
 
 
 def aggregate_predictions(predictions, tasks: list[TaskInfo] | None = None, out: str | Path | None = None,
-                          top_k: int | None = None, hierarchy_paths: dict | None = None) -> pd.DataFrame:
+                          top_k: int | None = None, hierarchy_paths: dict | None = None,
+                          accept: dict | None = None) -> pd.DataFrame:
     """One row per product from the per-image predictions (parquet path or DataFrame).
 
     Columns: ``product_id``, ``n_images`` (readable ones), ``ids`` (all image ids), then per
@@ -68,7 +69,10 @@ def aggregate_predictions(predictions, tasks: list[TaskInfo] | None = None, out:
     ``TASK_tags, TASK_<tag>_prob, TASK_<tag>``. ``tasks`` (the model's) give the tag
     thresholds; without them they are inferred from the columns with threshold 0.5.
     ``hierarchy_paths`` (``model.meta["hierarchy_paths"]``): product labels are decoded to the
-    best known path over the aggregated probabilities. ``out``: also written there (atomic).
+    best known path over the aggregated probabilities. ``accept`` (model.json
+    ``accept.thresholds``): ``TASK_accept`` per product, the product's mean probability of its
+    label against the task's threshold (chosen per photo, so a product is accepted when its
+    photos agree confidently). ``out``: also written there (atomic).
     """
     df = pd.read_parquet(predictions) if not isinstance(predictions, pd.DataFrame) else predictions
     tasks = tasks or infer_tasks(list(df.columns))
@@ -99,6 +103,14 @@ def aggregate_predictions(predictions, tasks: list[TaskInfo] | None = None, out:
                 result[f"{t.name}_{tag}"] = [bool(d) if h else None for d, h in zip(dec[:, j], has)]
     if hierarchy_paths:
         _decode_products(result, tasks, hierarchy_paths)
+    for name, thr in (accept or {}).items():
+        if name in result:
+            from catalens.model.decode import accept_mask
+
+            prob = result[f"{name}_prob"].astype(np.float64)
+            flags = accept_mask(prob.fillna(-1.0).to_numpy(np.float32), thr)
+            result.insert(result.columns.get_loc(f"{name}_prob") + 1, f"{name}_accept",
+                          [bool(f) if not np.isnan(v) else None for f, v in zip(flags, prob)])
     result = result.reset_index()
     if out is not None:
         out = Path(out)

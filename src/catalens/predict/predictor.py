@@ -165,7 +165,8 @@ def write_product_predictions(model, cat: Catalogue, out: Path, top_k: int, log=
     decoding = model.meta.get("hierarchy_decoding")
     products = out.with_name(out.stem + ".products" + out.suffix)
     result = aggregate_predictions(df, model.tasks, top_k=top_k,
-                                   hierarchy_paths=model.meta.get("hierarchy_paths") if decoding else None)
+                                   hierarchy_paths=model.meta.get("hierarchy_paths") if decoding else None,
+                                   accept=(model.meta.get("accept") or {}).get("thresholds"))
     write_frame(result, products)
     log(f"per-product predictions (mean over each product's photos): {products}")
     return products

@@ -170,7 +170,11 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
             m["consistent_share_before_decoding"] = before.get(chain, {}).get("consistent_share")
             log(f"  val {chain}: consistent {_f(m['consistent_share_before_decoding'])} -> "
                 f"{_f(m['consistent_share'])} with hierarchy decoding")
-    meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data),
+    from catalens.train.flags import decision_flags
+
+    flags = decision_flags(fit_cat, tasks, paths, Y, feats.features, is_train, is_val, probs_val, cfg,
+                           oof_allowed=finetuned is None and text_part is None, log=log)
+    meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data), **flags,
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
             "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
             "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),

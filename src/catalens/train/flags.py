@@ -1,0 +1,124 @@
+"""Decisions stored in the model at training: auto-accept thresholds and the unknown flag.
+
+- ``accept``: per class task, the threshold of :func:`catalens.evaluate.selective.choose_threshold`
+  (a Clopper-Pearson bound and a shift margin)
+  on held-out photos: the val split, plus **out-of-fold** training photos when val has fewer than
+  ``selective.oof_below`` labelled photos (k heads fit on the cached features of k-1 folds of
+  the training rows, each predicting the fold it did not see; split by product: this module
+  imports nothing from :mod:`catalens.train.kfold`, which imports the training pipeline). Out-of-fold
+  photos are used only for a plain image head on frozen features: a fine-tuned backbone or a
+  title model makes the fold heads differ from the model that answers, so those use val alone.
+- ``unknown``: method and threshold of :mod:`catalens.model.unknown` on the val photos.
+
+Both are decoded as every answer is (hierarchy decoding included), so the threshold applies to
+the label that predict returns.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from catalens.config import Config
+from catalens.tasks import MISSING, TaskInfo
+
+_logger = logging.getLogger(__name__)
+
+
+def product_folds(product_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold (0..k-1) of every row: products shuffled with ``seed`` and dealt round-robin, so all
+    photos of a product share a fold."""
+    products, inverse = np.unique(product_ids, return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(products))
+    fold_of = np.empty(len(products), np.int64)
+    fold_of[order] = np.arange(len(products)) % k
+    return fold_of[inverse]
+
+
+def out_of_fold(cat, tasks: list[TaskInfo], Y: dict, features: np.ndarray, is_train: np.ndarray,
+                is_val: np.ndarray, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Out-of-fold probabilities of the training rows: ``(probs, rows)`` with ``rows`` the
+    indices (into ``cat``) they belong to."""
+    from catalens.heads import create_head
+
+    h, k = cfg.head, cfg.selective.folds
+    fold = product_folds(cat.frame["product_id"].astype(str).to_numpy(), k, cfg.seed)
+    rows = np.flatnonzero(is_train)
+    out = {t.name: np.zeros((len(rows), t.n_outputs), np.float32) for t in tasks}
+    sel = lambda m: {n: v[m] for n, v in Y.items()}  # noqa: E731
+    for f in range(k):
+        fit, held = is_train & (fold != f), is_train & (fold == f)
+        if not held.any() or not fit.any():
+            continue
+        head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs,
+                           batch_size=h.batch_size, lr=h.lr, weight_decay=h.weight_decay, patience=h.patience,
+                           loss_weights=h.loss_weights, class_weighting=h.class_weighting,
+                           label_smoothing=h.label_smoothing, focal_gamma=h.focal_gamma, scaling=h.scaling,
+                           seed=cfg.seed, sampler=h.sampler, max_per_class=h.max_per_class)
+        head.fit(features[fit], sel(fit), features[is_val] if is_val.any() else None,
+                 sel(is_val) if is_val.any() else None)
+        p = head.predict_proba(features[held])
+        where = np.searchsorted(rows, np.flatnonzero(held))
+        for n in out:
+            out[n][where] = p[n]
+    return out, rows
+
+
+def accept_description(tasks: list[TaskInfo], decoder, y: dict, probs: dict, cfg: Config, source: str,
+                       log=None) -> dict | None:
+    """model.json's ``accept`` entry from labelled held-out rows ``y`` / ``probs``."""
+    from catalens.evaluate.selective import choose_threshold
+
+    log = log or _logger.info
+    sel = cfg.selective
+    if not probs or not len(next(iter(probs.values()))):
+        return None
+    ans = decoder.decode(probs, top_k=1)
+    thresholds, chosen = {}, {}
+    for t in tasks:
+        if t.kind != "class":
+            continue
+        keep = np.asarray(y[t.name]) != MISSING
+        conf = ans.label_prob(t.name)[keep]
+        right = ans.label[t.name][keep] == np.asarray(y[t.name])[keep]
+        c = choose_threshold(conf, right, sel.target_precision, sel.bound_confidence, sel.shift_margin)
+        thresholds[t.name], chosen[t.name] = c.threshold, c.to_dict()
+        log(f"  accept {t.name}: " + (f"prob >= {c.threshold:.4f} accepts {c.coverage:.1%} of {c.n} held-out photos "
+                                      f"at precision {c.precision:.4f} (95% lower bound {c.lower_bound:.4f})"
+                                      if c.threshold is not None else
+                                      f"no threshold reaches precision {sel.target_precision} with 95% confidence "
+                                      f"on {c.n} held-out photos: nothing is auto-accepted"))
+    if not thresholds:
+        return None
+    return {"target_precision": sel.target_precision, "bound_confidence": sel.bound_confidence,
+            "shift_margin": sel.shift_margin, "source": source, "thresholds": thresholds, "chosen_on": chosen}
+
+
+def unknown_description(tasks: list[TaskInfo], probs_val: dict, cfg: Config) -> dict | None:
+    """model.json's ``unknown`` entry (None without validation photos or class tasks)."""
+    from catalens.model.unknown import describe
+
+    names = [t.name for t in tasks if t.kind == "class"]
+    if not names or not probs_val or not len(probs_val[names[0]]):
+        return None
+    return describe(probs_val, names, cfg.selective.unknown_method, cfg.selective.unknown_keep)
+
+
+def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, is_train: np.ndarray,
+                   is_val: np.ndarray, probs_val: dict, cfg: Config, oof_allowed: bool, log=None) -> dict:
+    """``{"accept": ..., "unknown": ...}`` for model.json (see the module docstring)."""
+    from catalens.model.decode import Decoder
+
+    log = log or _logger.info
+    decoder = Decoder(tasks, paths, bool(cfg.hierarchy_decoding))
+    y = {n: v[is_val] for n, v in Y.items()}
+    probs, source = probs_val, "val"
+    n_val = int(is_val.sum())
+    if oof_allowed and features is not None and n_val < cfg.selective.oof_below and is_train.sum() >= cfg.selective.folds:
+        oof, rows = out_of_fold(cat, tasks, Y, features, is_train, is_val, cfg)
+        probs = {n: np.concatenate([probs_val[n], oof[n]]) for n in probs_val}
+        y = {n: np.concatenate([y[n], Y[n][rows]]) for n in y}
+        source = f"val ({n_val} photos) + out-of-fold train ({len(rows)} photos, {cfg.selective.folds} folds)"
+    log(f"auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
+    return {"accept": accept_description(tasks, decoder, y, probs, cfg, source, log),
+            "unknown": unknown_description(tasks, probs_val, cfg)}
