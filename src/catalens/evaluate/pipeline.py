@@ -196,7 +196,7 @@ def _labelled(y: dict) -> np.ndarray:
     return np.logical_or.reduce(have) if have else np.zeros(0, dtype=bool)
 
 
-def _require_known_labels(cat: Catalogue, model: CatalensModel, y: dict, data) -> None:
+def _require_known_labels(cat: Catalogue, model, y: dict, data) -> None:
     """Refuse to score data none of whose labels the model knows (metrics over n=0 mean nothing)."""
     if len(cat) and _labelled(y).any():
         return
