@@ -364,7 +364,7 @@ def test_the_printed_table_is_answered_without_importing_torch(trained, referenc
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_graph_backends_match_the_torch_engine(trained, reference, backend):
     from catalens.embed.ov import openvino_available
-    from catalens.model.graph import GraphModel, ensure_graph
+    from catalens.export.graph import GraphModel, ensure_graph
     from catalens.model.predictor import Predictor
 
     if backend == "openvino" and not openvino_available():

@@ -12,9 +12,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from catalens.model.predictor import Predictor, load, settings_overrides
+from catalens.model.predictor import Predictor, resolve_config, settings_overrides
 
 __all__ = ["train", "load", "Predictor"]
+
+
+def load(model: str | Path, config=None, graph: bool = False, **settings) -> Predictor:
+    """The model folder ``model`` ready to answer: ``catalens.load("models/shop").predict("photo.jpg")``.
+
+    ``config``: a :class:`catalens.Config` or a YAML file; ``settings`` override config keys
+    (e.g. ``runtime="onnx"``, ``top_k=3``, ``cache_dir=...``, ``progress=False``). ``graph=True``
+    answers through the model's exported ONNX graph without importing torch (exported once into
+    the runtime cache when the folder has no current ``model.onnx``; :mod:`catalens.export.graph`):
+    the fastest start for a few photos; large catalogues are faster through the default engine
+    (embedding cache, decode overlapped with inference).
+    """
+    if not graph:
+        from catalens.model.predictor import load as load_predictor
+
+        return load_predictor(model, config, **settings)
+    from catalens.export.graph import GraphModel, ensure_graph
+
+    cfg = resolve_config(config, settings)
+    return Predictor(GraphModel(model, ensure_graph(model), threads=cfg.engine.threads), model, cfg)
 
 
 def train(data, out: str | Path, *, label=None, path: str | None = None, title: str | None = None,

@@ -116,7 +116,7 @@ def _answering_model(folder: str, cfg):
     """A few photos: the exported graph (torch-free, exported once into the runtime cache) when
     the runtime allows it; otherwise the model itself, on the runtime asked for."""
     if cfg.engine.runtime in GRAPH_RUNTIMES:
-        from catalens.model.graph import GraphModel, ensure_graph
+        from catalens.export.graph import GraphModel, ensure_graph
 
         return GraphModel(folder, ensure_graph(folder), threads=cfg.engine.threads)
     from catalens.model.load import load_model

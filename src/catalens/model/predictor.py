@@ -215,7 +215,7 @@ class Predictor:
 
     def blocks(self, cat: Catalogue, use_cache: bool = True, progress: bool = False) -> Iterator[ProbabilityBlock]:
         """Probability blocks of every row of ``cat`` (see :func:`stream_probabilities`; a model
-        answered through its ONNX graph streams its own, :class:`~catalens.model.graph.GraphModel`)."""
+        answered through its ONNX graph streams its own, :class:`catalens.export.graph.GraphModel`, duck-typed by its ``graph``)."""
         if hasattr(self.model, "graph"):
             return self.model.blocks(cat, self.config.engine.batch_size, self.config.data.max_pixels)
         return stream_probabilities(self.model, cat, self._cache(use_cache), self._engine(progress))
@@ -243,29 +243,28 @@ class Predictor:
         return out
 
 
-def load(model: str | Path, config=None, graph: bool = False, **settings) -> Predictor:
-    """The model folder ``model`` ready to answer: ``catalens.load("models/shop").predict("photo.jpg")``.
+def load(model: str | Path, config=None, **settings) -> Predictor:
+    """The model folder ``model`` ready to answer (what :func:`catalens.load` builds on).
 
     ``config``: a :class:`catalens.Config` or a YAML file; ``settings`` override config keys
-    (e.g. ``runtime="onnx"``, ``top_k=3``, ``cache_dir=...``, ``progress=False``). ``graph=True``
-    answers through the model's exported ONNX graph without importing torch (exported once into
-    the runtime cache when the folder has no current ``model.onnx``; :mod:`catalens.model.graph`):
-    the fastest start for a few photos; large catalogues are faster through the default engine
-    (embedding cache, decode overlapped with inference).
+    (e.g. ``runtime="onnx"``, ``top_k=3``, ``cache_dir=...``, ``progress=False``).
     """
+    from catalens.model.load import load_model
+
+    config = resolve_config(config, settings)
+    return Predictor(load_model(model), model, config)
+
+
+def resolve_config(config=None, settings: dict | None = None):
+    """A :class:`catalens.Config` from ``config`` (a Config, a YAML file or None) and keyword
+    ``settings`` (config keys; engine keys may be given flat: ``runtime="eager"``)."""
     from catalens.config import Config, load_config
 
     if config is None or isinstance(config, (str, Path)):
-        config = load_config(config, [settings_overrides(settings)] if settings else None)
-    elif settings:
-        config = Config.model_validate({**config.model_dump(), **settings_overrides(settings)})
-    if graph:
-        from catalens.model.graph import GraphModel, ensure_graph
-
-        return Predictor(GraphModel(model, ensure_graph(model), threads=config.engine.threads), model, config)
-    from catalens.model.load import load_model
-
-    return Predictor(load_model(model), model, config)
+        return load_config(config, [settings_overrides(settings)] if settings else None)
+    if settings:
+        return Config.model_validate({**config.model_dump(), **settings_overrides(settings)})
+    return config
 
 
 #: keyword shortcuts of :func:`load` → config keys
