@@ -44,7 +44,7 @@ COLUMNS = ["path", "task", "given", "suggested", "score", "id", "split"]
 def out_of_fold_probabilities(cat: Catalogue, cfg: Config, folds: int = DEFAULT_FOLDS, log=None):
     """``(prep, probs)``: the catalogue's features and labels (every label in it, all splits) and
     the out-of-fold probabilities of every usable row (zeros elsewhere)."""
-    from catalens.embed.backbones import backbone_from_config
+    from catalens.embed.factory import backbone_from_config
     from catalens.embed.features import catalogue_features
     from catalens.train.kfold import Prepared, fit_on, fold_parts, pool_tasks, predict_rows, product_folds
     from catalens.train.pipeline import _drop_unlabelled
