@@ -97,9 +97,9 @@ class InProcess:
         from catalens.ingest.images import load_rgb
 
         self.photos, self.threads = photos, threads
-        self.m = OnnxModel(onnx_path, threads=threads)
+        self.m = OnnxModel(onnx_path, threads=threads, backend="auto")       # as the server runs the graph
         # no busy-waiting threads while the server is measured next to it (the server runs this way too)
-        self.quiet = OnnxModel(onnx_path, threads=threads, spin=False)
+        self.quiet = OnnxModel(onnx_path, threads=threads, spin=False, backend="auto")
         self.pre = self.m.preprocess
         self.load_rgb = load_rgb
         self.pixels = np.stack([load_rgb(b, self.pre) for b in photos])
@@ -544,7 +544,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = ap.parse_args()
 
-    from catalens.export.onnx import ensure_onnx
+    from catalens.export.onnx import ensure_onnx, graph_backend
     from catalens.runtime import available_cpus
 
     data = SHARED_DATA / "clothing-small"
@@ -597,14 +597,14 @@ def main() -> int:
     ratio_pipe = load["ips"] / base["pipeline_ips"]
     ratio_infer = load["ips"] / base["infer_ips"]
     lat_ratio = pct(idle, 50) / base["single_p50"]
-    body = [f"Model: `{model.name}` (EfficientNet-Lite0 + linear head, 224 px), ONNX Runtime fp32, {threads} threads; "
+    body = [f"Model: `{model.name}` (EfficientNet-Lite0 + linear head, 224 px), graph on {graph_backend('auto')} fp32 (server and in-process alike), {threads} threads; "
             f"clothing-small test photos ({len(photos)}, 400-888 px JPEG). Server: `catalens serve` defaults "
             f"(max batch 32, max wait 5 ms), one worker, loopback. Load average before / after: "
             f"{load_before} | {load_after} (the machine is shared: other processes compete for the CPUs).", "",
             "### Throughput", "",
             table(["setting", "img/s", "server / this"],
-                  [["in-process ORT, batch 32, decoded photos (inference only)", base["infer_ips"], f"{ratio_infer:.0%}"],
-                   ["in-process decode (thread pool) + ORT batch 32 (the server's work, no HTTP)", base["pipeline_ips"],
+                  [["in-process graph, batch 32, decoded photos (inference only)", base["infer_ips"], f"{ratio_infer:.0%}"],
+                   ["in-process decode (thread pool) + graph batch 32 (the server's work, no HTTP)", base["pipeline_ips"],
                     f"{ratio_pipe:.0%}"],
                    [f"server, {args.clients} concurrent clients, {load['seconds']:.0f} s", load["ips"], "100%"]]), "",
             f"Server under load: {load['requests']} requests, {len(load['errors'])} errors, {load['wrong']} answers "
@@ -613,8 +613,8 @@ def main() -> int:
             f"**{'met' if ratio_pipe >= 0.8 else 'NOT met'}** ({ratio_pipe:.0%}).", "",
             "### Latency, one request at a time", "",
             table(["setting", "p50 ms", "p99 ms"],
-                  [["in-process: decode + ORT batch of 1", base["single_p50"], base["single_p99"]],
-                   ["in-process: ORT batch of 1 only", base["infer1_p50"], float("nan")],
+                  [["in-process: decode + graph batch of 1", base["single_p50"], base["single_p99"]],
+                   ["in-process: graph batch of 1 only", base["infer1_p50"], float("nan")],
                    ["server, idle, one photo per request (raw body)", pct(idle, 50), pct(idle, 99)],
                    ["server, idle, after the load and abuse runs", pct(idle_after, 50), pct(idle_after, 99)],
                    ["in-process decode + batch of 1, interleaved with the line above", pct(single_after, 50),
