@@ -1,4 +1,4 @@
-"""Serving benchmark: HTTP server vs in-process ONNX Runtime, abuse run, int8 vs fp32.
+"""Serving benchmark: HTTP server vs the same graph in process, abuse run, int8 vs fp32.
 
     python benchmarks/bench_serve.py [--model DIR] [--seconds 60] [--clients 16] [--abuse-seconds 20]
 
@@ -608,7 +608,7 @@ def main() -> int:
                     f"{ratio_pipe:.0%}"],
                    [f"server, {args.clients} concurrent clients, {load['seconds']:.0f} s", load["ips"], "100%"]]), "",
             f"Server under load: {load['requests']} requests, {len(load['errors'])} errors, {load['wrong']} answers "
-            f"different from in-process ONNX Runtime; latency p50 {load['p50']:.0f} ms, p99 {load['p99']:.0f} ms. "
+            f"different from the same graph in process; latency p50 {load['p50']:.0f} ms, p99 {load['p99']:.0f} ms. "
             f"Target: >= 80% of the in-process decode + batched inference throughput: "
             f"**{'met' if ratio_pipe >= 0.8 else 'NOT met'}** ({ratio_pipe:.0%}).", "",
             "### Latency, one request at a time", "",
@@ -665,7 +665,7 @@ def main() -> int:
                  f"speed-up x{r['speedup']:.2f}."]
     body += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
     text = "\n".join(body)
-    publish("bench_serve", "Serving (HTTP server vs in-process ONNX Runtime)", text, write=not args.no_write)
+    publish("bench_serve", "Serving (HTTP server vs the same graph in process)", text, write=not args.no_write)
     ok = not load["errors"] and not abuse["unexpected"] and not abuse["good"]["failed"] and abuse["ready"] \
         and abuse["final_ok"] and five_xx == 0 and load["wrong"] == 0 and abuse["good"]["wrong"] == 0 \
         and not hostile["unexpected"] and hostile["slow"]["closed"] == hostile["slow"]["clients"]
