@@ -133,6 +133,16 @@ def test_cli_flags_map_to_config():
     assert config_from_args(build_parser().parse_args(["train", "D", "--out", "M"])).finetune.mode == "none"
 
 
+def test_finetune_defaults_are_the_fast_recipe():
+    """Plain ``--finetune``: last stage + conv head, 3 precomputed views on CPU, 6 epochs (issue 16)."""
+    f = load_config().finetune
+    assert (f.blocks, f.epochs, f.views) == (1, 6, None)
+    assert ft.default_views(f, torch.device("cpu")) == 3
+    assert ft.default_views(f.model_copy(update={"mode": "all"}), torch.device("cpu")) == 0
+    assert ft.default_views(f, torch.device("cuda")) == 0
+    assert ft.default_views(f.model_copy(update={"views": 5}), torch.device("cpu")) == 5
+
+
 def test_split_backbone_is_exact():
     bb = create_backbone("efficientnet_lite0", "random")
     x = torch.rand(2, 3, 224, 224) * 255

@@ -13,9 +13,9 @@ def register(sub) -> None:
     add_config_options(p, training=True)
     ft = p.add_argument_group("fine-tuning (see docs/finetune.md; other knobs: --set finetune.KEY=VALUE)")
     ft.add_argument("--finetune", nargs="?", const="blocks", choices=["blocks", "all"],
-                    help="also train the backbone: its last stages (blocks, the default; how many: "
-                         "--set finetune.blocks=N) or all of it")
-    ft.add_argument("--finetune-epochs", type=positive_int, metavar="N", help="fine-tuning epochs (default 8)")
+                    help="also train the backbone: its last stage (blocks, the default; how many: "
+                         "--set finetune.blocks=N, default 1) or all of it")
+    ft.add_argument("--finetune-epochs", type=positive_int, metavar="N", help="fine-tuning epochs (default 6)")
     ft.add_argument("--resume", action="store_true",
                     help="resume the interrupted fine-tuning in OUT (an error when there is no checkpoint; "
                          "a matching checkpoint is resumed anyway without this flag)")

@@ -123,6 +123,13 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def default_views(f, device: torch.device) -> int:
+    """Precomputed views per image: ``finetune.views``, or 3 on a CPU (0 = online on a GPU or for ``all``)."""
+    if f.views is not None:
+        return f.views
+    return 0 if device.type == "cuda" or f.mode == "all" else 3
+
+
 # ------------------------------------------------------------------- backbone split
 class _Trunk(nn.Module):
     """The frozen part: pixels 0..255 → activations entering the trainable tail."""
@@ -428,7 +435,7 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     set_threads(cfg.engine.threads or ddp.cpu_threads())
     device = pick_device()
     bf16 = use_bf16(f.bf16, device)
-    views = f.views if f.views is not None else (0 if device.type == "cuda" or f.mode == "all" else 4)
+    views = default_views(f, device)
     progress = cfg.engine.progress and ddp.is_main()
     train_rows, val_rows = np.where(is_train)[0], np.where(is_val)[0]
     stamp = _stamp(cfg, backbone, len(train_rows), len(val_rows), tasks)
