@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 def default_cache_dir() -> str:
@@ -30,6 +30,20 @@ class BackboneConfig(_Strict):
     image_size: int | None = Field(None, ge=32, le=1024)  # input side; None = the backbone's own (lite0 224)
     crop_pct: float | None = Field(None, gt=0, le=1)      # centre crop share of the resized short side;
     #                                                       None = the backbone's own (0.875); 1.0 = no crop
+    crop: Literal["center", "pad", "squish", "box"] = "center"  # how the square input is cut (docs/recipes.md)
+    box: list[float] | None = None     # crop box: [x0, y0, x1, y1] fractions of width/height
+
+    @model_validator(mode="after")
+    def _box_with_crop(self):
+        from catalens.ingest.images import check_box
+
+        if self.crop == "box":
+            if self.box is None:
+                raise ValueError("crop 'box' needs box: [x0, y0, x1, y1] (fractions), e.g. box=[0.1,0,0.9,1]")
+            check_box(self.box)
+        elif self.box is not None:
+            raise ValueError(f"box is only used with crop 'box' (crop is '{self.crop}'): set backbone.crop=box")
+        return self
 
 
 class EngineSettings(_Strict):
