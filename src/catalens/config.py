@@ -101,12 +101,22 @@ class FinetuneConfig(_Strict):
     resume: Literal["auto", "require", "off"] = "auto"  # auto: resume a matching checkpoint in OUT/.finetune
 
 
+class ClassSelection(_Strict):
+    """Which classes of one class task to train on (catalens/train/classes.py); counts on the train split."""
+
+    include: list[str] | None = None    # only these classes
+    exclude: list[str] = Field(default_factory=list)  # never these (e.g. "Not sure", "Others")
+    min_count: int = Field(0, ge=0)     # only classes with at least this many training photos
+    top_n: int = Field(0, ge=0)         # only the N classes with most training photos (0 = all)
+
+
 class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1)   # carved from train when no val split exists
     test_fraction: float = Field(0.15, ge=0, lt=1)  # only when the data has no split at all
     min_class_count: int = Field(3, ge=1)           # fewer training images: reported as too small
     strict: bool = False                            # any image problem is fatal
     max_pixels: int = Field(89_478_485, ge=1)       # decompression-bomb limit
+    classes: dict[str, ClassSelection] = Field(default_factory=dict)  # per class task: include/exclude/min_count/top_n
 
 
 class TextConfig(_Strict):

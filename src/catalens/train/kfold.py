@@ -81,6 +81,11 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     if note:
         log(note)
     pool = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    from catalens.train.classes import merged_selections, select_classes
+
+    pool, selection = select_classes(pool, merged_selections(cat, cfg.data.classes))  # as catalens train does
+    if selection.tasks:
+        log(f"class selection: {selection.removed_rows} photos left without labels are not used")
     backbone = backbone_from_config(cfg.backbone)
     feats = catalogue_features(pool, backbone, cfg)
     tasks = pool_tasks(pool) if classes_from == "pool" else training_tasks(pool)

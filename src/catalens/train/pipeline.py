@@ -21,6 +21,7 @@ from catalens.ingest.open import open_catalogue
 from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
 from catalens import distributed as ddp
 from catalens.embed.features import catalogue_features
+from catalens.train.classes import merged_selections, select_classes, write_selection
 from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
 from catalens.train.splits import ensure_splits
 
@@ -94,6 +95,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
     if split_note:
         log(split_note)
     fit_cat = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    fit_cat, selection = select_classes(fit_cat, merged_selections(cat, cfg.data.classes))
     log(f"data: {len(cat)} images ({cat.source}), training on {int((fit_cat.frame['split'] == 'train').sum())} "
         f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
@@ -109,7 +111,9 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
     usable = head = None
     if ddp.is_main():  # torchrun: embedding, ingest report and linear probe on rank 0; the others wait
         feats = catalogue_features(fit_cat, backbone, cfg)
-        summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count)
+        summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count,
+                                      selection=selection)
+        write_selection(ingest_dir, selection)
         log(format_summary(summary, ingest_dir))
         if cfg.data.strict and feats.problems:
             raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; "
@@ -172,7 +176,8 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
                 f"{_f(m['consistent_share'])} with hierarchy decoding")
     meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data),
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
-            "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
+            "ingest": {k: summary[k] for k in ("images", "excluded", "problems", "class_selection") if k in summary},
+            "seed": cfg.seed,
             "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),
             "text": cfg.text.model_dump() if text_part is not None else None}
     if finetuned is not None:
