@@ -88,6 +88,13 @@ def test_heads_only_keeps_backbone(synth, tmp_path, pretrained):
     assert isinstance(CatalensModel.load(out).backbone, TTABackbone)
 
 
+def test_schedule_step_and_lr_in_history(synth, tmp_path):
+    out = tmp_path / "m"
+    train(synth, out, _cfg(blocks=0, schedule="step", step_epochs=1, gamma=0.5, warmup_epochs=0), log=lambda m: None)
+    hist = json.loads((out / "model.json").read_text())["finetune"]["history"]
+    assert [h["lr"] for h in hist] == pytest.approx([0.01, 0.005])
+
+
 def test_resume_gives_identical_weights(synth, tmp_path, monkeypatch):
     cfg = _cfg()
     train(synth, tmp_path / "a", cfg, log=lambda m: None)

@@ -71,6 +71,11 @@ class HeadConfig(_Strict):
     scaling: Literal["global", "feature", "none"] = "global"  # input scaling learnt from training features
     sampler: Literal["none", "balanced", "sqrt"] = "none"  # per-epoch class-balanced sampling (leaf class task)
     max_per_class: int = Field(0, ge=0)  # >0: each epoch draws at most this many rows of any class (down-sampling)
+    schedule: Literal["onecycle", "cosine", "step", "plateau"] = "onecycle"  # learning-rate schedule
+    step_epochs: int = Field(0, ge=0)   # schedule step: lr x gamma every this many epochs (0 = a third of them)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(5, ge=0)  # schedule plateau: epochs without val improvement before lr x factor
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
 
 
 class FinetuneConfig(_Strict):
@@ -85,6 +90,11 @@ class FinetuneConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["onecycle", "cosine", "step", "plateau"] = "cosine"  # learning-rate schedule
+    step_epochs: int = Field(0, ge=0)   # schedule step: lr x gamma every this many epochs (0 = a third of them)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(1, ge=0)  # schedule plateau: epochs without val improvement before lr x factor
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1, le=65536)
     views: int | None = Field(None, ge=0)   # augmented views precomputed through the frozen part;
