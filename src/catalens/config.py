@@ -164,6 +164,15 @@ class KFoldConfig(_Strict):
         return v
 
 
+class PresetConfig(_Strict):
+    """``catalens train --preset fast|medium|best [--time-limit 20m]`` (catalens/train/presets.py)."""
+
+    name: Literal["fast", "medium", "best"] = "fast"   # fast: the plain catalens train
+    time_limit: float | None = Field(None, gt=0)        # seconds; None = 600 (medium) / 1200 (best)
+    folds: int = Field(5, ge=2)                          # K of the cross-validation that scores each recipe
+    titles: Literal["auto", "on", "off"] = "auto"        # auto: learn from titles when the data has them
+
+
 class Config(_Strict):
     """The whole run configuration."""
 
@@ -177,6 +186,7 @@ class Config(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     kfold: KFoldConfig = Field(default_factory=KFoldConfig)
+    preset: PresetConfig = Field(default_factory=PresetConfig)
     hierarchy_decoding: bool = False               # predict the most probable path seen in training
     tracking: bool = True                           # log runs to MLflow when it is installed
 

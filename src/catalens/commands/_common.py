@@ -118,5 +118,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("finetune.epochs", getattr(args, "finetune_epochs", None))
     put("finetune.resume", "require" if getattr(args, "resume", False) else None)
     put("finetune.tta", getattr(args, "tta", None))
+    put("preset.name", getattr(args, "preset", None))
+    put("preset.time_limit", getattr(args, "time_limit", None))
     overrides = [flags] + [parse_override(s) for s in getattr(args, "set", [])]
     return load_config(getattr(args, "config", None), overrides)

@@ -76,7 +76,7 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     from catalens.train.pipeline import _drop_unlabelled, training_tasks
     from catalens.train.splits import ensure_splits
 
-    cat = open_catalogue(data)
+    cat = data if hasattr(data, "frame") else open_catalogue(data)  # a path, or an in-memory Catalogue
     cat, note = ensure_splits(cat, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     if note:
         log(note)
