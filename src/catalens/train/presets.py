@@ -221,6 +221,7 @@ class _PresetRun:
         self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)}
         self.results: dict[str, Scored] = {}
         self.pool = None
+        self.refit_seconds = 0.0
 
     # ------------------------------------------------------------------ steps
     def run(self, result_type):
@@ -470,15 +471,21 @@ class _PresetRun:
 
         if not chosen:  # the budget did not allow even one CV: the plain model
             self.log("  nothing could be scored in the time limit: training the plain model (preset fast)")
-            return train(self.data, self.out, self.base, log=self.log)
+            res = train(self.data, self.out, self.base, log=self.log)
+            self._annotate(self.out, [], [], blend)
+            res.model.meta["preset"] = self._preset_meta([], [], blend)
+            return res
         dirs, results = [], []
+        t = time.time()
         for i, s in enumerate(chosen):
             cfg = s.cfg.model_copy(deep=True)
             target = self.out if len(chosen) == 1 else self.work / "members" / str(i)
             results.append(train(self.data, target, cfg, log=lambda *a: None))
             dirs.append(target)
+        self.refit_seconds = time.time() - t
         if len(chosen) == 1:
             self._annotate(self.out, chosen, weights, blend)
+            results[0].model.meta["preset"] = self._preset_meta(chosen, weights, blend)
             return results[0]
         from catalens.model.ensemble import EnsembleModel
         from catalens.model.single import CatalensModel
@@ -525,10 +532,15 @@ class _PresetRun:
 
         rows = self._rows(chosen, weights)
         if len(chosen) > 1:
+            speeds = [s.img_s for s in chosen]
             rows.insert(0, {"recipe": "ensemble of the chosen (" + ", ".join(
                 f"{w:g} x {s.recipe.name}" for s, w in zip(chosen, weights)) + ")",
-                "cv_score": round(float(blend), 6), "weight": sum(weights), "status": "the model"})
+                "cv_score": round(float(blend), 6), "fit_seconds": round(self.refit_seconds, 1),
+                "predict_img_s": round(1.0 / sum(1.0 / v for v in speeds), 1) if all(speeds) else None,
+                "weight": sum(weights), "status": "the model"})
+        cols = ["recipe", "cv_score", "fit_seconds", "predict_img_s", "weight", "status"]
         df = pd.DataFrame(rows)
+        df = df[cols + [c for c in df.columns if c not in cols]]
         tmp = self.out / "leaderboard.csv.tmp"
         df.to_csv(tmp, index=False)
         os.replace(tmp, self.out / "leaderboard.csv")
