@@ -317,11 +317,14 @@ class _PresetRun:
         from catalens.embed.factory import backbone_from_config
 
         backbone = backbone_from_config(cfg.backbone)
-        rel = _rel_cost(cfg.backbone.name) * (1 + len(recipe.tta))
-        embed = self.clock.embed_cost(int(round(n * uncached_share(self.pool, backbone, cfg))), rel)
-        if recipe.tta:  # plus the plain features when those are not in the cache either
-            embed += self.clock.embed_cost(int(round(n * uncached_share(self.pool, backbone, cfg))),
-                                           _rel_cost(cfg.backbone.name))
+        rel = _rel_cost(cfg.backbone.name)
+        recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
+        embed = self.clock.embed_cost(recipe._uncached, rel)
+        if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
+            from catalens.model.tta import with_tta
+
+            recipe._uncached_tta = int(round(n * uncached_share(self.pool, with_tta(backbone, list(recipe.tta)), cfg)))
+            embed += self.clock.embed_cost(recipe._uncached_tta, rel * (1 + len(recipe.tta)))
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
 
     def _search_budget(self) -> float:
@@ -363,9 +366,11 @@ class _PresetRun:
         s.prep = prepare(self.data, plain, log=quiet, classes_from="pool")
         took = time.time() - t
         rel = _rel_cost(plain.backbone.name)
-        if took > 2.0:  # the photos were embedded now (not read from the cache): a speed to learn from
-            self.clock.learn_embed(took, len(s.prep.cat), rel)
-            s.img_s = round(len(s.prep.cat) / took, 1)
+        fresh = getattr(r, "_uncached", 0)
+        if fresh >= max(8, 0.5 * len(s.prep.cat)):  # mostly embedded now, not read from the cache: a speed
+            self.clock.learn_embed(took, fresh, rel)
+            s.img_s = round(fresh / took, 1)
+        s.img_s = None if r.tta else s.img_s  # with TTA: the TTA pass's speed, below
         pred = None
         if r.tta:
             from catalens.embed.factory import backbone_from_config
@@ -375,8 +380,9 @@ class _PresetRun:
             t = time.time()
             tb = with_tta(backbone_from_config(plain.backbone), list(r.tta))
             pred = catalogue_features(s.prep.cat, tb, plain).features
-            if time.time() - t > 2.0:
-                s.img_s = round(len(s.prep.cat) / (time.time() - t), 1)
+            fresh = getattr(r, "_uncached_tta", 0)
+            if fresh >= max(8, 0.5 * len(s.prep.cat)):
+                s.img_s = round(fresh / (time.time() - t), 1)
         if s.img_s is None:
             s.img_s = round(1.0 / (self.clock.spi * rel * (1 + len(r.tta))), 1)
         self._cv(s, s.prep, pred)
