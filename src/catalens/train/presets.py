@@ -260,14 +260,15 @@ class _PresetRun:
         return max(done, key=lambda s: s.score) if done else None
 
     def _refit_cost(self, s: Scored) -> float:
+        """Seconds to refit ``s`` with ``catalens train``: a head fit on cached features, and for a ``+``
+        recipe the embedding through the multi-backbone (its own cache key)."""
         n = len(self.pool)
-        dim = s.prep.features.shape[1] if s.prep is not None else 1280
+        dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
-        if s.prep is None:  # not scored yet (the first recipe): its photos are embedded by the scoring
-            return cost
-        if s.recipe.members:  # the multi-backbone embeds the photos anew (its own cache key)
-            cfg = s.cfg or s.recipe.config(self.base, self.recipes)
-            cost += self.clock.embed_cost(n, _rel_cost(cfg.backbone.name)) * 1.15
+        if s.recipe.members:
+            spec = "+".join(self.recipes[m].backbone for m in s.recipe.members if m in self.recipes) \
+                or (s.cfg.backbone.name if s.cfg is not None else "")
+            cost += self.clock.embed_cost(n, _rel_cost(spec)) * 1.15
         return cost
 
     def _try(self, recipe: Recipe) -> None:
@@ -280,8 +281,8 @@ class _PresetRun:
             self.log(f"  {recipe.name}: {s.status}")
             return
         left = self.clock.left() - self._reserve()
-        if self._best() is None:  # the first recipe: its own refit must fit as well
-            left -= self._refit_cost(Scored(recipe, cfg=recipe.config(self.base, self.recipes)))
+        if recipe.kind in ("frozen", "concat"):  # its own refit, should it be chosen, must fit as well
+            est += self._refit_cost(Scored(recipe))
         if est > left:
             s.status = f"skipped: needs ~{est:.0f}s, {max(0, left):.0f}s left before the refit"
             self.log(f"  {recipe.name}: {s.status}")
@@ -460,6 +461,11 @@ class _PresetRun:
                 mix = {k: (total[k] if total else 0) + s.oof[k][rows] for k in s.oof}
                 cand.append((objective_value(prep.tasks, Y, {k: v / (picks + 1) for k, v in mix.items()}), -counts[id(s)],
                              s, mix))
+            left = self.clock.left() - 5.0  # what the refit may take: members cost their refit once
+            cand = [c for c in cand if not picks or sum(self._refit_cost(x) for x in done
+                                                         if counts[id(x)] or x is c[2]) <= left]
+            if not cand:
+                break
             val, _, s, mix = max(cand, key=lambda c: (c[0], c[1]))
             if val <= best_val + 1e-9 and picks:
                 break
