@@ -120,3 +120,10 @@ def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
 def test_fast_is_the_plain_train(data, tmp_path):
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 10, "fast"), log=lambda *a: None)
     assert (tmp_path / "m" / "model.json").exists() and not (tmp_path / "m" / "leaderboard.csv").exists()
+
+
+def test_runs_list_shows_the_preset_cv():
+    from catalens.track.mlflow_tracking import _headline
+
+    got = _headline({"preset_cv_score": 0.912345, "val.label.accuracy": 0.9})
+    assert got == {"label.accuracy": 0.9, "preset_cv": 0.9123}
