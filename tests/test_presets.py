@@ -101,7 +101,9 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     assert main(["predict", str(tmp_path / "m"), *map(str, photos), "--out", str(tmp_path / "p.csv"), *FAST]) == 0
     assert pd.read_csv(tmp_path / "p.csv")["category"].tolist() == got["category"].tolist()
     assert main(["evaluate", str(tmp_path / "m"), str(data), "--report", str(tmp_path / "ev"), *FAST]) == 0
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["category"]["n"] > 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["category"]["n"] > 0
+    assert [r["recipe"] for r in ev["context"]["preset leaderboard"]] == [r["recipe"] for r in preset["leaderboard"]]
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
