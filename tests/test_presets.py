@@ -129,3 +129,16 @@ def test_runs_list_shows_the_preset_cv():
 
     got = _headline({"preset_cv_score": 0.912345, "val.label.accuracy": 0.9})
     assert got == {"label.accuracy": 0.9, "preset_cv": 0.9123}
+
+
+def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe("lite0@64", "efficientnet_lite0@64"),
+                                                                 P.Recipe("broken", "no_such_backbone_xyz")])
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "medium"), log=lambda *a: None)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert board.loc["lite0@64", "status"] == "chosen"
+    assert board.loc["broken", "status"].startswith("failed: BackboneError: unknown backbone 'no_such_backbone_xyz'")
+    cfg = load_config(overrides=[{"preset": {"name": "best"}, "finetune": {"mode": "blocks"}}])
+    with pytest.raises(ValueError, match="--preset best scores frozen-backbone recipes by k-fold CV and does not "
+                                         "fine-tune; drop --finetune"):
+        P.train_preset(data, tmp_path / "x", cfg)

@@ -204,6 +204,9 @@ def train_preset(data, out: str | Path, cfg: Config, log=None):
     p = cfg.preset
     if p.name == "fast":
         return train(data, out, cfg, log=log)
+    if cfg.finetune.mode != "none":
+        raise ValueError(f"--preset {p.name} scores frozen-backbone recipes by k-fold CV and does not fine-tune; "
+                         f"drop --finetune, or train with --finetune without --preset (docs/presets.md)")
     limit = float(p.time_limit or DEFAULT_LIMIT[p.name])
     runner = _PresetRun(data, Path(out), cfg, limit, log)
     return runner.run(TrainResult)
@@ -216,7 +219,6 @@ class _PresetRun:
         self.work = out.parent / f".{out.name}.preset"
         self.base = cfg.model_copy(deep=True)
         self.base.kfold.folds = 0
-        self.base.finetune.mode = "none"     # fine-tuning is not one of the recipes scored by CV here
         self.k = cfg.preset.folds
         self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)}
         self.results: dict[str, Scored] = {}
@@ -280,6 +282,10 @@ class _PresetRun:
             s.status = f"skipped: {e}"
             self.log(f"  {recipe.name}: {s.status}")
             return
+        except _FAILURES as e:
+            s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
         left = self.clock.left() - self._reserve()
         if recipe.kind in ("frozen", "concat"):  # its own refit, should it be chosen, must fit as well
             est += self._refit_cost(Scored(recipe))
@@ -292,6 +298,11 @@ class _PresetRun:
             self._score(s)
         except _Skip as e:
             s.status = f"skipped: {e}"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        except _FAILURES as e:  # one recipe failing costs that recipe only
+            s.oof, s.status = None, f"failed: {type(e).__name__}: {str(e)[:300]}"
+            s.seconds = round(time.time() - t, 1)
             self.log(f"  {recipe.name}: {s.status}")
             return
         s.seconds = round(time.time() - t, 1)
@@ -560,6 +571,10 @@ class _PresetRun:
             self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
                                                                             "predict_img_s", "status") if c in df]]
                      .to_string(index=False))
+
+
+#: errors that fail one recipe (listed in the leaderboard) rather than the run
+_FAILURES = (ValueError, RuntimeError, OSError, MemoryError, KeyError)
 
 
 class _Skip(Exception):
