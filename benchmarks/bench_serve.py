@@ -12,10 +12,15 @@ Loopback only (the server binds 127.0.0.1 on a free port and is always stopped).
 4. Load: ``--clients`` concurrent keep-alive clients posting raw JPEG bodies for ``--seconds``;
    every answer's top label is checked against in-process ONNX Runtime. Throughput vs (1).
 5. Abuse: every kind of bad input (empty, non-image, truncated, bomb, wrong type, too large,
-   chunked too large, unknown model, bad JSON, bad base64, wrong datatype) in a loop mixed with
-   good requests; each must get its 4xx code, every good one the right answer, no 5xx, and the
-   server must be ready afterwards.
-6. int8 vs fp32 (``catalens export --int8``) on the whole clothing-small test split.
+   chunked too large, unknown model, bad JSON, bad base64, wrong datatype, JSON nested 100,000
+   levels, junk KServe fields, a 16-bit 9400 x 9400 PNG, an 8000 x 8000 progressive JPEG) in a
+   loop mixed with good requests; each must get its 4xx code, every good one the right answer,
+   no 5xx, and the server must be ready afterwards.
+6. Hostile clients: slow clients (half a head, half a body: closed within the timeouts), a 1 MB
+   query string (414), a 40 KB header (431), eight 16-bit 9400 x 9400 PNGs in one request (413,
+   timed), and an overload burst (``--overload-clients`` clients posting 8 photos each): every
+   answer 200 or 503 + Retry-After, 503s counted. The server's memory (RSS) is sampled all along.
+7. int8 vs fp32 (``catalens export --int8``) on the whole clothing-small test split.
 
 The model defaults to a linear head on EfficientNet-Lite0 trained on clothing-small, cached in
 ``~/.cache/catalens/bench/clothing-model`` (trained on first use, a few minutes, not counted).
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import json
 import os
 import random
@@ -297,10 +303,53 @@ async def _chunks(data: bytes, size: int = 65536):
         yield data[i:i + size]
 
 
+def png16(width: int = 9400, height: int = 9400) -> bytes:
+    """A 16-bit grayscale PNG (I;16), flat: 190 KB for 9400 x 9400 px (168 MiB decoded, 2.1 GiB to convert)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width), 1000, dtype=np.uint16)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def progressive_jpeg(side: int = 8000) -> bytes:
+    """A progressive 4:4:4 JPEG: decoding it holds every DCT coefficient (8000 px: 366 MiB), whatever the output size."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 30, 200)).save(buf, "JPEG", progressive=True, quality=80, subsampling=0)
+    return buf.getvalue()
+
+
+_HOSTILE_FILES: dict[str, bytes] = {}
+
+
+def hostile_file(kind: str) -> bytes:
+    if kind not in _HOSTILE_FILES:
+        _HOSTILE_FILES[kind] = png16() if kind == "png16" else progressive_jpeg()
+    return _HOSTILE_FILES[kind]
+
+
 def abuse_cases(photo: bytes, name: str, limit: int) -> list[tuple[str, dict, int, str]]:
     b64 = base64.b64encode(photo).decode()
     big = b"\xff\xd8" + os.urandom(limit + 1024)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    ok = {"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}
+    ks = f"/v2/models/{name}/infer"
     return [
+        ("JSON nested 100,000 levels (TF-Serving)", dict(method="POST", url=f"/v1/models/{name}:predict", content=b'{"instances": ' + deep + b"}", headers={"content-type": "application/json"}), 400, "bad_json"),
+        ("JSON nested 100,000 levels (KServe)", dict(method="POST", url=ks, content=deep, headers={"content-type": "application/json"}), 400, "bad_json"),
+        ("KServe outputs: 5", dict(method="POST", url=ks, json={"inputs": [ok], "outputs": 5}), 400, "bad_request"),
+        ("KServe parameters: 5", dict(method="POST", url=ks, json={"inputs": [ok], "parameters": 5}), 400, "bad_request"),
+        ("KServe input parameters: [1]", dict(method="POST", url=ks, json={"inputs": [dict(ok, parameters=[1])]}), 400, "bad_request"),
+        ("KServe shape [true]", dict(method="POST", url=ks, json={"inputs": [dict(ok, shape=[True])]}), 400, "bad_request"),
+        ("16-bit PNG 9400x9400", dict(method="POST", url="/v1/predict", content=hostile_file("png16"), headers={"content-type": "image/png"}), 413, "decode_too_large"),
+        ("progressive 4:4:4 JPEG 8000x8000", dict(method="POST", url="/v1/predict", content=hostile_file("progressive"), headers={"content-type": "image/jpeg"}), 413, "decode_too_large"),
+        ("top_k=abc", dict(method="POST", url="/v1/predict?top_k=abc", content=photo, headers={"content-type": "image/jpeg"}), 400, "bad_parameter"),
         ("empty body", dict(method="POST", url="/v1/predict", content=b"", headers={"content-type": "image/jpeg"}), 400, "empty_body"),
         ("empty file", dict(method="POST", url="/v1/predict", files={"file": ("e.jpg", b"", "image/jpeg")}), 422, "empty"),
         ("not an image", dict(method="POST", url="/v1/predict", files={"file": ("x.jpg", b"GIF? no, text", "image/jpeg")}), 422, "not_an_image"),
@@ -358,11 +407,126 @@ async def abuse_run(base: str, photos: list[bytes], tops: list[str], task: str, 
         ready = (await c.get("/v2/health/ready")).status_code == 200
         r = await c.post("/v1/predict", content=photos[0], headers={"content-type": "image/jpeg"})
         final_ok = r.status_code == 200 and top_label(r.content, task) == tops[0]
-        metrics = (await c.get("/metrics")).text
-    five_xx = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                  if line.startswith("catalens_requests_total") and 'status="5' in line)
-    return {"counts": counts, "good": good, "unexpected": unexpected, "ready": ready, "final_ok": final_ok,
-            "five_xx": five_xx}
+    return {"counts": counts, "good": good, "unexpected": unexpected, "ready": ready, "final_ok": final_ok}
+
+
+def server_5xx(base: str) -> tuple[float, float]:
+    """(5xx answers other than load shedding, 503 overloaded answers) since the server started."""
+    import httpx
+
+    from catalens.serve.metrics import parse_exposition
+
+    m = parse_exposition(httpx.get(base + "/metrics", timeout=30).text)
+    five = sum(v for (n, labels), v in m.items()
+               if n == "catalens_requests_total" and dict(labels).get("status", "").startswith("5"))
+    shed = sum(v for (n, labels), v in m.items()
+               if n == "catalens_errors_total" and dict(labels).get("code") == "overloaded")
+    return five - shed, shed
+
+
+class RssSampler:
+    """Samples a process's resident memory every 0.1 s in a thread: peak per phase, in MB."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.phase, self.peaks = pid, "start", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            v = self.rss_mb()
+            if v == v:
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), v)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+async def _raw(port: int, data: bytes, timeout: float) -> tuple[bytes, float]:
+    """Send ``data``, read until the server closes: (answer, seconds until closed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.perf_counter()
+    try:
+        writer.write(data)
+        await writer.drain()
+        out = await asyncio.wait_for(reader.read(-1), timeout)
+    finally:
+        writer.close()
+    return out, time.perf_counter() - t0
+
+
+async def hostile_run(port: int, photos: list[bytes], timeout_s: float, clients: int, seconds: float) -> dict:
+    """Slow clients, oversized heads, a 16-bit PNG burst in one request, and an overload burst."""
+    import httpx
+
+    out: dict = {"unexpected": []}
+
+    def status_of(raw: bytes) -> int:
+        return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else 0
+
+    half_head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Ty"
+    half_body = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+                 + photos[0][:1000])
+    slow = await asyncio.gather(*([_raw(port, half_head, 10 * timeout_s) for _ in range(20)]
+                                  + [_raw(port, half_body, 10 * timeout_s) for _ in range(20)]), return_exceptions=True)
+    closed = [r for r in slow if not isinstance(r, BaseException)]
+    out["slow"] = {"clients": len(slow), "closed": len(closed), "max_s": max((s for _, s in closed), default=float("nan")),
+                   "statuses": sorted({status_of(raw) for raw, _ in closed})}
+    for label, data, want in (("1 MB query string", b"GET /v2/health/live?q=" + b"a" * 2**20 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+                              ("40 KB header", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-J: " + b"j" * 40_000 + b"\r\n\r\n", 431)):
+        raw, _ = await _raw(port, data, 10)
+        out[label] = status_of(raw)
+        if status_of(raw) != want:
+            out["unexpected"].append(f"{label}: expected {want}, got {raw[:80]!r}")
+    files = [("file", (f"{i}.png", hostile_file("png16"), "image/png")) for i in range(8)]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+        t0 = time.perf_counter()
+        r = await c.post("/v1/predict", files=files)
+        out["png16_x8"] = (r.status_code, time.perf_counter() - t0)
+        if r.status_code != 413:
+            out["unexpected"].append(f"eight 16-bit PNGs: expected 413, got {r.status_code} {r.text[:100]}")
+    counts: collections.Counter = collections.Counter()
+    served = [0]
+    t0 = time.perf_counter()
+    stop = t0 + seconds
+
+    async def client(ci: int):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            while time.perf_counter() < stop:
+                files = [("file", (f"{k}.jpg", photos[(ci * 8 + k) % len(photos)], "image/jpeg")) for k in range(8)]
+                try:
+                    r = await c.post("/v1/predict", files=files)
+                except httpx.HTTPError as e:
+                    counts[f"error {type(e).__name__}"] += 1
+                    continue
+                counts[r.status_code] += 1
+                if r.status_code == 200:
+                    served[0] += 8
+                elif r.status_code == 503 and r.headers.get("retry-after") == "1":
+                    await asyncio.sleep(1.0)      # a polite client waits as told
+                elif r.status_code == 503:
+                    out["unexpected"].append("503 without Retry-After: 1")
+                else:
+                    out["unexpected"].append(f"overload: {r.status_code} {r.text[:100]}")
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    out["overload"] = dict(counts)
+    out["overload_ips"] = served[0] / (time.perf_counter() - t0)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -374,6 +538,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--abuse-seconds", type=float, default=20.0)
     ap.add_argument("--baseline-seconds", type=float, default=8.0)
+    ap.add_argument("--overload-seconds", type=float, default=10.0)
+    ap.add_argument("--overload-clients", type=int, default=48, help="clients posting 8 photos each (default 48)")
     ap.add_argument("--skip-int8", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/benchmarks.md")
     args = ap.parse_args()
@@ -398,17 +564,29 @@ def main() -> int:
     before = local.throughput(args.baseline_seconds)
     port = free_port()
     limit_mb = 2
-    proc = start_server(model, port, ["--max-upload-mb", str(limit_mb)])
+    timeout_s = 3.0
+    proc = start_server(model, port, ["--max-upload-mb", str(limit_mb), "--head-timeout", str(timeout_s),
+                                      "--body-timeout", str(timeout_s)])
+    rss = RssSampler(proc.pid)
     try:
         log("idle latency ...")
+        rss.phase = "idle and load"
         idle, single, infer1 = asyncio.run(idle_latency(port, local, 60))
         log(f"load: {args.clients} clients for {args.seconds:.0f} s ...")
         load = asyncio.run(load_run(port, photos, local.tops, local.task, args.clients, args.seconds))
         log("abuse ...")
+        rss.phase = "abuse"
+        hostile_file("png16"), hostile_file("progressive")
         abuse = asyncio.run(abuse_run(f"http://127.0.0.1:{port}", photos, local.tops, local.task,
                                       model.resolve().name, limit_mb * 2**20, args.abuse_seconds))
+        log("hostile clients and overload ...")
+        rss.phase = "hostile clients and overload"
+        hostile = asyncio.run(hostile_run(port, photos, timeout_s, args.overload_clients, args.overload_seconds))
+        five_xx, shed = server_5xx(f"http://127.0.0.1:{port}")
+        rss.phase = "after"
         idle_after, single_after, _ = asyncio.run(idle_latency(port, local, 20))
     finally:
+        peaks = rss.stop()
         rc = stop_server(proc)
     after = local.throughput(args.baseline_seconds)
     load_after = loadavg()
@@ -450,9 +628,22 @@ def main() -> int:
                   [[k, v[0], v[1], v[2]] for k, v in sorted(abuse["counts"].items())]), "",
             f"Good requests: {abuse['good']['ok']} answered correctly, {abuse['good']['wrong']} wrong, "
             f"{len(abuse['good']['failed'])} failed. Unexpected answers to bad inputs: {len(abuse['unexpected'])}. "
-            f"5xx responses over the whole run: {abuse['five_xx']:.0f}. Server ready afterwards: {abuse['ready']}; "
-            f"a final photo answered correctly: {abuse['final_ok']}; graceful shutdown exit code {rc}."]
-    problems = load["errors"][:5] + abuse["unexpected"][:5] + abuse["good"]["failed"][:5]
+            f"Server ready afterwards: {abuse['ready']}; a final photo answered correctly: {abuse['final_ok']}.", "",
+            "### Hostile clients and overload", "",
+            f"Slow clients: {hostile['slow']['clients']} connections (half a head, or a head and 1 KB of a 100 KB "
+            f"body), head and body timeouts {timeout_s:g} s: {hostile['slow']['closed']} closed by the server, the "
+            f"last after {hostile['slow']['max_s']:.1f} s, answers {hostile['slow']['statuses']} (408). "
+            f"1 MB query string: {hostile['1 MB query string']}; 40 KB header: {hostile['40 KB header']}. "
+            f"Eight 16-bit 9400 x 9400 PNGs (190 KB each, 2.1 GiB each to decode) in one request: "
+            f"{hostile['png16_x8'][0]} in {hostile['png16_x8'][1] * 1000:.0f} ms.", "",
+            f"Overload: {args.overload_clients} clients posting 8 photos each for {args.overload_seconds:.0f} s "
+            f"(--max-queue 256 images), each waiting 1 s after a 503 as its Retry-After says: answers "
+            f"{hostile['overload']}, {hostile['overload_ips']:.0f} img/s served meanwhile; every 503 carried "
+            f"Retry-After: {not any('Retry-After' in u for u in hostile['unexpected'])}.", "",
+            f"Over the whole server run: **{five_xx:.0f} 5xx answers other than load shedding**, {shed:.0f} "
+            f"requests shed with 503 overloaded; graceful shutdown exit code {rc}.", "",
+            table(["phase", "peak server RSS MB"], [[k, v] for k, v in peaks.items() if k != "start"])]
+    problems = load["errors"][:5] + abuse["unexpected"][:5] + abuse["good"]["failed"][:5] + hostile["unexpected"][:5]
     if problems:
         body += ["", "First problems seen: " + "; ".join(problems)]
 
@@ -476,7 +667,8 @@ def main() -> int:
     text = "\n".join(body)
     publish("bench_serve", "Serving (HTTP server vs in-process ONNX Runtime)", text, write=not args.no_write)
     ok = not load["errors"] and not abuse["unexpected"] and not abuse["good"]["failed"] and abuse["ready"] \
-        and abuse["final_ok"] and abuse["five_xx"] == 0 and load["wrong"] == 0 and abuse["good"]["wrong"] == 0
+        and abuse["final_ok"] and five_xx == 0 and load["wrong"] == 0 and abuse["good"]["wrong"] == 0 \
+        and not hostile["unexpected"] and hostile["slow"]["closed"] == hostile["slow"]["clients"]
     return 0 if ok else 1
 
 

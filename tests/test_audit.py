@@ -150,7 +150,7 @@ def test_audit_command_exact_only(planted, tmp_path, capsys):
     doc = json.loads((tmp_path / "r" / "audit.json").read_text())
     assert doc["summary"]["near_groups"] == 0 and doc["summary"]["near_threshold"] is None
     assert sorted(map(sorted, [_ids(g) for g in doc["groups"]])) == sorted(map(sorted, want["exact"]))
-    assert "2 exact groups" in capsys.readouterr().out
+    assert "2 exact groups" in capsys.readouterr().err  # the CLI logs to stderr
 
 
 # ----------------------------------------------------------------------------- fashion-products

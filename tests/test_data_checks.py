@@ -133,7 +133,7 @@ def _dataset(tmp_path, rows, header="sku,cat,striped,split", keys="split: split\
 
 
 def test_tag_spellings_accepted_and_others_refused_with_the_row(tmp_path):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     rows = ["1,top,yes,train", "2,top,No,train", "3,top,TRUE,val", "4,top,false,test", "5,top,,test",
             "6,top,1,train", "7,top,0.0,train"]
@@ -157,7 +157,7 @@ def test_tag_spellings_accepted_and_others_refused_with_the_row(tmp_path):
      "task parents form a cycle: cat > sub > cat; a hierarchy runs from one root task down, so remove one 'parent'"),
 ])
 def test_parent_cycles_are_refused(tmp_path, tasks, message):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     with pytest.raises(ValueError) as e:
         open_catalogue(_dataset(tmp_path, ["1,top,1,train"], tasks=tasks))
@@ -166,7 +166,7 @@ def test_parent_cycles_are_refused(tmp_path, tasks, message):
 
 @pytest.mark.parametrize("key", ["product", "split", "text"])
 def test_missing_key_column_names_key_file_and_columns(tmp_path, key):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     p = _dataset(tmp_path, ["1,top,1,train"], keys=f"{key}: title\n")
     with pytest.raises(ValueError) as e:
@@ -178,7 +178,7 @@ def test_missing_key_column_names_key_file_and_columns(tmp_path, key):
 def test_invalid_dataset_file_points_to_a_readme_section_that_exists(tmp_path):
     from pathlib import Path
 
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     p = _dataset(tmp_path, ["1,top,1,train"], keys="colour: red\n")
     with pytest.raises(ValueError) as e:
@@ -189,7 +189,7 @@ def test_invalid_dataset_file_points_to_a_readme_section_that_exists(tmp_path):
 
 
 def test_empty_class_folder_is_reported_in_problems(tmp_path, caplog):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.train.ingest_report import write_ingest_report
 
     from conftest import jpeg_bytes
@@ -259,7 +259,7 @@ def _dump(path, docs):
 def test_corrupt_bson_documents_are_in_problems_csv_and_unlabelled_rows_have_no_split(tmp_path):
     import struct
 
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
     from catalens.train.ingest_report import write_ingest_report
 
     from conftest import jpeg_bytes
@@ -380,7 +380,7 @@ def test_few_head_epochs_train_without_a_scheduler_crash(epochs, rows):
 
 
 def test_unreadable_tables_name_the_file_and_the_fix(tmp_path):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     p = _dataset(tmp_path, ["1,top,1,train"])
     t = tmp_path / "t.csv"
@@ -407,7 +407,7 @@ def test_unreadable_tables_name_the_file_and_the_fix(tmp_path):
 
 
 def test_dataset_file_needs_a_task(tmp_path):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     with pytest.raises(ValueError, match=r"is invalid:\n  tasks: Dictionary should have at least 1 item"):
         open_catalogue(_dataset(tmp_path, ["1,top,1,train"], tasks=" {}\n"))
@@ -428,7 +428,7 @@ def test_yaml_errors_in_config_and_set_are_clean(tmp_path, capsys):
 
 
 def test_broken_link_in_a_class_folder_is_missing_not_skipped(tmp_path):
-    from catalens.ingest.sources import open_catalogue
+    from catalens.ingest.open import open_catalogue
 
     from conftest import jpeg_bytes
 

@@ -67,16 +67,58 @@ def test_onnx_matches_eager_on_real_pixels(lite0, tmp_path):
     assert runner.info["exported"] is False
 
 
-@pytest.mark.parametrize("runtime", ["eager", "onnx", "bf16"])
+@pytest.mark.parametrize("runtime", ["eager", "onnx", "bf16", "openvino"])
 def test_runtimes_match_eager_tiny(tiny, tmp_path, runtime):
+    if runtime == "openvino" and not rt.openvino_available():
+        pytest.skip("openvino is not importable (pip install 'catalens[fast]')")
     px = _pixels(_real_photos(8), tiny.preprocess)
     head = np.random.default_rng(0).normal(size=(tiny.feature_dim, 5)).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on this CPU
         rep = rt.runtime_parity(tiny, px, runtime, head=lambda f: f @ head, cache_dir=tmp_path)
-    tol = {"eager": 0.0, "onnx": 1e-4, "bf16": 0.1}[runtime]
+    tol = {"eager": 0.0, "onnx": 1e-4, "bf16": 0.1, "openvino": 1e-4}[runtime]
     assert rep["max_rel_diff"] <= tol, rep
     assert rep["top1_agreement"] >= (0.75 if runtime == "bf16" else 1.0), rep
+
+
+needs_openvino = pytest.mark.skipif(not rt.openvino_available(),
+                                    reason="openvino is not importable (pip install 'catalens[fast]')")
+
+
+@needs_openvino
+def test_openvino_matches_eager_on_real_pixels(lite0, tmp_path):
+    px = _pixels(_real_photos(12), lite0.preprocess)
+    rep = rt.runtime_parity(lite0, px, "openvino", cache_dir=tmp_path, threads=2)
+    assert rep["ran"] == "openvino"
+    assert rep["max_abs_diff"] < 1e-4, rep       # fp32 (precision hint f32: no bf16 on CPUs that have it)
+    assert rep["min_cosine"] > 0.99999 and rep["nn_agreement"] == 1.0, rep
+    # it reads the ONNX export of the same cache, and OpenVINO keeps its compiled blobs there
+    assert [f.name for f in tmp_path.glob("*.onnx")] == [f"{lite0.fingerprint()}-s224.onnx"]
+    assert list((tmp_path / "openvino").iterdir())
+    again = rt.make_runner("openvino", lite0.module, 224, cache_dir=tmp_path, fingerprint=lite0.fingerprint())
+    assert again.info["exported"] is False
+    # a batch split over two parallel infer requests gives the same features
+    two = rt.make_runner("openvino", lite0.module, 224, cache_dir=tmp_path, fingerprint=lite0.fingerprint(),
+                         threads=2, streams=2)
+    np.testing.assert_allclose(two(px), again(px), atol=1e-5)
+
+
+@needs_openvino
+def test_openvino_int8_calibrated_on_real_photos(lite0, tmp_path):
+    px = _pixels(_real_photos(48), lite0.preprocess)
+    fp, mod = lite0.fingerprint(), lite0.module
+    with pytest.raises(RuntimeError, match=r"runtime 'openvino-int8' needs a model calibrated on real photos, and "
+                                           r".*-s224-int8.xml does not exist: run catalens.embed.runtimes"):
+        rt.make_runner("openvino-int8", mod, 224, cache_dir=tmp_path, fingerprint=fp)
+    with pytest.raises(ValueError, match=r"calibration pixels must be uint8 \(n, 224, 224, 3\), got float32"):
+        rt.quantize_openvino(mod, 224, px[:4].astype(np.float32), cache_dir=tmp_path, fingerprint=fp)
+    path = rt.quantize_openvino(mod, 224, px[::2], cache_dir=tmp_path, fingerprint=fp)   # calibrate on 24
+    assert path == tmp_path / f"{fp}-s224-int8.xml" and path.with_suffix(".bin").exists()
+    rep = rt.runtime_parity(lite0, px[1::2], "openvino-int8", cache_dir=tmp_path, fingerprint=fp)   # 24 unseen
+    assert rep["ran"] == "openvino-int8"
+    assert rep["max_rel_diff"] > 1e-3, rep           # really quantised, not fp32
+    assert rep["min_cosine"] > 0.9, rep              # and still close on photos it was not calibrated on (0.945
+    # with these 24; accuracy on real photos: benchmarks/bench_ceiling.py)
 
 
 def test_compile_falls_back_to_eager(tiny, monkeypatch):
@@ -258,6 +300,20 @@ def test_onnx_engine_on_real_photos(lite0, tmp_path):
     assert emb.ok.all() and not emb.problems
     ref = rt.make_runner("eager", lite0.module, 224)(_pixels(paths[:8], lite0.preprocess))
     assert np.abs(emb.features[:8] - ref).max() < 1e-3
+
+
+@needs_openvino
+def test_openvino_engine_on_real_photos(lite0, tmp_path):
+    """The engine on OpenVINO, with decode threads and with a decode process: the features of eager
+    on the pixels load_rgb gives (the same JPEG decoder everywhere), to fp32 precision."""
+    paths = _real_photos(40)
+    ref = rt.make_runner("eager", lite0.module, 224)(_pixels(paths, lite0.preprocess))
+    for workers, decode in [(2, "threads"), (1, "processes")]:
+        cfg = EngineConfig(workers=workers, decode=decode, block_rows=16, batch_size=16, runtime="openvino",
+                           progress=False, runtime_dir=str(tmp_path))
+        emb = embed_catalogue(_catalogue(paths), lite0, None, cfg)
+        assert emb.ok.all() and not emb.problems
+        assert np.abs(emb.features - ref).max() < 1e-4, decode
 
 
 def test_empty_catalogue(tiny):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from catalens.model.load import load_model
 from catalens.model.single import CatalensModel
 from catalens.config import load_config
 from catalens.embed.factory import create_backbone
@@ -43,7 +44,7 @@ def _member_probs(model, px):
 def test_ensemble_is_the_weighted_mean_of_member_probabilities(models, tmp_path, weights):
     _, a, b = models
     out = build_ensemble([a, b], tmp_path / "e", weights, log=lambda m: None)
-    ens = CatalensModel.load(tmp_path / "e")
+    ens = load_model(tmp_path / "e")
     assert isinstance(ens, EnsembleModel) and isinstance(out, EnsembleModel)
     assert (tmp_path / "e" / "members" / "0" / "model.json").exists()
     ma, mb = CatalensModel.load(a), CatalensModel.load(b)
@@ -73,7 +74,7 @@ def test_ensemble_predicts_a_catalogue(models, tmp_path):
 
     data, a, b = models
     build_ensemble([a, b], tmp_path / "e", log=lambda m: None)
-    ens = CatalensModel.load(tmp_path / "e")
+    ens = load_model(tmp_path / "e")
     cat = open_catalogue(data).split("test")
     res = predict_catalogue(ens, cat, tmp_path / "p.parquet", _cfg(cache_dir=str(tmp_path / "cache")), log=lambda m: None)
     table = pq.read_table(res.path).to_pandas()
@@ -108,7 +109,7 @@ def test_members_of_different_input_sizes(models, tmp_path):
     c = train(data, tmp_path / "c", _cfg(backbone={"name": "efficientnet_lite1", "weights": "random"}),
               log=lambda m: None).folder
     build_ensemble([a, c], tmp_path / "e", log=lambda m: None)
-    ens = CatalensModel.load(tmp_path / "e")
+    ens = load_model(tmp_path / "e")
     assert ens.preprocess.size == 240  # decoded once at the largest member's preprocessing
     p = ens.predict_proba_images(_px(2, 240))
     np.testing.assert_allclose(p["label"].sum(1), 1.0, atol=1e-5)
@@ -151,7 +152,7 @@ def test_model_folder_tta_is_honoured_on_load(models, tmp_path):
 def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
     """Members trained with --text fuse the titles with their own image probabilities, then the
     ensemble averages; without titles it is the image-only average; rows without a title too."""
-    from catalens.predict.predictor import model_probabilities
+    from catalens.model.blocks import catalogue_titles
     from catalens.synthetic import make_catalogue
 
     base = tmp_path_factory.mktemp("ens-text")
@@ -161,7 +162,7 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
         cfg = _cfg(seed=seed, head={"epochs": 20}, text={"enabled": text})
         folders.append(train(data, base / f"m{seed}", cfg, log=lambda m: None).folder)
     build_ensemble(folders, base / "e", [2.0, 1.0, 1.0], log=lambda m: None)
-    ens = CatalensModel.load(base / "e")  # an EnsembleModel, as predict and evaluate load it
+    ens = load_model(base / "e")  # an EnsembleModel, as predict and evaluate load it
     members = [CatalensModel.load(f) for f in folders]
     assert [m.text is not None for m in members] == [True, True, False]
     assert ens.text is not None
@@ -184,7 +185,7 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
 
     cat = open_catalogue(data)
     rows = np.arange(4)
-    titled = model_probabilities(ens, feats, cat, rows)
+    titled = ens.predict_proba_features(feats, texts=catalogue_titles(cat, rows))
     t0 = ens.tasks[0].name
     np.testing.assert_allclose(titled[t0], ens.predict_proba_features(
         feats, texts=cat.frame["text"].to_numpy(dtype=object)[rows])[t0], rtol=1e-6)

@@ -179,7 +179,7 @@ def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):
     assert "hidden" not in trials.columns                  # the head is not searched here
     info = json.loads((out / "search.json").read_text())
     assert info["searched"] == "fine-tune" and info["best_value"] == pytest.approx(trials["value"].max())
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # progress is logged to stderr
     assert printed.count(" views (") == 2 and "train-x1: " in printed and "val: " in printed  # made once
     assert printed.count("  trial ") == 2
     assert not (out / "finetune-views").exists()           # GBs on real data: removed after the search

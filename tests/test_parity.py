@@ -111,7 +111,7 @@ def test_cli_python_and_every_protocol_agree(kind, models, fashion, tmp_path):
     photos = [open(p, "rb").read() for p in test["path"]]
     with _server(model) as client:
         files = [("file", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(photos)]
-        form = [("title", t) for t in test["title"]] if titles else []
+        form = {"title": list(test["title"])} if titles else None   # one title per file, in order
         r = client.post("/v1/predict?top_k=3", files=files, data=form)
         assert r.status_code == 200, r.text
         images = r.json()["images"]

@@ -16,7 +16,7 @@ from catalens.cli import main  # noqa: E402
 from catalens.config import load_config  # noqa: E402
 from catalens.embed.export_features import embed_to_folder  # noqa: E402
 from catalens.ingest.open import open_catalogue  # noqa: E402
-from catalens.model.predictor import output_schema  # noqa: E402
+from catalens.model.predictor import output_schema, true_label_tasks  # noqa: E402
 from catalens.predict.predictor import predict_catalogue  # noqa: E402
 from catalens.scale import RayOptions, plan_cluster, ray_embed_to_folder, ray_predict_catalogue  # noqa: E402
 from catalens.scale.ray_runner import merge_sorted_parts  # noqa: E402
@@ -84,7 +84,8 @@ def test_predict_on_ray_equals_single_process(trained, local_ray, tmp_path):
     on_ray = ray_predict_catalogue(root / "model", cat, tmp_path / "ray.parquet", cfg,
                                    RayOptions(block_rows=24), **QUIET)
     assert single.rows == on_ray.rows == len(cat) == 128 and single.problems == on_ray.problems == 4
-    schema = output_schema(model.tasks)
+    schema = output_schema(model.tasks, true_label_tasks(model.tasks, cat))   # labels kept as true_<task>
+    assert "true_category" in schema.names
     assert pq.read_schema(tmp_path / "ray.parquet").equals(schema)
     assert pq.ParquetFile(tmp_path / "ray.parquet").metadata.num_rows == 128
     a, b = pd.read_parquet(tmp_path / "single.parquet"), pd.read_parquet(tmp_path / "ray.parquet")
@@ -99,9 +100,10 @@ def test_predict_on_ray_equals_single_process(trained, local_ray, tmp_path):
 def test_predict_command_with_ray_flag(trained, local_ray, tmp_path, capsys):
     root, data, cfg = trained
     args = ["predict", str(root / "model"), str(data), "--no-progress", "--runtime", "eager"]
-    assert main(args + ["--out", str(tmp_path / "single.parquet"), "--no-cache"]) == 0
-    assert main(args + ["--out", str(tmp_path / "ray.parquet"), "--ray"]) == 0  # joins the running Ray
-    assert "128 rows (4 with problems)" in capsys.readouterr().out
+    # exit 1: the 4 deliberately broken photos could not be used (their rows are written)
+    assert main(args + ["--out", str(tmp_path / "single.parquet"), "--no-cache"]) == 1
+    assert main(args + ["--out", str(tmp_path / "ray.parquet"), "--ray"]) == 1  # joins the running Ray
+    assert "128 rows (4 with problems)" in capsys.readouterr().err
     assert ray.is_initialized()
     _assert_same_predictions(pd.read_parquet(tmp_path / "single.parquet"), pd.read_parquet(tmp_path / "ray.parquet"),
                              CatalensModel.load(root / "model"))

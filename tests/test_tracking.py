@@ -26,8 +26,12 @@ def tracked(tmp_path_factory):
                                    ("MLFLOW_TRACKING_URI", "CATALENS_TRACKING", "MLFLOW_EXPERIMENT_NAME")}
     os.chdir(root)
     try:
-        r1 = train(data, root / "m1", load_config(None, [CFG]), log=lambda *_: None)
-        r2 = train(data, root / "m2", load_config(None, [CFG, {"head": {"epochs": 12}}]), log=lambda *_: None)
+        runs = []
+        for name, extra in (("m1", {}), ("m2", {"head": {"epochs": 12}})):
+            cfg = load_config(None, [CFG, extra])
+            runs.append(train(data, root / name, cfg, log=lambda *_: None))
+            log_training(runs[-1], cfg, data=data, log=lambda *_: None)  # what `catalens train` does next
+        r1, r2 = runs
         yield root, data, r1, r2
     finally:
         os.chdir(old_cwd)
@@ -145,7 +149,9 @@ def test_a_fine_tuned_run_is_tracked_with_per_task_epoch_metrics(tmp_path, monke
     data = make_catalogue(tmp_path / "data", n_products=40, size=64)
     ft = {"finetune": {"mode": "blocks", "blocks": 1, "epochs": 2, "views": 1, "workers": 0}}
     logged = []
-    r = train(data, tmp_path / "m", load_config(None, [CFG, ft]), log=logged.append)
+    cfg = load_config(None, [CFG, ft])
+    r = train(data, tmp_path / "m", cfg, log=logged.append)
+    log_training(r, cfg, data=data, log=logged.append)
     assert not any("tracking failed" in m for m in logged), logged
     cl, [run] = _runs(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["catalens.status"] == "ok"

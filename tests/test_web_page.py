@@ -126,3 +126,46 @@ def test_a_title_model_shows_a_title_box_and_fuses_it(text_model, tmp_path, brow
                 assert level.find_element(By.CSS_SELECTOR, ".bar.top .label").text == top
                 pct = level.find_element(By.CSS_SELECTOR, ".bar.top .pct").text
                 assert pct == f"{fused[task][0].max() * 100:.1f}%"
+
+
+def test_hostile_class_names_do_not_break_the_page(tmp_path_factory, tmp_path, browser):
+    """A tag named ``<!--<script>...`` is embedded as JSON the browser cannot misread: the page's
+    script runs, reads the name back verbatim, predicts, and shows the name as text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve_abuse import HOSTILE, hostile_model
+
+    model = shared_model(tmp_path_factory)
+    photo = sorted((model.parent / "data" / "images").glob("*.jpg"))[0]
+    folder = hostile_model(model, tmp_path)
+    with running_server(folder, log=tmp_path / "server.log") as (url, _):
+        browser.get(url + "/")
+        got = browser.execute_script("return CONFIG.tasks.find(t => t.name === 'pattern').classes[0]")
+        assert got == HOSTILE
+        assert "model: hostile-model" in browser.find_element(By.ID, "model").text
+        assert browser.execute_script("return document.scripts.length") == 1
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        WebDriverWait(browser, 90).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
+        assert "photo" in browser.find_element(By.ID, "status").text
+        chips = [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".card .tag")]
+        assert any(c.startswith(HOSTILE) for c in chips), chips
+        assert browser.execute_script("return document.scripts.length") == 1   # nothing injected
+
+
+def test_api_docs_render_offline(tmp_path_factory, tmp_path, browser):
+    """``/docs`` (Swagger UI) and ``/redoc`` render from the server's own assets (no CDN)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model = shared_model(tmp_path_factory)
+    with running_server(model, log=tmp_path / "server.log") as (url, _):
+        browser.get(url + "/docs")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 10)
+        paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert {"/v1/predict", "/v2/models/{name}/infer", "/v1/models/{name}:predict"} <= paths, paths
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(u.startswith(url) for u in loaded), loaded
+        browser.get(url + "/redoc")
+        wait.until(lambda d: "/v2/models/{name}/infer" in d.find_element(By.TAG_NAME, "body").text)

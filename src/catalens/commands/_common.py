@@ -54,7 +54,7 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
                    help="override any config key, e.g. --set head.lr=0.01 (repeatable)")
     g.add_argument("--seed", type=nonneg_int)
     g.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default ~/.cache/catalens/embeddings)")
-    g.add_argument("--runtime", help="inference runtime: auto, eager, onnx, compile, bf16, cuda, cuda-bf16")
+    g.add_argument("--runtime", help="inference runtime: auto, eager, onnx, openvino, openvino-int8, compile, bf16, cuda, cuda-bf16")
     g.add_argument("--workers", type=nonneg_int, help="decode processes (default: spare cores)")
     g.add_argument("--batch-size", type=positive_int, help="images per inference batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

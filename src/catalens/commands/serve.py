@@ -29,6 +29,23 @@ def register(sub) -> None:
     p.add_argument("--decode-threads", type=positive_int, help="decode threads per worker (default CPUs, at most 4)")
     p.add_argument("--top-k", type=positive_int, default=5, help="labels per class task in /v1/predict (default 5)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-decode-mb", type=float, default=256.0,
+                   help="memory one photo may take to decode, in MiB: width x height x bytes per pixel at the "
+                        "decoder's peak (6 for RGB, 20 with alpha, 25 for 16-bit) (default 256); bigger photos get "
+                        "413 before they are decoded (baseline JPEGs count after the decoder's 1/2-1/8 "
+                        "downscaling, progressive ones their DCT coefficients)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="images decoding or waiting for a batch, per worker, beyond which requests get 503 "
+                        "with Retry-After (default 256; at least --max-images)")
+    p.add_argument("--max-inflight-mb", type=float, default=256.0,
+                   help="request bodies held in memory at once, per worker, in MiB, beyond which requests get "
+                        "503 with Retry-After (default 256; at least --max-upload-mb)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections per worker beyond which new ones get 503 (default 256)")
+    p.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (default 10); then 408 and closed")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send a request's body (default 60); then 408 and closed")
     p.set_defaults(func=run)
 
 
@@ -44,18 +61,31 @@ def run(args) -> int:
         raise FileNotFoundError(f"'{model}' is not a catalens model folder (no model.json); "
                                 f"create one with 'catalens train DATA --out {model}'")
     for flag, v, lo in (("--max-batch", args.max_batch, 1), ("--workers", args.workers, 1),
-                        ("--max-images", args.max_images, 1), ("--top-k", args.top_k, 1)):
+                        ("--max-images", args.max_images, 1), ("--top-k", args.top_k, 1),
+                        ("--max-connections", args.max_connections, 1), ("--max-queue", args.max_queue, 1)):
         if v < lo:
             raise ValueError(f"{flag} must be >= {lo}, got {v}")
     if args.max_upload_mb <= 0 or args.max_wait_ms < 0:
         raise ValueError("--max-upload-mb must be > 0 and --max-wait-ms >= 0")
+    for flag, v in (("--max-decode-mb", args.max_decode_mb), ("--head-timeout", args.head_timeout),
+                    ("--body-timeout", args.body_timeout)):
+        if not v > 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
+    if args.max_inflight_mb < args.max_upload_mb:
+        raise ValueError(f"--max-inflight-mb ({args.max_inflight_mb:g}) must be at least --max-upload-mb "
+                         f"({args.max_upload_mb:g}): otherwise a request of the allowed size could never be served")
+    if args.max_queue < args.max_images:
+        raise ValueError(f"--max-queue ({args.max_queue}) must be at least --max-images ({args.max_images}): "
+                         f"otherwise a request with --max-images photos could never be served")
     if not args.onnx and not args.int8:
         ensure_onnx(model)  # once, before any worker starts
     settings = ServeSettings(model_dir=str(model), name=args.name, onnx=args.onnx, int8=args.int8,
                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_images=args.max_images, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
                              threads=args.threads, decode_threads=args.decode_threads, workers=args.workers,
-                             top_k=args.top_k)
+                             top_k=args.top_k, max_decode_mb=args.max_decode_mb, max_queue=args.max_queue,
+                             max_connections=args.max_connections, head_timeout=args.head_timeout,
+                             body_timeout=args.body_timeout, max_inflight_mb=args.max_inflight_mb)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}: the server is reachable from other machines (no authentication)")
     print(f"serving {settings.name or model.resolve().name} on http://{args.host}:{args.port} "

@@ -1,6 +1,6 @@
 """On-disk embedding cache: features computed once per (image content, backbone, preprocessing).
 
-Layout: ``CACHE_ROOT/<backbone fingerprint>/part-NNNNN.keys.npy`` (content hashes, ``S32``) and
+Layout: ``CACHE_ROOT/<backbone fingerprint>[+simplejpeg]/part-NNNNN.keys.npy`` (content hashes, ``S32``) and
 ``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is written atomically, embeddings first
 and keys last, so an interrupted run leaves only complete parts and resumes from them.
 Reads memory-map the parts: opening a cache of millions of features costs only its keys.
@@ -10,6 +10,10 @@ as its header says, one row per key, ``dim`` columns, every value finite. The fi
 runs once per part: ``verified.json`` records each checked part's size and modification time, so a
 part changed afterwards (or never checked) is scanned again. A bad part is moved to ``bad/`` with a
 warning naming the file and why, and its rows are recomputed by the run that opened the cache.
+
+Features decoded by libjpeg-turbo (simplejpeg) differ slightly from Pillow's (docs/engine.md), so
+they live in their own folder (``+simplejpeg``): a cache filled before simplejpeg was installed is
+never mixed with them.
 """
 from __future__ import annotations
 
@@ -48,8 +52,12 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
 class EmbeddingCache:
     """Append-only store of ``hash -> feature vector`` for one backbone fingerprint."""
 
-    def __init__(self, root: str | Path, fingerprint: str, dim: int, flush_every: int = 1024) -> None:
-        self.dir = Path(root) / fingerprint
+    def __init__(self, root: str | Path, fingerprint: str, dim: int, flush_every: int = 1024,
+                 jpeg: str = "auto") -> None:
+        from catalens.ingest.images import jpeg_decoder
+
+        self.decoder = jpeg_decoder(jpeg)   # the JPEG decoder whose features this cache holds
+        self.dir = Path(root) / (fingerprint + ("+simplejpeg" if self.decoder == "simplejpeg" else ""))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.flush_every = flush_every

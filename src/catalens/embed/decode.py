@@ -3,9 +3,9 @@
 Runs in worker processes; everything here is picklable and module-level.
 
 Measured on clothing-small (400-900 px JPEGs, most 400 px on the short side) with one core:
-decode + bicubic resize to 256 + centre crop 224 runs at ~170 img/s, of which ~70% is the
-resize (the JPEG ``draft`` DCT scaling cannot help when the short side is under 2x the
-target). Shipping a decoded block back through the pool's pipe (pickle) costs ~0.2 ms per
+decode + bicubic resize to 256 + centre crop 224 runs at ~170 img/s with Pillow, of which ~70%
+is the resize (Pillow's ``draft`` DCT scaling cannot help when the short side is under 2x the
+target; libjpeg-turbo through simplejpeg scales by M/8 and does: docs/engine.md). Shipping a decoded block back through the pool's pipe (pickle) costs ~0.2 ms per
 image, about 1% of the decode and inference cost, so pixels travel by pipe, not shared memory.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ class DecodeJob:
     known: frozenset = frozenset()  # content hashes already in the cache: skip decoding
     max_pixels: int = DEFAULT_MAX_PIXELS
     hash_content: bool = True
+    jpeg: str = "auto"              # JPEG decoder: auto (simplejpeg when installed) | simplejpeg | pillow
 
 
 @dataclass
@@ -76,7 +77,7 @@ def decode_one(row: int, path: str, job: DecodeJob | None = None) -> Decoded:
         if key is not None and key in job.known:
             return Decoded(row, key, cached=True)
         notes: list[str] = []
-        pixels = load_rgb(data, job.pre, job.max_pixels, notes)
+        pixels = load_rgb(data, job.pre, job.max_pixels, notes, jpeg=job.jpeg)
         return Decoded(row, key, pixels=pixels, notes=tuple(notes))
     except ImageProblem as p:
         return Decoded(row, key, problem=p.code, detail=p.detail)

@@ -23,7 +23,7 @@ from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
 from catalens.embed.runtimes import cuda_available, make_runner
 from catalens.ingest.catalogue import Catalogue
-from catalens.ingest.images import DEFAULT_MAX_PIXELS
+from catalens.ingest.images import DEFAULT_MAX_PIXELS, jpeg_decoder
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
 
 
@@ -52,6 +52,7 @@ class EngineConfig:
     progress: bool = True
     runtime_dir: str | None = None  # ONNX exports and auto choices; None: ~/.cache/catalens/onnx
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (config data.max_pixels)
+    jpeg: str = "auto"              # JPEG decoder: auto (CATALENS_JPEG_DECODER, else simplejpeg when installed) | simplejpeg | pillow
 
 
 @dataclass
@@ -105,6 +106,17 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     else:
         in_flight = max(1, cfg.in_flight if cfg.in_flight is not None else 2 * max(1, workers) + 1)
     return Plan(cores, workers, threads, in_flight, decode)
+
+
+def engine_jpeg(cfg: EngineConfig) -> str:
+    """The JPEG decoder the engine uses: ``cfg.jpeg``, resolved as everywhere else
+    (:func:`catalens.ingest.images.jpeg_decoder`: ``CATALENS_JPEG_DECODER``, else simplejpeg when
+    installed), so training, prediction and serving decode a photo to the same pixels.
+
+    The engine does not pick a decoder per plan: simplejpeg costs less CPU per photo but holds
+    the GIL while it decodes (two decode threads: 468 against 788 img/s for Pillow on 2 cores),
+    and a plan-dependent choice would make features depend on the machine's core count."""
+    return jpeg_decoder(cfg.jpeg)
 
 
 def on_gpu(runtime: str) -> bool:
@@ -165,6 +177,9 @@ class _Done:
         return self.value
 
 
+#: runtimes that infer outside torch's allocator: the engine sets streaming malloc thresholds
+OUTSIDE_TORCH = ("onnx", "openvino", "openvino-int8")
+
 # The last runner built, reused by later calls with the same backbone and settings (predict
 # streams a catalogue part by part): an ONNX session costs ~0.3 s to open.
 _RUNNER_CACHE: dict = {}
@@ -181,7 +196,7 @@ def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = N
         return hit[1]
     runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.size, threads=threads,
                          cache_dir=cfg.runtime_dir, fingerprint=fingerprint)
-    if getattr(runner, "name", "") == "onnx":   # inference outside torch: keep RSS flat (catalens.runtime)
+    if getattr(runner, "name", "") in OUTSIDE_TORCH:   # keep RSS flat (catalens.runtime)
         streaming_malloc()
     _RUNNER_CACHE.clear()
     _RUNNER_CACHE[key] = (weakref.ref(backbone.module), runner)
@@ -203,12 +218,17 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     added to it, so an interrupted run resumes where it stopped.
     """
     cfg = cfg or EngineConfig()
+    jpeg = engine_jpeg(cfg)
+    if cache is not None and getattr(cache, "decoder", jpeg) != jpeg:
+        raise ValueError(f"the embedding cache at {cache.dir} holds features of JPEGs decoded by {cache.decoder}, "
+                         f"but the engine decodes with {jpeg}: open the cache with jpeg={jpeg!r} or run the "
+                         f"engine with jpeg={cache.decoder!r}")
     paths = cat.frame["path"]
     pl = plan(cfg, len(paths))
     set_threads(pl.threads)
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
-                    hash_content=cache is not None, max_pixels=cfg.max_pixels)
+                    hash_content=cache is not None, max_pixels=cfg.max_pixels, jpeg=jpeg)
     pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
     bar = None
     try:

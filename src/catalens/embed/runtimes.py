@@ -11,6 +11,17 @@ Registered runtimes (factories ``(module, size, **opts) -> runner``):
   out, dynamic batch) to ``<cache>/onnx/<fingerprint>-s<S>.onnx`` and run with
   ``intra_op`` threads = torch threads and all graph optimisations. Features equal eager's
   to ~1e-5.
+- ``openvino`` OpenVINO fp32 on the CPU: reads the same cached ONNX export and compiles it with
+  ``INFERENCE_NUM_THREADS`` = torch threads, ``INFERENCE_PRECISION_HINT`` f32 (OpenVINO would
+  otherwise run bf16 on CPUs that have it) and no core pinning (decode threads share the
+  cores). Compiled blobs are cached in ``<cache>/openvino/`` so a second start skips most of
+  the compilation. Features equal eager's to ~1e-5 (measured 1.15-1.4x ONNX Runtime per
+  CPU-second on AMD Zen 3).
+- ``openvino-int8`` the ONNX export quantised by NNCF post-training quantisation (weights and
+  activations int8), calibrated on real decoded photos: :func:`quantize_openvino` writes
+  ``<cache>/<fingerprint>-s<S>-int8.xml``; the runtime loads it and refuses to start without
+  it (calibrating on random pixels would hide an accuracy loss). Lossy: judged by its accuracy
+  on real photos (benchmarks/bench_ceiling.py), not an ``auto`` candidate.
 - ``compile`` ``torch.compile`` (inductor); falls back to eager with a warning when
   compilation fails. Not an ``auto`` candidate: compiling EfficientNet-Lite0 takes ~80 s
   here and measured no faster than eager (docs/engine.md).
@@ -52,7 +63,7 @@ from catalens.registry import Registry
 RUNTIMES: Registry = Registry("runtime")
 
 #: what ``auto`` may pick, in order of preference when measurements tie
-AUTO_CANDIDATES = ("eager", "onnx", "bf16")
+AUTO_CANDIDATES = ("eager", "onnx", "openvino", "bf16")
 #: ONNX Runtime's arena grows to the largest batch it has run (EfficientNet-Lite0: ~0.8 GB at 32,
 #: ~1.5 GB at 64) for no measurable gain past 32: larger batches run in chunks of this size
 ORT_MAX_BATCH = 32
@@ -124,11 +135,22 @@ def onnxruntime_available() -> bool:
         return False
 
 
+def openvino_available() -> bool:
+    """True when the ``openvino`` package imports (``pip install catalens[fast]``)."""
+    try:
+        import openvino  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def auto_candidates(flags: set[str] | None = None) -> list[str]:
     """The runtimes ``auto`` measures on this machine."""
     out = ["eager"]
     if onnxruntime_available():
         out.append("onnx")
+    if openvino_available():
+        out.append("openvino")
     if has_native_bf16(flags):
         out.append("bf16")
     return out
@@ -354,6 +376,135 @@ def onnx_runner(module: nn.Module, size: int, threads: int | None = None, cache_
                                 "setup_s": time.perf_counter() - t0})
 
 
+# ---------------------------------------------------------------- OpenVINO
+
+def _ov_core(cache_dir):
+    """An OpenVINO Core whose compiled-model cache lives next to the ONNX exports."""
+    import openvino as ov
+
+    core = ov.Core()
+    blobs = runtime_cache_dir(cache_dir) / "openvino"
+    blobs.mkdir(parents=True, exist_ok=True)
+    core.set_property({"CACHE_DIR": str(blobs)})
+    return core
+
+
+def _ov_config(threads: int, streams: int, precision: str | None = "f32") -> dict:
+    cfg = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": streams, "PERFORMANCE_HINT": "LATENCY",
+           "ENABLE_CPU_PINNING": False}
+    if precision:
+        cfg["INFERENCE_PRECISION_HINT"] = precision
+    return cfg
+
+
+def _ov_runner(name: str, compiled, streams: int, info: dict) -> Runner:
+    """Run a compiled OpenVINO model: a batch is split across ``streams`` infer requests that run
+    in parallel (OpenVINO releases the GIL); each request serves one call at a time."""
+    import queue
+
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(streams):
+        idle.put(compiled.create_infer_request())
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="ov-stream") if streams > 1 else None
+
+    def run_one(batch: np.ndarray) -> np.ndarray:
+        try:
+            req = idle.get_nowait()
+        except queue.Empty:
+            req = compiled.create_infer_request()
+        try:
+            req.infer({0: batch})
+            return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        finally:
+            idle.put(req)
+
+    def run(batch: np.ndarray) -> np.ndarray:   # (b, S, S, 3) uint8 -> (b, dim) float32
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if pool is None or len(batch) < 2 * streams:
+            return run_one(batch)
+        return np.concatenate(list(pool.map(run_one, np.array_split(batch, streams))))
+
+    return Runner(name, run, info)
+
+
+@RUNTIMES.register("openvino")
+def openvino_runner(module: nn.Module, size: int, threads: int | None = None, cache_dir: str | Path | None = None,
+                    fingerprint: str | None = None, streams: int | None = None, **_) -> Runner:
+    """OpenVINO fp32 on the CPU, from the cached ONNX export (exported now when missing).
+
+    ``streams`` (default 1) parallel infer requests share ``threads`` threads."""
+    if not openvino_available():
+        raise RuntimeError("runtime 'openvino' needs the openvino package: pip install 'catalens[fast]' "
+                           "(or use runtime 'auto', 'onnx' or 'eager')")
+    threads = _threads(threads)
+    streams = max(1, min(streams or 1, threads))
+    t0 = time.perf_counter()
+    path, exported = _onnx_file(module, size, cache_dir, fingerprint)
+    core = _ov_core(cache_dir)
+    try:
+        compiled = core.compile_model(str(path), "CPU", _ov_config(threads, streams))
+    except Exception:
+        if exported:
+            raise
+        export_onnx(module, size, path)  # a damaged cache file: export again
+        exported = True
+        compiled = core.compile_model(str(path), "CPU", _ov_config(threads, streams))
+    return _ov_runner("openvino", compiled, streams, {"path": str(path), "exported": exported, "threads": threads,
+                                                      "streams": streams, "setup_s": time.perf_counter() - t0})
+
+
+def openvino_int8_path(fingerprint: str, size: int, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`quantize_openvino` writes the int8 model (``.xml`` + ``.bin``)."""
+    return runtime_cache_dir(cache_dir) / f"{fingerprint}-s{size}-int8.xml"
+
+
+def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_dir: str | Path | None = None,
+                      fingerprint: str | None = None, fast_bias_correction: bool = True) -> Path:
+    """Quantise ``module`` to int8 with NNCF post-training quantisation, calibrated on ``pixels``
+    (``(n, S, S, 3)`` uint8 decoded *real* photos, a few hundred; the activation ranges come from
+    them). Writes the OpenVINO model atomically to :func:`openvino_int8_path` and returns it."""
+    import nncf
+    import openvino as ov
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or pixels.dtype != np.uint8:
+        raise ValueError(f"calibration pixels must be uint8 (n, {size}, {size}, 3), got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}: decode real photos with catalens.ingest.images.load_rgb")
+    fingerprint = fingerprint or module_fingerprint(module)
+    path, _ = _onnx_file(module, size, cache_dir, fingerprint)
+    model = ov.Core().read_model(str(path))
+    batches = [pixels[s:s + 8] for s in range(0, len(pixels), 8)]
+    q = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(pixels),
+                      fast_bias_correction=fast_bias_correction)
+    out = openvino_int8_path(fingerprint, size, cache_dir)
+    tmp = out.with_name(f"tmp{os.getpid()}-{out.name}")
+    ov.save_model(q, str(tmp), compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
+    os.replace(tmp, out)
+    return out
+
+
+@RUNTIMES.register("openvino-int8")
+def openvino_int8_runner(module: nn.Module, size: int, threads: int | None = None,
+                         cache_dir: str | Path | None = None, fingerprint: str | None = None,
+                         streams: int | None = None, **_) -> Runner:
+    """OpenVINO int8 from the model :func:`quantize_openvino` calibrated on real photos."""
+    if not openvino_available():
+        raise RuntimeError("runtime 'openvino-int8' needs the openvino package: pip install 'catalens[fast]'")
+    threads = _threads(threads)
+    streams = max(1, min(streams or 1, threads))
+    fingerprint = fingerprint or module_fingerprint(module)
+    path = openvino_int8_path(fingerprint, size, cache_dir)
+    if not path.exists():
+        raise RuntimeError(f"runtime 'openvino-int8' needs a model calibrated on real photos, and {path} does not "
+                           f"exist: run catalens.embed.runtimes.quantize_openvino(module, {size}, pixels) on a few "
+                           f"hundred decoded photos first (or use runtime 'openvino')")
+    t0 = time.perf_counter()
+    compiled = _ov_core(cache_dir).compile_model(str(path), "CPU", _ov_config(threads, streams, precision=None))
+    return _ov_runner("openvino-int8", compiled, streams, {"path": str(path), "threads": threads, "streams": streams,
+                                                           "setup_s": time.perf_counter() - t0})
+
+
 # ---------------------------------------------------------------- auto
 
 def measure_runner(runner, size: int, batch: int = 8, budget_s: float = 0.6, seed: int = 0,
@@ -378,7 +529,7 @@ def _auto_key(fingerprint: str, size: int, threads: int) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     vers = []
-    for pkg in ("torch", "onnxruntime"):
+    for pkg in ("torch", "onnxruntime", "openvino"):
         try:
             vers.append(f"{pkg}={version(pkg)}")
         except PackageNotFoundError:

@@ -9,6 +9,10 @@ new images queue up, so under load batches fill by themselves.
 When nothing else is on its way (no image queued and no request decoding, as told by
 ``expected()``), the collector does not wait at all: an idle single request pays no batching delay.
 
+The queue is bounded (``max_queue`` images): ``submit`` beyond it raises :class:`Overloaded`
+at once, which the server answers with 503 and ``Retry-After`` (load shedding), so memory and
+waiting times stay bounded under overload instead of growing until clients time out.
+
 ``stop()`` finishes every image already queued before returning (graceful shutdown).
 """
 from __future__ import annotations
@@ -22,6 +26,10 @@ from typing import Callable
 import numpy as np
 
 _STOP = object()
+
+
+class Overloaded(RuntimeError):
+    """The batcher's queue holds ``max_queue`` images: the caller should shed the request."""
 
 
 @dataclass
@@ -44,14 +52,18 @@ class MicroBatcher:
     """``await submit(pixels)`` → ``({task: probs (C,)}, BatchInfo)``; batches concurrent submits.
 
     ``infer``: ``(n, S, S, 3) uint8`` → ``{task: (n, C)}``, called in one background thread.
-    ``on_batch(n, seconds)`` is called on the event loop after each batch (metrics).
+    ``on_batch(n, seconds, waits)`` is called on the event loop after each batch (metrics);
+    ``max_queue``: images that may wait at once (None: unbounded), beyond it :class:`Overloaded`.
     """
 
     def __init__(self, infer: Callable[[np.ndarray], dict[str, np.ndarray]], max_batch: int = 32,
                  max_wait_ms: float = 5.0, expected: Callable[[], int] = lambda: 0,
-                 on_batch: Callable[[int, float, list[float]], None] | None = None) -> None:
+                 on_batch: Callable[[int, float, list[float]], None] | None = None,
+                 max_queue: int | None = None) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
         self.infer = infer
@@ -59,6 +71,7 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.expected = expected
         self.on_batch = on_batch
+        self.max_queue = max_queue
         self.queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -78,12 +91,19 @@ class MicroBatcher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalens-infer")
         self._task = asyncio.create_task(self._collect(), name="catalens-batcher")
 
-    async def submit(self, pixels: np.ndarray) -> tuple[dict[str, np.ndarray], BatchInfo]:
+    def enqueue(self, pixels: np.ndarray) -> asyncio.Future:
+        """Queue one image now; the future gets ``(probs, BatchInfo)``. Raises :class:`Overloaded`
+        when ``max_queue`` images wait already, RuntimeError when the batcher is not running."""
         if not self.running:
             raise RuntimeError("the batcher is not running (server starting or shutting down)")
+        if self.max_queue is not None and self.depth >= self.max_queue:
+            raise Overloaded(f"{self.depth} images wait for inference, the limit is {self.max_queue}")
         fut = asyncio.get_running_loop().create_future()
         self.queue.put_nowait(_Item(pixels, fut, time.perf_counter()))
-        return await fut
+        return fut
+
+    async def submit(self, pixels: np.ndarray) -> tuple[dict[str, np.ndarray], BatchInfo]:
+        return await self.enqueue(pixels)
 
     async def stop(self) -> None:
         """Finish every queued image, then stop the collector and the inference thread."""

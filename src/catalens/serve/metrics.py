@@ -1,4 +1,4 @@
-"""Prometheus metrics for the server, written in the text exposition format (no dependency).
+"""Prometheus metrics for the server, kept by ``prometheus_client``.
 
 Exposed at ``GET /metrics``:
 
@@ -7,183 +7,92 @@ Exposed at ``GET /metrics``:
 - ``catalens_request_duration_seconds{route}``       latency histogram (request start → response sent)
 - ``catalens_errors_total{code}``                    error responses by error code (``too_large``, ...)
 - ``catalens_images_total``                          images predicted
+- ``catalens_shed_total``                            requests refused with 503 because the queue was full
 - ``catalens_batch_size``                            images per inference batch (histogram)
 - ``catalens_inference_duration_seconds``            ONNX Runtime time per batch (histogram)
 - ``catalens_decode_duration_seconds``               decode + resize time per image (histogram)
 - ``catalens_queue_wait_seconds``                    time an image waited for its batch (histogram)
 - ``catalens_in_flight_requests``, ``catalens_queue_depth``, ``catalens_ready``, ``catalens_model_info``
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``catalens serve --workers N`` sets it to a fresh folder)
+every worker writes its values there and a scrape of any worker sums all of them
+(``prometheus_client`` multiprocess mode): counters and histograms add up, the in-flight and
+queue gauges are summed over live workers, ``catalens_ready`` is the minimum over live workers.
 """
 from __future__ import annotations
 
 import math
-import threading
-from typing import Callable
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the app)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def _escape(v: str) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple[str, ...], values: tuple, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _num(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    if float(v).is_integer():
-        return str(int(v))
-    return repr(float(v))
-
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
-        self.name, self.help, self.label_names = name, help, tuple(labels)
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
-        super().__init__(name, help, labels)
-        self.values: dict[tuple, float] = {}
-
-    def inc(self, *labels, amount: float = 1.0) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def get(self, *labels) -> float:
-        return self.values.get(labels, 0.0)
-
-    def lines(self) -> list[str]:
-        out = self.header()
-        with self._lock:
-            items = sorted(self.values.items())
-        if not items and not self.label_names:
-            items = [((), 0.0)]
-        out += [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
-        return out
-
-
-class Gauge(_Metric):
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, labels: tuple[str, ...] = (), fn: Callable[[], float] | None = None):
-        super().__init__(name, help, labels)
-        self.values: dict[tuple, float] = {}
-        self.fn = fn
-
-    def set(self, value: float, *labels) -> None:
-        with self._lock:
-            self.values[labels] = float(value)
-
-    def add(self, amount: float, *labels) -> None:
-        with self._lock:
-            self.values[labels] = self.values.get(labels, 0.0) + amount
-
-    def lines(self) -> list[str]:
-        out = self.header()
-        if self.fn is not None:
-            return out + [f"{self.name} {_num(self.fn())}"]
-        with self._lock:
-            items = sorted(self.values.items()) or ([((), 0.0)] if not self.label_names else [])
-        return out + [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in items]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...], labels: tuple[str, ...] = ()) -> None:
-        super().__init__(name, help, labels)
-        self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        self.counts: dict[tuple, list[int]] = {}
-        self.sums: dict[tuple, float] = {}
-
-    def observe(self, value: float, *labels) -> None:
-        with self._lock:
-            counts = self.counts.setdefault(labels, [0] * len(self.buckets))
-            for i, b in enumerate(self.buckets):
-                if value <= b:
-                    counts[i] += 1
-                    break
-            self.sums[labels] = self.sums.get(labels, 0.0) + value
-
-    def count(self, *labels) -> int:
-        return sum(self.counts.get(labels, []))
-
-    def lines(self) -> list[str]:
-        out = self.header()
-        with self._lock:
-            keys = sorted(self.counts) or ([()] if not self.label_names else [])
-            snapshot = {k: (list(self.counts.get(k, [0] * len(self.buckets))), self.sums.get(k, 0.0)) for k in keys}
-        for k, (counts, total) in snapshot.items():
-            cum = 0
-            for b, c in zip(self.buckets, counts):
-                cum += c
-                le = 'le="%s"' % _num(b)
-                out.append(f"{self.name}_bucket{_labels(self.label_names, k, le)} {cum}")
-            out.append(f"{self.name}_sum{_labels(self.label_names, k)} {_num(total)}")
-            out.append(f"{self.name}_count{_labels(self.label_names, k)} {cum}")
-        return out
+def multiprocess_dir() -> str | None:
+    """The multiprocess folder when multiprocess mode is on, else None."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class ServerMetrics:
-    """Every metric the server exposes; ``render()`` gives the exposition text."""
+    """Every metric the server exposes (own registry: several apps in one process do not clash);
+    ``render()`` gives the exposition text of this process, or of all workers in multiprocess mode."""
 
-    def __init__(self, queue_depth: Callable[[], float] = lambda: 0) -> None:
-        self.requests = Counter("catalens_requests_total", "HTTP requests answered, by route template, "
-                                "method and status code", ("route", "method", "status"))
-        self.latency = Histogram("catalens_request_duration_seconds", "HTTP request latency, request start "
-                                 "to response sent", LATENCY_BUCKETS, ("route",))
-        self.errors = Counter("catalens_errors_total", "Error responses by error code", ("code",))
-        self.images = Counter("catalens_images_total", "Images predicted")
-        self.batch_size = Histogram("catalens_batch_size", "Images per inference batch", BATCH_BUCKETS)
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("catalens_requests", "HTTP requests answered, by route template, method and "
+                                "status code", ("route", "method", "status"), registry=r)
+        self.latency = Histogram("catalens_request_duration_seconds", "HTTP request latency, request start to "
+                                 "response sent", ("route",), buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("catalens_errors", "Error responses by error code", ("code",), registry=r)
+        self.images = Counter("catalens_images", "Images predicted", registry=r)
+        self.shed = Counter("catalens_shed", "Requests refused with 503 because the queue was full", registry=r)
+        self.batch_size = Histogram("catalens_batch_size", "Images per inference batch", buckets=BATCH_BUCKETS,
+                                    registry=r)
         self.inference = Histogram("catalens_inference_duration_seconds", "ONNX Runtime time per batch",
-                                   LATENCY_BUCKETS)
+                                   buckets=LATENCY_BUCKETS, registry=r)
         self.decode = Histogram("catalens_decode_duration_seconds", "Decode + resize time per image",
-                                LATENCY_BUCKETS)
+                                buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("catalens_queue_wait_seconds", "Time an image waited for its batch",
-                                    LATENCY_BUCKETS)
-        self.in_flight = Gauge("catalens_in_flight_requests", "Requests being handled now")
-        self.queue = Gauge("catalens_queue_depth", "Images waiting for a batch", fn=queue_depth)
-        self.ready = Gauge("catalens_ready", "1 when the model is loaded and warmed up")
-        self.info = Gauge("catalens_model_info", "The model served (value 1)", ("model", "graph", "threads"))
-        self._all = [self.requests, self.latency, self.errors, self.images, self.batch_size, self.inference,
-                     self.decode, self.queue_wait, self.in_flight, self.queue, self.ready, self.info]
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("catalens_in_flight_requests", "Requests being handled now", registry=r,
+                               multiprocess_mode="livesum")
+        self.queue = Gauge("catalens_queue_depth", "Images decoding or waiting for a batch", registry=r,
+                           multiprocess_mode="livesum")
+        self.ready = Gauge("catalens_ready", "1 when the model is loaded and warmed up (every live worker)",
+                           registry=r, multiprocess_mode="livemin")
+        self.info = Gauge("catalens_model_info", "The model served (value 1)", ("model", "graph", "threads"),
+                          registry=r, multiprocess_mode="max")
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in self._all:
-            lines += m.lines()
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """Exposition text: this process's registry, or every worker's files in multiprocess mode."""
+        folder = multiprocess_dir()
+        if folder is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        return generate_latest(registry)
+
+    @staticmethod
+    def process_exited(pid: int | None = None) -> None:
+        """Multiprocess mode: drop this (or that) worker's live gauges when it stops."""
+        if multiprocess_dir() is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid or os.getpid())
 
 
 def parse_exposition(text: str) -> dict[tuple[str, frozenset], float]:
-    """Read exposition text back into ``{(name, frozenset(labels.items())): value}`` (for tests/tools)."""
-    import re
+    """Read exposition text back into ``{(sample name, frozenset(labels.items())): value}`` (tests, tools)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
-    pat = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
-    lab = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = pat.match(line)
-        if not m:
-            continue
-        labels = frozenset((k, v) for k, v in lab.findall(m.group(3) or ""))
-        value = m.group(4)
-        out[(m.group(1), labels)] = math.inf if value == "+Inf" else float(value)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = math.inf if s.value == math.inf else float(s.value)
     return out

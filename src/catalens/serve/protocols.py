@@ -10,13 +10,17 @@
   (``Inference-Header-Content-Length``) → FP32 outputs, one per task.
 
 Everything that can go wrong with a request raises :class:`ApiError` (an HTTP status, a short
-code and a message saying what was wrong); nothing here fetches URLs.
+code and a message saying what was wrong); nothing here fetches URLs. The JSON bodies of the
+TF-Serving and KServe routes are validated with the pydantic models of :mod:`catalens.serve.schemas`
+(which also give ``/docs`` its schemas); JSON nested deeper than the parser's limit (200 levels)
+is refused with 400 ``bad_json``.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -35,9 +39,11 @@ KSERVE_TITLE_INPUTS = ("title", "titles")
 class ApiError(Exception):
     """A request the server refuses: answered as ``{"error": {"code", "message", ...}}``."""
 
-    def __init__(self, status: int, code: str, message: str, **extra) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 **extra) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
@@ -214,7 +220,7 @@ def parse_top_k(value, default: int, n_max: int = 1000) -> int:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise ApiError(400, "bad_parameter", f"top_k must be a whole number, got '{value}'") from None
+        raise ApiError(400, "bad_parameter", f"top_k must be a whole number, got '{str(value)[:40]}'") from None
     if not 1 <= k <= n_max:
         raise ApiError(400, "bad_parameter", f"top_k must be between 1 and {n_max}, got {k}")
     return k
@@ -229,6 +235,33 @@ def parse_json(body: bytes):
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, "bad_json", f"the body is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "the JSON is nested too deeply to be a request of this server") from None
+
+
+def validate_json(model, body: bytes, what: str) -> dict:
+    """Parse and validate a JSON body with a pydantic model: the fields that were sent, as a dict.
+
+    Malformed or too deeply nested JSON → 400 ``bad_json``; a wrong shape → 400 ``bad_request``
+    naming each wrong field (never a 500, never the body echoed back)."""
+    from pydantic import ValidationError
+
+    if not body:
+        raise ApiError(400, "empty_body", "the request body is empty: send a JSON document")
+    try:
+        return model.model_validate_json(body).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        errors = e.errors(include_input=False, include_url=False)
+        bad = next((x for x in errors if x["type"] == "json_invalid"), None)
+        if bad is not None:
+            detail = bad["msg"].removeprefix("Invalid JSON: ")
+            if "recursion limit" in detail:
+                raise ApiError(400, "bad_json", f"the JSON is nested too deeply ({detail}); {what} needs at most "
+                                                f"a few levels") from None
+            raise ApiError(400, "bad_json", f"the body is not valid JSON ({detail})") from None
+        parts = [f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in errors[:5]]
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ApiError(400, "bad_request", f"{what}: " + "; ".join(parts) + more) from None
 
 
 def b64decode(s, where: str) -> bytes:
@@ -267,7 +300,13 @@ def _tf_instance(inst, where: str) -> bytes:
 
 
 def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
-    """Image bytes of a TF-Serving predict request and its format (``row`` or ``columnar``)."""
+    """Image bytes of a TF-Serving predict request and its format (``row`` or ``columnar``).
+
+    ``doc``: the request body as bytes (validated with :class:`TFPredictRequest`) or already parsed."""
+    if isinstance(doc, (bytes, bytearray)):
+        from catalens.serve.schemas import TFPredictRequest
+
+        doc = validate_json(TFPredictRequest, bytes(doc), "the TF-Serving predict request")
     if not isinstance(doc, dict):
         raise ApiError(400, "bad_request", "expected a JSON object with 'instances' (or 'inputs')")
     if "instances" in doc:
@@ -332,6 +371,8 @@ def _split_bytes_tensor(blob: bytes, n: int, where: str) -> list[bytes]:
 
 def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[bytes], dict]:
     """Image bytes of a v2 infer request (JSON, or JSON + binary tensor data) and the JSON header."""
+    from catalens.serve.schemas import KServeInferRequest
+
     header_len = headers.get(KSERVE_BINARY_HEADER)
     binary = b""
     if header_len is not None:
@@ -342,9 +383,9 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
         if not 0 < hl <= len(body):
             raise ApiError(400, "bad_request", f"Inference-Header-Content-Length {hl} does not fit the "
                                                f"{len(body)}-byte body")
-        doc, binary = parse_json(body[:hl]), body[hl:]
+        doc, binary = validate_json(KServeInferRequest, body[:hl], "the v2 infer request"), body[hl:]
     else:
-        doc = parse_json(body)
+        doc = validate_json(KServeInferRequest, body, "the v2 infer request")
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise ApiError(400, "bad_request", "expected {\"inputs\": [{\"name\": ..., \"shape\": [n], "
                                            "\"datatype\": \"BYTES\", \"data\": [<base64>, ...]}]}")
@@ -363,7 +404,7 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
     shape = inp.get("shape")
     if not (isinstance(shape, list) and shape and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise ApiError(400, "bad_request", f"input '{name}': shape must be a list of sizes like [n], got {shape!r}")
-    n = int(np.prod(shape))
+    n = math.prod(shape)  # exact: numpy's product wraps around for sizes like [2**62, 4]
     if n == 0:
         raise ApiError(400, "no_images", f"input '{name}': shape {shape} holds no image")
     if n > max_images:
@@ -371,7 +412,7 @@ def parse_kserve_request(body: bytes, headers, max_images: int) -> tuple[list[by
     params = inp.get("parameters") or {}
     if "binary_data_size" in params or ("data" not in inp and binary):
         size = params.get("binary_data_size", len(binary))
-        if not isinstance(size, int) or size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
             raise ApiError(400, "bad_request", f"input '{name}': binary_data_size {size!r} but only "
                                                f"{len(binary)} binary bytes follow the JSON header")
         blob = binary[:size]
