@@ -142,3 +142,17 @@ def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_pa
     with pytest.raises(ValueError, match="--preset best scores frozen-backbone recipes by k-fold CV and does not "
                                          "fine-tune; drop --finetune"):
         P.train_preset(data, tmp_path / "x", cfg)
+
+
+def test_python_train_takes_preset_and_time_limit(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    model = catalens.train(data, tmp_path / "m", preset="medium", time_limit="0.5s", tracking=False,
+                           cache_dir=str(tmp_path / "cache"), backbone={"weights": "random"}, head={"epochs": 5},
+                           engine={"progress": False, "runtime": "eager", "workers": 0})
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["preset"]["name"] == "medium" and desc["preset"]["time_limit"] == 0.5
+    assert (tmp_path / "m" / "leaderboard.csv").exists()
+    photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
+    assert len(model.predict([str(p) for p in photos])) == 2
+    with pytest.raises(ValueError, match="--time-limit 'soon': expected a duration"):
+        catalens.train(data, tmp_path / "x", preset="best", time_limit="soon")
