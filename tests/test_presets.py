@@ -156,3 +156,39 @@ def test_python_train_takes_preset_and_time_limit(data, tmp_path, monkeypatch):
     assert len(model.predict([str(p) for p in photos])) == 2
     with pytest.raises(ValueError, match="--time-limit 'soon': expected a duration"):
         catalens.train(data, tmp_path / "x", preset="best", time_limit="soon")
+
+
+def test_a_chosen_side_by_side_recipe_is_refitted_on_its_scored_features(data, tmp_path, monkeypatch):
+    """The refit of a ``+`` recipe trains on the members' cached features (no new embedding) and
+    writes a multi-backbone model folder that predicts."""
+    from catalens.embed import engine
+
+    recipes = [P.Recipe("a", "efficientnet_lite0@64"), P.Recipe("b", "efficientnet_lite0@80"),
+               P.Recipe("a+b", members=("a", "b"), kind="concat")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
+    combine, refit = P._PresetRun._combine, P._PresetRun._refit
+
+    def only_concat(self):
+        s = self.results["a+b"]
+        return [s], [1.0], s.score
+
+    def refit_without_embedding(self, *args):
+        def no_runner(*a, **k):
+            def run(batch):
+                raise AssertionError(f"the refit embedded {len(batch)} photos")
+            return run
+        monkeypatch.setattr(engine, "engine_runner", no_runner)
+        return refit(self, *args)
+
+    monkeypatch.setattr(P._PresetRun, "_combine", only_concat)
+    monkeypatch.setattr(P._PresetRun, "_refit", refit_without_embedding)
+    cfg = _cfg(tmp_path, 300, "medium")
+    cfg.backbone.weights = None  # the packaged ImageNet weights: random ones differ at every creation
+    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["backbone"]["name"] == "efficientnet_lite0@64+efficientnet_lite0@80" and "ensemble" not in desc
+    assert not (tmp_path / ".m.preset").exists()  # the private cache went with the work folder
+    monkeypatch.undo()
+    model = catalens.load(tmp_path / "m", runtime="eager", progress=False)
+    photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
+    assert model.predict([str(p) for p in photos])["category"].notna().all()

@@ -14,7 +14,7 @@ Every recipe is scored by K-fold cross-validation over train + val (split by pro
 ``catalens train --folds``; the test split is never read): its out-of-fold probabilities give the
 objective (mean over class tasks of accuracy, over tags tasks of mean average precision). A
 ``+`` recipe is scored on its members' cached features side by side (each at its own
-preprocessing); its refit embeds through the real multi-backbone. The best recipes are then
+preprocessing), and refitted on those features (:meth:`_PresetRun._hand_over_features`). The best recipes are then
 combined by greedy forward selection with replacement on the out-of-fold probabilities (Caruana
 et al. 2004: integer weights), each chosen recipe is refitted on train (early stopping on val, as
 ``catalens train``) and the result is one model folder: the single model, or a ``catalens
@@ -267,10 +267,8 @@ class _PresetRun:
         n = len(self.pool)
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
-        if s.recipe.members:
-            spec = "+".join(self.recipes[m].backbone for m in s.recipe.members if m in self.recipes) \
-                or (s.cfg.backbone.name if s.cfg is not None else "")
-            cost += self.clock.embed_cost(n, _rel_cost(spec)) * 1.15
+        if s.recipe.members:  # the members' cached features are handed to the refit: reading and hashing
+            cost += n * 0.004
         return cost
 
     def _try(self, recipe: Recipe) -> None:
@@ -502,6 +500,9 @@ class _PresetRun:
         t = time.time()
         for i, s in enumerate(chosen):
             cfg = s.cfg.model_copy(deep=True)
+            if s.recipe.members:  # the features it was scored on, not a new multi-backbone embedding
+                cfg.cache_dir = str(self.work / f"cache-{i}")
+                self._hand_over_features(s, cfg)
             target = self.out if len(chosen) == 1 else self.work / "members" / str(i)
             results.append(train(self.data, target, cfg, log=lambda *a: None))
             dirs.append(target)
@@ -520,6 +521,27 @@ class _PresetRun:
         results[0].model = ens
         results[0].metrics = {}
         return results[0]
+
+    def _hand_over_features(self, s: Scored, cfg: Config) -> None:
+        """Put the members' cached features, side by side, into a private cache (``cfg.cache_dir``,
+        in the work folder, removed at the end) under the multi-backbone's key, so that its refit
+        trains the head on the features the recipe was scored on instead of embedding every photo
+        again through all members. At predict time the multi-backbone decodes each photo once and
+        gives every member its crop from that decode, as ensembles of separately trained models do."""
+        from catalens.embed.cache import EmbeddingCache, content_hash
+        from catalens.embed.factory import backbone_from_config
+
+        multi = backbone_from_config(cfg.backbone)
+        prep = s.prep
+        if multi.feature_dim != prep.features.shape[1]:
+            return  # not the same layout: the refit embeds (correct, only slower)
+        cache = EmbeddingCache(cfg.cache_dir, multi.fingerprint(), multi.feature_dim)
+        rows = np.flatnonzero(prep.usable)
+        keys = []
+        for i in rows:
+            keys.append(content_hash(prep.cat.read_bytes(int(i))))
+        cache.add(keys, np.ascontiguousarray(prep.features[rows], dtype=np.float32))
+        cache.flush()
 
     def _preset_meta(self, chosen, weights, blend) -> dict:
         return {"name": self.base.preset.name, "time_limit": self.clock.limit, "folds": self.k,
