@@ -192,3 +192,13 @@ def test_a_chosen_side_by_side_recipe_is_refitted_on_its_scored_features(data, t
     model = catalens.load(tmp_path / "m", runtime="eager", progress=False)
     photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
     assert model.predict([str(p) for p in photos])["category"].notna().all()
+
+
+def test_an_ensemble_keeps_one_crop_mode(data, tmp_path, monkeypatch):
+    """Members of an ensemble share one decode: a padded recipe is never combined with centre-cropped ones."""
+    recipes = [P.Recipe("centre", "efficientnet_lite0@64"), P.Recipe("padded", "efficientnet_lite0@64", 1.0, "pad")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "best"), log=lambda *a: None)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert (board.loc[["centre", "padded"], "status"] == "chosen").sum() == 1
+    assert "ensemble" not in json.loads((tmp_path / "m" / "model.json").read_text())

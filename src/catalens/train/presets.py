@@ -473,6 +473,9 @@ class _PresetRun:
             left = self.clock.left() - 5.0  # what the refit may take: members cost their refit once
             cand = [c for c in cand if not picks or sum(self._refit_cost(x) for x in done
                                                          if counts[id(x)] or x is c[2]) <= left]
+            # an ensemble decodes each photo once for all members: they must share one crop mode
+            mode = next((_crop_mode(x) for x in done if counts[id(x)]), None)
+            cand = [c for c in cand if mode is None or _crop_mode(c[2]) == mode]
             if not cand:
                 break
             val, _, s, mix = max(cand, key=lambda c: (c[0], c[1]))
@@ -593,6 +596,11 @@ class _PresetRun:
             self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
                                                                             "predict_img_s", "status") if c in df]]
                      .to_string(index=False))
+
+
+def _crop_mode(s: Scored) -> tuple:
+    b = s.cfg.backbone
+    return b.crop, tuple(b.box) if b.box else None
 
 
 #: errors that fail one recipe (listed in the leaderboard) rather than the run
