@@ -63,7 +63,7 @@ def run_one(name: str, limit: str, warm: bool) -> dict:
     preset = desc.get("preset", {})
     return {"name": name, "wall_s": round(wall, 1), "load": f"{load0:.1f}/{load1:.1f}",
             "test": {t: metrics[t]["accuracy"] for t in tasks if t in metrics},
-            "cv": preset.get("cv_score"), "chosen": preset.get("chosen")}
+            "cv": preset.get("cv_score"), "chosen": preset.get("chosen"), "limit": limit}
 
 
 def main() -> None:
@@ -81,13 +81,13 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         chosen = " + ".join(f"{c['weight']:g} x {c['recipe']}" for c in r["chosen"] or []) or "plain model"
-        rows.append([name, ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
+        rows.append([name, r.get("limit", "20m"), ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
                      r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"]])
-    body = table(["run", "test accuracy", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after"],
+    body = table(["run", "--time-limit", "test accuracy", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after"],
                  rows)
     body += ("\n\nTest accuracy is reported only; every choice was made by k-fold CV on train+val. "
              "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else "."))
-    write_section("bench_presets", f"Presets: --preset best --time-limit {args.limit}", body,
+    write_section("bench_presets", "Presets: --preset best --time-limit", body,
                   f"python benchmarks/bench_presets.py --only {' '.join(args.only)} --limit {args.limit}")
 
 
