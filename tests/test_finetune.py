@@ -88,6 +88,13 @@ def test_heads_only_keeps_backbone(synth, tmp_path, pretrained):
     assert isinstance(CatalensModel.load(out).backbone, TTABackbone)
 
 
+def test_schedule_step_and_lr_in_history(synth, tmp_path):
+    out = tmp_path / "m"
+    train(synth, out, _cfg(blocks=0, schedule="step", step_epochs=1, gamma=0.5, warmup_epochs=0), log=lambda m: None)
+    hist = json.loads((out / "model.json").read_text())["finetune"]["history"]
+    assert [h["lr"] for h in hist] == pytest.approx([0.01, 0.005])
+
+
 def test_resume_gives_identical_weights(synth, tmp_path, monkeypatch):
     cfg = _cfg()
     train(synth, tmp_path / "a", cfg, log=lambda m: None)
@@ -131,6 +138,16 @@ def test_cli_flags_map_to_config():
     args = build_parser().parse_args(["train", "D", "--out", "M", "--finetune", "all"])
     assert config_from_args(args).finetune.mode == "all"
     assert config_from_args(build_parser().parse_args(["train", "D", "--out", "M"])).finetune.mode == "none"
+
+
+def test_finetune_defaults_are_the_fast_recipe():
+    """Plain ``--finetune``: last stage + conv head, 3 precomputed views on CPU, 6 epochs (issue 16)."""
+    f = load_config().finetune
+    assert (f.blocks, f.epochs, f.views) == (1, 6, None)
+    assert ft.default_views(f, torch.device("cpu")) == 3
+    assert ft.default_views(f.model_copy(update={"mode": "all"}), torch.device("cpu")) == 0
+    assert ft.default_views(f, torch.device("cuda")) == 0
+    assert ft.default_views(f.model_copy(update={"views": 5}), torch.device("cpu")) == 5
 
 
 def test_split_backbone_is_exact():

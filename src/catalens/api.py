@@ -39,7 +39,8 @@ def load(model: str | Path, config=None, graph: bool = False, **settings) -> Pre
 
 def train(data, out: str | Path, *, label=None, path: str | None = None, title: str | None = None,
           split: str | None = None, product: str | None = None, tags: dict | None = None, config=None,
-          track: bool = False, **settings) -> Predictor:
+          track: bool = False, preset: str | None = None, time_limit: str | float | None = None,
+          **settings) -> Predictor:
     """Train a model on ``data`` and write it to the folder ``out``; returns it ready to predict.
 
     ``data``: a photo folder, a dataset ``.yaml``, a ``.bson`` dump, or a pandas DataFrame with a
@@ -50,11 +51,13 @@ def train(data, out: str | Path, *, label=None, path: str | None = None, title: 
     ``config``: a :class:`catalens.Config` or a YAML file; ``settings`` override config keys
     (``epochs``-style nesting as dicts: ``head={"epochs": 30}``, ``backbone={"name": ...}``).
     ``track=True`` also logs the run to MLflow (as ``catalens train`` does).
+    ``preset``: ``"fast"`` (default), ``"medium"`` or ``"best"`` with ``time_limit`` (seconds, or
+    ``"20m"``-style), as ``catalens train --preset`` (docs/presets.md).
     """
     import pandas as pd
 
     from catalens.config import Config, load_config
-    from catalens.train.pipeline import train as train_pipeline
+    from catalens.train.presets import parse_duration, train_preset
 
     if config is None or isinstance(config, (str, Path)):
         cfg = load_config(config, [settings_overrides(settings)] if settings else None)
@@ -66,7 +69,12 @@ def train(data, out: str | Path, *, label=None, path: str | None = None, title: 
         data = labelled_frame(data, label, path, title, split, product, tags)
     elif label is not None or tags is not None:
         raise ValueError("label= and tags= name DataFrame columns; a folder or dataset file describes its own labels")
-    result = train_pipeline(data, out, cfg)
+    if preset is not None or time_limit is not None:
+        update = {"name": preset} if preset is not None else {}
+        if time_limit is not None:
+            update["time_limit"] = parse_duration(time_limit)
+        cfg = Config.model_validate({**cfg.model_dump(), "preset": {**cfg.preset.model_dump(), **update}})
+    result = train_preset(data, out, cfg)
     if track:
         from catalens.track import log_training
 

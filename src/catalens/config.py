@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 def default_cache_dir() -> str:
@@ -30,6 +30,20 @@ class BackboneConfig(_Strict):
     image_size: int | None = Field(None, ge=32, le=1024)  # input side; None = the backbone's own (lite0 224)
     crop_pct: float | None = Field(None, gt=0, le=1)      # centre crop share of the resized short side;
     #                                                       None = the backbone's own (0.875); 1.0 = no crop
+    crop: Literal["center", "pad", "squish", "box"] = "center"  # how the square input is cut (docs/recipes.md)
+    box: list[float] | None = None     # crop box: [x0, y0, x1, y1] fractions of width/height
+
+    @model_validator(mode="after")
+    def _box_with_crop(self):
+        from catalens.ingest.images import check_box
+
+        if self.crop == "box":
+            if self.box is None:
+                raise ValueError("crop 'box' needs box: [x0, y0, x1, y1] (fractions), e.g. box=[0.1,0,0.9,1]")
+            check_box(self.box)
+        elif self.box is not None:
+            raise ValueError(f"box is only used with crop 'box' (crop is '{self.crop}'): set backbone.crop=box")
+        return self
 
 
 class EngineSettings(_Strict):
@@ -57,24 +71,34 @@ class HeadConfig(_Strict):
     scaling: Literal["global", "feature", "none"] = "global"  # input scaling learnt from training features
     sampler: Literal["none", "balanced", "sqrt"] = "none"  # per-epoch class-balanced sampling (leaf class task)
     max_per_class: int = Field(0, ge=0)  # >0: each epoch draws at most this many rows of any class (down-sampling)
+    schedule: Literal["onecycle", "cosine", "step", "plateau"] = "onecycle"  # learning-rate schedule
+    step_epochs: int = Field(0, ge=0)   # schedule step: lr x gamma every this many epochs (0 = a third of them)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(5, ge=0)  # schedule plateau: epochs without val improvement before lr x factor
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
 
 
 class FinetuneConfig(_Strict):
     """Fine-tuning the backbone (``catalens train --finetune blocks|all``); see docs/finetune.md."""
 
     mode: Literal["none", "blocks", "all"] = "none"
-    blocks: int = Field(2, ge=0)        # mode blocks: last N stages (+ conv head) trained; 0 = head only
-    epochs: int = Field(8, ge=1)
+    blocks: int = Field(1, ge=0)        # mode blocks: last N stages (+ conv head) trained; 0 = head only
+    epochs: int = Field(6, ge=1)        # 1 stage x 3 views x 6 epochs: the measured fast recipe (docs/finetune.md)
     lr: float = Field(0.01, gt=0)       # head learning rate; the backbone gets lr * backbone_lr_mult
     backbone_lr_mult: float = Field(0.1, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["onecycle", "cosine", "step", "plateau"] = "cosine"  # learning-rate schedule
+    step_epochs: int = Field(0, ge=0)   # schedule step: lr x gamma every this many epochs (0 = a third of them)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(1, ge=0)  # schedule plateau: epochs without val improvement before lr x factor
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1, le=65536)
     views: int | None = Field(None, ge=0)   # augmented views precomputed through the frozen part;
-    #                                         0 = augment online every epoch; None = 4 on CPU, 0 on GPU
+    #                                         0 = augment online every epoch; None = 3 on CPU, 0 on GPU
     scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction
     hflip: bool = True
     jitter: float = Field(0.2, ge=0, lt=1)     # brightness / contrast / saturation jitter
@@ -87,12 +111,22 @@ class FinetuneConfig(_Strict):
     resume: Literal["auto", "require", "off"] = "auto"  # auto: resume a matching checkpoint in OUT/.finetune
 
 
+class ClassSelection(_Strict):
+    """Which classes of one class task to train on (catalens/train/classes.py); counts on the train split."""
+
+    include: list[str] | None = None    # only these classes
+    exclude: list[str] = Field(default_factory=list)  # never these (e.g. "Not sure", "Others")
+    min_count: int = Field(0, ge=0)     # only classes with at least this many training photos
+    top_n: int = Field(0, ge=0)         # only the N classes with most training photos (0 = all)
+
+
 class DataConfig(_Strict):
     val_fraction: float = Field(0.15, gt=0, lt=1)   # carved from train when no val split exists
     test_fraction: float = Field(0.15, ge=0, lt=1)  # only when the data has no split at all
     min_class_count: int = Field(3, ge=1)           # fewer training images: reported as too small
     strict: bool = False                            # any image problem is fatal
     max_pixels: int = Field(89_478_485, ge=1)       # decompression-bomb limit
+    classes: dict[str, ClassSelection] = Field(default_factory=dict)  # per class task: include/exclude/min_count/top_n
 
 
 class TextConfig(_Strict):
@@ -143,6 +177,15 @@ class SelectiveConfig(_Strict):
     unknown_keep: float = Field(0.95, gt=0, le=1)  # share of validation photos not flagged unknown
 
 
+class PresetConfig(_Strict):
+    """``catalens train --preset fast|medium|best [--time-limit 20m]`` (catalens/train/presets.py)."""
+
+    name: Literal["fast", "medium", "best"] = "fast"   # fast: the plain catalens train
+    time_limit: float | None = Field(None, gt=0)        # seconds; None = 600 (medium) / 1200 (best)
+    folds: int = Field(5, ge=2)                          # K of the cross-validation that scores each recipe
+    titles: Literal["auto", "on", "off"] = "auto"        # auto: learn from titles when the data has them
+
+
 class Config(_Strict):
     """The whole run configuration."""
 
@@ -157,6 +200,7 @@ class Config(_Strict):
     text: TextConfig = Field(default_factory=TextConfig)
     kfold: KFoldConfig = Field(default_factory=KFoldConfig)
     selective: SelectiveConfig = Field(default_factory=SelectiveConfig)
+    preset: PresetConfig = Field(default_factory=PresetConfig)
     hierarchy_decoding: bool = False               # predict the most probable path seen in training
     tracking: bool = True                           # log runs to MLflow when it is installed
 

@@ -65,6 +65,9 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
                        help="backbone input side (default: the backbone's own, e.g. 224 for lite0)")
         g.add_argument("--crop-pct", type=bounded(float, 0, 1, lo_open=True), metavar="F",
                        help="centre crop share of the resized short side (default 0.875; 1 = no crop)")
+        g.add_argument("--crop", choices=["center", "pad", "squish", "box"],
+                       help="how the square input is cut: center (default), pad (whole photo on white), squish "
+                            "(whole photo stretched), box (--set backbone.box=[x0,y0,x1,y1] fractions)")
         g.add_argument("--strict", action="store_true", help="any image problem is fatal")
     if training:
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("backbone.weights", getattr(args, "weights", None))
     put("backbone.image_size", getattr(args, "image_size", None))
     put("backbone.crop_pct", getattr(args, "crop_pct", None))
+    put("backbone.crop", getattr(args, "crop", None))
     put("head.type", getattr(args, "head_type", None))
     put("head.epochs", getattr(args, "epochs", None))
     put("data.strict", getattr(args, "strict", None))
@@ -115,5 +119,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("finetune.epochs", getattr(args, "finetune_epochs", None))
     put("finetune.resume", "require" if getattr(args, "resume", False) else None)
     put("finetune.tta", getattr(args, "tta", None))
+    put("preset.name", getattr(args, "preset", None))
+    put("preset.time_limit", getattr(args, "time_limit", None))
     overrides = [flags] + [parse_override(s) for s in getattr(args, "set", [])]
     return load_config(getattr(args, "config", None), overrides)

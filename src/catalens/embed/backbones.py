@@ -193,14 +193,17 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
     return Backbone(name, name, FeatureExtractor(net.eval(), pre), pre, origin)
 
 
-def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: float | None = None) -> Backbone:
-    """``backbone`` fed at another input side and/or centre-crop share (same weights, own cache key).
+def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: float | None = None,
+               crop: str | None = None, box=None) -> Backbone:
+    """``backbone`` fed at another input side, centre-crop share and/or crop mode (same weights, own cache key).
 
     EfficientNets pool globally, so any side works; a side ~15% above the training one often
     gains accuracy (the "FixRes" effect of random-resized-crop training), and ``crop_pct=1``
     keeps the whole short side of product photos whose edges matter (docs/recipes.md).
+    ``crop`` is a :data:`catalens.ingest.images.CROP_MODES` mode (``pad``/``squish`` keep the whole
+    photo; ``box`` cuts the fractions ``box`` first).
     """
-    if image_size is None and crop_pct is None:
+    if image_size is None and crop_pct is None and crop in (None, "center") and box is None:
         return backbone
     if getattr(backbone, "members", None):
         raise BackboneError(f"'{backbone.name}' has several members: give each its side as NAME@SIZE "
@@ -208,6 +211,8 @@ def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: floa
     pre = backbone.preprocess
     size = int(image_size or pre.size)
     pct = float(crop_pct) if crop_pct is not None else pre.size / pre.resize
-    pre = replace(pre, size=size, resize=max(size, int(round(size / pct))))
+    mode = crop or pre.crop
+    pre = replace(pre, size=size, resize=max(size, int(round(size / pct))), crop=mode,
+                  box=(tuple(float(v) for v in box) if box is not None else None) if mode == "box" else None)
     module = FeatureExtractor(backbone.module.net, pre).eval()
     return replace(backbone, module=module, preprocess=pre)

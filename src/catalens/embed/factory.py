@@ -11,16 +11,18 @@ from catalens.runtime import import_timm
 
 
 def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
-                    image_size: int | None = None, crop_pct: float | None = None) -> Backbone:
+                    image_size: int | None = None, crop_pct: float | None = None,
+                    crop: str | None = None, box=None) -> Backbone:
     """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
 
     ``NAME@SIZE`` feeds a backbone at another input side; ``A+B+...`` concatenates the
-    features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct`` applies to each.
+    features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct``, ``crop`` (a crop
+    mode: center, pad, squish, box) and ``box`` apply to each.
     """
     specs = [s.strip() for s in name.split("+")]
     if len(specs) == 1:
         base, size = _parse_spec(specs[0])
-        return with_input(_create_one(base, weights), image_size or size, crop_pct)
+        return with_input(_create_one(base, weights), image_size or size, crop_pct, crop, box)
     if weights not in (None, "random"):
         raise BackboneError(f"a weights file belongs to one backbone, but '{name}' names {len(specs)}; "
                             f"train with each backbone alone, or use offline/hub weights for all")
@@ -30,7 +32,7 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
     members = []
     for spec in specs:
         base, size = _parse_spec(spec)
-        members.append(with_input(_create_one(base, weights), size, crop_pct))
+        members.append(with_input(_create_one(base, weights), size, crop_pct, crop, box))
     return multi_backbone(members, name)
 
 
@@ -55,7 +57,7 @@ def _create_one(name: str, weights: str | None) -> Backbone:
 
 def backbone_from_config(bc) -> Backbone:
     """The backbone a :class:`catalens.config.BackboneConfig` describes (name, weights, input)."""
-    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct)
+    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box)
 
 
 def backbone_from_description(desc: dict, state: dict) -> Backbone:

@@ -51,11 +51,16 @@ def crop_fraction(pre: Preprocess) -> float:
 def shared_preprocess(pres: list[Preprocess]) -> tuple[Preprocess, list[MemberInput]]:
     """One decode for several preprocessings: the widest crop, at a side where every member's
     own crop has at least its own resolution; plus each member's way from it to its input."""
+    modes = {(p.crop, p.box) for p in pres}
+    if len(modes) > 1:
+        raise ValueError(f"backbones side by side share one decode, so they need the same crop mode; got "
+                         f"{', '.join(sorted(m if b is None else f'{m} {list(b)}' for m, b in modes))}: set "
+                         f"backbone.crop once for all of them")
     cf = max(crop_fraction(p) for p in pres)
     size = max(round(p.size * cf / crop_fraction(p)) for p in pres)  # nearest: integer-pixel crops differ a little
     first = pres[0]
     pre = Preprocess(size=size, resize=max(size, int(round(size / cf))), interpolation=first.interpolation,
-                     mean=first.mean, std=first.std)
+                     mean=first.mean, std=first.std, crop=first.crop, box=first.box)
     inputs = [MemberInput(min(1.0, crop_fraction(p) / cf), p.size) for p in pres]
     return pre, inputs
 

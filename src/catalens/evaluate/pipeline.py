@@ -165,6 +165,10 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),
                "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
+    if model.meta.get("preset"):  # catalens train --preset: its leaderboard (CV over train+val) in the report
+        context["preset leaderboard"] = [{k: v for k, v in row.items() if k in ("recipe", "cv_score", "fit_seconds",
+                                                                              "predict_img_s", "weight", "status")}
+                                         for row in model.meta["preset"].get("leaderboard", [])]
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
                           context=context, examples=_examples(model, cat, y, probs, ok, label=decoded),

@@ -41,7 +41,13 @@ class MultiTaskHead:
                  batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4, patience: int = 25,
                  loss_weights: dict[str, float] | None = None, class_weighting: str = "none",
                  label_smoothing: float = 0.0, focal_gamma: float = 0.0, scaling: str = "global",
-                 seed: int = 0, verbose: bool = False, sampler: str = "none", max_per_class: int = 0) -> None:
+                 seed: int = 0, verbose: bool = False, sampler: str = "none", max_per_class: int = 0,
+                 schedule: str = "onecycle", step_epochs: int = 0, gamma: float = 0.1, plateau_patience: int = 5,
+                 plateau_factor: float = 0.5) -> None:
+        from catalens.heads.schedules import SCHEDULES
+
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got '{schedule}'")
         if scaling not in ("global", "feature", "none"):
             raise ValueError(f"scaling must be global, feature or none; got '{scaling}'")
         self.tasks = tasks
@@ -50,6 +56,9 @@ class MultiTaskHead:
                            class_weighting=class_weighting, label_smoothing=label_smoothing,
                            focal_gamma=focal_gamma, scaling=scaling, seed=seed, sampler=sampler,
                            max_per_class=int(max_per_class or 0))
+        if schedule != "onecycle":  # head.json of one-cycle heads stays as it was
+            self.params.update(schedule=schedule, step_epochs=step_epochs, gamma=gamma,
+                               plateau_patience=plateau_patience, plateau_factor=plateau_factor)
         self.verbose = verbose
         self.net_: MultiTaskNet | None = None
         self.history_: list[dict] = []
@@ -85,9 +94,8 @@ class MultiTaskHead:
         bs = min(p["batch_size"], max(16, n_epoch // 8))  # at least ~8 steps per epoch on small data
         steps_per_epoch = max(1, -(-n_epoch // bs))
         total = p["epochs"] * steps_per_epoch
-        # warm-up 5%, but at least 1.5 steps: OneCycleLR divides by zero when its warm-up ends on step 0
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=total,
-                                                    pct_start=min(0.75, max(0.05, 1.5 / total)), anneal_strategy="cos")
+        sched = self._scheduler(opt, total, steps_per_epoch)
+        drops = getattr(sched, "drops", [0])  # plateau: reductions so far, read by the schedule's factor
         has_val = X_val is not None and Y_val is not None and len(X_val) > 0
         if has_val:
             Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
@@ -107,7 +115,7 @@ class MultiTaskHead:
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-            row = {"epoch": epoch + 1, "train_loss": total / len(order)}
+            row = {"epoch": epoch + 1, "train_loss": total / len(order), "lr": float(opt.param_groups[0]["lr"])}
             if has_val:
                 net.eval()
                 with torch.no_grad():
@@ -118,6 +126,10 @@ class MultiTaskHead:
                 else:
                     bad += 1
             self.history_.append(row)
+            if p.get("schedule") == "plateau" and has_val:  # read by the LambdaLR factor from the next step on
+                from catalens.heads.schedules import plateau_drops
+
+                drops[0] = plateau_drops([h["val_loss"] for h in self.history_], p["plateau_patience"])
             if self.verbose and (epoch % 20 == 0):
                 print(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
             if has_val and bad >= p["patience"]:
@@ -129,6 +141,29 @@ class MultiTaskHead:
         if has_val:
             self.calibrate(X_val, Y_val)
         return self
+
+    def _scheduler(self, opt, total: int, steps_per_epoch: int):
+        """The learning-rate scheduler (stepped once per batch): torch's one-cycle, or a factor of
+        :func:`catalens.heads.schedules.schedule_factor` (warm-up 5% of the steps)."""
+        p = self.params
+        kind = p.get("schedule", "onecycle")
+        # warm-up 5%, but at least 1.5 steps: OneCycleLR divides by zero when its warm-up ends on step 0
+        pct = min(0.75, max(0.05, 1.5 / total))
+        if kind == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p["lr"], total_steps=total, pct_start=pct,
+                                                       anneal_strategy="cos")
+        from catalens.heads.schedules import schedule_factor
+
+        warmup = int(round(0.05 * total))
+        drops = [0]
+
+        def factor(step: int) -> float:
+            return schedule_factor(kind, step, total, warmup, steps_per_epoch, p.get("step_epochs", 0),
+                                   p.get("gamma", 0.1), drops[0], p.get("plateau_factor", 0.5))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched.drops = drops
+        return sched
 
     def calibrate(self, X_val: np.ndarray, Y_val: dict[str, np.ndarray]) -> dict[str, float]:
         """Temperature scaling per task on validation data (Guo et al. 2017): probabilities

@@ -55,12 +55,25 @@ class ImageProblem(Exception):
         self.detail = detail
 
 
+#: how the square input is cut from a photo (``Preprocess.crop``)
+CROP_MODES = ("center", "pad", "squish", "box")
+PAD_FILL = (255, 255, 255)  # "pad": product photos are mostly shot on white
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How pixels are prepared for a backbone: stored in every model folder.
 
-    Resize the short side to ``resize`` (``interpolation``), centre-crop ``size`` x ``size``,
-    then ``(x / 255 - mean) / std`` per channel.
+    ``crop`` says how the photo becomes a ``resize`` x ``resize`` square, from which the centre
+    ``size`` x ``size`` is cut (``size == resize``: the whole square):
+
+    - ``center`` (default): short side to ``resize``, centre crop (the long side's ends are lost);
+    - ``pad``: long side to ``resize``, padded with white to a square (nothing is lost);
+    - ``squish``: both sides to ``resize`` (the aspect ratio changes, nothing is lost);
+    - ``box``: first cut ``box = (x0, y0, x1, y1)`` (fractions of width and height), then ``center``.
+
+    Then ``(x / 255 - mean) / std`` per channel. ``to_dict`` writes ``crop``/``box`` only when not
+    ``center``, so model folders written before crop modes existed load and keep their cache keys.
     """
 
     size: int = 224
@@ -68,15 +81,45 @@ class Preprocess:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop: str = "center"
+    box: tuple[float, float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"preprocess crop {self.crop!r} is not one of {', '.join(CROP_MODES)}")
+        if self.crop == "box":
+            check_box(self.box)
+        elif self.box is not None:
+            raise ValueError(f"preprocess box {list(self.box)} is only used with crop 'box' (crop is {self.crop!r})")
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
-                "mean": list(self.mean), "std": list(self.std)}
+        d = {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
+             "mean": list(self.mean), "std": list(self.std)}
+        if self.crop != "center":
+            d["crop"] = self.crop
+        if self.box is not None:
+            d["box"] = list(self.box)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
+        box = d.get("box")
         return cls(size=int(d["size"]), resize=int(d["resize"]), interpolation=d["interpolation"],
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+                   mean=tuple(d["mean"]), std=tuple(d["std"]), crop=d.get("crop", "center"),
+                   box=tuple(float(x) for x in box) if box is not None else None)
+
+
+def check_box(box) -> tuple[float, float, float, float]:
+    """A crop box ``(x0, y0, x1, y1)`` as fractions, ``0 <= x0 < x1 <= 1`` (same for y); else ValueError."""
+    ok = (box is not None and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in box))
+    if ok:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        ok = 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    if not ok:
+        raise ValueError(f"crop box {box!r} must be 4 fractions [x0, y0, x1, y1] of the photo's width and "
+                         f"height with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, e.g. [0.1, 0.0, 0.9, 1.0]")
+    return x0, y0, x1, y1
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -224,21 +267,49 @@ def decode(data: bytes, draft_to: int | None = None, max_pixels: int = DEFAULT_M
 
 
 def resize_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Short side to ``pre.resize``, centre crop ``pre.size``: ``(size, size, 3)`` uint8."""
+    """``pre.crop`` to a ``resize`` square, then its centre ``size`` crop: ``(size, size, 3)`` uint8.
+
+    Sizes are computed from the full-resolution geometry (``SOURCE_SIZE`` of a DCT-scaled decode),
+    so both JPEG decoders give the same crop."""
+    resample = _RESAMPLE[pre.interpolation]
     w, h = im.info.get(SOURCE_SIZE, im.size)
-    scale = pre.resize / min(w, h)
-    nw, nh = max(pre.size, round(w * scale)), max(pre.size, round(h * scale))
-    im = im.resize((nw, nh), _RESAMPLE[pre.interpolation], reducing_gap=None)
+    if pre.crop == "box":
+        x0, y0, x1, y1 = pre.box
+        sw, sh = im.size  # the box in the decoded pixels; its full-resolution size for what follows
+        im = im.crop((round(x0 * sw), round(y0 * sh), max(round(x0 * sw) + 1, round(x1 * sw)),
+                      max(round(y0 * sh) + 1, round(y1 * sh))))
+        w, h = max(1, round((x1 - x0) * w)), max(1, round((y1 - y0) * h))
+    if pre.crop == "squish":
+        im = im.resize((pre.resize, pre.resize), resample, reducing_gap=None)
+    elif pre.crop == "pad":
+        scale = pre.resize / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        canvas = Image.new("RGB", (pre.resize, pre.resize), PAD_FILL)
+        canvas.paste(im.resize((nw, nh), resample, reducing_gap=None), ((pre.resize - nw) // 2, (pre.resize - nh) // 2))
+        im = canvas
+    else:
+        scale = pre.resize / min(w, h)
+        im = im.resize((max(pre.size, round(w * scale)), max(pre.size, round(h * scale))), resample,
+                       reducing_gap=None)
+    nw, nh = im.size
     left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
     im = im.crop((left, top, left + pre.size, top + pre.size))
     return np.asarray(im, dtype=np.uint8)
+
+
+def _draft_side(pre: Preprocess) -> int:
+    """The side JPEG draft decoding must keep: more when only a box of the photo is used."""
+    if pre.crop == "box":
+        x0, y0, x1, y1 = pre.box
+        return int(np.ceil(pre.resize / max(1e-3, min(x1 - x0, y1 - y0))))
+    return pre.resize
 
 
 def load_rgb(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
              notes: list[str] | None = None, jpeg: str = "auto") -> np.ndarray:
     """Bytes → preprocessed ``(size, size, 3)`` uint8 pixels (raises :class:`ImageProblem`);
     ``jpeg``: the JPEG decoder (:func:`jpeg_decoder`)."""
-    im = decode(data, draft_to=pre.resize, max_pixels=max_pixels, notes=notes, jpeg=jpeg)
+    im = decode(data, draft_to=_draft_side(pre), max_pixels=max_pixels, notes=notes, jpeg=jpeg)
     return resize_crop(im, pre)
 
 

@@ -43,6 +43,10 @@ class TaskSpec(BaseModel):
     key: str | None = None             # tags: join key in that table (default: the id column)
     columns: list[str] | None = None   # tags: 0/1 columns, one per tag
     sep: str | None = None             # tags: alternatively one column of tags joined by sep
+    include: list[str] | None = None   # class: train on these classes only (catalens/train/classes.py)
+    exclude: list[str] | None = None   # class: never train on these (e.g. "Not sure", "Others")
+    min_count: int | None = Field(None, ge=0)  # class: classes with at least this many training photos
+    top_n: int | None = Field(None, ge=0)      # class: the N classes with most training photos
 
     @model_validator(mode="after")
     def _check(self):
@@ -52,6 +56,9 @@ class TaskSpec(BaseModel):
         if self.kind == "tags" and not self.columns and not self.sep:
             raise ValueError("a tags task needs 'columns: [tag, ...]' (0/1 columns) or "
                              "'column' + 'sep' (one column of tags joined by sep)")
+        if self.kind == "tags" and any(v is not None for v in (self.include, self.exclude, self.min_count,
+                                                                self.top_n)):
+            raise ValueError("include, exclude, min_count and top_n select classes of class tasks only")
         if self.kind == "tags" and self.parent:
             raise ValueError("'parent' applies to class tasks only")
         return self
@@ -270,8 +277,12 @@ class TableSource:
         tasks = class_tasks_from_frame(frame, class_specs) + tag_tasks
         tasks = [tasks_by for tasks_by in _ordered(tasks, list(spec.tasks))]
         hierarchy_levels(tasks)  # validates parents now, naming the bad one
+        selection = {name: {k: v for k, v in t.model_dump().items()
+                            if k in ("include", "exclude", "min_count", "top_n") and v is not None}
+                     for name, t in spec.tasks.items() if t.kind == "class"}
         return Catalogue(frame=frame, tasks=tasks, root=root, source=self.name,
-                         meta={"dataset_file": str(path), "name": spec.name or path.stem})
+                         meta={"dataset_file": str(path), "name": spec.name or path.stem,
+                               "class_selection": {k: v for k, v in selection.items() if v}})
 
 
 def _require_column(df: pd.DataFrame, column: str | None, key: str, spec_path: Path, table: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from catalens.model.format import ModelError
 from catalens.tasks import TaskInfo, hierarchy_levels
+from catalens.ingest.images import CROP_MODES, check_box
 
 #: largest resize / crop side accepted from a model folder (config allows up to 1024)
 MAX_IMAGE_SIDE = 4096
@@ -185,6 +186,14 @@ def check_backbone(desc: dict, where: Path | str) -> None:
     if pre["resize"] < pre["size"]:
         raise ModelFolderError(f"'{where}': backbone.preprocess.resize {pre['resize']} is smaller than the crop "
                                f"size {pre['size']}; {FIX}")
+    if pre.get("crop", "center") not in CROP_MODES:
+        raise ModelFolderError(f"'{where}': backbone.preprocess.crop is {pre.get('crop')!r}; expected one of "
+                               f"{', '.join(CROP_MODES)}; {FIX}")
+    if pre.get("crop") == "box" or "box" in pre:
+        try:
+            check_box(pre.get("box"))
+        except ValueError as e:
+            raise ModelFolderError(f"'{where}': backbone.preprocess.box: {e}; {FIX}") from None
     if pre.get("interpolation") not in INTERPOLATIONS:
         raise ModelFolderError(f"'{where}': backbone.preprocess.interpolation is {pre.get('interpolation')!r}; "
                                f"expected one of {', '.join(INTERPOLATIONS)}")

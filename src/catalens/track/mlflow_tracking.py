@@ -199,6 +199,8 @@ def log_training(result, cfg=None, data=None, experiment: str | None = None, uri
                        "val_images": float(meta.get("val_images", 0))})
         if getattr(head, "best_epoch_", None) is not None:
             finals["best_epoch"] = float(head.best_epoch_)
+        if (meta.get("preset") or {}).get("cv_score") is not None:  # catalens train --preset: the CV of the result
+            finals["preset_cv_score"] = float(meta["preset"]["cv_score"])
         metrics += [Metric(k, v, now, 0) for k, v in finals.items()]
         for part in _chunks(metrics, 1000):
             cl.log_batch(run_id, metrics=part)
@@ -264,6 +266,8 @@ def _headline(metrics: dict) -> dict:
     for k, v in sorted(metrics.items()):
         if k.startswith("val.") and k.count(".") == 2 and k.rsplit(".", 1)[1] in ("accuracy", "micro_f1"):
             keep[k[4:]] = round(v, 4)
+    if "preset_cv_score" in metrics:
+        keep["preset_cv"] = round(metrics["preset_cv_score"], 4)
     return keep
 
 
@@ -279,6 +283,7 @@ def list_runs(experiment: str | None = None, uri: str | None = None):
         rows.append({"run_id": r.info.run_id, "name": r.info.run_name,
                      "start": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
                      "status": r.info.status, "backbone": r.data.params.get("backbone.name"),
+                     "preset": r.data.params.get("preset.name"),
                      "head": r.data.params.get("head.type"), "epochs": int(m["best_epoch"]) if "best_epoch" in m else None,
                      "seconds": round(m.get("seconds", float("nan")), 1), **_headline(m)})
     return pd.DataFrame(rows)

@@ -116,7 +116,7 @@ class PixelStore:
 
 def _store_pre(pre: Preprocess) -> Preprocess:
     return Preprocess(size=pre.resize, resize=pre.resize, interpolation=pre.interpolation,
-                      mean=pre.mean, std=pre.std)
+                      mean=pre.mean, std=pre.std, crop=pre.crop, box=pre.box)
 
 
 def decode_store(cat, pre: Preprocess, folder: str | Path, workers: int = 1, max_pixels: int | None = None,

@@ -57,6 +57,7 @@ from catalens.config import Config
 from catalens.embed.backbones import Backbone
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.losses import class_weights, multitask_loss
+from catalens.heads.schedules import plateau_drops, schedule_factor, schedule_params
 from catalens.tasks import TaskInfo
 from catalens import distributed as ddp
 from catalens.train.augment import AugmentParams, BatchMaker, decode_store, default_workers
@@ -123,6 +124,13 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def default_views(f, device: torch.device) -> int:
+    """Precomputed views per image: ``finetune.views``, or 3 on a CPU (0 = online on a GPU or for ``all``)."""
+    if f.views is not None:
+        return f.views
+    return 0 if device.type == "cuda" or f.mode == "all" else 3
+
+
 # ------------------------------------------------------------------- backbone split
 class _Trunk(nn.Module):
     """The frozen part: pixels 0..255 → activations entering the trainable tail."""
@@ -166,7 +174,12 @@ class _Tail(nn.Module):
 
 
 def split_backbone(extractor: nn.Module, mode: str, blocks: int) -> tuple[nn.Module, nn.Module, list[nn.Parameter]]:
-    """``(trunk, tail, trainable backbone parameters)``; ``tail(trunk(px))`` = ``extractor(px)``."""
+    """``(trunk, tail, trainable backbone parameters)``; ``tail(trunk(px))`` = ``extractor(px)``.
+
+    EfficientNet/MobileNet-style nets (stages in ``.blocks``) count each of ``.blocks`` as a stage;
+    any other timm architecture (ResNet, ConvNeXt, VGG, DenseNet, Inception, RegNet, ...) is split
+    at the stage boundaries its ``feature_info`` names (:func:`timm_stages`).
+    """
     net = extractor.net
     if mode == "all":
         return nn.Identity(), extractor, list(extractor.parameters())
@@ -174,15 +187,114 @@ def split_backbone(extractor: nn.Module, mode: str, blocks: int) -> tuple[nn.Mod
         return _Trunk(extractor, None), nn.Identity(), []
     needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")
     if not all(hasattr(net, a) for a in needed):
-        raise FinetuneError(f"--finetune blocks needs an EfficientNet/MobileNet-style backbone (stages in "
-                            f"'.blocks'); '{type(net).__name__}' is not one: use --finetune all, or "
-                            f"--set finetune.blocks=0 to train the heads on augmented views")
+        return _split_by_feature_info(extractor, blocks)
     n_stages = len(net.blocks)
     if blocks >= n_stages:
         return nn.Identity(), extractor, list(extractor.parameters())
     k = n_stages - blocks
     tail = _Tail(net, k)
     return _Trunk(extractor, k), tail, list(tail.parameters())
+
+
+#: children of a timm model that belong to ``forward_head`` (pooling, classifier), not to the stages
+HEAD_NAMES = frozenset({"global_pool", "fc", "head", "classifier", "head_drop", "pre_logits", "fc_norm",
+                        "head_dist", "attn_pool"})
+
+
+def timm_stages(net: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[list[int]]]:
+    """The modules ``forward_features`` runs, in order (``(qualified name, module)``), and the
+    stages as lists of their positions: the stem first, then one stage per ``feature_info``
+    level; what follows the last level (a final norm or 1x1 conv) joins the last stage, and a
+    stage without parameters (a lone pooling layer) joins the one before it."""
+    info = getattr(net, "feature_info", None)
+    names = [d["module"] for d in info] if isinstance(info, list) and info and isinstance(info[0], dict) else []
+    if not names or not hasattr(net, "forward_head"):
+        raise FinetuneError(f"--finetune blocks needs a timm backbone that names its stages (feature_info); "
+                            f"'{type(net).__name__}' does not: use --finetune all, or --set finetune.blocks=0 "
+                            f"to train the heads on augmented views")
+    seq: list[tuple[str, nn.Module]] = []
+    for name, child in net.named_children():
+        if name in HEAD_NAMES:
+            continue
+        if isinstance(child, nn.Sequential) and any(n.startswith(name + ".") for n in names):
+            seq += [(f"{name}.{n}", m) for n, m in child.named_children()]
+        else:
+            seq.append((name, child))
+    ends = sorted({i for n in names for i, (q, _) in enumerate(seq) if n == q or n.startswith(q + ".")})
+    if not ends:
+        raise FinetuneError(f"--finetune blocks: none of the stages {names} of '{type(net).__name__}' was found "
+                            f"among its modules; use --finetune all")
+    bounds = [0] + [e + 1 for e in ends]
+    stages = [list(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+    if bounds[-1] < len(seq):
+        stages[-1] += list(range(bounds[-1], len(seq)))
+    merged: list[list[int]] = []
+    for st in stages:
+        has_params = any(p.numel() for i in st for p in seq[i][1].parameters())
+        if merged and not has_params:
+            merged[-1] += st
+        else:
+            merged.append(st)
+    return seq, merged
+
+
+class _SeqTrunk(nn.Module):
+    """Frozen part of a timm net split by :func:`timm_stages`: normalisation + the first modules."""
+
+    def __init__(self, extractor: nn.Module, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.x = extractor
+        self.mods = nn.ModuleList(modules)
+
+    def forward(self, px: torch.Tensor) -> torch.Tensor:
+        h = (px - self.x.mean) * self.x.inv_std
+        for m in self.mods:
+            h = m(h)
+        return h
+
+
+class _SeqTail(nn.Module):
+    """Trainable part of a timm net split by :func:`timm_stages`: the last modules, then ``forward_head``."""
+
+    def __init__(self, net: nn.Module, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.mods = nn.ModuleList(modules)
+        self.head_mods = nn.ModuleList([m for n, m in net.named_children() if n in HEAD_NAMES])
+        object.__setattr__(self, "_net", net)  # not a submodule: its other parameters stay out of the tail's
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for m in self.mods:
+            h = m(h)
+        return self._net.forward_head(h)
+
+
+def _split_by_feature_info(extractor: nn.Module, blocks: int):
+    net = extractor.net
+    seq, stages = timm_stages(net)
+    body = stages[1:]  # the stem is never one of "the last N stages"
+    if blocks >= len(body):
+        return nn.Identity(), extractor, list(extractor.parameters())
+    cut = body[-blocks][0]
+    trunk = _SeqTrunk(extractor, [m for _, m in seq[:cut]])
+    tail = _SeqTail(net, [m for _, m in seq[cut:]])
+    _check_split(extractor, trunk, tail)
+    return trunk, tail, list(tail.parameters())
+
+
+def _check_split(extractor: nn.Module, trunk: nn.Module, tail: nn.Module, side: int = 96) -> None:
+    """The split must compute what the whole net computes (a net whose ``forward_features`` does more
+    than run its children in order cannot be split this way)."""
+    was = extractor.training
+    extractor.eval()
+    try:
+        x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)) * 255
+        with torch.no_grad():
+            ref, got = extractor(x), tail(trunk(x)).flatten(1)
+    finally:
+        extractor.train(was)
+    if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-4, atol=1e-4):
+        raise FinetuneError(f"--finetune blocks cannot split '{type(extractor.net).__name__}' into stages (its "
+                            f"forward is more than its modules in order): use --finetune all")
 
 
 def _freeze_bn(module: nn.Module) -> None:
@@ -193,11 +305,8 @@ def _freeze_bn(module: nn.Module) -> None:
 
 # ------------------------------------------------------------------------ schedule
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total`` (schedule ``cosine``)."""
+    return schedule_factor("cosine", step, total, warmup, 1)
 
 
 def _optimizer(cfg, groups: list[dict]) -> torch.optim.Optimizer:
@@ -428,7 +537,7 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     set_threads(cfg.engine.threads or ddp.cpu_threads())
     device = pick_device()
     bf16 = use_bf16(f.bf16, device)
-    views = f.views if f.views is not None else (0 if device.type == "cuda" or f.mode == "all" else 4)
+    views = default_views(f, device)
     progress = cfg.engine.progress and ddp.is_main()
     train_rows, val_rows = np.where(is_train)[0], np.where(is_val)[0]
     stamp = _stamp(cfg, backbone, len(train_rows), len(val_rows), tasks)
@@ -562,6 +671,9 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
     t_train = time.time()
     for epoch in range(start_epoch, f.epochs):
         te = time.time()
+        drops = plateau_drops([h["val_loss"] for h in history if "val_loss" in h], f.plateau_patience) \
+            if f.schedule == "plateau" else 0  # a function of the history: a resumed run gets the same
+        lrf = 0.0
         rng = np.random.default_rng([cfg.seed, 13, epoch])
         order = ddp.shard(rng.permutation(len(train_rows)))  # torchrun: this rank's shard
         tail.train()
@@ -586,7 +698,8 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
                     x = trunk(_to_input(px, device, cl))
                 x = x.float() if x.dtype != torch.float32 else x
                 rows = train_rows[idx]
-            lrf = lr_factor(step, total, warmup)
+            lrf = schedule_factor(f.schedule, step, total, warmup, steps_per_epoch, f.step_epochs, f.gamma, drops,
+                                  f.plateau_factor)
             for g in opt.param_groups:
                 g["lr"] = f.lr * g["lr_mult"] * lrf
             with _autocast(device, bf16):
@@ -612,7 +725,8 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             total_loss, seen = ddp.all_sum([total_loss, seen])
             if not math.isfinite(total_loss):  # every rank sees the same sum: all stop together
                 raise _diverged(total_loss, epoch + 1, step, f)
-        row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "seconds": round(time.time() - te, 1)}
+        row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "seconds": round(time.time() - te, 1),
+               "lr": f.lr * lrf}  # the heads' learning rate at the epoch's last step (backbone: x backbone_lr_mult)
         history.append(row)
         if ddp.is_main():  # torchrun: rank 0 evaluates, checkpoints and reports
             if val_act is not None:
@@ -666,7 +780,7 @@ def _head_params(cfg: Config) -> dict:
     return dict(hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch_size=h.batch_size, lr=h.lr,
                 weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
                 class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
-                focal_gamma=h.focal_gamma, seed=cfg.seed)
+                focal_gamma=h.focal_gamma, seed=cfg.seed, **schedule_params(h))
 
 
 def _features(tail, act) -> np.ndarray:

@@ -34,8 +34,11 @@ def small_classes(cat: Catalogue, min_count: int) -> dict[str, dict[str, int]]:
 
 
 def write_ingest_report(folder: Path, cat: Catalogue, problems: list[dict], notes: list[dict],
-                        min_count: int) -> dict:
-    """Write ingest/problems.csv, notes.csv, class_counts.json; return the summary."""
+                        min_count: int, selection=None) -> dict:
+    """Write ingest/problems.csv, notes.csv, class_counts.json; return the summary.
+
+    ``selection`` (a :class:`catalens.train.classes.SelectionReport`) adds what the class
+    selection removed: per task the classes and photos, and the photos left without labels."""
     folder.mkdir(parents=True, exist_ok=True)
     pf = problems_frame(cat, problems)
     pf.to_csv(folder / "problems.csv", index=False)
@@ -48,13 +51,18 @@ def write_ingest_report(folder: Path, cat: Catalogue, problems: list[dict], note
                "converted": dict(Counter(n["note"].split(" (")[0] for n in notes)),
                "small_classes": small_classes(cat, min_count), "class_counts": counts,
                "unknown_labels": cat.meta.get("unknown_labels", {})}
+    if selection is not None and selection.tasks:
+        summary["class_selection"] = selection.to_dict()
+        summary["excluded_by_class_selection"] = selection.removed_rows
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def format_summary(summary: dict, folder: Path) -> str:
     """Human summary of ingest: what was excluded and why, imbalance, small classes."""
-    lines = [f"ingest: {summary['images']} images, {summary['excluded']} excluded"]
+    lines = [f"ingest: {summary['images']} images, {summary['excluded']} excluded"
+             + (f" ({summary['excluded_by_class_selection']} more removed by class selection)"
+                if summary.get("excluded_by_class_selection") else "")]
     for code, n in sorted(summary["problems"].items()):
         lines.append(f"  {n:6d} {code}: {PROBLEM_FIXES.get(code, '')}")
     for what, n in sorted(summary["converted"].items()):
@@ -68,6 +76,13 @@ def format_summary(summary: dict, folder: Path) -> str:
             if vals:
                 lines.append(f"  {task}: {len(counts)} classes, train images per class {min(vals)}..{max(vals)} "
                              f"(imbalance {max(vals) / min(vals):.1f}x)")
+    for task, r in (summary.get("class_selection") or {}).get("tasks", {}).items():
+        gone = r["excluded_classes"]
+        shown = ", ".join(f"{c} ({n})" for c, n in list(gone.items())[:6]) + (" ..." if len(gone) > 6 else "")
+        lines.append(f"  class selection {task}: {r['classes_kept']} of {r['classes_before']} classes kept "
+                     f"({r['rule']}); {r['rows_relabelled']} photos lost this label" + (f": {shown}" if gone else ""))
+    if summary.get("class_selection"):
+        lines.append(f"  list of photos affected by class selection: {folder / 'class_selection.csv'}")
     for task, small in summary["small_classes"].items():
         shown = ", ".join(f"{c} ({n})" for c, n in list(small.items())[:8])
         lines.append(f"  {task}: {len(small)} classes too small to learn well: {shown}"

@@ -76,11 +76,16 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     from catalens.train.pipeline import _drop_unlabelled, training_tasks
     from catalens.train.splits import ensure_splits
 
-    cat = open_catalogue(data)
+    cat = data if hasattr(data, "frame") else open_catalogue(data)  # a path, or an in-memory Catalogue
     cat, note = ensure_splits(cat, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     if note:
         log(note)
     pool = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    from catalens.train.classes import merged_selections, select_classes
+
+    pool, selection = select_classes(pool, merged_selections(cat, cfg.data.classes))  # as catalens train does
+    if selection.tasks:
+        log(f"class selection: {selection.removed_rows} photos left without labels are not used")
     backbone = backbone_from_config(cfg.backbone)
     feats = catalogue_features(pool, backbone, cfg)
     tasks = pool_tasks(pool) if classes_from == "pool" else training_tasks(pool)
@@ -152,6 +157,7 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
     as :func:`catalens.train.pipeline.train` does."""
     from catalens.evaluate.thresholds import tune_thresholds
     from catalens.heads import create_head
+    from catalens.heads.schedules import schedule_params
 
     tasks = copy.deepcopy(prep.tasks)
     h = cfg.head
@@ -160,7 +166,7 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
                        lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
                        class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
                        focal_gamma=h.focal_gamma, scaling=h.scaling, seed=cfg.seed, sampler=h.sampler,
-                       max_per_class=h.max_per_class)
+                       max_per_class=h.max_per_class, **schedule_params(h))
     head.fit(prep.features[tr], prep.select(tr), prep.features[va], prep.select(va))
     probs_val = head.predict_proba(prep.features[va])
     text = None

@@ -16,11 +16,13 @@ from catalens.model.single import CatalensModel
 from catalens.config import Config
 from catalens.embed.factory import backbone_from_config
 from catalens.heads import create_head
+from catalens.heads.schedules import schedule_params
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.open import open_catalogue
 from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
 from catalens import distributed as ddp
 from catalens.embed.features import catalogue_features
+from catalens.train.classes import merged_selections, select_classes, write_selection
 from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
 from catalens.train.splits import ensure_splits
 
@@ -94,6 +96,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
     if split_note:
         log(split_note)
     fit_cat = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    fit_cat, selection = select_classes(fit_cat, merged_selections(cat, cfg.data.classes))
     log(f"data: {len(cat)} images ({cat.source}), training on {int((fit_cat.frame['split'] == 'train').sum())} "
         f"train + {int((fit_cat.frame['split'] == 'val').sum())} val; tasks: "
         + ", ".join(f"{t.name} ({t.kind}, {t.n_outputs})" for t in cat.tasks))
@@ -109,7 +112,9 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
     usable = head = None
     if ddp.is_main():  # torchrun: embedding, ingest report and linear probe on rank 0; the others wait
         feats = catalogue_features(fit_cat, backbone, cfg)
-        summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count)
+        summary = write_ingest_report(ingest_dir, fit_cat, feats.problems, feats.notes, cfg.data.min_class_count,
+                                      selection=selection)
+        write_selection(ingest_dir, selection)
         log(format_summary(summary, ingest_dir))
         if cfg.data.strict and feats.problems:
             raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; "
@@ -124,7 +129,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
                            batch_size=h.batch_size, lr=h.lr, weight_decay=h.weight_decay, patience=h.patience,
                            loss_weights=h.loss_weights, class_weighting=h.class_weighting,
                            label_smoothing=h.label_smoothing, focal_gamma=h.focal_gamma, scaling=h.scaling,
-                           seed=cfg.seed)
+                           seed=cfg.seed, **schedule_params(h))
         head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
         head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
         log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
@@ -176,7 +181,8 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
                            oof_allowed=finetuned is None and text_part is None, log=log)
     meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data), **flags,
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
-            "ingest": {k: summary[k] for k in ("images", "excluded", "problems")}, "seed": cfg.seed,
+            "ingest": {k: summary[k] for k in ("images", "excluded", "problems", "class_selection") if k in summary},
+            "seed": cfg.seed,
             "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),
             "text": cfg.text.model_dump() if text_part is not None else None}
     if finetuned is not None:

@@ -1,0 +1,95 @@
+"""``catalens train --preset best --time-limit 20m`` on clothing-small and fashion-products (issue 16).
+
+Each run is exactly the command a user types, then ``catalens evaluate`` on the test split
+(reported only: the preset chooses everything on train + val by k-fold CV). Runs:
+
+- ``clothing``:      clothing-small, ``--preset best --time-limit 20m``
+- ``fashion-image``: examples/fashion-products.yaml, image only (``--set preset.titles=off``)
+- ``fashion-text``:  the same with titles (``preset.titles: auto`` finds them)
+
+Wall time is the whole ``catalens train`` command (the limit is to be kept within 1.15x);
+the load average around each run is printed because the machine is shared. Each run starts
+from an empty embedding cache (``runs/bench_presets/<run>/cache``), as a new user's would,
+unless ``--warm-cache`` (the default cache, possibly filled by earlier runs).
+
+    python benchmarks/bench_presets.py [--only clothing fashion-image fashion-text] [--limit 20m]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+
+WORK = ROOT / "runs" / "bench_presets"
+RUNS = {
+    "clothing": (str(SHARED_DATA / "clothing-small"), [], ["label"]),
+    "fashion-image": (str(ROOT / "examples" / "fashion-products.yaml"), ["--set", "preset.titles=off"],
+                      ["articleType", "subCategory"]),
+    "fashion-text": (str(ROOT / "examples" / "fashion-products.yaml"), [], ["articleType", "subCategory"]),
+}
+
+
+def _catalens(*args: str) -> float:
+    t = time.time()
+    subprocess.run([sys.executable, "-m", "catalens", *args], check=True)
+    return time.time() - t
+
+
+def run_one(name: str, limit: str, warm: bool) -> dict:
+    import shutil
+
+    data, extra, tasks = RUNS[name]
+    out, report, cache = WORK / name / "model", WORK / name / "report", WORK / name / "cache"
+    if not warm:
+        shutil.rmtree(cache, ignore_errors=True)
+        extra = [*extra, "--cache-dir", str(cache)]
+    load0 = os.getloadavg()[0]
+    wall = _catalens("train", data, "--out", str(out), "--preset", "best", "--time-limit", limit, "--no-progress",
+                     "--set", "tracking=false", *extra)
+    load1 = os.getloadavg()[0]
+    _catalens("evaluate", str(out), data, "--report", str(report), "--no-progress",
+              *([] if warm else ["--cache-dir", str(cache)]))
+    metrics = json.loads((report / "metrics.json").read_text())
+    desc = json.loads((out / "model.json").read_text())
+    preset = desc.get("preset", {})
+    return {"name": name, "wall_s": round(wall, 1), "load": f"{load0:.1f}/{load1:.1f}",
+            "test": {t: metrics[t]["accuracy"] for t in tasks if t in metrics},
+            "cv": preset.get("cv_score"), "chosen": preset.get("chosen"), "limit": limit}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--limit", default="20m")
+    ap.add_argument("--warm-cache", action="store_true", help="use the default embedding cache")
+    args = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    results_path = WORK / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name in args.only:
+        results[name] = run_one(name, args.limit, args.warm_cache)
+        results_path.write_text(json.dumps(results, indent=1))
+    rows = []
+    for name, r in results.items():
+        chosen = " + ".join(f"{c['weight']:g} x {c['recipe']}" for c in r["chosen"] or []) or "plain model"
+        rows.append([name, r.get("limit", "20m"), ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
+                     r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"]])
+    body = table(["run", "--time-limit", "test accuracy", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after"],
+                 rows)
+    body += ("\n\nTest accuracy is reported only; every choice was made by k-fold CV on train+val. "
+             "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else "."))
+    write_section("bench_presets", "Presets: --preset best --time-limit", body,
+                  f"python benchmarks/bench_presets.py --only {' '.join(args.only)} --limit {args.limit}")
+
+
+if __name__ == "__main__":
+    main()

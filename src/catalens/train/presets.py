@@ -1,0 +1,612 @@
+"""``catalens train DATA --out M --preset fast|medium|best [--time-limit 20m]``: the best model in a budget.
+
+``fast`` is the plain ``catalens train``. ``medium`` and ``best`` spend the time limit (default
+10 and 20 minutes) on recipes catalens already has, cheapest and most promising first:
+
+- frozen backbones Lite0/1/2 at their own side and at ~15 % above it with the whole short side
+  (``@256/@272/@300``, crop 1), and for ``best`` the same photos padded whole (``crop pad``);
+- their ``+`` combinations (features side by side, one head);
+- ``best``: a head searched by cross-validation (:mod:`catalens.train.search`) on the best
+  features, and flipped test-time augmentation (``tta hflip``) of the best single backbone;
+- titles, when the data has them (``preset.titles: auto``).
+
+Every recipe is scored by K-fold cross-validation over train + val (split by product, as
+``catalens train --folds``; the test split is never read): its out-of-fold probabilities give the
+objective (mean over class tasks of accuracy, over tags tasks of mean average precision). A
+``+`` recipe is scored on its members' cached features side by side (each at its own
+preprocessing), and refitted on those features (:meth:`_PresetRun._hand_over_features`). The best recipes are then
+combined by greedy forward selection with replacement on the out-of-fold probabilities (Caruana
+et al. 2004: integer weights), each chosen recipe is refitted on train (early stopping on val, as
+``catalens train``) and the result is one model folder: the single model, or a ``catalens
+ensemble`` folder of the chosen ones with those weights.
+
+**The time limit is kept.** Before a recipe starts, its cost (embedding the photos not in the
+cache, K head fits, and the refit it would need if chosen) is estimated from what was measured
+so far in this run; a recipe that would not leave time for the final refit is skipped and listed
+as such. A budget too short for anything but the plain model gives the plain model.
+
+``OUT/leaderboard.csv``: every recipe with its CV score, seconds spent, estimated prediction
+speed (images per second on this machine, from the embedding speed measured here), and its
+status (chosen with its weight, scored, skipped and why). The same table is in ``model.json``
+(``preset``) and reaches MLflow with the run (``catalens runs`` lists the preset and its CV score).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from catalens.config import Config
+
+_logger = logging.getLogger(__name__)
+
+PRESETS = ("fast", "medium", "best")
+DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
+#: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
+_REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
+_FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
+_FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"20m"``, ``"90s"``, ``"1h"``, ``"1h30m"``, ``"1200"`` → seconds (ValueError naming the form)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        import re
+
+        s = str(text).strip().lower()
+        m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
+        if not s or m is None or not any(m.groups()):
+            raise ValueError(f"--time-limit {text!r}: expected a duration such as 20m, 90s, 1h30m or 1200 (seconds)")
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--time-limit {text!r}: must be more than 0 seconds")
+    return value
+
+
+# ------------------------------------------------------------------------------ recipes
+@dataclass
+class Recipe:
+    """One way to train: a backbone spec, crop, optional TTA, head overrides, or ``+`` of others."""
+
+    name: str
+    backbone: str = "efficientnet_lite0"
+    crop_pct: float | None = None
+    crop: str = "center"
+    tta: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()     # names of recipes whose features go side by side
+    head: dict | None = None          # head settings (from a search)
+    kind: str = "frozen"              # frozen | concat | search | tta
+    name_detail: str | None = None    # search / tta: the recipe it was built on
+
+    def config(self, base: Config, recipes: dict[str, "Recipe"]) -> Config:
+        """The run configuration that trains this recipe as ``catalens train`` does."""
+        c = base.model_copy(deep=True)
+        if self.members:
+            parts = [recipes[m] for m in self.members]
+            c.backbone.name = "+".join(p.backbone for p in parts)
+            c.backbone.crop_pct, c.backbone.crop = parts[0].crop_pct, parts[0].crop
+        else:
+            c.backbone.name, c.backbone.crop_pct, c.backbone.crop = self.backbone, self.crop_pct, self.crop
+        c.backbone.image_size = None
+        c.finetune.tta = list(self.tta)
+        if self.head:
+            c.head = type(c.head).model_validate({**c.head.model_dump(), **self.head})
+        return c
+
+
+def candidate_recipes(preset: str) -> list[Recipe]:
+    """The recipes a preset tries, in order (cheap and promising first)."""
+    out = [Recipe("lite0 (plain catalens train)", "efficientnet_lite0"),
+           Recipe("lite1@272 crop 1", "efficientnet_lite1@272", 1.0),
+           Recipe("lite0@256 crop 1", "efficientnet_lite0@256", 1.0),
+           Recipe("lite2@300 crop 1", "efficientnet_lite2@300", 1.0),
+           Recipe("lite0@256+lite1@272 crop 1", members=("lite0@256 crop 1", "lite1@272 crop 1"), kind="concat"),
+           Recipe("lite0@256+lite1@272+lite2@300 crop 1",
+                  members=("lite0@256 crop 1", "lite1@272 crop 1", "lite2@300 crop 1"), kind="concat")]
+    if preset == "best":
+        out += [Recipe("searched head", kind="search"),
+                Recipe("best single + tta hflip", tta=("hflip",), kind="tta"),
+                Recipe("lite1@272 padded whole", "efficientnet_lite1@272", 1.0, "pad")]
+    return out
+
+
+def _rel_cost(spec: str, crop_pct: float | None = None) -> float:
+    """Relative embedding cost of a backbone spec (``a@s+b@t``), Lite0 at 224 = 1."""
+    total = 0.0
+    for part in spec.split("+"):
+        name, _, size = part.partition("@")
+        native, rel = _REL_COST.get(name, (224, 2.0))
+        side = int(size) if size else native
+        total += rel * (side / native) ** 2
+    return total
+
+
+# ------------------------------------------------------------------------------ the run
+@dataclass
+class Scored:
+    recipe: Recipe
+    score: float = float("nan")
+    scores: dict = field(default_factory=dict)   # per task
+    seconds: float = 0.0
+    img_s: float | None = None
+    status: str = "not run"
+    oof: dict | None = None
+    prep: object = None
+    cfg: Config | None = None
+    scored: np.ndarray | None = None   # rows with out-of-fold probabilities
+
+
+class _Clock:
+    """The budget: measured speeds and estimates of what the next step costs."""
+
+    def __init__(self, limit: float) -> None:
+        self.t0 = time.time()
+        self.limit = limit
+        self.spi = _FIRST_GUESS_SPI          # seconds per image of Lite0@224 (uncached)
+        self.fit_unit = _FIRST_GUESS_FIT     # seconds per (row x feature) of one head fit
+        self.measured_embed = False
+
+    def left(self) -> float:
+        return self.limit - (time.time() - self.t0)
+
+    def embed_cost(self, n_uncached: int, rel: float) -> float:
+        return n_uncached * self.spi * rel
+
+    def fit_cost(self, rows: int, dim: int) -> float:
+        return rows * dim * self.fit_unit
+
+    def learn_embed(self, seconds: float, n: int, rel: float) -> None:
+        if n >= 8 and seconds > 0:
+            self.spi = seconds / (n * rel)
+            self.measured_embed = True
+
+    def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
+        if fits and rows and dim and seconds > 0:
+            self.fit_unit = seconds / (fits * rows * dim)
+
+
+def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
+    """Share of ``cat``'s photos whose features for ``backbone`` are not in the cache (from a sample)."""
+    from catalens.embed.cache import EmbeddingCache, content_hash
+
+    try:
+        cache = EmbeddingCache(cfg.cache_dir, backbone.fingerprint(), backbone.feature_dim)
+        keys = cache.keys()
+    except Exception:  # no cache yet, unreadable part: count everything as to embed
+        return 1.0
+    if not keys or len(cat) == 0:
+        return 1.0
+    idx = np.linspace(0, len(cat) - 1, min(sample, len(cat))).astype(int)
+    miss = 0
+    for i in idx:
+        try:
+            miss += content_hash(cat.read_bytes(int(i))) not in keys
+        except Exception:
+            miss += 1
+    return miss / len(idx)
+
+
+def train_preset(data, out: str | Path, cfg: Config, log=None):
+    """Run ``cfg.preset`` on ``data`` within ``cfg.preset.time_limit`` and write the model folder ``out``."""
+    from catalens.train.pipeline import TrainResult, train
+
+    log = log or _logger.info
+    p = cfg.preset
+    if p.name == "fast":
+        return train(data, out, cfg, log=log)
+    if cfg.finetune.mode != "none":
+        raise ValueError(f"--preset {p.name} scores frozen-backbone recipes by k-fold CV and does not fine-tune; "
+                         f"drop --finetune, or train with --finetune without --preset (docs/presets.md)")
+    limit = float(p.time_limit or DEFAULT_LIMIT[p.name])
+    runner = _PresetRun(data, Path(out), cfg, limit, log)
+    return runner.run(TrainResult)
+
+
+class _PresetRun:
+    def __init__(self, data, out: Path, cfg: Config, limit: float, log) -> None:
+        self.data, self.out, self.log = data, out, log
+        self.clock = _Clock(limit)
+        self.work = out.parent / f".{out.name}.preset"
+        self.base = cfg.model_copy(deep=True)
+        self.base.kfold.folds = 0
+        self.k = cfg.preset.folds
+        self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)}
+        self.results: dict[str, Scored] = {}
+        self.pool = None
+        self.refit_seconds = 0.0
+
+    # ------------------------------------------------------------------ steps
+    def run(self, result_type):
+        from catalens.ingest.open import open_catalogue
+        from catalens.train.splits import ensure_splits
+
+        t0 = time.time()
+        self.work.mkdir(parents=True, exist_ok=True)
+        cat = self.data if hasattr(self.data, "frame") else open_catalogue(self.data)
+        cat, _ = ensure_splits(cat, self.base.data.val_fraction, self.base.data.test_fraction, self.base.seed)
+        self.pool = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+        titles = "text" in self.pool.frame and self.pool.frame["text"].notna().any()
+        use_text = self.base.preset.titles == "on" or (self.base.preset.titles == "auto" and titles)
+        self.base.text.enabled = bool(use_text)
+        self.log(f"preset {self.base.preset.name}: time limit {self.clock.limit:.0f}s, {len(self.recipes)} recipes, "
+                 f"{self.k}-fold CV over {len(self.pool)} train+val photos"
+                 + (", with titles" if use_text else ""))
+        for recipe in self.recipes.values():
+            self._try(recipe)
+        chosen, weights, blend = self._combine()
+        model_result = self._refit(chosen, weights, blend)
+        self._write_leaderboard(chosen, weights, blend)
+        shutil.rmtree(self.work, ignore_errors=True)
+        seconds = time.time() - t0
+        self.log(f"preset {self.base.preset.name}: model written to {self.out} in {seconds:.0f}s "
+                 f"(limit {self.clock.limit:.0f}s); leaderboard: {self.out / 'leaderboard.csv'}")
+        return result_type(model_result.model, self.out, model_result.metrics, seconds)
+
+    def _reserve(self) -> float:
+        """Seconds to keep for the final refit: the three best recipes so far (an ensemble rarely has more)."""
+        done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
+        return sum(self._refit_cost(s) for s in done) + 5.0
+
+    def _best(self) -> Scored | None:
+        done = [s for s in self.results.values() if s.oof is not None]
+        return max(done, key=lambda s: s.score) if done else None
+
+    def _refit_cost(self, s: Scored) -> float:
+        """Seconds to refit ``s`` with ``catalens train``: a head fit on cached features, and for a ``+``
+        recipe the embedding through the multi-backbone (its own cache key)."""
+        n = len(self.pool)
+        dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
+        cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
+        if s.recipe.members:  # the members' cached features are handed to the refit: reading and hashing
+            cost += n * 0.004
+        return cost
+
+    def _try(self, recipe: Recipe) -> None:
+        s = Scored(recipe)
+        self.results[recipe.name] = s
+        try:
+            est = self._estimate(recipe)
+        except _Skip as e:
+            s.status = f"skipped: {e}"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        except _FAILURES as e:
+            s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        left = self.clock.left() - self._reserve()
+        if recipe.kind in ("frozen", "concat"):  # its own refit, should it be chosen, must fit as well
+            est += self._refit_cost(Scored(recipe))
+        if est > left:
+            s.status = f"skipped: needs ~{est:.0f}s, {max(0, left):.0f}s left before the refit"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        t = time.time()
+        try:
+            self._score(s)
+        except _Skip as e:
+            s.status = f"skipped: {e}"
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        except _FAILURES as e:  # one recipe failing costs that recipe only
+            s.oof, s.status = None, f"failed: {type(e).__name__}: {str(e)[:300]}"
+            s.seconds = round(time.time() - t, 1)
+            self.log(f"  {recipe.name}: {s.status}")
+            return
+        s.seconds = round(time.time() - t, 1)
+        s.status = "scored"
+        self.log(f"  {recipe.name}: CV {s.score:.4f} ({s.seconds:.0f}s; estimated {est:.0f}s; "
+                 f"{self.clock.left():.0f}s left)")
+
+    def _estimate(self, recipe: Recipe) -> float:
+        n = len(self.pool)
+        fits = self.k
+        if recipe.kind == "concat":
+            missing = [m for m in recipe.members if self.results.get(m) is None or self.results[m].oof is None]
+            if missing:
+                raise _Skip(f"member {missing[0]} was not scored")
+            dim = sum(self.results[m].prep.features.shape[1] for m in recipe.members)
+            return self.clock.fit_cost(n, dim) * fits
+        if recipe.kind == "search":
+            best = self._best()
+            if best is None:
+                raise _Skip("nothing scored to search a head for")
+            one = self.clock.fit_cost(n, best.prep.features.shape[1]) * fits
+            return self._search_budget() + one
+        cfg = self._recipe_config(recipe)
+        from catalens.embed.factory import backbone_from_config
+
+        backbone = backbone_from_config(cfg.backbone)
+        rel = _rel_cost(cfg.backbone.name)
+        recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
+        embed = self.clock.embed_cost(recipe._uncached, rel)
+        if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
+            from catalens.model.tta import with_tta
+
+            recipe._uncached_tta = int(round(n * uncached_share(self.pool, with_tta(backbone, list(recipe.tta)), cfg)))
+            embed += self.clock.embed_cost(recipe._uncached_tta, rel * (1 + len(recipe.tta)))
+        return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
+
+    def _search_budget(self) -> float:
+        """A searched head gets 40 % of what is left after the refit reserve."""
+        return 0.4 * max(0.0, self.clock.left() - self._reserve())
+
+    def _recipe_config(self, recipe: Recipe) -> Config:
+        if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
+            singles = [s for s in self.results.values() if s.oof is not None and s.recipe.kind == "frozen"]
+            if not singles:
+                raise _Skip("no single backbone scored")
+            best = max(singles, key=lambda s: s.score)
+            recipe.backbone, recipe.crop_pct, recipe.crop = best.recipe.backbone, best.recipe.crop_pct, best.recipe.crop
+            recipe.name_detail = best.recipe.name
+        return recipe.config(self.base, self.recipes)
+
+    def _score(self, s: Scored) -> None:
+        from catalens.train.kfold import Prepared, prepare
+
+        r = s.recipe
+        quiet = lambda *a: None  # noqa: E731
+        if r.kind == "concat":
+            parts = [self.results[m].prep for m in r.members]
+            first = parts[0]
+            s.prep = Prepared(first.cat, first.tasks, first.Y, np.hstack([q.features for q in parts]),
+                              np.logical_and.reduce([q.usable for q in parts]), first.titles)
+            s.cfg = r.config(self.base, self.recipes)
+            speeds = [self.results[m].img_s for m in r.members]
+            s.img_s = round(1.0 / sum(1.0 / v for v in speeds), 1) if all(speeds) else None
+            self._cv(s, s.prep)
+            return
+        if r.kind == "search":
+            self._search(s)
+            return
+        s.cfg = self._recipe_config(r)
+        plain = s.cfg.model_copy(deep=True)
+        plain.finetune.tta = []
+        t = time.time()
+        s.prep = prepare(self.data, plain, log=quiet, classes_from="pool")
+        took = time.time() - t
+        rel = _rel_cost(plain.backbone.name)
+        fresh = getattr(r, "_uncached", 0)
+        if fresh >= max(8, 0.5 * len(s.prep.cat)):  # mostly embedded now, not read from the cache: a speed
+            self.clock.learn_embed(took, fresh, rel)
+            s.img_s = round(fresh / took, 1)
+        s.img_s = None if r.tta else s.img_s  # with TTA: the TTA pass's speed, below
+        pred = None
+        if r.tta:
+            from catalens.embed.factory import backbone_from_config
+            from catalens.embed.features import catalogue_features
+            from catalens.model.tta import with_tta
+
+            t = time.time()
+            tb = with_tta(backbone_from_config(plain.backbone), list(r.tta))
+            pred = catalogue_features(s.prep.cat, tb, plain).features
+            fresh = getattr(r, "_uncached_tta", 0)
+            if fresh >= max(8, 0.5 * len(s.prep.cat)):
+                s.img_s = round(fresh / (time.time() - t), 1)
+        if s.img_s is None:
+            s.img_s = round(1.0 / (self.clock.spi * rel * (1 + len(r.tta))), 1)
+        self._cv(s, s.prep, pred)
+
+    def _cv(self, s: Scored, prep, pred_features=None) -> None:
+        """K-fold out-of-fold probabilities and score of ``s`` (``pred_features``: what held-out rows are
+        predicted from, e.g. TTA features; the fit always uses ``prep.features``)."""
+        from dataclasses import replace as dc_replace
+
+        from catalens.train.kfold import fit_on, fold_parts, predict_rows, product_folds
+        from catalens.train.search import objective_value
+
+        cfg = s.cfg
+        parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
+        n = len(prep.cat)
+        oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
+        scored = np.zeros(n, bool)
+        t = time.time()
+        pp = dc_replace(prep, features=pred_features) if pred_features is not None else prep
+        for train, inner, rows in parts:
+            fitted = fit_on(prep, train, inner, cfg)
+            for name, pr in predict_rows(pp, fitted, rows).items():
+                oof[name][rows] = pr
+            scored |= rows
+        self.clock.learn_fit(time.time() - t, len(parts), n, prep.features.shape[1])
+        s.oof = oof
+        s.scored = scored
+        Y = prep.select(scored)
+        probs = {k: v[scored] for k, v in oof.items()}
+        s.score = objective_value(prep.tasks, Y, probs)
+        s.scores = {tk.name: objective_value(prep.tasks, Y, probs, tk.name) for tk in prep.tasks}
+
+    def _search(self, s: Scored) -> None:
+        from catalens.train.search import search
+
+        best = self._best()
+        budget = self._search_budget()
+        one = self.clock.fit_cost(len(self.pool), best.prep.features.shape[1]) * self.k
+        if budget < 3 * one:
+            raise _Skip(f"needs ~{3 * one:.0f}s for 3 trials, {budget:.0f}s to spend")
+        base = best.cfg.model_copy(deep=True)
+        try:  # Optuna stops starting trials after `minutes`; the one running then finishes (~ one CV)
+            res = search(self.data, self.work / "search", base, minutes=max(0.05, (budget - one) / 60.0),
+                         log=lambda *a: None, prep=best.prep, cv=self.k)
+        except RuntimeError as e:  # Optuna not installed
+            raise _Skip(str(e)) from None
+        s.recipe.members, s.recipe.backbone = best.recipe.members, best.recipe.backbone
+        s.recipe.crop_pct, s.recipe.crop, s.recipe.tta = best.recipe.crop_pct, best.recipe.crop, best.recipe.tta
+        s.recipe.head = {k: v for k, v in res.best_head.items()}
+        s.recipe.name_detail = best.recipe.name
+        s.cfg = base.model_copy(deep=True)
+        s.cfg.head = type(base.head).model_validate(res.best_head)
+        s.prep = best.prep
+        s.img_s = best.img_s
+        self._cv(s, s.prep)
+
+    # ------------------------------------------------------------------ combining and refitting
+    def _combine(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
+        """Greedy forward selection with replacement on the out-of-fold probabilities."""
+        from catalens.train.search import objective_value
+
+        done = [s for s in self.results.values() if s.oof is not None]
+        if not done:
+            return [], [], float("nan")
+        rows = np.logical_and.reduce([s.scored for s in done])
+        prep = done[0].prep
+        Y = prep.select(rows)
+        counts = {id(s): 0 for s in done}
+        total: dict | None = None
+        best_val, picks = -math.inf, 0
+        history = []
+        for _ in range(rounds):
+            cand = []
+            for s in done:
+                mix = {k: (total[k] if total else 0) + s.oof[k][rows] for k in s.oof}
+                cand.append((objective_value(prep.tasks, Y, {k: v / (picks + 1) for k, v in mix.items()}), -counts[id(s)],
+                             s, mix))
+            left = self.clock.left() - 5.0  # what the refit may take: members cost their refit once
+            cand = [c for c in cand if not picks or sum(self._refit_cost(x) for x in done
+                                                         if counts[id(x)] or x is c[2]) <= left]
+            # an ensemble decodes each photo once for all members: they must share one crop mode
+            mode = next((_crop_mode(x) for x in done if counts[id(x)]), None)
+            cand = [c for c in cand if mode is None or _crop_mode(c[2]) == mode]
+            if not cand:
+                break
+            val, _, s, mix = max(cand, key=lambda c: (c[0], c[1]))
+            if val <= best_val + 1e-9 and picks:
+                break
+            best_val, total, picks = val, mix, picks + 1
+            counts[id(s)] += 1
+            history.append(s.recipe.name)
+        chosen = [s for s in done if counts[id(s)]]
+        weights = [float(counts[id(s)]) for s in chosen]
+        self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
+                 f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
+        return chosen, weights, best_val
+
+    def _refit(self, chosen: list[Scored], weights: list[float], blend: float):
+        from catalens.train.pipeline import train
+
+        if not chosen:  # the budget did not allow even one CV: the plain model
+            self.log("  nothing could be scored in the time limit: training the plain model (preset fast)")
+            res = train(self.data, self.out, self.base, log=self.log)
+            self._annotate(self.out, [], [], blend)
+            res.model.meta["preset"] = self._preset_meta([], [], blend)
+            return res
+        dirs, results = [], []
+        t = time.time()
+        for i, s in enumerate(chosen):
+            cfg = s.cfg.model_copy(deep=True)
+            if s.recipe.members:  # the features it was scored on, not a new multi-backbone embedding
+                cfg.cache_dir = str(self.work / f"cache-{i}")
+                self._hand_over_features(s, cfg)
+            target = self.out if len(chosen) == 1 else self.work / "members" / str(i)
+            results.append(train(self.data, target, cfg, log=lambda *a: None))
+            dirs.append(target)
+        self.refit_seconds = time.time() - t
+        if len(chosen) == 1:
+            self._annotate(self.out, chosen, weights, blend)
+            results[0].model.meta["preset"] = self._preset_meta(chosen, weights, blend)
+            return results[0]
+        from catalens.model.ensemble import EnsembleModel
+        from catalens.model.single import CatalensModel
+
+        models = [CatalensModel.load(d) for d in dirs]
+        meta = {"metrics": {}, "preset": self._preset_meta(chosen, weights, blend), "data": str(self.data)}
+        ens = EnsembleModel(models, weights, meta, names=[str(d) for d in dirs])
+        ens.save(self.out, sources=dirs)
+        results[0].model = ens
+        results[0].metrics = {}
+        return results[0]
+
+    def _hand_over_features(self, s: Scored, cfg: Config) -> None:
+        """Put the members' cached features, side by side, into a private cache (``cfg.cache_dir``,
+        in the work folder, removed at the end) under the multi-backbone's key, so that its refit
+        trains the head on the features the recipe was scored on instead of embedding every photo
+        again through all members. At predict time the multi-backbone decodes each photo once and
+        gives every member its crop from that decode, as ensembles of separately trained models do."""
+        from catalens.embed.cache import EmbeddingCache, content_hash
+        from catalens.embed.factory import backbone_from_config
+
+        multi = backbone_from_config(cfg.backbone)
+        prep = s.prep
+        if multi.feature_dim != prep.features.shape[1]:
+            return  # not the same layout: the refit embeds (correct, only slower)
+        cache = EmbeddingCache(cfg.cache_dir, multi.fingerprint(), multi.feature_dim)
+        rows = np.flatnonzero(prep.usable)
+        keys = []
+        for i in rows:
+            keys.append(content_hash(prep.cat.read_bytes(int(i))))
+        cache.add(keys, np.ascontiguousarray(prep.features[rows], dtype=np.float32))
+        cache.flush()
+
+    def _preset_meta(self, chosen, weights, blend) -> dict:
+        return {"name": self.base.preset.name, "time_limit": self.clock.limit, "folds": self.k,
+                "cv_score": None if math.isnan(blend) else round(float(blend), 6),
+                "chosen": [{"recipe": s.recipe.name, "weight": w} for s, w in zip(chosen, weights)],
+                "leaderboard": self._rows(chosen, weights)}
+
+    def _annotate(self, folder: Path, chosen, weights, blend) -> None:
+        """Add the preset's summary to a single model's model.json (atomically)."""
+        path = folder / "model.json"
+        meta = json.loads(path.read_text())
+        meta["preset"] = self._preset_meta(chosen, weights, blend)
+        tmp = path.with_name("model.json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1, default=str))
+        os.replace(tmp, path)
+
+    def _rows(self, chosen, weights) -> list[dict]:
+        w = {s.recipe.name: wt for s, wt in zip(chosen, weights)}
+        rows = []
+        for s in self.results.values():
+            detail = getattr(s.recipe, "name_detail", None)
+            rows.append({"recipe": s.recipe.name + (f" ({detail})" if detail else ""),
+                         "cv_score": None if math.isnan(s.score) else round(float(s.score), 6),
+                         **{f"cv_{k}": round(float(v), 6) for k, v in s.scores.items() if not math.isnan(v)},
+                         "fit_seconds": s.seconds, "predict_img_s": s.img_s,
+                         "weight": w.get(s.recipe.name, 0.0),
+                         "status": ("chosen" if s.recipe.name in w else s.status)})
+        rows.sort(key=lambda r: -(r["cv_score"] if r["cv_score"] is not None else -1))
+        return rows
+
+    def _write_leaderboard(self, chosen, weights, blend) -> None:
+        import pandas as pd
+
+        rows = self._rows(chosen, weights)
+        if len(chosen) > 1:
+            speeds = [s.img_s for s in chosen]
+            rows.insert(0, {"recipe": "ensemble of the chosen (" + ", ".join(
+                f"{w:g} x {s.recipe.name}" for s, w in zip(chosen, weights)) + ")",
+                "cv_score": round(float(blend), 6), "fit_seconds": round(self.refit_seconds, 1),
+                "predict_img_s": round(1.0 / sum(1.0 / v for v in speeds), 1) if all(speeds) else None,
+                "weight": sum(weights), "status": "the model"})
+        cols = ["recipe", "cv_score", "fit_seconds", "predict_img_s", "weight", "status"]
+        df = pd.DataFrame(rows)
+        df = df[cols + [c for c in df.columns if c not in cols]]
+        tmp = self.out / "leaderboard.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, self.out / "leaderboard.csv")
+        with __import__("pandas").option_context("display.width", 160, "display.max_columns", 20):
+            self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
+                                                                            "predict_img_s", "status") if c in df]]
+                     .to_string(index=False))
+
+
+def _crop_mode(s: Scored) -> tuple:
+    b = s.cfg.backbone
+    return b.crop, tuple(b.box) if b.box else None
+
+
+#: errors that fail one recipe (listed in the leaderboard) rather than the run
+_FAILURES = (ValueError, RuntimeError, OSError, MemoryError, KeyError)
+
+
+class _Skip(Exception):
+    """A recipe that cannot run (its reason is the message)."""
+

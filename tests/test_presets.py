@@ -1,0 +1,204 @@
+"""catalens train --preset fast|medium|best --time-limit (issue 16): budget kept, leaderboard, one model folder.
+
+Tiny synthetic data, random weights, small input sides: the recipe list is patched to small sides so
+that the test trains in seconds; the budget logic and the folder are those of the real presets.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import catalens
+from catalens.cli import build_parser, main
+from catalens.commands._common import config_from_args
+from catalens.config import load_config
+from catalens.train import presets as P
+
+FAST = ["--no-progress", "--runtime", "eager"]
+
+
+def test_parse_duration():
+    assert P.parse_duration("20m") == 1200 and P.parse_duration("90s") == 90 and P.parse_duration("1h30m") == 5400
+    assert P.parse_duration("1200") == 1200 and P.parse_duration(2.5) == 2.5 and P.parse_duration("1.5m") == 90
+    with pytest.raises(ValueError, match=r"--time-limit '20 minutes': expected a duration such as 20m, 90s, "
+                                         r"1h30m or 1200 \(seconds\)"):
+        P.parse_duration("20 minutes")
+    with pytest.raises(ValueError, match="must be more than 0 seconds"):
+        P.parse_duration("0s")
+
+
+def test_cli_flags(capsys):
+    cfg = config_from_args(build_parser().parse_args(["train", "D", "--out", "M", "--preset", "best",
+                                                      "--time-limit", "20m"]))
+    assert cfg.preset.name == "best" and cfg.preset.time_limit == 1200
+    assert config_from_args(build_parser().parse_args(["train", "D", "--out", "M"])).preset.name == "fast"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "D", "--out", "M", "--time-limit", "soon"])
+    assert "argument --time-limit: expected a duration such as 20m" in capsys.readouterr().err
+
+
+def test_recipes_of_the_presets():
+    medium = [r.name for r in P.candidate_recipes("medium")]
+    best = [r.name for r in P.candidate_recipes("best")]
+    assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1" in medium
+    assert best[:len(medium)] == medium and {"searched head", "best single + tta hflip"} <= set(best)
+    assert P._rel_cost("efficientnet_lite0") == 1.0
+    assert P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
+        (256 / 224) ** 2 + 1.5 * (272 / 240) ** 2)
+
+
+SMALL = [P.Recipe("lite0@64", "efficientnet_lite0@64"),
+         P.Recipe("lite0@80 crop 1", "efficientnet_lite0@80", 1.0),
+         P.Recipe("both", members=("lite0@64", "lite0@80 crop 1"), kind="concat"),
+         P.Recipe("searched head", kind="search")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from catalens.synthetic import make_catalogue
+
+    return make_catalogue(tmp_path_factory.mktemp("preset") / "data", n_products=60, size=64, seed=2)
+
+
+def _cfg(tmp, limit, name="best"):
+    return load_config(overrides=[{"tracking": False, "cache_dir": str(tmp / "cache"),
+                                   "engine": {"progress": False, "runtime": "eager", "workers": 0},
+                                   "backbone": {"weights": "random"}, "head": {"epochs": 20},
+                                   "preset": {"name": name, "time_limit": limit, "folds": 3}}])
+
+
+def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    limit = 60.0
+    t = time.time()
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, limit), log=lambda *a: None)
+    took = time.time() - t
+    assert took <= 1.15 * limit, f"took {took:.0f}s for a {limit:.0f}s limit"
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
+    assert list(board.columns[:6]) == ["recipe", "cv_score", "fit_seconds", "predict_img_s", "weight", "status"]
+    recipes = board["recipe"].tolist()
+    assert {"lite0@64", "lite0@80 crop 1", "both"} <= set(recipes)
+    scored = board[board["status"].isin(["chosen", "scored"])]
+    assert len(scored) >= 3 and scored["cv_score"].between(0, 1).all()
+    assert (board["status"] == "chosen").sum() >= 1
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    preset = desc["preset"]
+    assert preset["name"] == "best" and preset["folds"] == 3 and preset["time_limit"] == limit
+    chosen = board.loc[board["status"] == "chosen", "recipe"].str.split(" [(]").str[0]
+    assert sorted(c["recipe"] for c in preset["chosen"]) == sorted(chosen)
+    if len(preset["chosen"]) > 1:  # an ensemble folder: one row for it, first
+        assert board["status"].iloc[0] == "the model" and "ensemble" in desc
+        assert board["cv_score"].iloc[0] >= scored["cv_score"].max() - 1e-9
+    # the folder is a model like any other: predict (Python and CLI) and evaluate accept it
+    model = catalens.load(tmp_path / "m", runtime="eager", progress=False)
+    photos = sorted((data.parent / "images").glob("*.jpg"))[:3]
+    got = model.predict([str(p) for p in photos])
+    assert len(got) == 3 and got["category"].notna().all()
+    assert main(["predict", str(tmp_path / "m"), *map(str, photos), "--out", str(tmp_path / "p.csv"), *FAST]) == 0
+    assert pd.read_csv(tmp_path / "p.csv")["category"].tolist() == got["category"].tolist()
+    assert main(["evaluate", str(tmp_path / "m"), str(data), "--report", str(tmp_path / "ev"), *FAST]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["category"]["n"] > 0
+    assert [r["recipe"] for r in ev["context"]["preset leaderboard"]] == [r["recipe"] for r in preset["leaderboard"]]
+
+
+def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    lines = []
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 0.5, "medium"), log=lines.append)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
+    assert board["status"].str.startswith("skipped").all()
+    assert board.loc[board["recipe"] == "lite0@64", "status"].iloc[0].startswith("skipped: needs ~")
+    assert "nothing could be scored in the time limit: training the plain model (preset fast)" in "\n".join(lines)
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["backbone"]["name"] == "efficientnet_lite0" and desc["preset"]["chosen"] == []
+    assert "ensemble" not in desc
+
+
+def test_fast_is_the_plain_train(data, tmp_path):
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 10, "fast"), log=lambda *a: None)
+    assert (tmp_path / "m" / "model.json").exists() and not (tmp_path / "m" / "leaderboard.csv").exists()
+
+
+def test_runs_list_shows_the_preset_cv():
+    from catalens.track.mlflow_tracking import _headline
+
+    got = _headline({"preset_cv_score": 0.912345, "val.label.accuracy": 0.9})
+    assert got == {"label.accuracy": 0.9, "preset_cv": 0.9123}
+
+
+def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe("lite0@64", "efficientnet_lite0@64"),
+                                                                 P.Recipe("broken", "no_such_backbone_xyz")])
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "medium"), log=lambda *a: None)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert board.loc["lite0@64", "status"] == "chosen"
+    assert board.loc["broken", "status"].startswith("failed: BackboneError: unknown backbone 'no_such_backbone_xyz'")
+    cfg = load_config(overrides=[{"preset": {"name": "best"}, "finetune": {"mode": "blocks"}}])
+    with pytest.raises(ValueError, match="--preset best scores frozen-backbone recipes by k-fold CV and does not "
+                                         "fine-tune; drop --finetune"):
+        P.train_preset(data, tmp_path / "x", cfg)
+
+
+def test_python_train_takes_preset_and_time_limit(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    model = catalens.train(data, tmp_path / "m", preset="medium", time_limit="0.5s", tracking=False,
+                           cache_dir=str(tmp_path / "cache"), backbone={"weights": "random"}, head={"epochs": 5},
+                           engine={"progress": False, "runtime": "eager", "workers": 0})
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["preset"]["name"] == "medium" and desc["preset"]["time_limit"] == 0.5
+    assert (tmp_path / "m" / "leaderboard.csv").exists()
+    photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
+    assert len(model.predict([str(p) for p in photos])) == 2
+    with pytest.raises(ValueError, match="--time-limit 'soon': expected a duration"):
+        catalens.train(data, tmp_path / "x", preset="best", time_limit="soon")
+
+
+def test_a_chosen_side_by_side_recipe_is_refitted_on_its_scored_features(data, tmp_path, monkeypatch):
+    """The refit of a ``+`` recipe trains on the members' cached features (no new embedding) and
+    writes a multi-backbone model folder that predicts."""
+    from catalens.embed import engine
+
+    recipes = [P.Recipe("a", "efficientnet_lite0@64"), P.Recipe("b", "efficientnet_lite0@80"),
+               P.Recipe("a+b", members=("a", "b"), kind="concat")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
+    combine, refit = P._PresetRun._combine, P._PresetRun._refit
+
+    def only_concat(self):
+        s = self.results["a+b"]
+        return [s], [1.0], s.score
+
+    def refit_without_embedding(self, *args):
+        def no_runner(*a, **k):
+            def run(batch):
+                raise AssertionError(f"the refit embedded {len(batch)} photos")
+            return run
+        monkeypatch.setattr(engine, "engine_runner", no_runner)
+        return refit(self, *args)
+
+    monkeypatch.setattr(P._PresetRun, "_combine", only_concat)
+    monkeypatch.setattr(P._PresetRun, "_refit", refit_without_embedding)
+    cfg = _cfg(tmp_path, 300, "medium")
+    cfg.backbone.weights = None  # the packaged ImageNet weights: random ones differ at every creation
+    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["backbone"]["name"] == "efficientnet_lite0@64+efficientnet_lite0@80" and "ensemble" not in desc
+    assert not (tmp_path / ".m.preset").exists()  # the private cache went with the work folder
+    monkeypatch.undo()
+    model = catalens.load(tmp_path / "m", runtime="eager", progress=False)
+    photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
+    assert model.predict([str(p) for p in photos])["category"].notna().all()
+
+
+def test_an_ensemble_keeps_one_crop_mode(data, tmp_path, monkeypatch):
+    """Members of an ensemble share one decode: a padded recipe is never combined with centre-cropped ones."""
+    recipes = [P.Recipe("centre", "efficientnet_lite0@64"), P.Recipe("padded", "efficientnet_lite0@64", 1.0, "pad")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "best"), log=lambda *a: None)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert (board.loc[["centre", "padded"], "status"] == "chosen").sum() == 1
+    assert "ensemble" not in json.loads((tmp_path / "m" / "model.json").read_text())
