@@ -20,6 +20,19 @@ def default_cache_dir() -> str:
     return os.path.join(base, "embeddings")
 
 
+def check_box(box) -> tuple[float, float, float, float]:
+    """A crop box ``(x0, y0, x1, y1)`` as fractions, ``0 <= x0 < x1 <= 1`` (same for y); else ValueError."""
+    ok = (box is not None and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     for v in box))
+    if ok:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        ok = 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    if not ok:
+        raise ValueError(f"crop box {box!r} must be 4 fractions [x0, y0, x1, y1] of the photo's width and "
+                         f"height with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, e.g. [0.1, 0.0, 0.9, 1.0]")
+    return x0, y0, x1, y1
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -35,8 +48,6 @@ class BackboneConfig(_Strict):
 
     @model_validator(mode="after")
     def _box_with_crop(self):
-        from catalens.ingest.images import check_box
-
         if self.crop == "box":
             if self.box is None:
                 raise ValueError("crop 'box' needs box: [x0, y0, x1, y1] (fractions), e.g. box=[0.1,0,0.9,1]")

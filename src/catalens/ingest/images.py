@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from catalens.config import check_box  # noqa: F401  (the crop-box rule lives with the config that takes it)
+
 try:  # libjpeg-turbo with DCT scaling (catalens[fast])
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the install
@@ -107,19 +109,6 @@ class Preprocess:
         return cls(size=int(d["size"]), resize=int(d["resize"]), interpolation=d["interpolation"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]), crop=d.get("crop", "center"),
                    box=tuple(float(x) for x in box) if box is not None else None)
-
-
-def check_box(box) -> tuple[float, float, float, float]:
-    """A crop box ``(x0, y0, x1, y1)`` as fractions, ``0 <= x0 < x1 <= 1`` (same for y); else ValueError."""
-    ok = (box is not None and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                     for v in box))
-    if ok:
-        x0, y0, x1, y1 = (float(v) for v in box)
-        ok = 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-    if not ok:
-        raise ValueError(f"crop box {box!r} must be 4 fractions [x0, y0, x1, y1] of the photo's width and "
-                         f"height with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, e.g. [0.1, 0.0, 0.9, 1.0]")
-    return x0, y0, x1, y1
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
