@@ -21,7 +21,6 @@ decoder read descriptions through it without paying for torch.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -212,10 +211,6 @@ def parse_description(raw: dict, where: str | Path = "model.json") -> ModelDescr
                          f"the model folder is damaged or from another tool: train it again") from None
 
 
-def is_model_folder(folder: str | Path) -> bool:
-    return description_path(folder).is_file()
-
-
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("catalens", "torch", "timm", "numpy", "pillow", "onnxruntime", "scikit-learn"):
@@ -224,12 +219,3 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def write_json_atomic(path: str | Path, obj, default=None) -> Path:
-    """Write ``obj`` as JSON to a sibling temporary file, then rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=default))
-    os.replace(tmp, path)
-    return path
