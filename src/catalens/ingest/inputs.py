@@ -27,8 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from catalens.ingest.catalogue import SPLIT_ALIASES, Catalogue
+from catalens.ingest.sources import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".heic", ".avif"}
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet", ".pq"}
 PATH_COLUMNS = ("path", "image", "file", "filepath", "image_path", "file_path")
 TITLE_COLUMNS = ("title",)

@@ -11,7 +11,8 @@ from typing import Protocol
 from catalens.ingest.catalogue import Catalogue
 from catalens.registry import Registry
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: what counts as a photo by its name (listing folders, globs, file arguments)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".heic", ".avif"}
 
 
 class Source(Protocol):

@@ -9,7 +9,7 @@ the same decoding, resizing and cropping as files, so a photo gets the same answ
 way it arrives.
 
 The result is a pandas DataFrame with exactly the columns ``catalens predict --out X.parquet``
-writes (:func:`output_columns`), one row per input photo, in input order. A photo that cannot
+writes (:func:`output_schema`), one row per input photo, in input order. A photo that cannot
 be used keeps its row, with ``problem`` set and null predictions.
 
 The same block-level functions serve ``catalens predict`` (:mod:`catalens.predict`), evaluate and
@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from catalens.ingest.catalogue import Catalogue
 from catalens.model.blocks import ProbabilityBlock, catalogue_titles
-from catalens.model.decode import BASE_COLUMNS, arrow_schema, column_names
+from catalens.model.decode import arrow_schema
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ def output_schema(tasks, true_tasks: list[str] = ()):
     import pyarrow as pa
 
     return arrow_schema(tasks, {f"true_{n}": pa.string() for n in true_tasks})
-
-
-def output_columns(tasks, true_tasks: list[str] = ()) -> list[str]:
-    return list(BASE_COLUMNS) + [f"true_{n}" for n in true_tasks] + column_names(tasks)
 
 
 def base_columns(cat: Catalogue, rows: np.ndarray, problems: dict[int, str], true_tasks=()) -> dict[str, list]:
