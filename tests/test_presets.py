@@ -46,6 +46,7 @@ def test_recipes_of_the_presets():
     best = [r.name for r in P.candidate_recipes("best")]
     assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1" in medium
     assert best[:len(medium)] == medium and {"searched head", "best single + tta hflip"} <= set(best)
+    assert best[len(medium)] == "lite0 last stage fine-tuned" and "lite0 last stage fine-tuned" not in medium
     assert P._rel_cost("efficientnet_lite0") == 1.0
     assert P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
         (256 / 224) ** 2 + 1.5 * (272 / 240) ** 2)
@@ -139,8 +140,8 @@ def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_pa
     assert board.loc["lite0@64", "status"] == "chosen"
     assert board.loc["broken", "status"].startswith("failed: BackboneError: unknown backbone 'no_such_backbone_xyz'")
     cfg = load_config(overrides=[{"preset": {"name": "best"}, "finetune": {"mode": "blocks"}}])
-    with pytest.raises(ValueError, match="--preset best scores frozen-backbone recipes by k-fold CV and does not "
-                                         "fine-tune; drop --finetune"):
+    with pytest.raises(ValueError, match=r"--preset best chooses its own recipes \(best includes a last-stage "
+                                         r"fine-tuning when it fits the time limit\); drop --finetune"):
         P.train_preset(data, tmp_path / "x", cfg)
 
 
@@ -202,3 +203,35 @@ def test_an_ensemble_keeps_one_crop_mode(data, tmp_path, monkeypatch):
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
     assert (board.loc[["centre", "padded"], "status"] == "chosen").sum() == 1
     assert "ensemble" not in json.loads((tmp_path / "m" / "model.json").read_text())
+
+
+def test_best_scores_a_finetuned_recipe_out_of_fold_and_can_choose_it(data, tmp_path, monkeypatch):
+    """The fine-tuned recipe: K' = preset.finetune_folds fine-tunings, each predicting its held-out fold
+    through its own fine-tuned backbone; every row gets an out-of-fold probability; the leaderboard lists it;
+    refitted when chosen, the folder records the fine-tuning."""
+    recipes = [P.Recipe("lite0@64", "efficientnet_lite0@64"),
+               P.Recipe("ft", "efficientnet_lite0@64", kind="finetune")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    seen = {}
+    real = P._PresetRun._score_finetune
+
+    def spy(self, s):
+        real(self, s)
+        seen["rows"], seen["scored"] = len(s.prep.cat), int(s.scored.sum())
+        seen["oof_sums"] = np.nansum(s.oof["category"], axis=1)
+
+    monkeypatch.setattr(P._PresetRun, "_score_finetune", spy)
+    cfg = _cfg(tmp_path, 300)
+    cfg.finetune.epochs, cfg.finetune.views = 2, 1
+    cfg.preset.finetune_folds = 2
+    lines = []
+    P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
+    assert "scored" in seen, "\n".join(lines)
+    assert seen["scored"] == seen["rows"] and np.allclose(seen["oof_sums"], 1.0, atol=1e-4)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert board.loc["ft", "status"] in ("chosen", "scored") and 0 <= board.loc["ft", "cv_score"] <= 1
+    assert any(line.startswith("  ft: CV ") for line in lines)
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    if board.loc["ft", "status"] == "chosen" and "ensemble" not in desc:
+        assert desc["finetune"]["mode"] == "blocks"
+    assert not (tmp_path / ".m.preset").exists()  # fold models and their private feature cache removed

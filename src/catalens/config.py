@@ -195,6 +195,8 @@ class PresetConfig(_Strict):
     time_limit: float | None = Field(None, gt=0)        # seconds; None = 600 (medium) / 1200 (best)
     folds: int = Field(5, ge=2)                          # K of the cross-validation that scores each recipe
     titles: Literal["auto", "on", "off"] = "auto"        # auto: learn from titles when the data has them
+    finetune: bool = True                                # best: score a last-stage fine-tuned Lite0 when it fits
+    finetune_folds: int = Field(2, ge=2)                 # K of the CV that scores the fine-tuned recipe (K fine-tunings)
 
 
 class Config(_Strict):

@@ -53,6 +53,9 @@ DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
 _REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
 _FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
 _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
+#: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
+#: about this many Lite0@224 embeddings per training photo, before one is measured in the run
+_FIRST_GUESS_FT_REL = 8.0
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -85,7 +88,7 @@ class Recipe:
     tta: tuple[str, ...] = ()
     members: tuple[str, ...] = ()     # names of recipes whose features go side by side
     head: dict | None = None          # head settings (from a search)
-    kind: str = "frozen"              # frozen | concat | search | tta
+    kind: str = "frozen"              # frozen | concat | search | tta | finetune
     name_detail: str | None = None    # search / tta: the recipe it was built on
 
     def config(self, base: Config, recipes: dict[str, "Recipe"]) -> Config:
@@ -99,6 +102,8 @@ class Recipe:
             c.backbone.name, c.backbone.crop_pct, c.backbone.crop = self.backbone, self.crop_pct, self.crop
         c.backbone.image_size = None
         c.finetune.tta = list(self.tta)
+        if self.kind == "finetune":  # the measured fast recipe: last stage, 3 views, 6 epochs (docs/finetune.md)
+            c.finetune.mode = "blocks"
         if self.head:
             c.head = type(c.head).model_validate({**c.head.model_dump(), **self.head})
         return c
@@ -114,7 +119,8 @@ def candidate_recipes(preset: str) -> list[Recipe]:
            Recipe("lite0@256+lite1@272+lite2@300 crop 1",
                   members=("lite0@256 crop 1", "lite1@272 crop 1", "lite2@300 crop 1"), kind="concat")]
     if preset == "best":
-        out += [Recipe("searched head", kind="search"),
+        out += [Recipe("lite0 last stage fine-tuned", "efficientnet_lite0", kind="finetune"),
+                Recipe("searched head", kind="search"),
                 Recipe("best single + tta hflip", tta=("hflip",), kind="tta"),
                 Recipe("lite1@272 padded whole", "efficientnet_lite1@272", 1.0, "pad")]
     return out
@@ -154,6 +160,7 @@ class _Clock:
         self.limit = limit
         self.spi = _FIRST_GUESS_SPI          # seconds per image of Lite0@224 (uncached)
         self.fit_unit = _FIRST_GUESS_FIT     # seconds per (row x feature) of one head fit
+        self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
         self.measured_embed = False
 
     def left(self) -> float:
@@ -164,6 +171,16 @@ class _Clock:
 
     def fit_cost(self, rows: int, dim: int) -> float:
         return rows * dim * self.fit_unit
+
+    def finetune_cost(self, n_train: int, rel: float = 1.0) -> float:
+        """Seconds of one last-stage fine-tuning on ``n_train`` photos (+ embedding its held-out rows) of a
+        backbone ``rel`` times as costly as Lite0@224."""
+        unit = self.ft_unit if self.ft_unit is not None else self.spi * rel * _FIRST_GUESS_FT_REL
+        return n_train * unit
+
+    def learn_finetune(self, seconds: float, n_train: int) -> None:
+        if n_train and seconds > 0:
+            self.ft_unit = seconds / n_train
 
     def learn_embed(self, seconds: float, n: int, rel: float) -> None:
         if n >= 8 and seconds > 0:
@@ -205,8 +222,9 @@ def train_preset(data, out: str | Path, cfg: Config, log=None):
     if p.name == "fast":
         return train(data, out, cfg, log=log)
     if cfg.finetune.mode != "none":
-        raise ValueError(f"--preset {p.name} scores frozen-backbone recipes by k-fold CV and does not fine-tune; "
-                         f"drop --finetune, or train with --finetune without --preset (docs/presets.md)")
+        raise ValueError(f"--preset {p.name} chooses its own recipes (best includes a last-stage fine-tuning when "
+                         f"it fits the time limit); drop --finetune, or train with --finetune without --preset "
+                         f"(docs/presets.md)")
     limit = float(p.time_limit or DEFAULT_LIMIT[p.name])
     runner = _PresetRun(data, Path(out), cfg, limit, log)
     return runner.run(TrainResult)
@@ -220,7 +238,8 @@ class _PresetRun:
         self.base = cfg.model_copy(deep=True)
         self.base.kfold.folds = 0
         self.k = cfg.preset.folds
-        self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)}
+        self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)
+                        if r.kind != "finetune" or cfg.preset.finetune}
         self.results: dict[str, Scored] = {}
         self.pool = None
         self.refit_seconds = 0.0
@@ -265,6 +284,8 @@ class _PresetRun:
         """Seconds to refit ``s`` with ``catalens train``: a head fit on cached features, and for a ``+``
         recipe the embedding through the multi-backbone (its own cache key)."""
         n = len(self.pool)
+        if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
+            return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
         if s.recipe.members:  # the members' cached features are handed to the refit: reading and hashing
@@ -285,7 +306,7 @@ class _PresetRun:
             self.log(f"  {recipe.name}: {s.status}")
             return
         left = self.clock.left() - self._reserve()
-        if recipe.kind in ("frozen", "concat"):  # its own refit, should it be chosen, must fit as well
+        if recipe.kind in ("frozen", "concat", "finetune"):  # its own refit, should it be chosen, must fit as well
             est += self._refit_cost(Scored(recipe))
         if est > left:
             s.status = f"skipped: needs ~{est:.0f}s, {max(0, left):.0f}s left before the refit"
@@ -317,6 +338,10 @@ class _PresetRun:
                 raise _Skip(f"member {missing[0]} was not scored")
             dim = sum(self.results[m].prep.features.shape[1] for m in recipe.members)
             return self.clock.fit_cost(n, dim) * fits
+        if recipe.kind == "finetune":
+            base = self._finetune_base()
+            kf = self.base.preset.finetune_folds
+            return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), _rel_cost(recipe.backbone))
         if recipe.kind == "search":
             best = self._best()
             if best is None:
@@ -369,6 +394,9 @@ class _PresetRun:
         if r.kind == "search":
             self._search(s)
             return
+        if r.kind == "finetune":
+            self._score_finetune(s)
+            return
         s.cfg = self._recipe_config(r)
         plain = s.cfg.model_copy(deep=True)
         plain.finetune.tta = []
@@ -403,7 +431,6 @@ class _PresetRun:
         from dataclasses import replace as dc_replace
 
         from catalens.train.kfold import fit_on, fold_parts, predict_rows, product_folds
-        from catalens.train.search import objective_value
 
         cfg = s.cfg
         parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
@@ -420,8 +447,72 @@ class _PresetRun:
         self.clock.learn_fit(time.time() - t, len(parts), n, prep.features.shape[1])
         s.oof = oof
         s.scored = scored
-        Y = prep.select(scored)
-        probs = {k: v[scored] for k, v in oof.items()}
+        self._set_score(s, prep)
+
+    def recipes_by_kind(self, kind: str) -> str | None:
+        """The backbone of this run's recipe of ``kind`` (None without one)."""
+        return next((r.backbone for r in self.recipes.values() if r.kind == kind), None)
+
+    def _finetune_base(self) -> Scored:
+        """The scored frozen recipe on the same backbone and crop (its rows, labels and features)."""
+        done = [x for x in self.results.values() if x.oof is not None and x.recipe.kind == "frozen"]
+        same = [x for x in done if x.recipe.backbone == self.recipes_by_kind("finetune")]
+        if not done:
+            raise _Skip("no frozen recipe was scored to start from")
+        return (same or done)[0]
+
+    def _score_finetune(self, s: Scored) -> None:
+        """K' fine-tunings (``preset.finetune_folds``, fewer than the frozen recipes' K: each one is a
+        ``catalens train --finetune blocks``), each on the other folds' photos (early stopping on their
+        val rows), predicting its held-out fold through the fine-tuned backbone."""
+        from dataclasses import replace as dc_replace
+
+        from catalens.embed.features import catalogue_features
+        from catalens.train.kfold import product_folds
+        from catalens.train.pipeline import train
+
+        base = self._finetune_base()
+        prep = base.prep
+        s.cfg = self._recipe_config(s.recipe)
+        kf = self.base.preset.finetune_folds
+        fold = product_folds(prep.cat, kf, s.cfg.seed)
+        n = len(prep.cat)
+        oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
+        scored = np.zeros(n, bool)
+        private = s.cfg.model_copy(deep=True)
+        private.cache_dir = str(self.work / "finetune-cache")  # fine-tuned features: not for the user's cache
+        for f in range(kf):
+            held = fold == f
+            n_fit = int((~held).sum())
+            if f:  # measured on the first fold: does the next one still fit?
+                need = self.clock.finetune_cost(n_fit, _rel_cost(s.recipe.backbone)) + self._reserve()
+                if need > self.clock.left():
+                    raise _Skip(f"fold {f + 1} of {kf} needs ~{need:.0f}s with the refit reserve, "
+                                f"{self.clock.left():.0f}s left")
+            t = time.time()
+            frame = prep.cat.frame.copy()
+            frame["split"] = np.where(held, "test", frame["split"].to_numpy())
+            fold_cat = dc_replace(prep.cat, frame=frame)
+            res = train(fold_cat, self.work / f"finetune-{f}", s.cfg, log=lambda *a: None)
+            heldout = prep.cat.subset(held)
+            feats = catalogue_features(heldout, res.model.backbone, private)
+            probs = res.model.predict_proba_features(feats.features, prep.titles[held])
+            for task in prep.tasks:
+                oof[task.name][held] = _in_class_order(probs[task.name], res.model.tasks, task)
+            ok = np.zeros(n, bool)
+            ok[np.flatnonzero(held)[feats.ok]] = True  # a held-out photo that failed to decode has no answer
+            scored |= ok & prep.usable
+            shutil.rmtree(self.work / f"finetune-{f}", ignore_errors=True)
+            self.clock.learn_finetune(time.time() - t, n_fit)
+        s.prep, s.img_s = prep, base.img_s
+        s.oof, s.scored = oof, scored
+        self._set_score(s, prep)
+
+    def _set_score(self, s: Scored, prep) -> None:
+        from catalens.train.search import objective_value
+
+        Y = prep.select(s.scored)
+        probs = {k: v[s.scored] for k, v in s.oof.items()}
         s.score = objective_value(prep.tasks, Y, probs)
         s.scores = {tk.name: objective_value(prep.tasks, Y, probs, tk.name) for tk in prep.tasks}
 
@@ -596,6 +687,18 @@ class _PresetRun:
             self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
                                                                             "predict_img_s", "status") if c in df]]
                      .to_string(index=False))
+
+
+def _in_class_order(probs: np.ndarray, model_tasks, task) -> np.ndarray:
+    """``probs`` ``(n, C_model)`` of a model trained on part of the data, as ``(n, C)`` columns in
+    ``task``'s class order (a class that part never saw gets 0)."""
+    mine = next(t for t in model_tasks if t.name == task.name)
+    out = np.zeros((len(probs), task.n_outputs), np.float32)
+    where = {c: j for j, c in enumerate(mine.classes)}
+    for i, c in enumerate(task.classes):
+        if c in where:
+            out[:, i] = probs[:, where[c]]
+    return out
 
 
 def _crop_mode(s: Scored) -> tuple:
