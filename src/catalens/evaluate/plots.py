@@ -339,7 +339,7 @@ def sample_grid_png(samples: dict[str, list], title: str, path: str | Path) -> P
     if not names:
         axes[0].axis("off")
         axes[0].text(0.5, 0.5, "no labelled photo", ha="center", va="center")
-    fig.suptitle(title, fontsize=10)
+    axes[0].set_title(title, fontsize=10, loc="left")
     return _save(fig, path)
 
 
@@ -373,6 +373,4 @@ def matplotlib_cmap(name: str):
     """A copy of a named colour map whose masked (missing) cells are light grey."""
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad("#d9d9d9")
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
