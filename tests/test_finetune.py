@@ -91,8 +91,17 @@ def test_heads_only_keeps_backbone(synth, tmp_path, pretrained):
 def test_schedule_step_and_lr_in_history(synth, tmp_path):
     out = tmp_path / "m"
     train(synth, out, _cfg(blocks=0, schedule="step", step_epochs=1, gamma=0.5, warmup_epochs=0), log=lambda m: None)
-    hist = json.loads((out / "model.json").read_text())["finetune"]["history"]
+    meta = json.loads((out / "model.json").read_text())
+    hist = meta["finetune"]["history"]
     assert [h["lr"] for h in hist] == pytest.approx([0.01, 0.005])
+    # history.json: the fine-tuning stage, with train and val accuracy per class task
+    from catalens.model.format import read_history
+
+    typed = read_history(out)
+    classes = {t["name"] for t in meta["tasks"] if t["kind"] == "class"}
+    assert typed.stage == "finetune" and [e.lr for e in typed.epochs] == pytest.approx([0.01, 0.005])
+    assert all(set(e.train_accuracy) == set(e.val_accuracy) == classes for e in typed.epochs)
+    assert [e.val_accuracy for e in typed.epochs] == [h["val_accuracy_by_task"] for h in hist]
 
 
 def test_resume_gives_identical_weights(synth, tmp_path, monkeypatch):

@@ -42,6 +42,15 @@ def test_real_photos_train_and_evaluate(shared_data, tmp_path):
     assert m["n"] == 80 and ev.excluded == 0
     assert m["accuracy"] >= 0.7           # 25 photos per class already carry most of the signal
     assert m["top5_accuracy"] >= 0.95
+    # the report's data overview and learning curves (issue 14 item 6) on the real photos
+    full = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    classes = res.model.tasks[0].classes
+    assert full["class_sizes"]["label"]["counts"] == {"train": dict.fromkeys(classes, 25),
+                                                      "val": dict.fromkeys(classes, 8), "test": dict.fromkeys(classes, 8)}
+    assert full["learning_curves"]["epochs"] == len(res.model.head.history_)
+    for name in ("samples_label.png", "learning_curves.png", "class_sizes_label.png"):
+        assert (tmp_path / "r" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert (tmp_path / "r" / "samples_label.png").stat().st_size > 100_000  # 10 classes x 4 real photos
 
 
 def test_fashion_products_dataset_file(shared_data):

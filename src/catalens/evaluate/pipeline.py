@@ -13,6 +13,7 @@ import numpy as np
 from catalens.config import Config
 from catalens.embed.cache import EmbeddingCache
 from catalens.embed.features import engine_config
+from catalens.evaluate.overview import sample_thumbnails
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.open import open_catalogue
 from catalens.model.load import load_model
@@ -130,7 +131,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     log = log or logger.info
     t0 = time.time()
     model = load_model(model_dir)
-    cat, which = evaluation_rows(open_catalogue(data))
+    full = open_catalogue(data)
+    cat, which = evaluation_rows(full)
     log(f"evaluating {model_dir} on {len(cat)} images of {data} ({which})")
     y_all = cat.encode(model.tasks)
     _require_known_labels(cat, model, y_all, data)  # before the embedding pass: fail fast
@@ -169,10 +171,12 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
         context["preset leaderboard"] = [{k: v for k, v in row.items() if k in ("recipe", "cv_score", "fit_seconds",
                                                                               "predict_img_s", "weight", "status")}
                                          for row in model.meta["preset"].get("leaderboard", [])]
+    history = _overview(metrics, model, full, model_dir)
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
                           context=context, examples=_examples(model, cat, y, probs, ok, label=decoded),
-                          pred_index=decoded)
+                          pred_index=decoded, samples=sample_thumbnails(cat, model.tasks, seed=cfg.seed),
+                          history=history)
     for name, m in metrics.items():
         if isinstance(m, dict) and m.get("kind") == "class":
             log(f"  {name}: accuracy {_f(m['accuracy'])}, top-5 {_f(m['top5_accuracy'])}, "
@@ -192,6 +196,23 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
         log(f"  {len(problems)} images could not be read and are excluded (listed in metrics.json context)")
     log(f"report: {report}")
     return EvalResult(metrics, Path(report), len(cat), int((~ok).sum()))
+
+
+def _overview(metrics: dict, model, full: Catalogue, model_dir) -> dict | None:
+    """Add ``class_sizes``, ``task_correlation`` (both on every split of the data given) and
+    ``learning_curves`` (from the folder's history.json) to ``metrics``; return the history."""
+    from catalens.evaluate.overview import class_sizes, task_correlation
+    from catalens.model.format import read_history
+
+    metrics["class_sizes"] = class_sizes(full, model.tasks)
+    metrics["task_correlation"] = task_correlation(full, model.tasks)
+    history = read_history(model_dir)
+    if history is None:
+        metrics["learning_curves"] = None
+        return None
+    metrics["learning_curves"] = {"file": "learning_curves.png", "stage": history.stage,
+                                  "epochs": len(history.epochs), "best_epoch": history.best_epoch}
+    return history.model_dump()
 
 
 def _labelled(y: dict) -> np.ndarray:

@@ -244,3 +244,133 @@ def class_counts_png(classes: list[str], counts, title: str, path: str | Path, t
     ax.set_title(title + shown, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def learning_curves_png(epochs: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None,
+                        max_tasks: int = 6) -> Path:
+    """Learning curves from history rows (``epoch``, ``train_loss``, ``val_loss``, ``lr``,
+    ``train_accuracy`` / ``val_accuracy`` as ``{task: value}``): a loss panel and an accuracy panel,
+    train dashed and val solid, one colour per class task, and the learning rate below."""
+    x = [e["epoch"] for e in epochs]
+    fig = _new_figure(11.0, 6.2)
+    loss_ax, acc_ax, lr_ax, note_ax = fig.subplots(2, 2, gridspec_kw={"height_ratios": [3, 1.2]}).ravel()
+    for key, style in (("train_loss", "--"), ("val_loss", "-")):
+        ys = [np.nan if e.get(key) is None else e[key] for e in epochs]
+        if not np.all(np.isnan(ys)):
+            loss_ax.plot(x, ys, style, color="#1f4e79", lw=1.4, label=key.replace("_", " "))
+    tasks = list(dict.fromkeys(k for e in epochs for side in ("val_accuracy", "train_accuracy")
+                               for k in (e.get(side) or {})))[:max_tasks]
+    colours = [f"C{i}" for i in range(10)]
+    for i, task in enumerate(tasks):
+        for side, style in (("train_accuracy", "--"), ("val_accuracy", "-")):
+            ys = [(e.get(side) or {}).get(task, np.nan) for e in epochs]
+            if not np.all(np.isnan(ys)):
+                acc_ax.plot(x, ys, style, color=colours[i % 10], lw=1.3, label=f"{task} {side.split('_')[0]}")
+    lrs = [np.nan if e.get("lr") is None else e["lr"] for e in epochs]
+    lr_ax.plot(x, lrs, color="#7f7f7f", lw=1.2)
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy"), (lr_ax, "learning rate")):
+        if best_epoch is not None and ax is not lr_ax:
+            ax.axvline(best_epoch, color="#c00000", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if loss_ax.lines:
+        loss_ax.legend(fontsize=8)
+    if acc_ax.lines:
+        acc_ax.legend(fontsize=7, ncol=2)
+    else:
+        acc_ax.text(0.5, 0.5, "no accuracy recorded", ha="center", va="center", transform=acc_ax.transAxes)
+    note_ax.axis("off")
+    note = f"{len(epochs)} epochs" + (f"; dotted red line: best epoch {best_epoch}" if best_epoch else "")
+    note_ax.text(0, 0.5, note + "\ntrain: running mean over the epoch's batches (training mode)\n"
+                 "val: validation split after the epoch", fontsize=8, va="center")
+    fig.suptitle(title or "learning curves", fontsize=11)
+    return _save(fig, path)
+
+
+def class_sizes_png(counts: dict[str, dict[str, int]], title: str, path: str | Path, top: int = 60) -> Path:
+    """Horizontal bars of labelled rows per class, one bar per split (``counts``: ``{split: {class:
+    rows}}``), classes by total rows, the ``top`` largest when more."""
+    splits = list(counts)
+    classes = list(next(iter(counts.values()))) if counts else []
+    table = np.array([[counts[s].get(c, 0) for s in splits] for c in classes], dtype=np.int64).reshape(
+        len(classes), len(splits))
+    order = np.argsort(-table.sum(axis=1), kind="mergesort")[:top]
+    height = float(np.clip(1.0 + 0.26 * len(order) * max(1, len(splits)) / 2, 2.5, 18.0))
+    fig = _new_figure(7.5, height)
+    ax = fig.add_subplot()
+    bar = 0.8 / max(1, len(splits))
+    for j, s in enumerate(splits):
+        ax.barh(np.arange(len(order)) + (j - (len(splits) - 1) / 2) * bar, table[order, j], height=bar,
+                label=f"{s} ({int(table[:, j].sum()):,})", color=f"C{j}")
+    ax.set_yticks(range(len(order)), [str(classes[i]) for i in order],
+                  fontsize=float(np.clip(500 / max(len(order), 1), 6, 9)))
+    ax.invert_yaxis()
+    ax.set_xlabel("labelled rows")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    shown = f" (largest {len(order)} of {len(classes)})" if len(order) < len(classes) else ""
+    ax.set_title(title + shown, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    if splits:
+        ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def sample_grid_png(samples: dict[str, list], title: str, path: str | Path) -> Path:
+    """A row of thumbnails (PIL images of one size) per class, the class name on the left."""
+    from PIL import Image
+
+    names = list(samples)
+    per_row = max([len(v) for v in samples.values()] + [1])
+    side = next((im.width for v in samples.values() for im in v), 96)
+    fig = _new_figure(2.2 + 1.05 * per_row, max(1.6, 0.3 + 1.05 * len(names)))
+    axes = fig.subplots(max(1, len(names)), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        strip = Image.new("RGB", (per_row * (side + 4), side), "white")
+        for k, im in enumerate(samples[name]):
+            strip.paste(im, (k * (side + 4), 0))
+        ax.imshow(np.asarray(strip))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_ylabel(f"{name} ({len(samples[name])})", rotation=0, ha="right", va="center", fontsize=8)
+    if not names:
+        axes[0].axis("off")
+        axes[0].text(0.5, 0.5, "no labelled photo", ha="center", va="center")
+    axes[0].set_title(title, fontsize=10, loc="left")
+    return _save(fig, path)
+
+
+def heatmap_png(values, rows: list[str], cols: list[str], title: str, path: str | Path, label: str,
+                vmax: float = 1.0, max_side: int = MAX_CONFUSION_CLASSES) -> Path:
+    """A 0..``vmax`` heat map (None/NaN cells grey) with row and column names; at most ``max_side``
+    rows and columns (the first ones: callers order by size)."""
+    v = np.array([[np.nan if x is None else x for x in r] for r in values], dtype=np.float64).reshape(
+        len(rows), len(cols))[:max_side, :max_side]
+    rows, cols = [str(r) for r in rows[:max_side]], [str(c) for c in cols[:max_side]]
+    k = max(len(rows), len(cols), 1)
+    font = float(np.clip(280.0 / k, 6.0, 10.0))
+    fig = _new_figure(float(np.clip(2.5 + 0.28 * len(cols), 4.5, 20)) + 1.5,
+                      float(np.clip(2.0 + 0.28 * len(rows), 3.0, 20)))
+    ax = fig.add_subplot()
+    cmap = matplotlib_cmap("viridis")
+    im = ax.imshow(np.ma.masked_invalid(v), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=font)
+    ax.set_yticks(range(len(rows)), rows, fontsize=font)
+    if len(rows) <= 20 and len(cols) <= 20:
+        for (i, j), x in np.ndenumerate(v):
+            if np.isfinite(x):
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=font * 0.8,
+                        color="black" if x > 0.6 * vmax else "white")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+    return _save(fig, path)
+
+
+def matplotlib_cmap(name: str):
+    """A copy of a named colour map whose masked (missing) cells are light grey."""
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")

@@ -311,7 +311,7 @@ nav a{margin-right:16px;color:#1f3a5f;text-decoration:none}main{padding:16px 32p
 .card .label{color:#5a6475;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 .card .big{font-size:32px;font-weight:650;color:#1f3a5f}.card div{font-size:13px;color:#3a4354}
 section{background:#fff;border-radius:10px;padding:16px 20px;margin-bottom:20px;box-shadow:0 1px 3px rgba(0,0,0,.1)}
-h2{margin:0 0 10px;font-size:18px}h2 small{font-weight:400;color:#6a7385;font-size:13px;margin-left:8px}
+h2{margin:0 0 10px;font-size:18px}h3{margin:14px 0 6px;font-size:15px}h2 small{font-weight:400;color:#6a7385;font-size:13px;margin-left:8px}
 .facts{display:flex;flex-wrap:wrap;gap:18px;margin-bottom:12px}.facts span{color:#6a7385;margin-right:6px}
 .split{display:flex;flex-wrap:wrap;gap:20px}.split>div{flex:1 1 440px;min-width:0}
 .tablewrap{max-height:720px;overflow:auto;border:1px solid #e3e8ee;border-radius:6px}
@@ -336,12 +336,110 @@ return (a<c?-1:a>c?1:0)*(asc?1:-1)}).forEach(r=>b.appendChild(r))}
 """
 
 
+# ---------------------------------------------------------------- training, data, task correlation
+
+def training_section(report_dir: Path, history: dict | None) -> str:
+    """Learning curves of the training history (history.json of the model folder)."""
+    if not history or not history.get("epochs"):
+        return ""
+    epochs = history["epochs"]
+    path = plots.learning_curves_png(epochs, report_dir / "learning_curves.png",
+                                     f"learning curves ({history['stage']})", history.get("best_epoch"))
+    last = epochs[-1]
+    facts = [("stage", _e(history["stage"])), ("epochs", _num(len(epochs))),
+             ("best epoch", _num(history.get("best_epoch"))), ("last train loss", _num(last.get("train_loss"))),
+             ("last val loss", _num(last.get("val_loss"))), ("last lr", f"{last['lr']:.3g}" if last.get("lr") else "–")]
+    fact_html = "".join(f"<div><span>{k}</span><b>{v}</b></div>" for k, v in facts)
+    caption = ("Loss and accuracy per epoch (dashed: train, running mean over the epoch's batches; solid: "
+               "validation split), and the learning rate of each epoch's last step. The weights kept are "
+               "those of the best epoch (lowest val loss) for heads, the last epoch for fine-tuning.")
+    return (f'<section id="training"><h2>Training <small>history.json of the model folder</small></h2>'
+            f'<div class="facts">{fact_html}</div>{_figure(path, caption)}</section>')
+
+
+def _largest(sizes: list[int], limit: int = plots.MAX_CONFUSION_CLASSES) -> list[int]:
+    """Indices of the ``limit`` largest entries, in their original order."""
+    return sorted(np.argsort(-np.asarray(sizes), kind="mergesort")[:limit].tolist())
+
+
+def data_section(report_dir: Path, metrics: dict, samples: dict | None) -> str:
+    """Per class task: rows per class and split (class_sizes) and a grid of sample photos."""
+    sizes = metrics.get("class_sizes") or {}
+    parts = []
+    for task, entry in sizes.items():
+        slug = safe_name(task)
+        figs = [_figure(plots.class_sizes_png(entry["counts"], f"{task}: labelled rows per class and split",
+                                              report_dir / f"class_sizes_{slug}.png"),
+                        "Labelled rows of each class in each split of the data given to evaluate "
+                        "(metrics.json class_sizes; unlabelled rows: "
+                        + ", ".join(f"{k} {v}" for k, v in entry["unlabelled"].items()) + ").")]
+        grid = (samples or {}).get(task)
+        if grid:
+            figs.append(_figure(plots.sample_grid_png(grid, f"{task}: sample photos per class",
+                                                      report_dir / f"samples_{slug}.png"),
+                                "A few photos of each class (random, seeded) from the evaluated rows; "
+                                "with more than 40 classes, the 40 largest."))
+        parts.append(f'<h3>{_e(task)}</h3><div class="figs">{"".join(figs)}</div>')
+    if not parts:
+        return ""
+    return f'<section id="data"><h2>Data <small>class sizes and sample photos</small></h2>{"".join(parts)}</section>'
+
+
+def _pair_figure(report_dir: Path, name: str, pair: dict) -> Path:
+    slug = f"correlation_{safe_name(pair['tasks'][0])}__{safe_name(pair['tasks'][1])}.png"
+    if pair["kind"] == "class x class":
+        table = np.asarray(pair["contingency"], dtype=np.float64).reshape(len(pair["rows"]), len(pair["columns"]))
+        r, c = _largest(table.sum(axis=1).tolist()), _largest(table.sum(axis=0).tolist())
+        sub = table[np.ix_(r, c)]
+        share = np.divide(sub, table[r].sum(axis=1, keepdims=True), out=np.full_like(sub, np.nan),
+                          where=table[r].sum(axis=1, keepdims=True) > 0)
+        v = pair["cramers_v"]
+        return plots.heatmap_png(share, [pair["rows"][i] for i in r], [pair["columns"][j] for j in c],
+                                 f"{name}: share of each {pair['tasks'][0]} row per {pair['tasks'][1]} "
+                                 f"(Cramér's V {'–' if v is None else f'{v:.2f}'})", report_dir / slug,
+                                 f"share of the {pair['tasks'][0]} class")
+    support = [sum(row) for row in pair["support"]]
+    r = _largest(support)
+    return plots.heatmap_png([pair["rate"][i] for i in r], [pair["classes"][i] for i in r], pair["tags"],
+                             f"{name}: share of each class's rows with the tag", report_dir / slug,
+                             "share with the tag")
+
+
+def correlation_section(report_dir: Path, metrics: dict) -> str:
+    """Pairs of tasks: Cramér's V per pair (per tag for tags) and a heat map per pair."""
+    corr = metrics.get("task_correlation") or {}
+    pairs = corr.get("pairs") or {}
+    if not pairs:
+        return ""
+    rows, figs = [], []
+    for name, pair in pairs.items():
+        if pair["kind"] == "class x class":
+            strength = _num(pair["cramers_v"])
+        else:
+            strength = ", ".join(f"{_e(t)} {_num(v)}" for t, v in pair["cramers_v"].items())
+        rows.append(f"<tr><td>{_e(name)}</td><td>{_e(pair['kind'])}</td><td class=n>{_num(pair['n'])}</td>"
+                    f"<td>{strength}</td></tr>")
+        what = (f"each {pair['tasks'][0]} class (row) split over the {pair['tasks'][1]} classes "
+                "(row shares of the contingency table)" if pair["kind"] == "class x class" else
+                f"share of each {pair['tasks'][0]} class's rows that carry each tag (grey: no labelled row)")
+        figs.append(_figure(_pair_figure(report_dir, name, pair), f"{name}: {what}; at most the 40 largest classes."))
+    splits = ", ".join(corr.get("splits") or [])
+    return ('<section id="correlation"><h2>Correlation between tasks <small>on the labels of '
+            f'{_num(corr.get("rows"))} rows, splits: {_e(splits)}</small></h2><p class="note">Cramér\'s V: 0 = the '
+            'labels of one task say nothing about the other, 1 = one determines the other. Computed on the '
+            'labels, not the predictions; metrics.json task_correlation holds the tables.</p>'
+            '<table><thead><tr><th>tasks</th><th>kind</th><th>rows</th><th>Cramér\'s V</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table><div class="figs">{"".join(figs)}</div></section>')
+
+
 def render_html(title: str, metrics: dict, tasks: list[TaskInfo], sections: list[str], context: dict | None,
-                examples: list[dict] | None) -> str:
+                examples: list[dict] | None, extra: dict[str, str] | None = None) -> str:
     """The whole page as one string."""
     ctx = context or {}
     sub = " · ".join(f"{k}: {_e(ctx[k])}" for k in ("model", "data", "rows") if k in ctx)
     links = [(f"task-{safe_name(t.name)}", t.name) for t in tasks if t.name in metrics]
+    extra = extra or {}
+    links += [(a, a) for a in ("training", "data", "correlation") if extra.get(a)]
     links += [(a, b) for a, b, ok in (("hierarchy", "hierarchy", "hierarchy" in metrics),
                                       ("examples", "examples", bool(examples)), ("context", "context", bool(context))) if ok]
     nav = "".join(f'<a href="#{a}">{_e(b)}</a>' for a, b in links)
@@ -350,6 +448,7 @@ def render_html(title: str, metrics: dict, tasks: list[TaskInfo], sections: list
             f'content="width=device-width,initial-scale=1"><title>{_e(title)}</title><style>{CSS}</style></head>'
             f'<body><header><h1>{_e(title)}</h1><p>{sub}</p></header><nav>{nav}</nav><main>'
             f'{headline_cards(metrics, tasks)}{"".join(sections)}{hierarchy_section(metrics)}'
+            f'{extra.get("training", "")}{extra.get("data", "")}{extra.get("correlation", "")}'
             f'{examples_section(examples)}{context_section(context)}</main>'
             f'<footer>catalens evaluation report · {stamp} · metrics.json and per_class_*.csv beside this file</footer>'
             f'<script>{SORT_JS}</script></body></html>')
@@ -359,7 +458,7 @@ def render_html(title: str, metrics: dict, tasks: list[TaskInfo], sections: list
 
 def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y: dict, probs: dict, title: str,
                  context: dict | None = None, examples: list[dict] | None = None,
-                 pred_index: dict | None = None) -> Path:
+                 pred_index: dict | None = None, samples: dict | None = None, history: dict | None = None) -> Path:
     """Write the report folder and return the path of ``report.html``.
 
     Files: ``metrics.json`` (``metrics`` plus ``"context"`` when given), per task
@@ -367,6 +466,10 @@ def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y
     ``confusion_<task>.png`` (class tasks) or ``pr_<task>.png`` (tags tasks); then
     ``report.html`` with all of it inline. ``examples``: ``{"image_b64", "caption", "correct"}``;
     ``pred_index``: ``{task: decided class per row}`` where it is not the argmax (hierarchy decoding).
+    Also, when given: ``learning_curves.png`` from ``history`` (history.json as a dict),
+    ``class_sizes_<task>.png`` from ``metrics["class_sizes"]``, ``samples_<task>.png`` from
+    ``samples`` (``{task: {class: [PIL images]}}``) and ``correlation_<a>__<b>.png`` per pair of
+    ``metrics["task_correlation"]``.
     """
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -380,5 +483,7 @@ def write_report(report_dir: str | Path, metrics: dict, tasks: list[TaskInfo], y
         write_per_class_csv(report_dir / f"per_class_{safe_name(t.name)}.csv", rows)
         figs = task_figures(report_dir, t, m, y[t.name], probs[t.name], (pred_index or {}).get(t.name))
         sections.append(task_section(t, m, rows, figs))
-    page = render_html(title, metrics, tasks, sections, context, examples)
+    extra = {"training": training_section(report_dir, history), "data": data_section(report_dir, metrics, samples),
+             "correlation": correlation_section(report_dir, metrics)}
+    page = render_html(title, metrics, tasks, sections, context, examples, extra)
     return atomic_write_bytes(report_dir / "report.html", page.encode("utf-8"))

@@ -105,22 +105,30 @@ class MultiTaskHead:
         for epoch in range(p["epochs"]):
             net.train()
             order = sampling.order(len(X), gen)  # randperm(len(X)) unless sampler / max_per_class
-            total = 0.0
+            total, lr_used = 0.0, float(opt.param_groups[0]["lr"])
+            hits = AccuracyCounter(self.tasks)
             for s in range(0, len(order), bs):
                 idx = order[s:s + bs]
-                loss = multitask_loss(net(Xt[idx]), {k: v[idx] for k, v in Yt.items()}, self.tasks,
-                                      p["loss_weights"], weights, p["label_smoothing"], p["focal_gamma"])
+                y_batch = {k: v[idx] for k, v in Yt.items()}
+                out = net(Xt[idx])
+                loss = multitask_loss(out, y_batch, self.tasks, p["loss_weights"], weights, p["label_smoothing"],
+                                      p["focal_gamma"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr_used = float(opt.param_groups[0]["lr"])
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)
-            row = {"epoch": epoch + 1, "train_loss": total / len(order), "lr": float(opt.param_groups[0]["lr"])}
+                hits.add(out, y_batch)
+            # lr: the learning rate of the epoch's last step (as fine-tuning records it)
+            row = {"epoch": epoch + 1, "train_loss": total / len(order), "lr": lr_used, **hits.row("train")}
             if has_val:
                 net.eval()
                 with torch.no_grad():
-                    vloss = float(multitask_loss(net(Xv), Yv, self.tasks, p["loss_weights"], weights))
+                    out = net(Xv)
+                    vloss = float(multitask_loss(out, Yv, self.tasks, p["loss_weights"], weights))
                 row["val_loss"] = vloss
+                row.update(AccuracyCounter(self.tasks).add(out, Yv).row("val"))
                 if vloss < best - 1e-5:
                     best, best_state, bad = vloss, copy.deepcopy(net.state_dict()), 0
                 else:
@@ -131,7 +139,8 @@ class MultiTaskHead:
 
                 drops[0] = plateau_drops([h["val_loss"] for h in self.history_], p["plateau_patience"])
             if self.verbose and (epoch % 20 == 0):
-                print(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"))
+                print(f"  epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                       if k != "epoch" and not isinstance(v, dict)))
             if has_val and bad >= p["patience"]:
                 break
         if best_state is not None:
@@ -250,6 +259,32 @@ class MultiTaskHead:
         head.net_ = net.eval()
         head.history_ = meta.get("history", [])
         return head
+
+
+class AccuracyCounter:
+    """Per class task, how many labelled rows the argmax of the logits got right; ``row`` gives the
+    history keys ``<prefix>_accuracy`` (the finest task: most classes) and ``<prefix>_accuracy_by_task``."""
+
+    def __init__(self, tasks: list[TaskInfo]) -> None:
+        self.tasks = sorted((t for t in tasks if t.kind == "class"), key=lambda t: -t.n_outputs)
+        self.right = {t.name: 0 for t in self.tasks}
+        self.seen = {t.name: 0 for t in self.tasks}
+
+    def add(self, logits: dict, y: dict) -> "AccuracyCounter":
+        """Count one batch: ``logits`` and ``y`` are dicts of tensors keyed by task."""
+        for t in self.tasks:
+            yt = y[t.name]
+            keep = yt >= 0
+            self.right[t.name] += int((logits[t.name].detach().argmax(1)[keep] == yt[keep]).sum())
+            self.seen[t.name] += int(keep.sum())
+        return self
+
+    def row(self, prefix: str) -> dict:
+        """``{}`` when no class task had a labelled row."""
+        accs = {k: self.right[k] / n for k, n in self.seen.items() if n}
+        if not accs:
+            return {}
+        return {f"{prefix}_accuracy": next(iter(accs.values())), f"{prefix}_accuracy_by_task": accs}
 
 
 def _nll(z: np.ndarray, y: np.ndarray, kind: str) -> float:

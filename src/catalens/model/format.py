@@ -9,6 +9,9 @@
                             options, validation metrics, package versions, creation time
       backbone.safetensors  the backbone's weights (the folder needs no download to load)
       head.safetensors      the heads' weights;  head.json  their hyper-parameters and history
+      history.json          the typed per-epoch training history (:class:`TrainingHistory`) of the
+                            stage that produced the weights: loss, accuracy per class task, lr
+                            (optional: folders written before it load without it)
       config.yaml           the resolved run configuration
       text/                 optional title model (catalens train --text): vectorizer.json,
                             title_model.safetensors, title_model.json, fusion.json
@@ -21,6 +24,7 @@ decoder read descriptions through it without paying for torch.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -37,8 +41,10 @@ HEAD_JSON = "head.json"
 TEXT_DIR = "text"
 FUSION_FILE = "fusion.json"
 MEMBERS_DIR = "members"
+HISTORY_FILE = "history.json"
+HISTORY_FORMAT = "catalens-history/1"
 #: what :meth:`CatalensModel.save` owns in a folder (anything else there is kept on re-save)
-WEIGHT_FILES = frozenset({DESCRIPTION_FILE, BACKBONE_FILE, HEAD_FILE, HEAD_JSON, TEXT_DIR})
+WEIGHT_FILES = frozenset({DESCRIPTION_FILE, BACKBONE_FILE, HEAD_FILE, HEAD_JSON, TEXT_DIR, HISTORY_FILE})
 #: bound on a class list (a tampered model.json fails at load, not at predict; the folder's other
 #: checks, preprocess sizes included, are in catalens.model.validate)
 MAX_CLASSES = 100_000
@@ -176,6 +182,88 @@ class ModelDescription(BaseModel):
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", exclude_none=False), indent=1)
+
+
+class EpochRecord(BaseModel):
+    """One epoch of training. Train numbers are running means over the epoch's batches (training
+    mode: dropout, augmentation); val numbers are measured on the validation split after the epoch.
+    ``lr``: the heads' learning rate at the epoch's last step. Accuracies: per class task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int = Field(ge=1)
+    train_loss: float | None = None
+    val_loss: float | None = None
+    lr: float | None = Field(None, ge=0)
+    train_accuracy: dict[str, float] = Field(default_factory=dict)
+    val_accuracy: dict[str, float] = Field(default_factory=dict)
+    seconds: float | None = None
+
+
+class TrainingHistory(BaseModel):
+    """history.json: the per-epoch history of the stage whose weights the folder holds
+    (``heads``: the heads on cached features; ``finetune``: ``catalens train --finetune``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = HISTORY_FORMAT
+    stage: str
+    best_epoch: int | None = None
+    epochs: list[EpochRecord]
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v != HISTORY_FORMAT:
+            raise ValueError(f"format {v!r} is not one this catalens reads ({HISTORY_FORMAT})")
+        return v
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, v: str) -> str:
+        if v not in ("heads", "finetune"):
+            raise ValueError(f"stage must be 'heads' or 'finetune', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TrainingHistory":
+        numbers = [e.epoch for e in self.epochs]
+        if numbers != sorted(set(numbers)):
+            raise ValueError(f"epochs must be increasing and unique, got {numbers[:10]}")
+        return self
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], stage: str, best_epoch: int | None = None) -> "TrainingHistory":
+        """From the heads' (or fine-tuning's) ``history_`` rows; non-finite numbers become None."""
+        def num(v):
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+        def accs(v):
+            return {str(k): float(a) for k, a in (v or {}).items() if num(a) is not None}
+
+        epochs = [EpochRecord(epoch=int(r["epoch"]), train_loss=num(r.get("train_loss")),
+                              val_loss=num(r.get("val_loss")), lr=num(r.get("lr")),
+                              train_accuracy=accs(r.get("train_accuracy_by_task")),
+                              val_accuracy=accs(r.get("val_accuracy_by_task")), seconds=num(r.get("seconds")))
+                  for r in rows]
+        return cls(stage=stage, best_epoch=best_epoch, epochs=epochs)
+
+
+def read_history(folder: str | Path) -> TrainingHistory | None:
+    """The training history of a model folder; None when it has no history.json (older folders,
+    ensembles); :class:`ModelError` naming the file and the field when it is broken."""
+    from pydantic import ValidationError
+
+    path = Path(folder) / HISTORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return TrainingHistory.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise ModelError(f"'{path}': field '{field}': {first['msg']} ({e.error_count()} problem(s)); "
+                         f"delete the file (the model still loads without it) or train again") from None
 
 
 def description_path(folder: str | Path) -> Path:

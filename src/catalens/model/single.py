@@ -8,6 +8,7 @@
                           training, validation metrics, package versions, creation time
       backbone.safetensors  the backbone's weights (the folder needs no download to load)
       head.safetensors    the heads' weights;  head.json  their hyper-parameters and history
+      history.json        the typed per-epoch training history (loss, accuracy per task, lr)
       config.yaml         the resolved run configuration
       text/               optional title model (catalens train --text): vectorizer.json (vocabulary,
                           idf), title_model.safetensors (weights), title_model.json, fusion.json
@@ -34,8 +35,9 @@ from catalens.files import apply_umask_mode
 from catalens.heads.estimator import MultiTaskHead
 from catalens.heads.net import ProbabilityNet
 from catalens.model.decode import Decoder, load_text
-from catalens.model.format import (BACKBONE_FILE, FORMAT, TEXT_DIR, WEIGHT_FILES, ModelDescription,
-                                   ModelError, package_versions, parse_description, read_description)
+from catalens.model.format import (BACKBONE_FILE, FORMAT, HISTORY_FILE, TEXT_DIR, WEIGHT_FILES, ModelDescription,
+                                   ModelError, TrainingHistory, package_versions, parse_description,
+                                   read_description)
 from catalens.tasks import TaskInfo
 
 
@@ -102,6 +104,7 @@ class CatalensModel:
         save_file(state, str(tmp / BACKBONE_FILE))
         apply_umask_mode(tmp / BACKBONE_FILE)  # safetensors writes 0600 whatever the umask
         self.head.save(tmp)
+        self._save_history(tmp)
         if self.text is not None:
             self.text.save(tmp / TEXT_DIR)
         meta = dict(self.meta)
@@ -121,6 +124,15 @@ class CatalensModel:
         else:
             tmp.rename(folder)
         return folder
+
+    def _save_history(self, folder: Path) -> None:
+        """``history.json`` from the head's per-epoch history (none when the head has no history)."""
+        rows = getattr(self.head, "history_", None) or []
+        if not rows:
+            return
+        stage = "finetune" if self.meta.get("finetune") else "heads"
+        history = TrainingHistory.from_rows(rows, stage, getattr(self.head, "best_epoch_", None))
+        (folder / HISTORY_FILE).write_text(history.model_dump_json(indent=1))
 
     @classmethod
     def load(cls, folder: str | Path, description: ModelDescription | None = None) -> "CatalensModel":

@@ -13,6 +13,7 @@ What is checked (reading only JSON and the safetensors headers, never the tensor
   ``feature_dim``.
 - ``head.safetensors`` (or the state dict given): exactly the tensors the head has, each of the
   shape the task list implies (a class list cut short shows here).
+- ``history.json`` when present: the typed training history (format, stage, increasing epochs).
 - ``text/title_model.safetensors`` when present: per task ``W (classes, features)`` and
   ``b (classes,)`` as wide as the task's class list.
 - every ``*.safetensors`` in the folder (backbone, head, title model): a readable header and a
@@ -77,6 +78,17 @@ def validate_model_folder(folder: str | Path, description: dict | None = None,
     title = folder / "text" / "title_model.safetensors"
     if title.exists():
         check_title_shapes(safetensors_shapes(title), tasks, title)
+    check_history(folder)
+
+
+def check_history(folder: Path) -> None:
+    """``history.json`` when present: the typed per-epoch history (a folder without it is fine)."""
+    from catalens.model.format import read_history
+
+    try:
+        read_history(folder)
+    except ModelError as e:
+        raise ModelFolderError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- files

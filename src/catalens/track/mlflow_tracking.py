@@ -9,7 +9,8 @@ What a run holds:
 
 - params: the resolved configuration, flattened (``head.lr``, ``backbone.name``, ...), plus
   the data path, backbone fingerprint and task list;
-- metrics: per epoch (step = epoch) ``train_loss`` / ``val_loss`` from the heads'
+- metrics: per epoch (step = epoch) ``train_loss`` / ``val_loss``, ``lr`` (the rate of the
+  epoch's last step) and the accuracies (``train_accuracy_by_task.<task>``, ...) from the heads'
   ``history_``; final validation metrics flattened as ``val.<task>.<metric>`` (accuracy,
   macro_f1, log_loss, ece, micro_f1, mean_average_precision, hierarchy path accuracy, ...);
   ``seconds``, ``train_images``, ``val_images``, ``best_epoch``;

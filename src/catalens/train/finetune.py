@@ -55,7 +55,7 @@ from torch import nn
 
 from catalens.config import Config
 from catalens.embed.backbones import Backbone
-from catalens.heads.estimator import MultiTaskHead
+from catalens.heads.estimator import AccuracyCounter, MultiTaskHead
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.heads.schedules import plateau_drops, schedule_factor, schedule_params
 from catalens.tasks import TaskInfo
@@ -680,6 +680,7 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
         hnet.train()
         _freeze_bn(extractor)
         total_loss, seen = 0.0, 0
+        hits = AccuracyCounter(tasks)  # running train accuracy per class task (as train_loss)
         bar = _bar(len(order), progress, f"epoch {epoch + 1}/{f.epochs}")
         if train_act is not None:
             batches = ((order[s:s + bs], None) for s in range(0, len(order), bs))
@@ -716,6 +717,7 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             loss.backward()
             opt.step()
             step += 1
+            hits.add(logits, tgt)
             total_loss += lv * len(idx)
             seen += len(idx)
             bar.update(len(idx))
@@ -723,10 +725,14 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
         if ddp.is_distributed():  # the epoch's loss over every rank; what each rank trained on
             rows_per_rank = [int(n) for n in ddp.all_gather(seen)]
             total_loss, seen = ddp.all_sum([total_loss, seen])
+            sums = ddp.all_sum([*hits.right.values(), *hits.seen.values()])  # every rank's train accuracy
+            k = len(hits.right)
+            hits.right, hits.seen = dict(zip(hits.right, sums[:k])), dict(zip(hits.seen, sums[k:]))
             if not math.isfinite(total_loss):  # every rank sees the same sum: all stop together
                 raise _diverged(total_loss, epoch + 1, step, f)
         row = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "seconds": round(time.time() - te, 1),
-               "lr": f.lr * lrf}  # the heads' learning rate at the epoch's last step (backbone: x backbone_lr_mult)
+               "lr": f.lr * lrf,  # the heads' learning rate at the epoch's last step (backbone: x backbone_lr_mult)
+               **hits.row("train")}
         history.append(row)
         if ddp.is_main():  # torchrun: rank 0 evaluates, checkpoints and reports
             if val_act is not None:
