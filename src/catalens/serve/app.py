@@ -194,15 +194,18 @@ class ServerState:
                     "'catalens evaluate' fuse them for this ensemble's members")
         return "ignored: this model has no title model (train with --text)"
 
-    def _fuse(self, probs: list[dict], titles: list[str | None]) -> list[dict]:
-        batch = {k: np.stack([p[k] for p in probs]) for k in probs[0]}    # {task: (n, C)}
-        fused = self.decoder.fuse(batch, titles)
-        return [{k: v[i] for k, v in fused.items()} for i in range(len(probs))]
-
-    def answers(self, results: list[tuple[dict, dict]], top_k: int):
-        """The decoder's answers for the images of one request (``results`` of :meth:`predict`)."""
+    def answers(self, results: list[tuple[dict, dict]], top_k: int, titles: list[str | None] | None = None):
+        """The decoder's answers for the images of one request (``results`` of :meth:`predict`):
+        with ``titles`` (one per image) and a model with a title model, the image probabilities are
+        fused with the titles and title–image conflicts flagged (:meth:`Decoder.__call__`)."""
         batch = {t.name: np.stack([p[t.name] for p, _ in results]) for t in self.decoder.tasks}  # {task: (n, C)}
-        return self.decoder.decode(batch, top_k)
+        return self.decoder(batch, titles if self.text is not None else None, top_k)
+
+    async def answers_async(self, results: list[tuple[dict, dict]], top_k: int, titles=None):
+        """:meth:`answers`; title fusion (TF-IDF of the titles) runs off the event loop."""
+        if titles is None or self.text is None:
+            return self.answers(results, top_k)
+        return await asyncio.get_running_loop().run_in_executor(None, self.answers, results, top_k, titles)
 
     # ------------------------------------------------------------------ prediction
     def _infer(self, batch_hwc: np.ndarray) -> dict[str, np.ndarray]:
@@ -275,10 +278,9 @@ class ServerState:
         if name != self.name:
             raise P.ApiError(404, "model_not_found", f"no model named '{name}'; this server serves '{self.name}'")
 
-    async def predict(self, images: list[bytes], names: list[str] | None = None,
-                      titles: list[str | None] | None = None) -> list[tuple[dict, dict]]:
-        """Decode and predict; returns per image ``(probs, timings)``; bad photos raise 4xx ApiError.
-        With ``titles`` (one per image) and a model with a title model, probabilities are fused."""
+    async def predict(self, images: list[bytes], names: list[str] | None = None) -> list[tuple[dict, dict]]:
+        """Decode and predict; returns per image ``(image probs, timings)``; bad photos raise 4xx
+        ApiError. Titles are fused by :meth:`answers`."""
         self.check_ready()
         self.shed_if_full(len(images))
         t0 = time.perf_counter()
@@ -314,9 +316,6 @@ class ServerState:
             self.decoding -= len(images)
             self._queue_gauge()
         results = await asyncio.gather(*futures)
-        if titles is not None and self.text is not None:
-            fused = await loop.run_in_executor(None, self._fuse, [p for p, _ in results], titles)
-            results = [(p, info) for p, (_, info) in zip(fused, results)]
         total = (time.perf_counter() - t0) * 1000.0
         out = []
         for (probs, info), (_, dms) in zip(results, decoded):
@@ -604,8 +603,8 @@ def create_app(settings: ServeSettings):
         k = P.parse_top_k(top_k if top_k is not None else fields.get("top_k"), settings.top_k)
         sent = fields.get("titles") if "titles" in fields else ([title] if title is not None else None)
         titles = P.check_titles(sent, len(uploads))
-        results = await state.predict([u.data for u in uploads], [u.name for u in uploads], titles)
-        ans = state.answers(results, k)
+        results = await state.predict([u.data for u in uploads], [u.name for u in uploads])
+        ans = await state.answers_async(results, k, titles)
         images = [{"index": i, "file": u.name, **state.decoder.record(ans, i), "timings": timings}
                   for i, (u, (_, timings)) in enumerate(zip(uploads, results))]
         out = {"model": state.name, "images": images,
@@ -679,8 +678,9 @@ def create_app(settings: ServeSettings):
         images, doc = await _off_loop(lambda b: P.parse_kserve_request(b, request.headers, settings.max_images),
                                       await body(request))
         titles = P.kserve_titles(doc, len(images))
-        results = await state.predict(images, titles=titles)
-        out = P.kserve_response(state.name, state.decoder, state.answers(results, 1), doc)
+        results = await state.predict(images)
+        ans = await state.answers_async(results, 1, titles)
+        out = P.kserve_response(state.name, state.decoder, ans, doc)
         if titles is not None:
             out["parameters"] = {"titles": state.titles_note(titles)}
         return out
