@@ -636,9 +636,9 @@ def create_app(settings: ServeSettings):
               summary="TF-Serving REST predict: {\"instances\": [{\"b64\": ...}]}")
     async def tf_predict(name: str, request: Request):
         state.check_name(name)
-        images, fmt = await _off_loop(lambda b: P.parse_tf_request(b, settings.max_images), await body(request))
+        images, fmt, titles = await _off_loop(lambda b: P.parse_tf_request(b, settings.max_images), await body(request))
         results = await state.predict(images)
-        return P.tf_response(state.decoder, state.answers(results, 1), fmt)
+        return P.tf_response(state.decoder, await state.answers_async(results, 1, titles), fmt)
 
     # ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
     @app.get("/v2", tags=["kserve-v2"], summary="Server metadata", response_model=S.ServerMetadata)
@@ -661,7 +661,8 @@ def create_app(settings: ServeSettings):
     async def v2_metadata(name: str):
         state.check_name(name)
         state.check_ready()
-        return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None)
+        return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None,
+                                 state.decoder)
 
     @app.get("/v2/models/{name}/ready", tags=["kserve-v2"], response_model=S.ModelReady,
              responses={**_errors(404), 503: {"model": S.ModelReady, "description": "not ready yet"}})
