@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -124,6 +125,8 @@ class ServerState:
         self.decode_slots: asyncio.Semaphore | None = None
         self.probe_pool: ThreadPoolExecutor | None = None
         self.started = time.time()
+        self._torch_model = None       # loaded on the first explain=true request (Grad-CAM needs torch)
+        self._explain_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life cycle
     def graph_path(self) -> Path:
@@ -200,6 +203,48 @@ class ServerState:
         fused with the titles and title–image conflicts flagged (:meth:`Decoder.__call__`)."""
         batch = {t.name: np.stack([p[t.name] for p, _ in results]) for t in self.decoder.tasks}  # {task: (n, C)}
         return self.decoder(batch, titles if self.text is not None else None, top_k)
+
+    def explain_task(self, name: str | None) -> str:
+        """The class task ``explain=true`` draws (``name``, or the first class task); 400 otherwise."""
+        self.check_ready()
+        classes = [t.name for t in self.decoder.tasks if t.kind == "class"]
+        if not classes:
+            raise P.ApiError(400, "explain_unsupported", "explain=true explains a class task; this model has none")
+        if name is not None and name not in classes:
+            raise P.ApiError(400, "bad_parameter", f"explain_task '{name[:80]}' is not a class task of this model; "
+                                                   f"class tasks: {classes}")
+        return name or classes[0]
+
+    def _explain_model(self):
+        """The torch model Grad-CAM needs, loaded on the first ``explain=true`` request (the
+        server itself runs the exported graph)."""
+        with self._explain_lock:
+            if self._torch_model is None:
+                from catalens.model.load import load_model
+
+                log.info(f"explain: loading the torch model of {self.model_dir} for Grad-CAM")
+                self._torch_model = load_model(self.model_dir)
+            return self._torch_model
+
+    def _explain_one(self, data: bytes, task: str, label: int) -> dict:
+        import base64
+
+        from catalens.model.explain import ExplainError, explain_photo
+
+        try:
+            png, _ = explain_photo(self._explain_model(), data, task, label, self.settings.max_pixels)
+        except ExplainError as e:
+            raise P.ApiError(400, "explain_unsupported", f"explain=true: {e}") from None
+        except ImportError as e:
+            raise P.ApiError(501, "explain_unavailable", f"explain=true needs torch on the server ({e}); "
+                                                         f"install catalens with torch") from None
+        t = next(t for t in self.decoder.tasks if t.name == task)
+        return {"task": task, "label": t.classes[label], "png_base64": base64.b64encode(png).decode("ascii")}
+
+    async def explain(self, data: bytes, task: str, label: int) -> dict:
+        """``{"task", "label", "png_base64"}``: the Grad-CAM overlay of one photo for the decided
+        ``label`` of ``task``, at the photo's own size (computed in a thread)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._explain_one, data, task, label)
 
     async def answers_async(self, results: list[tuple[dict, dict]], top_k: int, titles=None):
         """:meth:`answers`; title fusion (TF-IDF of the titles) runs off the event loop."""
@@ -595,8 +640,13 @@ def create_app(settings: ServeSettings):
     async def predict(request: Request,
                       top_k: str | None = Query(None, description="labels per class task, 1-1000 (default: the "
                                                                   "server's --top-k)"),
-                      title: str | None = Query(None, description="the product title of a single photo")):
+                      title: str | None = Query(None, description="the product title of a single photo"),
+                      explain: bool = Query(False, description="add a Grad-CAM overlay PNG (base64) of each photo, "
+                                                               "at the photo's size; needs torch on the server"),
+                      explain_task: str | None = Query(None, description="the class task explained (default: "
+                                                                         "the first)")):
         t0 = time.perf_counter()
+        task = state.explain_task(explain_task) if explain or explain_task else None
         data = await body(request)
         uploads, fields = await _off_loop(lambda b: P.parse_predict_body(b, request.headers.get("content-type"),
                                                                          settings.max_images), data)
@@ -607,6 +657,9 @@ def create_app(settings: ServeSettings):
         ans = await state.answers_async(results, k, titles)
         images = [{"index": i, "file": u.name, **state.decoder.record(ans, i), "timings": timings}
                   for i, (u, (_, timings)) in enumerate(zip(uploads, results))]
+        if task is not None:
+            for img, u, j in zip(images, uploads, ans.label[task]):
+                img["explain"] = await state.explain(u.data, task, int(j))
         out = {"model": state.name, "images": images,
                "timings": {"total_ms": round((time.perf_counter() - t0) * 1000.0, 2)}}
         if titles is not None:
