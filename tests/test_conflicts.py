@@ -129,3 +129,51 @@ def test_old_fusion_json_gets_the_default(tmp_path):
     del meta["conflict"]
     (tmp_path / "fusion.json").write_text(json.dumps(meta))
     assert TextFusion.load(tmp_path).conflict == DEFAULT_CONFLICT
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from catalens.config import load_config
+    from catalens.synthetic import make_catalogue
+    from catalens.train.pipeline import train
+
+    base = tmp_path_factory.mktemp("conflicts")
+    data = make_catalogue(base / "data", n_products=90, size=96, seed=5)
+    cfg = load_config(None, [{"engine": {"progress": False, "runtime": "eager"}, "head": {"epochs": 30},
+                              "text": {"enabled": True}, "tracking": False}])
+    train(data, base / "model", cfg, log=lambda *a: None)
+    return base
+
+
+def test_trained_model_stores_the_threshold_and_every_output_flags_swapped_titles(text_model, tmp_path):
+    import catalens
+    from catalens.cli import main
+
+    fusion = json.loads((text_model / "model" / "text" / "fusion.json").read_text())["conflict"]
+    assert fusion["method"] == "tv" and fusion["max_genuine"] == 0.01
+    assert fusion["source"].startswith("val (") and fusion["val_flagged"] <= 0.01
+    products = pd.read_csv(text_model / "data" / "products.csv", dtype=str)
+    products = products[products["title"].notna() & (products["title"].str.len() > 0)].head(40)
+    paths = [str(text_model / "data" / "images" / f"{i}.jpg") for i in products["id"]]
+    # each photo with the title of the next product of another category
+    cats, titles = products["category"].tolist(), products["title"].tolist()
+    swapped = [next(titles[j] for j in range(len(titles)) if cats[j] != cats[i]) for i in range(len(titles))]
+    model = catalens.load(text_model / "model", runtime="eager")
+    own = model.predict(pd.DataFrame({"path": paths, "title": titles}))
+    other = model.predict(pd.DataFrame({"path": paths, "title": swapped}))
+    plain = model.predict(paths)
+    assert own["conflict"].mean() <= 0.1 < other["conflict"].mean()
+    assert (~plain["conflict"].astype(bool)).all() and plain["conflict_winner"].isna().all()
+    flagged = other[other["conflict"].astype(bool)]
+    assert set(flagged["conflict_winner"]) <= {"image", "title"}
+    assert (flagged["department_conflict"].astype(bool) | flagged["category_conflict"].astype(bool)).all()
+    assert other.loc[~other["conflict"].astype(bool), "conflict_winner"].isna().all()
+    # the CLI writes the same columns (a table with a title column)
+    table = tmp_path / "in.csv"
+    pd.DataFrame({"path": paths, "title": swapped}).to_csv(table, index=False)
+    assert main(["predict", str(text_model / "model"), str(table), "--out", str(tmp_path / "p.parquet"),
+                 "--no-progress", "--runtime", "eager"]) == 0
+    cli = pd.read_parquet(tmp_path / "p.parquet")
+    assert cli["conflict"].tolist() == other["conflict"].tolist()
+    assert cli["conflict_winner"].tolist() == other["conflict_winner"].tolist()
+    assert cli["category_conflict"].tolist() == other["category_conflict"].tolist()
