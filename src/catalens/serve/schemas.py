@@ -27,9 +27,11 @@ class TFPredictRequest(BaseModel):
         "examples": [{"instances": [{"b64": _B64_EXAMPLE}]}, {"inputs": {"image": [{"b64": _B64_EXAMPLE}]}}]})
     signature_name: StrictStr | None = None
     instances: list[Any] | dict[str, Any] | None = Field(
-        None, description='photos as [{"b64": "<base64 bytes>"}, ...] or [{"<input>": {"b64": ...}}, ...]')
+        None, description='photos as [{"b64": "<base64 bytes>"}, ...] or [{"<input>": {"b64": ...}}, ...]; '
+                          'a "title" next to "b64" is the product title (models trained with --text)')
     inputs: list[Any] | dict[str, Any] | None = Field(
-        None, description='columnar: {"<input>": [{"b64": ...}, ...]} or [{"b64": ...}, ...]')
+        None, description='columnar: {"<input>": [{"b64": ...}, ...]} or [{"b64": ...}, ...]; '
+                          'optionally "title": ["...", ...], one per photo')
 
 
 class KServeInput(BaseModel):
