@@ -338,3 +338,81 @@ def test_product_level_selective_uses_the_mean_probability_of_each_product():
                                       "precision": 1.0}
     folds = product_folds(np.array(["a", "a", "b", "c", "c", "d"]), 2, 0)
     assert folds[0] == folds[1] and folds[3] == folds[4] and sorted(np.bincount(folds[[0, 2, 3, 5]])) == [2, 2]
+
+
+def _wide_photo(model, category: str, seed: int):
+    """A synthetic garment photo padded with white to 3:2 (so the model's centre crop matters) and
+    its garment mask, both at the photo's size."""
+    from catalens.synthetic import _random_look, render_photo
+
+    rng = np.random.default_rng(seed)
+    side = 160
+    rgb, mask = render_photo(_random_look(rng, category), rng, side)
+    wide = np.full((side, side * 3 // 2, 3), 255, np.uint8)
+    wmask = np.zeros(wide.shape[:2], np.float32)
+    left = (wide.shape[1] - side) // 2
+    wide[:, left:left + side], wmask[:, left:left + side] = rgb, mask
+    return wide, wmask
+
+
+def test_heat_is_put_back_where_the_crop_came_from():
+    from catalens.ingest.images import Preprocess
+    from catalens.model.explain import crop_square, heat_on_photo
+
+    pre = Preprocess(size=224, resize=256)
+    assert crop_square(600, 400, pre) == (125.0, 25.0, 350.0)            # short side 400 * 224/256, centred
+    heat = heat_on_photo(np.ones((224, 224), np.float32), 600, 400, pre)
+    assert heat.shape == (400, 600)
+    assert heat[25:375, 125:475].min() == 1.0 and heat[:, :124].max() == 0.0 and heat[:, 476:].max() == 0.0
+    assert heat[:24].max() == 0.0 and heat[376:].max() == 0.0
+    pad = Preprocess(size=256, resize=256, crop="pad")                   # the square reaches outside the photo
+    assert crop_square(600, 400, pad) == (0.0, -100.0, 600.0)
+    assert heat_on_photo(np.ones((256, 256), np.float32), 600, 400, pad).min() == 1.0
+
+
+def test_server_explain_returns_the_overlay_png_at_the_photos_size(trained):
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+    from test_serve import running_server
+
+    from catalens.ingest.images import resize_crop
+    from catalens.model.explain import explain_photo, grad_cam, heat_on_photo
+    from catalens.model.load import load_model
+    from catalens.synthetic import CATEGORIES
+
+    root, _ = trained
+    model = load_model(root / "model")
+    photos, masks = zip(*(_wide_photo(model, c, 11 + i) for i, c in enumerate(CATEGORIES)))
+    blobs = []
+    for p in photos:
+        buf = io.BytesIO()
+        Image.fromarray(p).save(buf, "PNG")
+        blobs.append(buf.getvalue())
+    # in-process: the heat, put back on the 240 x 160 photo, lies on the garment
+    inside = []
+    for rgb, mask in zip(photos, masks):
+        heat, _ = grad_cam(model, resize_crop(Image.fromarray(rgb), model.preprocess)[None], "category")
+        big = heat_on_photo(heat[0], rgb.shape[1], rgb.shape[0], model.preprocess)
+        inside.append((big[mask > 0.5].sum() / big.sum()) / (mask > 0.5).mean())
+    assert np.median(inside) >= 1.5, inside
+    with running_server(root / "model") as (url, _), httpx.Client(base_url=url, timeout=120) as c:
+        files = [("file", (f"p{i}.png", b, "image/png")) for i, b in enumerate(blobs)]
+        r = c.post("/v1/predict", files=files, params={"explain": "true", "explain_task": "category"})
+        assert r.status_code == 200, r.text
+        images = r.json()["images"]
+        plain = c.post("/v1/predict", files=files[:1]).json()["images"][0]
+        bad = c.post("/v1/predict", files=files[:1], params={"explain": "true", "explain_task": "pattern"})
+    assert "explain" not in plain
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == (
+        "explain_task 'pattern' is not a class task of this model; class tasks: ['department', 'category']")
+    classes = next(t for t in model.tasks if t.name == "category").classes
+    for img, blob, rgb in zip(images, blobs, photos):
+        assert img["explain"]["task"] == "category" and img["explain"]["label"] == img["labels"]["category"]["label"]
+        png = base64.b64decode(img["explain"]["png_base64"])
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.format == "PNG" and im.size == (rgb.shape[1], rgb.shape[0])
+        want, _ = explain_photo(model, blob, "category", classes.index(img["explain"]["label"]))
+        assert png == want

@@ -189,3 +189,52 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
     t0 = ens.tasks[0].name
     np.testing.assert_allclose(titled[t0], ens.predict_proba_features(
         feats, texts=cat.frame["text"].to_numpy(dtype=object)[rows])[t0], rtol=1e-6)
+
+
+def test_ensemble_calibrates_accept_and_unknown_on_val_with_its_own_probabilities(models, tmp_path):
+    """``catalens ensemble`` sets the thresholds as training does for one model (the same
+    functions), on the val photos of the members' data and the ensemble's probabilities; predict
+    then writes them."""
+    import pandas as pd
+
+    from catalens.cli import main
+    from catalens.evaluate.selective import choose_threshold
+    from catalens.ingest.open import open_catalogue
+    from catalens.model.predictor import stream_probabilities
+    from catalens.model.unknown import describe
+
+    data, a, b = models
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "e"), "--data", str(data),
+                 "--target-precision", "0.5"]) == 0
+    meta = json.loads((tmp_path / "e" / "model.json").read_text())
+    ens = load_model(tmp_path / "e")
+    cat = open_catalogue(data)
+    is_val = (cat.frame["split"] == "val").to_numpy()         # the data's val/ folder
+    val = cat.subset(is_val)
+    probs = {k: np.concatenate([blk.probs[k] for blk in stream_probabilities(ens, val)]) for k in ("label",)}
+    y = val.encode(ens.tasks)["label"]
+    assert meta["accept"]["source"] == f"val ({is_val.sum()} photos of {data}), the ensemble's probabilities"
+    assert meta["accept"]["target_precision"] == 0.5
+    conf, pred = probs["label"].max(1), probs["label"].argmax(1)
+    want = choose_threshold(conf, pred == y, 0.5, 0.95, 2.0).threshold
+    assert meta["accept"]["thresholds"] == {"label": want}
+    assert meta["unknown"] == describe(probs, ["label"])
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(tmp_path / "e"), str(data), "--out", str(out), "--no-progress"]) in (0, 1)
+    df = pd.read_csv(out)
+    assert df["label_accept"].notna().all() and df["unknown"].notna().all()
+    assert set(df["conflict"].isna()) == {True}                      # no title model: no conflict flag
+
+
+def test_ensemble_without_its_data_leaves_the_flags_null_and_says_so(models, tmp_path, caplog):
+    from catalens.cli import main
+
+    _, a, b = models
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "e"), "--data", str(tmp_path / "nope")]) == 2
+    member = json.loads((a / "model.json").read_text())
+    member["data"] = str(tmp_path / "gone")
+    (a / "model.json").write_text(json.dumps(member))
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "f")]) == 0
+    meta = json.loads((tmp_path / "f" / "model.json").read_text())
+    assert meta.get("accept") is None and meta.get("unknown") is None
+    assert "accept and unknown thresholds are left null; give it with --data DATA" in caplog.text

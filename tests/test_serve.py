@@ -288,7 +288,8 @@ def test_tf_serving_predict_shapes_and_values(client, onnx_model, photos):
     for pred, p in zip(preds, photos[:2]):
         ref = expected(onnx_model, p)
         classes = [t for t in onnx_model.tasks if t.kind == "class"]
-        assert set(pred) == {t.name for t in onnx_model.tasks} | {f"{t.name}_label" for t in classes}
+        assert set(pred) == {t.name for t in onnx_model.tasks} | {f"{t.name}_label" for t in classes} | \
+            {f"{t.name}_accept" for t in classes} | {"unknown_score", "unknown"}  # no title model: no conflict
         for t in onnx_model.tasks:
             assert len(pred[t.name]) == t.n_outputs
             np.testing.assert_allclose(pred[t.name], ref[t.name], atol=1e-5)
@@ -313,7 +314,9 @@ def test_kserve_v2_infer_json_and_binary(client, onnx_model, photos):
     assert body["model_name"] == "model" and body["id"] == "req-7" and body["model_version"] == "1"
     outs = {o["name"]: o for o in body["outputs"]}
     names = [n for t in onnx_model.tasks for n in ([t.name, f"{t.name}_label"] if t.kind == "class" else [t.name])]
+    names += [f"{t.name}_accept" for t in onnx_model.tasks if t.kind == "class"] + ["unknown_score", "unknown"]
     assert list(outs) == names
+    assert outs["unknown"]["datatype"] == "BOOL" and outs["unknown_score"]["shape"] == [2]
     refs = [expected(onnx_model, p) for p in photos[:2]]
     for t in (t for t in onnx_model.tasks if t.kind == "class"):
         o = outs[f"{t.name}_label"]

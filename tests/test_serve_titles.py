@@ -130,3 +130,50 @@ def test_long_titles_are_cut_at_the_same_character_count_in_every_protocol():
     assert fields["titles"] == ["é" * MAX_TITLE_CHARS]
     assert check_titles([title], 1) == ["é" * MAX_TITLE_CHARS]    # KServe v2 / JSON / query strings
     assert check_titles(fields["titles"], 1) == ["é" * MAX_TITLE_CHARS]
+
+
+def test_decisions_and_conflicts_are_the_same_in_every_protocol(text_model):
+    """accept / unknown / conflict: the catalens API, TF-Serving and KServe v2 return the values
+    the in-process decoder gives for the same photos and titles (one title per photo; the second
+    photo gets the title of a product of another category)."""
+    from catalens.export.onnx import OnnxModel
+    from catalens.model.decode import Decoder
+
+    model, photos, titles = text_model
+    products = pd.read_csv(model.parent / "data" / "products.csv", dtype=str)
+    first = products.iloc[1]
+    other = products[products["category"] != first["category"]]["title"].dropna().iloc[0]
+    sent = [titles[0], other, None]
+    image = OnnxModel(model / "model.onnx", threads=1, backend="auto").predict_bytes(photos)
+    dec = Decoder.from_folder(model)
+    want = dec.columns(dec(image, sent, top_k=1))
+    assert dec.accept and dec.unknown and dec.text is not None
+    assert want["conflict"][2] is False and want["conflict_winner"][2] is None      # no title: no conflict
+    assert want["conflict"][0] is False                                              # its own title
+    tasks = [t.name for t in dec.tasks if t.kind == "class"]
+    with running_server(model) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
+        files = [("file", (f"p{i}.jpg", b, "image/jpeg")) for i, b in enumerate(photos)]
+        api = c.post("/v1/predict", files=files, data={"title": [t or "" for t in sent]}).json()["images"]
+        tf = c.post(f"/v1/models/{model.name}:predict", json={"instances": [
+            {"b64": base64.b64encode(b).decode(), "title": t} for b, t in zip(photos, sent)]}).json()["predictions"]
+        doc = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [3],
+                           "data": [base64.b64encode(b).decode() for b in photos]},
+                          {"name": "title", "datatype": "BYTES", "shape": [3], "data": [t or "" for t in sent]}]}
+        v2 = {o["name"]: o for o in c.post(f"/v2/models/{model.name}/infer", json=doc).json()["outputs"]}
+        meta = {o["name"]: o["datatype"] for o in c.get(f"/v2/models/{model.name}").json()["outputs"]}
+    for i in range(3):
+        assert api[i]["conflict"] == want["conflict"][i] == tf[i]["conflict"] == v2["conflict"]["data"][i]
+        assert api[i]["conflict_winner"] == want["conflict_winner"][i]
+        assert tf[i]["conflict_winner"] == v2["conflict_winner"]["data"][i] == (want["conflict_winner"][i] or "")
+        assert api[i]["unknown"] == want["unknown"][i] == tf[i]["unknown"] == v2["unknown"]["data"][i]
+        assert api[i]["unknown_score"] == pytest.approx(want["unknown_score"][i], abs=1e-5)
+        assert tf[i]["unknown_score"] == pytest.approx(want["unknown_score"][i], abs=1e-5)
+        assert v2["unknown_score"]["data"][i] == pytest.approx(want["unknown_score"][i], abs=1e-5)
+        for t in tasks:
+            assert api[i]["labels"][t]["accept"] == want[f"{t}_accept"][i] == tf[i][f"{t}_accept"] \
+                == v2[f"{t}_accept"]["data"][i]
+            assert api[i]["labels"][t]["conflict"] == want[f"{t}_conflict"][i] == tf[i][f"{t}_conflict"] \
+                == v2[f"{t}_conflict"]["data"][i]
+    assert meta["unknown"] == "BOOL" and meta["unknown_score"] == "FP32" and meta["conflict_winner"] == "BYTES"
+    assert [meta[f"{t}_accept"] for t in tasks] == ["BOOL"] * len(tasks)
+    assert v2["conflict"]["shape"] == [3] and v2["conflict"]["datatype"] == "BOOL"

@@ -58,7 +58,7 @@ def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browse
         browser.get(url + "/")
         assert "catalens" in browser.title
         assert "model: model" in browser.find_element(By.ID, "model").text
-        assert not browser.find_element(By.ID, "title").is_displayed()   # image-only model: no title box
+        assert not browser.find_element(By.ID, "staged").is_displayed()   # image-only model: no title boxes
         browser.find_element(By.ID, "file").send_keys(str(photo))
         wait = WebDriverWait(browser, 90)
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
@@ -98,34 +98,57 @@ def test_upload_a_photo_and_see_bars_and_tags(tmp_path_factory, tmp_path, browse
     assert accent > 0.001
 
 
-def test_a_title_model_shows_a_title_box_and_fuses_it(text_model, tmp_path, browser):
-    """A --text model: the page offers a title box; the bars show the photo fused with the title."""
+def test_a_title_model_takes_one_title_per_photo_and_shows_the_conflict(text_model, tmp_path, browser):
+    """A --text model: each chosen photo gets its own title box; the bars show each photo fused with
+    its own title, and a photo sent with another category's title shows the conflict flag when the
+    decoder flags one (the same answer as in-process)."""
+    import pandas as pd
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_serve_titles import _expected
+
+    from catalens.export.onnx import OnnxModel
+    from catalens.model.decode import Decoder
 
     model, photos, titles = text_model
-    photo = tmp_path / "p0.jpg"
-    photo.write_bytes(photos[0])
-    _, fused, classes = _expected(model, photos[:1], titles[:1])
+    products = pd.read_csv(model.parent / "data" / "products.csv", dtype=str)
+    other = products[products["category"] != products.iloc[1]["category"]]["title"].dropna().iloc[0]
+    sent = [titles[0], other]
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"p{i}.jpg")
+        paths[-1].write_bytes(photos[i])
+    image = OnnxModel(model / "model.onnx", threads=1, backend="auto").predict_bytes(photos[:2])
+    dec = Decoder.from_folder(model)
+    ans = dec(image, sent, top_k=5)
+    want = [dec.record(ans, i) for i in range(2)]
     with running_server(model, log=tmp_path / "server.log") as (url, _):
         browser.get(url + "/")
-        box = browser.find_element(By.ID, "title")
-        assert box.is_displayed()
-        box.send_keys(titles[0])
-        browser.find_element(By.ID, "file").send_keys(str(photo))
+        assert not browser.find_element(By.ID, "staged").is_displayed()
+        browser.find_element(By.ID, "file").send_keys("\n".join(str(p) for p in paths))
         wait = WebDriverWait(browser, 60)
+        boxes = browser.find_elements(By.CSS_SELECTOR, "#staged-list .photo-title")
+        assert len(boxes) == 2 and browser.find_element(By.ID, "staged").is_displayed()
+        for box, title in zip(boxes, sent):
+            box.send_keys(title)
+        browser.find_element(By.ID, "predict").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .bar")))
-        assert "with the title" in browser.find_element(By.ID, "status").text
-        card = browser.find_element(By.CSS_SELECTOR, ".card")
-        for level in card.find_elements(By.CSS_SELECTOR, ".level[data-task]"):
-            task = level.get_attribute("data-task")
-            if task in classes:
-                top = classes[task][int(fused[task][0].argmax())]
-                assert level.find_element(By.CSS_SELECTOR, ".bar.top .label").text == top
-                pct = level.find_element(By.CSS_SELECTOR, ".bar.top .pct").text
-                assert pct == f"{fused[task][0].max() * 100:.1f}%"
+        assert "with their titles" in browser.find_element(By.ID, "status").text
+        cards = {c.get_attribute("data-file"): c for c in browser.find_elements(By.CSS_SELECTOR, ".card")}
+        for i, rec in enumerate(want):
+            card = cards[f"p{i}.jpg"]
+            assert card.find_element(By.CSS_SELECTOR, ".sent-title").text == "title: " + sent[i]
+            for task, lab in rec["labels"].items():
+                level = card.find_element(By.CSS_SELECTOR, f'.level[data-task="{task}"]')
+                assert level.find_element(By.CSS_SELECTOR, ".bar.top .label").text == lab["label"]
+                assert level.find_element(By.CSS_SELECTOR, ".bar.top .pct").text == f"{lab['prob'] * 100:.1f}%"
+            flags = card.find_elements(By.CSS_SELECTOR, ".conflict")
+            if rec["conflict"]:
+                assert flags[0].get_attribute("data-winner") == rec["conflict_winner"]
+                assert f"the answer follows the {rec['conflict_winner']}" in flags[0].text
+            else:
+                assert flags == []
+    assert want[0]["conflict"] is False and want[1]["conflict"] is True
 
 
 def test_hostile_class_names_do_not_break_the_page(tmp_path_factory, tmp_path, browser):

@@ -15,7 +15,16 @@ probabilities into labels here and nowhere else:
    the task's accept threshold (model.json ``accept``, chosen for a target precision:
    :mod:`catalens.evaluate.selective`); null for a model without one;
 6. **unknown products**: ``unknown_score`` (model.json ``unknown``: :mod:`catalens.model.unknown`)
-   and ``unknown`` (the score exceeds the threshold keeping 95% of validation photos).
+   and ``unknown`` (the score exceeds the threshold keeping 95% of validation photos);
+7. **title–image conflicts** (a model with a title model): per class task the image-only and the
+   title-only answers are compared (:mod:`catalens.text.conflict`, threshold in ``text/fusion.json``):
+   ``<task>_conflict`` (they disagree strongly), ``conflict`` (some class task does) and
+   ``conflict_winner`` (``"image"`` or ``"title"``: the side whose answer the decided label
+   follows, for the task with the strongest conflict; null without a conflict). A photo without
+   a title has ``conflict`` False; every conflict column is null for a model without a title
+   model (and for ensembles, whose members fuse titles each on their own). :meth:`Decoder.fuse`
+   returns :class:`FusedProbs`, which carries the image-only and title-only probabilities to
+   :meth:`Decoder.decode`.
 
 :meth:`Decoder.decode` returns :class:`Answers` (index arrays, no strings); :meth:`Decoder.columns`
 turns them into the output columns (one row shape for every output), :meth:`Decoder.record` into
@@ -33,7 +42,17 @@ from catalens.tasks import TaskInfo, hierarchy_levels
 #: columns every prediction row starts with (then the task columns, see :func:`column_names`)
 BASE_COLUMNS = ("id", "product_id", "path", "split", "problem")
 #: per-photo flags that close every prediction row (null for a model without them)
-FLAG_COLUMNS = ("unknown_score", "unknown")
+FLAG_COLUMNS = ("unknown_score", "unknown", "conflict", "conflict_winner")
+
+
+class FusedProbs(dict):
+    """Fused probabilities ``{task: (n, C)}`` (a dict like any other) that also carry what was
+    fused: ``image`` (the image-only probabilities) and ``title`` (the title-only ones, NaN rows
+    where a row has no title), so that :meth:`Decoder.decode` can flag title–image conflicts."""
+
+    def __init__(self, fused: dict, image: dict, title: dict) -> None:
+        super().__init__(fused)
+        self.image, self.title = image, title
 
 
 @dataclass
@@ -48,6 +67,9 @@ class Answers:
     accept: dict[str, np.ndarray] = field(default_factory=dict)     # class task with a threshold -> (n,) bool
     unknown_score: np.ndarray | None = None                         # (n,) float, None without model.json unknown
     unknown: np.ndarray | None = None                               # (n,) bool
+    conflict: np.ndarray | None = None                              # (n,) bool, None without a title model
+    conflict_task: dict = field(default_factory=dict)               # class task -> (n,) bool
+    conflict_winner: np.ndarray | None = None                       # (n,) "image" / "title" / None
 
     def __len__(self) -> int:
         return len(next(iter(self.probs.values()))) if self.probs else 0
@@ -109,7 +131,9 @@ class Decoder:
         has a title model; otherwise ``probs`` unchanged."""
         if self.text is None or titles is None:
             return probs
-        return self.text.fuse(probs, np.asarray(list(titles), dtype=object))
+        titles = np.asarray(list(titles), dtype=object)
+        p_title = self.text.title_proba(titles)
+        return FusedProbs(self.text.fuse(probs, titles, p_title), probs, p_title)
 
     def decode(self, probs: dict[str, np.ndarray], top_k: int = 5) -> Answers:
         """Labels, top-k and tag decisions of ``n`` rows of probabilities ``{task: (n, C)}``."""
@@ -134,7 +158,34 @@ class Decoder:
 
             ans.unknown_score = unknown_score(probs, self.unknown["tasks"], self.unknown["method"])
             ans.unknown = ans.unknown_score > float(self.unknown["threshold"])
+        if self.text is not None:
+            self._conflicts(ans, probs)
         return ans
+
+    def _conflicts(self, ans: Answers, probs: dict) -> None:
+        """``ans.conflict*`` (see the module docstring); False everywhere when ``probs`` were not
+        fused with titles (:class:`FusedProbs`)."""
+        from catalens.text.conflict import conflict_scores
+
+        n, cfg = len(ans), self.text.conflict
+        best, winner = np.zeros(n), np.full(n, None, dtype=object)
+        for t in self.tasks:
+            if t.kind != "class":
+                continue
+            if not isinstance(probs, FusedProbs) or t.name not in probs.title:
+                ans.conflict_task[t.name] = np.zeros(n, bool)
+                continue
+            p_img, p_txt = np.asarray(probs.image[t.name]), np.asarray(probs.title[t.name])
+            score = conflict_scores(p_img, p_txt, cfg["method"])
+            flag = score > float(cfg["threshold"])
+            ans.conflict_task[t.name] = flag
+            stronger = flag & (score > best)
+            if stronger.any():
+                side = _winner(ans.label[t.name], p_img, np.nan_to_num(p_txt))
+                winner[stronger], best[stronger] = side[stronger], score[stronger]
+        ans.conflict = np.any([v for v in ans.conflict_task.values()], axis=0) if ans.conflict_task \
+            else np.zeros(n, bool)
+        ans.conflict_winner = winner
 
     def _best_paths(self, probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from catalens.heads.hierarchy import decode_hierarchy
@@ -163,6 +214,8 @@ class Decoder:
                 cols[f"{t.name}_prob"] = [float(p[i, lab[i]]) if ok[i] else None for i in range(n)]
                 acc = ans.accept.get(t.name)
                 cols[f"{t.name}_accept"] = [bool(acc[i]) if ok[i] and acc is not None else None for i in range(n)]
+                con = ans.conflict_task.get(t.name)
+                cols[f"{t.name}_conflict"] = [bool(con[i]) if ok[i] and con is not None else None for i in range(n)]
                 cols[f"{t.name}_top_labels"] = [list(names[top[i]]) if ok[i] else None for i in range(n)]
                 cols[f"{t.name}_top_probs"] = [p[i, top[i]].astype(float).tolist() if ok[i] else None
                                                for i in range(n)]
@@ -175,6 +228,9 @@ class Decoder:
         has = ans.unknown_score is not None
         cols["unknown_score"] = [float(ans.unknown_score[i]) if has and ok[i] else None for i in range(n)]
         cols["unknown"] = [bool(ans.unknown[i]) if has and ok[i] else None for i in range(n)]
+        con = ans.conflict is not None
+        cols["conflict"] = [bool(ans.conflict[i]) if con and ok[i] else None for i in range(n)]
+        cols["conflict_winner"] = [ans.conflict_winner[i] if con and ok[i] else None for i in range(n)]
         return cols
 
     def record(self, ans: Answers, i: int) -> dict:
@@ -182,7 +238,9 @@ class Decoder:
         ``catalens predict`` writes it, with ``accept`` when the model has accept thresholds),
         ``classes`` (top-k ranked by probability), ``tags``, ``hierarchy`` (per chain: the path,
         whether it was seen in training, and the best seen path when it was not), and
-        ``unknown_score`` / ``unknown`` (null for a model without them)."""
+        ``unknown_score`` / ``unknown`` (null for a model without them), ``conflict`` /
+        ``conflict_winner`` (null for a model without a title model; each label also has
+        ``conflict`` when the model has one)."""
         labels, classes, tags = {}, {}, {}
         for t in self.tasks:
             p = np.asarray(ans.probs[t.name][i], dtype=np.float64)
@@ -191,6 +249,8 @@ class Decoder:
                 labels[t.name] = {"label": t.classes[j], "prob": float(p[j])}
                 if t.name in ans.accept:
                     labels[t.name]["accept"] = bool(ans.accept[t.name][i])
+                if t.name in ans.conflict_task:
+                    labels[t.name]["conflict"] = bool(ans.conflict_task[t.name][i])
                 classes[t.name] = [{"label": t.classes[c], "prob": float(p[c])} for c in ans.top[t.name][i]]
             else:
                 thr = t.threshold_array()
@@ -199,7 +259,9 @@ class Decoder:
         has = ans.unknown_score is not None
         return {"labels": labels, "classes": classes, "tags": tags, "hierarchy": self._hierarchy(ans, i),
                 "unknown_score": float(ans.unknown_score[i]) if has else None,
-                "unknown": bool(ans.unknown[i]) if has else None}
+                "unknown": bool(ans.unknown[i]) if has else None,
+                "conflict": bool(ans.conflict[i]) if ans.conflict is not None else None,
+                "conflict_winner": ans.conflict_winner[i] if ans.conflict is not None else None}
 
     def _hierarchy(self, ans: Answers, i: int) -> list[dict]:
         by_name = {t.name: t for t in self.tasks}
@@ -233,6 +295,15 @@ class Decoder:
         return {t.name: [t.classes[j] for j in ans.label[t.name]] for t in self.tasks if t.kind == "class"}
 
 
+def _winner(decided: np.ndarray, p_image: np.ndarray, p_title: np.ndarray) -> np.ndarray:
+    """``(n,)`` "image" / "title": the side whose own answer the decided label is (when it is
+    neither's, e.g. after hierarchy decoding, the side giving it the higher probability)."""
+    rows = np.arange(len(decided))
+    img, txt = p_image.argmax(axis=1), p_title.argmax(axis=1)
+    title = (decided == txt) | ((decided != img) & (p_title[rows, decided] > p_image[rows, decided]))
+    return np.where(title, "title", "image").astype(object)
+
+
 def accept_mask(confidence: np.ndarray, threshold: float | None) -> np.ndarray:
     """``(n,)`` bool: the rows whose decided-label probability reaches the accept ``threshold``
     (none when it is None: no threshold reached the target precision)."""
@@ -247,7 +318,8 @@ def column_names(tasks: list[TaskInfo]) -> list[str]:
     out = []
     for t in tasks:
         if t.kind == "class":
-            out += [t.name, f"{t.name}_prob", f"{t.name}_accept", f"{t.name}_top_labels", f"{t.name}_top_probs"]
+            out += [t.name, f"{t.name}_prob", f"{t.name}_accept", f"{t.name}_conflict", f"{t.name}_top_labels",
+                    f"{t.name}_top_probs"]
         else:
             out.append(f"{t.name}_tags")
             for tag in t.classes:
@@ -265,14 +337,15 @@ def arrow_schema(tasks: list[TaskInfo], extra: dict | None = None):
     for t in tasks:
         if t.kind == "class":
             fields += [pa.field(t.name, pa.string()), pa.field(f"{t.name}_prob", pa.float32()),
-                       pa.field(f"{t.name}_accept", pa.bool_()),
+                       pa.field(f"{t.name}_accept", pa.bool_()), pa.field(f"{t.name}_conflict", pa.bool_()),
                        pa.field(f"{t.name}_top_labels", pa.list_(pa.string())),
                        pa.field(f"{t.name}_top_probs", pa.list_(pa.float32()))]
         else:
             fields.append(pa.field(f"{t.name}_tags", pa.list_(pa.string())))
             for tag in t.classes:
                 fields += [pa.field(f"{t.name}_{tag}_prob", pa.float32()), pa.field(f"{t.name}_{tag}", pa.bool_())]
-    fields += [pa.field("unknown_score", pa.float32()), pa.field("unknown", pa.bool_())]
+    fields += [pa.field("unknown_score", pa.float32()), pa.field("unknown", pa.bool_()),
+               pa.field("conflict", pa.bool_()), pa.field("conflict_winner", pa.string())]
     return pa.schema(fields)
 
 

@@ -302,12 +302,17 @@ def _union_paths(members: list) -> dict:
     return out
 
 
-def build_ensemble(model_dirs: list[str | Path], out: str | Path, weights=None, log=None) -> EnsembleModel:
-    """``catalens ensemble``: load, check, and write one ensemble folder."""
+def build_ensemble(model_dirs: list[str | Path], out: str | Path, weights=None, log=None,
+                   flags=None) -> EnsembleModel:
+    """``catalens ensemble``: load, check, and write one ensemble folder. ``flags``: a function of
+    the ensemble returning model.json entries to add before it is written (``catalens ensemble``
+    passes :func:`catalens.train.flags.ensemble_flags`: accept and unknown thresholds)."""
     log = log or logger.info
     dirs = [Path(d) for d in model_dirs]
     models = [CatalensModel.load(d) for d in dirs]
     ens = EnsembleModel(models, weights, {"metrics": {}}, names=[str(d) for d in dirs])
+    if flags is not None:
+        ens.meta.update(flags(ens))
     ens.save(out, sources=dirs)
     log(f"ensemble of {len(models)} models ({', '.join(m.backbone.name for m in models)}; weights "
         f"{', '.join(f'{w:.3g}' for w in ens.weights)}) written to {out}")

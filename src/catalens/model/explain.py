@@ -7,8 +7,10 @@ gradient, and the positive part of the weighted sum, upsampled to the photo, is 
 (Selvaraju et al. 2017). Plain torch autograd: no extra package. Vision transformers and
 side-by-side multi-backbones are refused with a clear error.
 
-Used by ``catalens predict MODEL SOURCE --explain DIR`` (one overlay PNG per photo) and by the
-evaluation report (the most confident mistakes).
+Used by ``catalens predict MODEL SOURCE --explain DIR`` (one overlay PNG per photo), by the
+evaluation report (the most confident mistakes) and by the server (``explain=true``:
+:func:`explain_photo`, an overlay at the photo's own size, the heat mapped back through the
+model's crop).
 """
 from __future__ import annotations
 
@@ -101,6 +103,59 @@ def png_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
+
+
+def crop_square(width: int, height: int, pre) -> tuple[float, float, float]:
+    """``(x0, y0, side)``: the square of the photo (its own pixels, EXIF-rotated; it may reach
+    outside the photo with ``pad``) that the model's ``size`` x ``size`` input shows (see
+    :func:`catalens.ingest.images.resize_crop`). For ``squish`` the side is the width's and the
+    height is scaled separately: use :func:`heat_on_photo`."""
+    bx, by, bw, bh = 0.0, 0.0, float(width), float(height)
+    if pre.crop == "box":
+        x0, y0, x1, y1 = pre.box
+        bx, by, bw, bh = x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height
+    ref = max(bw, bh) if pre.crop == "pad" else min(bw, bh)
+    side = ref * pre.size / pre.resize
+    return bx + (bw - side) / 2, by + (bh - side) / 2, side
+
+
+def heat_on_photo(heat: np.ndarray, width: int, height: int, pre) -> np.ndarray:
+    """``(height, width)`` heat: the model-input heat ``(S, S)`` put back where that input came
+    from in the photo (0 outside the crop)."""
+    from PIL import Image
+
+    if pre.crop == "squish":
+        fx, fy = width * pre.size / pre.resize, height * pre.size / pre.resize
+        x0, y0, w, h = (width - fx) / 2, (height - fy) / 2, fx, fy
+    else:
+        x0, y0, side = crop_square(width, height, pre)
+        w = h = side
+    w_px, h_px = max(1, round(w)), max(1, round(h))
+    big = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w_px, h_px), Image.BILINEAR))
+    out = np.zeros((height, width), np.float32)
+    left, top = round(x0), round(y0)
+    sx0, sy0 = max(0, -left), max(0, -top)                       # part of ``big`` inside the photo
+    dx0, dy0 = max(0, left), max(0, top)
+    cw, ch = min(w_px - sx0, width - dx0), min(h_px - sy0, height - dy0)
+    if cw > 0 and ch > 0:
+        out[dy0:dy0 + ch, dx0:dx0 + cw] = big[sy0:sy0 + ch, sx0:sx0 + cw]
+    return np.clip(out, 0.0, 1.0)
+
+
+def explain_photo(model, data: bytes, task: str | None = None, label: int | None = None,
+                  max_pixels: int | None = None) -> tuple[bytes, int]:
+    """``(png, class)``: the Grad-CAM overlay of one encoded photo at the photo's own size (EXIF
+    orientation applied), for class ``label`` of ``task`` (default: the most probable class of the
+    first class task); raises :class:`~catalens.ingest.images.ImageProblem` for a bad photo and
+    :class:`ExplainError` for a model Grad-CAM cannot explain."""
+    from catalens.ingest.images import DEFAULT_MAX_PIXELS, decode, resize_crop
+
+    im = decode(data, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)     # full size (no draft), RGB, EXIF
+    pixels = resize_crop(im, model.preprocess)
+    heat, chosen = grad_cam(model, pixels[None], task, None if label is None else [int(label)])
+    rgb = np.asarray(im, dtype=np.uint8)
+    return png_bytes(overlay(rgb, heat_on_photo(heat[0], rgb.shape[1], rgb.shape[0], model.preprocess))), \
+        int(chosen[0])
 
 
 def explain_catalogue(model, cat, out_dir: str | Path, task: str | None = None, batch: int = 16) -> list[Path]:

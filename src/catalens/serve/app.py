@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -124,6 +125,8 @@ class ServerState:
         self.decode_slots: asyncio.Semaphore | None = None
         self.probe_pool: ThreadPoolExecutor | None = None
         self.started = time.time()
+        self._torch_model = None       # loaded on the first explain=true request (Grad-CAM needs torch)
+        self._explain_lock = threading.Lock()
 
     # ------------------------------------------------------------------ life cycle
     def graph_path(self) -> Path:
@@ -194,15 +197,60 @@ class ServerState:
                     "'catalens evaluate' fuse them for this ensemble's members")
         return "ignored: this model has no title model (train with --text)"
 
-    def _fuse(self, probs: list[dict], titles: list[str | None]) -> list[dict]:
-        batch = {k: np.stack([p[k] for p in probs]) for k in probs[0]}    # {task: (n, C)}
-        fused = self.decoder.fuse(batch, titles)
-        return [{k: v[i] for k, v in fused.items()} for i in range(len(probs))]
-
-    def answers(self, results: list[tuple[dict, dict]], top_k: int):
-        """The decoder's answers for the images of one request (``results`` of :meth:`predict`)."""
+    def answers(self, results: list[tuple[dict, dict]], top_k: int, titles: list[str | None] | None = None):
+        """The decoder's answers for the images of one request (``results`` of :meth:`predict`):
+        with ``titles`` (one per image) and a model with a title model, the image probabilities are
+        fused with the titles and title–image conflicts flagged (:meth:`Decoder.__call__`)."""
         batch = {t.name: np.stack([p[t.name] for p, _ in results]) for t in self.decoder.tasks}  # {task: (n, C)}
-        return self.decoder.decode(batch, top_k)
+        return self.decoder(batch, titles if self.text is not None else None, top_k)
+
+    def explain_task(self, name: str | None) -> str:
+        """The class task ``explain=true`` draws (``name``, or the first class task); 400 otherwise."""
+        self.check_ready()
+        classes = [t.name for t in self.decoder.tasks if t.kind == "class"]
+        if not classes:
+            raise P.ApiError(400, "explain_unsupported", "explain=true explains a class task; this model has none")
+        if name is not None and name not in classes:
+            raise P.ApiError(400, "bad_parameter", f"explain_task '{name[:80]}' is not a class task of this model; "
+                                                   f"class tasks: {classes}")
+        return name or classes[0]
+
+    def _explain_model(self):
+        """The torch model Grad-CAM needs, loaded on the first ``explain=true`` request (the
+        server itself runs the exported graph)."""
+        with self._explain_lock:
+            if self._torch_model is None:
+                from catalens.model.load import load_model
+
+                log.info(f"explain: loading the torch model of {self.model_dir} for Grad-CAM")
+                self._torch_model = load_model(self.model_dir)
+            return self._torch_model
+
+    def _explain_one(self, data: bytes, task: str, label: int) -> dict:
+        import base64
+
+        from catalens.model.explain import ExplainError, explain_photo
+
+        try:
+            png, _ = explain_photo(self._explain_model(), data, task, label, self.settings.max_pixels)
+        except ExplainError as e:
+            raise P.ApiError(400, "explain_unsupported", f"explain=true: {e}") from None
+        except ImportError as e:
+            raise P.ApiError(501, "explain_unavailable", f"explain=true needs torch on the server ({e}); "
+                                                         f"install catalens with torch") from None
+        t = next(t for t in self.decoder.tasks if t.name == task)
+        return {"task": task, "label": t.classes[label], "png_base64": base64.b64encode(png).decode("ascii")}
+
+    async def explain(self, data: bytes, task: str, label: int) -> dict:
+        """``{"task", "label", "png_base64"}``: the Grad-CAM overlay of one photo for the decided
+        ``label`` of ``task``, at the photo's own size (computed in a thread)."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._explain_one, data, task, label)
+
+    async def answers_async(self, results: list[tuple[dict, dict]], top_k: int, titles=None):
+        """:meth:`answers`; title fusion (TF-IDF of the titles) runs off the event loop."""
+        if titles is None or self.text is None:
+            return self.answers(results, top_k)
+        return await asyncio.get_running_loop().run_in_executor(None, self.answers, results, top_k, titles)
 
     # ------------------------------------------------------------------ prediction
     def _infer(self, batch_hwc: np.ndarray) -> dict[str, np.ndarray]:
@@ -275,10 +323,9 @@ class ServerState:
         if name != self.name:
             raise P.ApiError(404, "model_not_found", f"no model named '{name}'; this server serves '{self.name}'")
 
-    async def predict(self, images: list[bytes], names: list[str] | None = None,
-                      titles: list[str | None] | None = None) -> list[tuple[dict, dict]]:
-        """Decode and predict; returns per image ``(probs, timings)``; bad photos raise 4xx ApiError.
-        With ``titles`` (one per image) and a model with a title model, probabilities are fused."""
+    async def predict(self, images: list[bytes], names: list[str] | None = None) -> list[tuple[dict, dict]]:
+        """Decode and predict; returns per image ``(image probs, timings)``; bad photos raise 4xx
+        ApiError. Titles are fused by :meth:`answers`."""
         self.check_ready()
         self.shed_if_full(len(images))
         t0 = time.perf_counter()
@@ -314,9 +361,6 @@ class ServerState:
             self.decoding -= len(images)
             self._queue_gauge()
         results = await asyncio.gather(*futures)
-        if titles is not None and self.text is not None:
-            fused = await loop.run_in_executor(None, self._fuse, [p for p, _ in results], titles)
-            results = [(p, info) for p, (_, info) in zip(fused, results)]
         total = (time.perf_counter() - t0) * 1000.0
         out = []
         for (probs, info), (_, dms) in zip(results, decoded):
@@ -596,18 +640,26 @@ def create_app(settings: ServeSettings):
     async def predict(request: Request,
                       top_k: str | None = Query(None, description="labels per class task, 1-1000 (default: the "
                                                                   "server's --top-k)"),
-                      title: str | None = Query(None, description="the product title of a single photo")):
+                      title: str | None = Query(None, description="the product title of a single photo"),
+                      explain: bool = Query(False, description="add a Grad-CAM overlay PNG (base64) of each photo, "
+                                                               "at the photo's size; needs torch on the server"),
+                      explain_task: str | None = Query(None, description="the class task explained (default: "
+                                                                         "the first)")):
         t0 = time.perf_counter()
+        task = state.explain_task(explain_task) if explain or explain_task else None
         data = await body(request)
         uploads, fields = await _off_loop(lambda b: P.parse_predict_body(b, request.headers.get("content-type"),
                                                                          settings.max_images), data)
         k = P.parse_top_k(top_k if top_k is not None else fields.get("top_k"), settings.top_k)
         sent = fields.get("titles") if "titles" in fields else ([title] if title is not None else None)
         titles = P.check_titles(sent, len(uploads))
-        results = await state.predict([u.data for u in uploads], [u.name for u in uploads], titles)
-        ans = state.answers(results, k)
+        results = await state.predict([u.data for u in uploads], [u.name for u in uploads])
+        ans = await state.answers_async(results, k, titles)
         images = [{"index": i, "file": u.name, **state.decoder.record(ans, i), "timings": timings}
                   for i, (u, (_, timings)) in enumerate(zip(uploads, results))]
+        if task is not None:
+            for img, u, j in zip(images, uploads, ans.label[task]):
+                img["explain"] = await state.explain(u.data, task, int(j))
         out = {"model": state.name, "images": images,
                "timings": {"total_ms": round((time.perf_counter() - t0) * 1000.0, 2)}}
         if titles is not None:
@@ -637,9 +689,9 @@ def create_app(settings: ServeSettings):
               summary="TF-Serving REST predict: {\"instances\": [{\"b64\": ...}]}")
     async def tf_predict(name: str, request: Request):
         state.check_name(name)
-        images, fmt = await _off_loop(lambda b: P.parse_tf_request(b, settings.max_images), await body(request))
+        images, fmt, titles = await _off_loop(lambda b: P.parse_tf_request(b, settings.max_images), await body(request))
         results = await state.predict(images)
-        return P.tf_response(state.decoder, state.answers(results, 1), fmt)
+        return P.tf_response(state.decoder, await state.answers_async(results, 1, titles), fmt)
 
     # ---------------------------------------------------------------- KServe v2 / Open Inference Protocol
     @app.get("/v2", tags=["kserve-v2"], summary="Server metadata", response_model=S.ServerMetadata)
@@ -662,7 +714,8 @@ def create_app(settings: ServeSettings):
     async def v2_metadata(name: str):
         state.check_name(name)
         state.check_ready()
-        return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None)
+        return P.kserve_metadata(state.name, state.model.tasks, state.model.description, state.text is not None,
+                                 state.decoder)
 
     @app.get("/v2/models/{name}/ready", tags=["kserve-v2"], response_model=S.ModelReady,
              responses={**_errors(404), 503: {"model": S.ModelReady, "description": "not ready yet"}})
@@ -679,8 +732,9 @@ def create_app(settings: ServeSettings):
         images, doc = await _off_loop(lambda b: P.parse_kserve_request(b, request.headers, settings.max_images),
                                       await body(request))
         titles = P.kserve_titles(doc, len(images))
-        results = await state.predict(images, titles=titles)
-        out = P.kserve_response(state.name, state.decoder, state.answers(results, 1), doc)
+        results = await state.predict(images)
+        ans = await state.answers_async(results, 1, titles)
+        out = P.kserve_response(state.name, state.decoder, ans, doc)
         if titles is not None:
             out["parameters"] = {"titles": state.titles_note(titles)}
         return out

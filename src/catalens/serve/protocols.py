@@ -285,6 +285,7 @@ def _tf_instance(inst, where: str) -> bytes:
     if isinstance(inst, dict):
         if "b64" in inst:
             return b64decode(inst["b64"], where)
+        inst = {k: v for k, v in inst.items() if k != "title"}
         if len(inst) == 1:  # {"image_bytes": {"b64": ...}}
             (key, val), = inst.items()
             if isinstance(val, dict) and "b64" in val:
@@ -299,8 +300,9 @@ def _tf_instance(inst, where: str) -> bytes:
                                        f"(or {{\"<input>\": {{\"b64\": ...}}}}), got {str(inst)[:80]}")
 
 
-def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
-    """Image bytes of a TF-Serving predict request and its format (``row`` or ``columnar``).
+def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str, list[str | None] | None]:
+    """Image bytes of a TF-Serving predict request, its format (``row`` or ``columnar``) and its
+    titles (:func:`tf_titles`, None when none were sent).
 
     ``doc``: the request body as bytes (validated with :class:`TFPredictRequest`) or already parsed."""
     if isinstance(doc, (bytes, bytearray)):
@@ -314,10 +316,11 @@ def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
     elif "inputs" in doc:
         items, fmt, where = doc["inputs"], "columnar", "inputs"
         if isinstance(items, dict):
-            if len(items) != 1:
-                raise ApiError(400, "bad_request", f"'inputs' must name exactly one input (the images), got "
-                                                   f"{sorted(items)}")
-            (key, items), = items.items()
+            images = {k: v for k, v in items.items() if k != "title"}
+            if len(images) != 1:
+                raise ApiError(400, "bad_request", f"'inputs' must name exactly one input (the images) and "
+                                                   f"optionally 'title', got {sorted(items)}")
+            (key, items), = images.items()
             where = f"inputs.{key}"
     else:
         raise ApiError(400, "bad_request", f"expected 'instances' (row format) or 'inputs' (columnar format); "
@@ -328,13 +331,54 @@ def parse_tf_request(doc, max_images: int) -> tuple[list[bytes], str]:
         raise ApiError(400, "no_images", f"'{where}' must be a non-empty list of {{\"b64\": ...}}")
     if len(items) > max_images:
         raise ApiError(413, "too_many_images", f"{len(items)} instances in one request; the limit is {max_images}")
-    return [_tf_instance(x, f"{where}[{i}]") for i, x in enumerate(items)], fmt
+    images = [_tf_instance(x, f"{where}[{i}]") for i, x in enumerate(items)]
+    return images, fmt, tf_titles(doc, len(images))
+
+
+def flag_outputs(decoder) -> list[tuple[str, str]]:
+    """``(name, v2 datatype)`` of the decision outputs the model gives, after the task outputs:
+    ``<task>_accept`` (a model with accept thresholds), ``unknown_score`` / ``unknown`` (a model
+    with an unknown threshold), ``<task>_conflict``, ``conflict`` and ``conflict_winner`` (a model
+    with a title model). The values are the decoder's, as ``catalens predict`` writes them."""
+    out = [(f"{t.name}_accept", "BOOL") for t in decoder.tasks if t.kind == "class" and t.name in decoder.accept]
+    if decoder.unknown is not None:
+        out += [("unknown_score", "FP32"), ("unknown", "BOOL")]
+    if decoder.text is not None:
+        out += [(f"{t.name}_conflict", "BOOL") for t in decoder.tasks if t.kind == "class"]
+        out += [("conflict", "BOOL"), ("conflict_winner", "BYTES")]
+    return out
+
+
+def flag_values(decoder, ans) -> dict[str, list]:
+    """Per :func:`flag_outputs` name, the ``n`` values (``conflict_winner``: "" without a conflict)."""
+    cols = decoder.columns(ans)
+    out = {name: cols[name] for name, _ in flag_outputs(decoder)}
+    if "conflict_winner" in out:
+        out["conflict_winner"] = [w or "" for w in out["conflict_winner"]]
+    return out
+
+
+def tf_titles(doc: dict, n: int) -> list[str | None] | None:
+    """Product titles of a TF-Serving request: a ``title`` key next to ``b64`` in each instance
+    (row format) or a ``title`` input next to the images (columnar); None when none was sent."""
+    if isinstance(doc.get("instances"), list):
+        items = doc["instances"]
+        if not any(isinstance(x, dict) and "title" in x for x in items):
+            return None
+        return check_titles([x.get("title") if isinstance(x, dict) else None for x in items], n,
+                            "titles in instances[].title")
+    inputs = doc.get("inputs")
+    if isinstance(inputs, dict) and "title" in inputs:
+        return check_titles(inputs["title"], n, "titles in inputs.title")
+    return None
 
 
 def tf_response(decoder, ans, fmt: str) -> dict:
-    """TF-Serving's shapes: per task its probabilities, and per class task ``<task>_label``, the
-    label the decoder decided (hierarchy decoding included), as ``catalens predict`` writes it."""
+    """TF-Serving's shapes: per task its probabilities, per class task ``<task>_label``, the
+    label the decoder decided (hierarchy decoding included), as ``catalens predict`` writes it,
+    and the decision outputs of :func:`flag_outputs`."""
     labels = decoder.labels(ans)
+    flags = flag_values(decoder, ans)
     n = len(ans)
     rows = []
     for i in range(n):
@@ -343,6 +387,7 @@ def tf_response(decoder, ans, fmt: str) -> dict:
             row[t.name] = [float(v) for v in ans.probs[t.name][i]]
             if t.kind == "class":
                 row[f"{t.name}_label"] = labels[t.name][i]
+        row.update({k: v[i] for k, v in flags.items()})
         rows.append(row)
     if fmt == "row":
         return {"predictions": rows}
@@ -452,16 +497,20 @@ def _flatten(x):
             yield v
 
 
-def kserve_output_names(tasks: list[TaskInfo]) -> list[str]:
-    """Per task its probabilities (FP32), and per class task ``<task>_label`` (BYTES)."""
-    return [n for t in tasks for n in ([t.name, f"{t.name}_label"] if t.kind == "class" else [t.name])]
+def kserve_output_names(decoder) -> list[str]:
+    """Per task its probabilities (FP32), per class task ``<task>_label`` (BYTES), then the
+    decision outputs of :func:`flag_outputs`."""
+    tasks = decoder.tasks
+    names = [n for t in tasks for n in ([t.name, f"{t.name}_label"] if t.kind == "class" else [t.name])]
+    return names + [n for n, _ in flag_outputs(decoder)]
 
 
 def kserve_response(name: str, decoder, ans, doc: dict) -> dict:
-    """v2 outputs: each task's probabilities ``[n, C]`` and each class task's decided label ``[n]``
-    (the decoder's, hierarchy decoding included)."""
+    """v2 outputs: each task's probabilities ``[n, C]``, each class task's decided label ``[n]``
+    (the decoder's, hierarchy decoding included), and the decisions of :func:`flag_outputs`
+    (``[n]`` each: BOOL, FP32 or BYTES)."""
     wanted = [o.get("name") for o in doc.get("outputs") or [] if isinstance(o, dict)]
-    names = kserve_output_names(decoder.tasks)
+    names = kserve_output_names(decoder)
     unknown = [w for w in wanted if w not in names]
     if unknown:
         raise ApiError(400, "bad_request", f"unknown output(s) {unknown}; outputs are {names}")
@@ -475,14 +524,20 @@ def kserve_response(name: str, decoder, ans, doc: dict) -> dict:
         if t.kind == "class" and (not wanted or f"{t.name}_label" in wanted):
             outputs.append({"name": f"{t.name}_label", "datatype": "BYTES", "shape": [len(ans)],
                             "data": labels[t.name]})
+    values = flag_values(decoder, ans)
+    for fname, dtype in flag_outputs(decoder):
+        if not wanted or fname in wanted:
+            outputs.append({"name": fname, "datatype": dtype, "shape": [len(ans)], "data": values[fname]})
     out = {"model_name": name, "model_version": "1", "outputs": outputs}
     if "id" in doc:
         out["id"] = doc["id"]
     return out
 
 
-def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict, titles: bool = False) -> dict:
-    """v2 model metadata; ``titles``: the model fuses product titles (an optional ``title`` input)."""
+def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict, titles: bool = False,
+                    decoder=None) -> dict:
+    """v2 model metadata; ``titles``: the model fuses product titles (an optional ``title`` input);
+    ``decoder``: the model's decoder, whose decision outputs (:func:`flag_outputs`) are listed."""
     inputs = [{"name": "image", "datatype": "BYTES", "shape": [-1],
                "parameters": {"content": "encoded image files (JPEG, PNG, WebP, ...); base64 strings "
                                          "in JSON, or raw bytes with the binary tensor extension"}}]
@@ -492,7 +547,8 @@ def kserve_metadata(name: str, tasks: list[TaskInfo], description: dict, titles:
     return {"name": name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": inputs,
             "outputs": [o for t in tasks for o in ([{"name": t.name, "datatype": "FP32", "shape": [-1, t.n_outputs]}]
                                                    + ([{"name": f"{t.name}_label", "datatype": "BYTES", "shape": [-1]}]
-                                                      if t.kind == "class" else []))],
+                                                      if t.kind == "class" else []))]
+            + [{"name": n, "datatype": d, "shape": [-1]} for n, d in (flag_outputs(decoder) if decoder else [])],
             "parameters": {"tasks": [{"name": t.name, "kind": t.kind, "classes": t.classes, "parent": t.parent,
                                       "thresholds": t.thresholds} for t in tasks],
                            "preprocess": description.get("preprocess")}}

@@ -27,9 +27,11 @@ class TFPredictRequest(BaseModel):
         "examples": [{"instances": [{"b64": _B64_EXAMPLE}]}, {"inputs": {"image": [{"b64": _B64_EXAMPLE}]}}]})
     signature_name: StrictStr | None = None
     instances: list[Any] | dict[str, Any] | None = Field(
-        None, description='photos as [{"b64": "<base64 bytes>"}, ...] or [{"<input>": {"b64": ...}}, ...]')
+        None, description='photos as [{"b64": "<base64 bytes>"}, ...] or [{"<input>": {"b64": ...}}, ...]; '
+                          'a "title" next to "b64" is the product title (models trained with --text)')
     inputs: list[Any] | dict[str, Any] | None = Field(
-        None, description='columnar: {"<input>": [{"b64": ...}, ...]} or [{"b64": ...}, ...]')
+        None, description='columnar: {"<input>": [{"b64": ...}, ...]} or [{"b64": ...}, ...]; '
+                          'optionally "title": ["...", ...], one per photo')
 
 
 class KServeInput(BaseModel):
@@ -81,6 +83,14 @@ class ImageResult(BaseModel):
     classes: Any = Field(None, description="per class task: the top-k labels with probabilities")
     tags: Any = Field(None, description="per tag task: every tag with its probability, threshold, decision")
     hierarchy: Any = Field(None, description="per hierarchy chain: the predicted path")
+    unknown: bool | None = Field(None, description="probably none of the trained categories (unknown_score "
+                                                   "over the model's threshold); null for a model without one")
+    conflict: bool | None = Field(None, description="the title and the photo disagree strongly on some class task "
+                                                    "(models trained with --text; false without a title)")
+    conflict_winner: str | None = Field(None, description="'image' or 'title': the side the answer followed "
+                                                          "(null without a conflict)")
+    explain: dict[str, Any] | None = Field(None, description="with explain=true: {task, label, png_base64}, a "
+                                                             "Grad-CAM overlay PNG at the photo's size")
     timings: dict[str, float] = Field(description="decode_ms, queue_ms, inference_ms, batch_size, total_ms")
 
 

@@ -8,8 +8,12 @@ the grid, so a useless title model, or image head, is switched off).
 **A row without a title** (``None``, NaN, blank) gets the image probabilities exactly: the
 title model is not consulted for it, and no weight is applied.
 
+**Conflicts** (:mod:`catalens.text.conflict`): the image-only and title-only answers of a row are
+compared per class task; the threshold of a strong disagreement is chosen on validation.
+
 Saved in the model folder as ``text/``: the title model (``vectorizer.json``,
-``title_model.safetensors``, ``title_model.json``) and ``fusion.json`` (the weights).
+``title_model.safetensors``, ``title_model.json``) and ``fusion.json`` (the weights, and
+``conflict``: method and threshold; :data:`~catalens.text.conflict.DEFAULT_CONFLICT` when absent).
 """
 from __future__ import annotations
 
@@ -82,9 +86,12 @@ def fit_weights(tasks: list[TaskInfo], p_image: dict[str, np.ndarray], p_text: d
 class TextFusion:
     """The title part of a model: a :class:`TitleModel` and per-task fusion weights."""
 
-    def __init__(self, title_model: TitleModel, weights: dict[str, dict]) -> None:
+    def __init__(self, title_model: TitleModel, weights: dict[str, dict], conflict: dict | None = None) -> None:
+        from catalens.text.conflict import DEFAULT_CONFLICT
+
         self.title_model = title_model
         self.weights = weights
+        self.conflict = dict(conflict or DEFAULT_CONFLICT)  # {"method", "threshold", ...}
 
     @property
     def tasks(self) -> list[TaskInfo]:
@@ -93,33 +100,44 @@ class TextFusion:
     def text_proba(self, texts) -> dict[str, np.ndarray]:
         return self.title_model.predict_proba(texts)
 
-    def fuse(self, image_probs: dict[str, np.ndarray], texts) -> dict[str, np.ndarray]:
-        """Fused probabilities; rows without a title keep ``image_probs`` unchanged (same values)."""
+    def title_proba(self, texts) -> dict[str, np.ndarray]:
+        """Title-only probabilities ``{task: (n, C)}`` of every row; NaN rows where there is no title."""
         texts = list(texts)
         _, has = clean_titles(texts)
+        out = {t.name: np.full((len(texts), t.n_outputs), np.nan, np.float32) for t in self.tasks}
+        if has.any():
+            idx = np.flatnonzero(has)
+            for k, v in self.title_model.predict_proba([texts[i] for i in idx]).items():
+                out[k][idx] = v
+        return out
+
+    def fuse(self, image_probs: dict[str, np.ndarray], texts, title_probs: dict | None = None) -> dict[str, np.ndarray]:
+        """Fused probabilities; rows without a title keep ``image_probs`` unchanged (same values).
+        ``title_probs``: :meth:`title_proba` of ``texts`` when already computed."""
+        p_text = self.title_proba(texts) if title_probs is None else title_probs
         out = {k: np.array(v, copy=True) for k, v in image_probs.items()}
-        if not has.any():
-            return out
-        idx = np.flatnonzero(has)
-        p_text = self.title_model.predict_proba([texts[i] for i in idx])
         for t in self.tasks:
-            if t.name not in out:
+            if t.name not in out or t.name not in p_text:
+                continue
+            idx = np.flatnonzero(~np.isnan(p_text[t.name]).any(axis=1))
+            if not len(idx):
                 continue
             w = self.weights.get(t.name, {"image": 1.0, "text": 0.0})
-            fused = combine(t.kind, out[t.name][idx], p_text[t.name], w["image"], w["text"])
+            fused = combine(t.kind, out[t.name][idx], p_text[t.name][idx], w["image"], w["text"])
             out[t.name][idx] = fused.astype(out[t.name].dtype)
         return out
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         self.title_model.save(folder)
-        (folder / "fusion.json").write_text(json.dumps({"kind": "late", "weights": self.weights}, indent=1))
+        (folder / "fusion.json").write_text(json.dumps({"kind": "late", "weights": self.weights,
+                                                        "conflict": self.conflict}, indent=1))
 
     @classmethod
     def load(cls, folder: str | Path) -> "TextFusion":
         folder = Path(folder)
         meta = json.loads((folder / "fusion.json").read_text())
-        return cls(TitleModel.load(folder), meta["weights"])
+        return cls(TitleModel.load(folder), meta["weights"], meta.get("conflict"))
 
 
 def title_model_from_config(tasks: list[TaskInfo], text_cfg) -> TitleModel:
@@ -149,4 +167,21 @@ def fit_text_fusion(tasks: list[TaskInfo], texts_train, Y_train: dict[str, np.nd
         {t.name: {"image": 1.0, "text": 1.0, "val_nll": None, "val_rows": 0} for t in tasks}
     log(f"text: {model.method} over {model.vectorizer.n_features} n-grams from {int(has_train.sum())} titles; "
         "fusion weights (image, title): " + ", ".join(f"{k} ({v['image']:g}, {v['text']:g})" for k, v in weights.items()))
-    return TextFusion(model, weights)
+    conflict = _conflict_on_val(tasks, image_probs_val, p_text, has_val, log)
+    return TextFusion(model, weights, conflict)
+
+
+def _conflict_on_val(tasks: list[TaskInfo], image_probs_val: dict, p_text: dict, has_val: np.ndarray,
+                     log) -> dict | None:
+    """The conflict threshold flagging at most 1% of the validation photos with a title (None:
+    no such photo or no class task, the default applies)."""
+    from catalens.text.conflict import describe
+
+    names = [t.name for t in tasks if t.kind == "class"]
+    if not names or not has_val.any():
+        return None
+    conflict = describe({n: image_probs_val[n][has_val] for n in names}, {n: p_text[n][has_val] for n in names},
+                        names)
+    log(f"text: conflict when image and title disagree with {conflict['method']} > {conflict['threshold']:.4f} "
+        f"(flags {conflict['val_flagged']:.2%} of {conflict['source']})")
+    return conflict

@@ -122,3 +122,36 @@ def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, i
     log(f"auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
     return {"accept": accept_description(tasks, decoder, y, probs, cfg, source, log),
             "unknown": unknown_description(tasks, probs_val, cfg)}
+
+
+def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None) -> dict:
+    """``{"accept": ..., "unknown": ...}`` of an ensemble (``catalens ensemble``): chosen like a
+    single model's (:func:`accept_description`, :func:`unknown_description`) with the ensemble's
+    own probabilities of the val photos of ``data`` (its ``split`` column, or ``split_csv``: a
+    member's ``ingest/split.csv`` when catalens made the split). Both None, with a warning, when
+    ``data`` has no val photo. No out-of-fold rows: the members were fit on the training rows."""
+    import pandas as pd
+
+    from catalens.ingest.open import open_catalogue
+    from catalens.model.predictor import stream_probabilities
+
+    log = log or _logger.info
+    cat = open_catalogue(data)
+    split = cat.frame["split"].astype(str) if "split" in cat.frame else pd.Series([""] * len(cat))
+    if split_csv is not None and not (split == "val").any():
+        saved = pd.read_csv(split_csv, dtype=str)
+        split = cat.frame["id"].astype(str).map(dict(zip(saved["id"], saved["split"]))).fillna("").astype(str)
+    is_val = (split == "val").to_numpy()
+    if not is_val.any():
+        _logger.warning(f"ensemble: '{data}' has no val photo: accept and unknown thresholds are left null "
+                        f"(give the data the members were trained on with --data)")
+        return {"accept": None, "unknown": None}
+    val = cat.subset(is_val)
+    parts = list(stream_probabilities(model, val))
+    ok = np.concatenate([b.ok for b in parts])
+    probs = {t.name: np.concatenate([b.probs[t.name] for b in parts])[ok] for t in model.tasks}
+    y = {n: v[ok] for n, v in val.encode(model.tasks).items()}
+    source = f"val ({int(ok.sum())} photos of {data}), the ensemble's probabilities"
+    log(f"ensemble: auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
+    return {"accept": accept_description(model.tasks, model.decoder, y, probs, cfg, source, log),
+            "unknown": unknown_description(model.tasks, probs, cfg)}
