@@ -6,6 +6,7 @@ that the test trains in seconds; the budget logic and the folder are those of th
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -235,3 +236,26 @@ def test_best_scores_a_finetuned_recipe_out_of_fold_and_can_choose_it(data, tmp_
     if board.loc["ft", "status"] == "chosen" and "ensemble" not in desc:
         assert desc["finetune"]["mode"] == "blocks"
     assert not (tmp_path / ".m.preset").exists()  # fold models and their private feature cache removed
+
+
+def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path, monkeypatch):
+    """When the blend picks several recipes, the ensemble folder gets accept and unknown thresholds chosen
+    on the val photos with the ensemble's own probabilities (as `catalens ensemble`), not nulls."""
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
+    real = P._PresetRun._combine
+
+    def both(self, rounds=10):  # force an ensemble of the two recipes
+        real(self, rounds)
+        done = [s for s in self.results.values() if s.oof is not None]
+        return done, [1.0] * len(done), 0.5
+
+    monkeypatch.setattr(P._PresetRun, "_combine", both)
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 200), log=lambda *a: None)
+    desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert "ensemble" in desc and len(desc["preset"]["chosen"]) == 2
+    assert re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities", desc["accept"]["source"])
+    assert set(desc["accept"]["thresholds"]) == {"category", "department"}
+    assert desc["unknown"] is not None
+    got = catalens.load(tmp_path / "m", runtime="eager", progress=False).predict(
+        [str(p) for p in sorted((data.parent / "images").glob("*.jpg"))[:2]])
+    assert got["category_accept"].notna().all() and got["unknown"].notna().all()

@@ -136,7 +136,7 @@ def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None) -> dict:
     from catalens.model.predictor import stream_probabilities
 
     log = log or _logger.info
-    cat = open_catalogue(data)
+    cat = data if hasattr(data, "frame") else open_catalogue(data)  # a path, or an in-memory Catalogue
     split = cat.frame["split"].astype(str) if "split" in cat.frame else pd.Series([""] * len(cat))
     if split_csv is not None and not (split == "val").any():
         saved = pd.read_csv(split_csv, dtype=str)

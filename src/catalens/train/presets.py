@@ -611,6 +611,11 @@ class _PresetRun:
         models = [CatalensModel.load(d) for d in dirs]
         meta = {"metrics": {}, "preset": self._preset_meta(chosen, weights, blend), "data": str(self.data)}
         ens = EnsembleModel(models, weights, meta, names=[str(d) for d in dirs])
+        from catalens.train.flags import ensemble_flags
+
+        split_csv = dirs[0] / "ingest" / "split.csv"  # when catalens made the split
+        ens.meta.update(ensemble_flags(ens, self.data, self.base, split_csv if split_csv.exists() else None,
+                                       log=self.log))  # accept and unknown thresholds of the ensemble itself
         ens.save(self.out, sources=dirs)
         results[0].model = ens
         results[0].metrics = {}
