@@ -64,7 +64,7 @@ class Backbone:
     def fingerprint(self) -> str:
         """Content hash of weights + preprocessing: the embedding cache key prefix."""
         h = hashlib.sha256()
-        h.update(repr(sorted(self.preprocess.to_dict().items())).encode())
+        h.update(repr(sorted(self.preprocess.to_dict(decoder=False).items())).encode())
         for k, v in self.module.net.state_dict().items():
             h.update(k.encode())
             h.update(v.detach().contiguous().cpu().numpy().tobytes())
@@ -72,7 +72,7 @@ class Backbone:
 
     def describe(self) -> dict:
         return {"name": self.name, "arch": self.arch, "feature_dim": self.feature_dim,
-                "weights_origin": self.weights_origin, "preprocess": self.preprocess.to_dict()}
+                "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict()}
 
 
 def _lite_weights(variant: int) -> Path:

@@ -3,10 +3,12 @@ model folder describes. Kept apart from :mod:`catalens.embed.backbones` (the Bac
 registry) so that :mod:`catalens.embed.multi` can build on those without an import cycle."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from catalens.embed.backbones import (BACKBONES, Backbone, BackboneError, FeatureExtractor, _timm_backbone,
                                       with_input)
 from catalens.embed.multi import member_state, multi_backbone
-from catalens.ingest.images import Preprocess
+from catalens.ingest.images import LEGACY_JPEG, Preprocess
 from catalens.runtime import import_timm
 
 
@@ -69,4 +71,6 @@ def backbone_from_description(desc: dict, state: dict) -> Backbone:
     net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
     net.load_state_dict(state, strict=True)
     pre = Preprocess.from_dict(desc["preprocess"])
+    if pre.jpeg is None:  # written before model.json recorded the JPEG decoder
+        pre = replace(pre, jpeg=LEGACY_JPEG)
     return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])

@@ -245,9 +245,13 @@ def _cuda_runner(name: str, module: nn.Module, bf16: bool) -> Runner:
     net = copy.deepcopy(module).eval().to(dev, memory_format=torch.channels_last)  # the caller's stays on the CPU
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        # uint8 (b,S,S,3) crosses the bus (4x fewer bytes than float), becomes (b,3,S,S) float there
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
+    def run(batch) -> np.ndarray:
+        # uint8 (b,S,S,3) crosses the bus (4x fewer bytes than float), becomes (b,3,S,S) float there;
+        # pixels decoded on the GPU (catalens.embed.gpu_decode) arrive as a tensor already there
+        if isinstance(batch, torch.Tensor):
+            x = batch.to(dev, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
         with torch.inference_mode(), amp():
             y = net(x.permute(0, 3, 1, 2).float())
         return y.float().cpu().numpy()

@@ -136,6 +136,7 @@ class CatalensModel:
         meta = desc.model_dump(mode="json")
         backbone_state, head = check_weights(folder, desc)
         backbone = backbone_from_description(meta["backbone"], backbone_state)
+        backbone.preprocess.decoder(source=f"model '{folder}'")  # warns once if its JPEG decoder is missing
         head.tasks = desc.task_infos()  # thresholds and classes in model.json are authoritative
         model = cls(backbone, head, meta)
         model.text = load_text(folder)
