@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalens.embed.backbones import Backbone
+from catalens.embed.backbones import Backbone, materialize
 from catalens.ingest.images import Preprocess
 
 
@@ -103,7 +103,7 @@ class MultiBackbone(Backbone):
 def multi_backbone(members: list[Backbone], name: str | None = None) -> MultiBackbone:
     """One backbone over ``members`` (features concatenated in this order)."""
     pre, inputs = shared_preprocess([m.preprocess for m in members])
-    module = ConcatExtractor([m.module for m in members], inputs).eval()
+    module = ConcatExtractor([materialize(m.module) for m in members], inputs).eval()
     name = name or "+".join(m.name for m in members)
     return MultiBackbone(name, "concat", module, pre, "members", tuple(members))
 
