@@ -113,7 +113,7 @@ def _catalogue(paths) -> Catalogue:
     return Catalogue(frame, [], Path("/"), "test")
 
 
-def test_engine_decodes_on_the_device_only_when_asked(shared_data, tmp_path, monkeypatch):
+def test_engine_decodes_on_the_device_only_when_asked(shared_data, tmp_path, monkeypatch, caplog):
     """With a device decode (here: the CPU standing in for CUDA) the engine sends plain JPEGs as
     bytes, decodes them in batches there and infers on the tensors; problems stay the CPU path's."""
     from catalens.embed.factory import create_backbone
@@ -150,6 +150,23 @@ def test_engine_decodes_on_the_device_only_when_asked(shared_data, tmp_path, mon
     cos = (f_cpu * f_dev).sum(1)[:12] / np.linalg.norm(f_cpu[:12], axis=1) / np.linalg.norm(f_dev[:12], axis=1)
     assert cos.min() > 0.99
     np.testing.assert_array_equal(f_cpu[13], f_dev[13])   # the PNG went the CPU path both times
+
+    def unavailable(device):
+        raise RuntimeError("torchvision cannot decode JPEGs on cpu (test)")
+
+    import logging
+
+    from catalens.embed import gpu_decode
+
+    monkeypatch.setattr(gpu_decode, "device_decoder", unavailable)
+    monkeypatch.setattr(eng, "_device_decode", lambda c, pre, jpeg: eng._DeviceDecode(
+        pre, None, torch.device("cpu"), c.max_pixels, jpeg))
+    with caplog.at_level(logging.WARNING, logger="catalens.embed.engine"):
+        fallback = list(eng.stream_features(cat, bb, None, cfg))
+    assert [r.getMessage() for r in caplog.records] == ["decoding JPEGs on the CPU: torchvision cannot decode "
+                                                        "JPEGs on cpu (test)"]
+    np.testing.assert_array_equal(fallback[0].features, f_cpu)   # every photo took the CPU path
+    assert fallback[0].problems == cpu[0].problems
 
 
 def test_the_cpu_engine_never_imports_the_gpu_path(tmp_path):

@@ -267,10 +267,25 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
 
 
 class _DeviceDecode:
-    """JPEG bytes -> pixels on the GPU for the engine (:func:`catalens.embed.gpu_decode.decode_batch`)."""
+    """JPEG bytes -> pixels on the GPU for the engine (:func:`catalens.embed.gpu_decode.decode_batch`).
+
+    The device decoder is loaded and checked on first use, after the decode processes forked (no
+    CUDA context is created before the fork); when it cannot decode on the GPU, a warning says why
+    and every photo takes the CPU path (``load_rgb`` with the run's JPEG decoder)."""
 
     def __init__(self, pre, decoder, device, max_pixels: int, jpeg: str) -> None:
         self.pre, self.decoder, self.device, self.max_pixels, self.jpeg = pre, decoder, device, max_pixels, jpeg
+
+    def _decoder(self):
+        if self.decoder is None:
+            from catalens.embed.gpu_decode import device_decoder
+
+            try:
+                self.decoder = device_decoder(self.device)
+            except RuntimeError as e:
+                logger.warning(f"decoding JPEGs on the CPU: {e}")
+                self.decoder = _refuse
+        return self.decoder
 
     def pixels(self, decoded: list[Decoded]) -> dict:
         """Decode the rows left as bytes; row index -> (S, S, 3) uint8 on the device; problems and
@@ -281,7 +296,7 @@ class _DeviceDecode:
         if not raw:
             return {}
         out = decode_batch([decoded[i].data for i in raw], self.pre, self.device, self.max_pixels,
-                           self.decoder, self.jpeg)
+                           self._decoder(), self.jpeg)
         px = {}
         for j, i in enumerate(raw):
             d = decoded[i]
@@ -299,14 +314,12 @@ def _device_decode(cfg: EngineConfig, pre, jpeg: str):
     GPU torch sees (the CPU path never imports :mod:`catalens.embed.gpu_decode`)."""
     if not (cfg.gpu_decode and on_gpu(cfg.runtime) and cuda_available()):
         return None
-    from catalens.embed.gpu_decode import device_decoder
+    return _DeviceDecode(pre, None, torch.device("cuda"), cfg.max_pixels, jpeg)
 
-    try:
-        decoder = device_decoder("cuda")
-    except RuntimeError as e:
-        logger.warning(f"decoding JPEGs on the CPU: {e}")
-        return None
-    return _DeviceDecode(pre, decoder, torch.device("cuda"), cfg.max_pixels, jpeg)
+
+def _refuse(datas, device):
+    """A device decoder that decodes nothing: every photo goes to the CPU path."""
+    raise RuntimeError("no device decoder")
 
 
 def _features_for(decoded: list[Decoded], runner, cache: EmbeddingCache | None, dim: int,
