@@ -257,7 +257,11 @@ t1 = time.perf_counter()
 from catalens.embed.engine import EngineConfig, engine_runner
 from catalens.embed.factory import create_backbone
 t2 = time.perf_counter()
-bb = create_backbone("efficientnet_lite0", lazy=sys.argv[1] == "lazy")
+if len(sys.argv) > 2:   # a model folder, as `catalens predict --out` loads it
+    from catalens.model.load import load_model
+    bb = load_model(sys.argv[2], lazy=sys.argv[1] == "lazy").backbone
+else:
+    bb = create_backbone("efficientnet_lite0", lazy=sys.argv[1] == "lazy")
 fp = bb.fingerprint()
 run = engine_runner(bb, EngineConfig(progress=False))
 t3 = time.perf_counter()
@@ -270,14 +274,16 @@ def startup_table(paths: list[str], tmp: Path, env: dict, runs: int) -> tuple[li
     """(7): medians over ``runs`` fresh processes of each kind, interleaved."""
     script = tmp / "startup_child.py"
     script.write_text(STARTUP_CHILD)
-    loads, res = [os.getloadavg()[0]], {"eager": [], "lazy": [], "cli": []}
-    for kind in ("eager", "lazy"):   # warm: auto measured once, graph exported, fingerprint remembered
-        subprocess.run([sys.executable, str(script), kind], env=env, check=True, capture_output=True)
+    model = startup_model(tmp, env)
+    kinds = {"eager": ["eager"], "lazy": ["lazy"], "m-eager": ["eager", str(model)], "m-lazy": ["lazy", str(model)]}
+    loads, res = [os.getloadavg()[0]], {k: [] for k in list(kinds) + ["cli"]}
+    for argv in kinds.values():   # warm: auto measured once, graph exported, fingerprint remembered
+        subprocess.run([sys.executable, str(script), *argv], env=env, check=True, capture_output=True)
     run_cli(paths[:8], tmp, env, "startup-warm")
     for _ in range(runs):
-        for kind in ("eager", "lazy"):
+        for kind, argv in kinds.items():
             t = time.perf_counter()
-            out = subprocess.run([sys.executable, str(script), kind], env=env, check=True, capture_output=True,
+            out = subprocess.run([sys.executable, str(script), *argv], env=env, check=True, capture_output=True,
                                  text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[kind].append(dict(r, process=time.perf_counter() - t))
@@ -285,7 +291,10 @@ def startup_table(paths: list[str], tmp: Path, env: dict, runs: int) -> tuple[li
         loads.append(os.getloadavg()[0])
     med = lambda xs: float(np.median(xs))  # noqa: E731
     rows = []
-    for kind, label in (("eager", "backbone built at once (before)"), ("lazy", "backbone built lazily (now)")):
+    for kind, label in (("eager", "`embed`: backbone built at once (before)"),
+                        ("lazy", "`embed`: backbone built lazily (now)"),
+                        ("m-eager", "`predict --out`: model folder, network built at once (before)"),
+                        ("m-lazy", "`predict --out`: model folder, network built lazily (now)")):
         v = res[kind]
         rows.append([label, f"{med([x['load_choice'] for x in v]):.2f}", f"{med([x['torch'] for x in v]):.2f}",
                      f"{med([x['imports'] for x in v]):.2f}", f"{med([x['process'] for x in v]):.2f}",
@@ -294,6 +303,20 @@ def startup_table(paths: list[str], tmp: Path, env: dict, runs: int) -> tuple[li
                  "", f"{med([x['wall'] for x in res['cli']]):.2f}", "", ""])
     log("start-up: " + "; ".join(f"{r[0]}: load+choice {r[1]} s, process {r[4]} s" for r in rows))
     return rows, loads
+
+
+def startup_model(tmp: Path, env: dict) -> Path:
+    """A Lite0 model folder trained on 2 x 8 clothing-small train photos (for the predict start-up)."""
+    folder = tmp / "startup-model"
+    if not (folder / "model.json").exists():
+        data = tmp / "startup-data"
+        for cls in ("pants", "shoes"):
+            (data / cls).mkdir(parents=True, exist_ok=True)
+            for p in sorted((DATA / "train" / cls).glob("*.jpg"))[:8]:
+                (data / cls / p.name).symlink_to(p)
+        subprocess.run([sys.executable, "-m", "catalens", "train", str(data), "--out", str(folder), "--no-progress",
+                        "--set", "tracking=false"], env=env, check=True, capture_output=True)
+    return folder
 
 
 def rss_tree(cmd: list[str], env: dict) -> tuple[float, float]:

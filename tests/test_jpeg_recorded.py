@@ -147,3 +147,18 @@ def test_missing_simplejpeg_falls_back_to_pillow_with_one_warning(trained, monke
     assert warnings[0].startswith(f"model '{folder}' was trained on JPEGs decoded by simplejpeg (libjpeg-turbo), "
                                   f"which is not installed here: decoding with Pillow instead")
     assert warnings[0].endswith("Fix: pip install simplejpeg")
+
+
+def test_an_unknown_recorded_decoder_is_refused(trained, tmp_path):
+    import shutil
+
+    from catalens.model.load import load_model
+
+    folder = tmp_path / "bad"
+    shutil.copytree(trained[1]["pillow"], folder)
+    desc = json.loads((folder / "model.json").read_text())
+    desc["backbone"]["preprocess"]["jpeg"] = "turbo"
+    (folder / "model.json").write_text(json.dumps(desc))
+    with pytest.raises(Exception, match=r"backbone.preprocess.jpeg is 'turbo'; expected one of pillow, simplejpeg "
+                                        r"\(the JPEG decoder of the training features\)"):
+        load_model(folder)

@@ -89,3 +89,44 @@ def test_embed_streams_features_to_disk(tmp_path):
     assert index["ok"].tolist() == ref.ok.tolist() and index["ok"].sum() == 5
     assert index.loc[~index["ok"], "problem"].str.startswith("not_an_image: cannot identify image").all()
     assert not list((tmp_path / "emb").glob("*.tmp"))
+
+
+def test_predict_out_loads_the_model_lazily(tmp_path):
+    """`catalens predict --out`: the model folder's network is not built when a remembered ONNX
+    runtime answers (second run), and the predictions equal the first run's."""
+    from catalens.config import load_config
+    from catalens.model.load import load_model
+    from catalens.synthetic import make_folder_dataset
+    from catalens.train.pipeline import train
+
+    data = make_folder_dataset(tmp_path / "data", n_per_class=4, size=96)
+    cfg = load_config(overrides=[{"tracking": False, "engine": {"progress": False, "runtime": "eager", "workers": 0},
+                                  "head": {"epochs": 3}, "backbone": {"weights": "random", "image_size": 64}}])
+    train(data, tmp_path / "m", cfg, log=lambda *a: None)
+    env = dict(os.environ, CATALENS_CACHE=str(tmp_path / "cache"), CATALENS_NO_MALLOC_TUNING="1")
+    code = textwrap.dedent(f"""
+        import sys
+        from catalens.cli import main
+        rc = main(["predict", "{tmp_path / 'm'}", "{data}", "--out", sys.argv[1], "--runtime", "onnx",
+                   "--no-progress"])
+        print(rc, "timm" in sys.modules)
+    """)
+    outs = []
+    for run in ("first", "second"):
+        out = tmp_path / f"{run}.parquet"
+        res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=600,
+                             env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs.append(res.stdout.strip().splitlines()[-1])
+    assert outs == ["0 True", "0 False"]   # the first run exports the graph and remembers the fingerprint
+    import pandas as pd
+
+    a, b = pd.read_parquet(tmp_path / "first.parquet"), pd.read_parquet(tmp_path / "second.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    eager = load_model(tmp_path / "m")
+    os.environ["CATALENS_CACHE"], old = str(tmp_path / "cache"), os.environ["CATALENS_CACHE"]
+    try:
+        lazy = load_model(tmp_path / "m", lazy=True)
+    finally:
+        os.environ["CATALENS_CACHE"] = old
+    assert isinstance(lazy.backbone.module, LazyModule) and lazy.backbone.fingerprint() == eager.backbone.fingerprint()

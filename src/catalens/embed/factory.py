@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from catalens.embed.backbones import (_LITE_SIZES, BACKBONES, Backbone, BackboneError, FeatureExtractor,
-                                      _timm_backbone, lite_backbone, with_input)
+                                      _timm_backbone, lite_backbone, remembered_backbone, with_input)
 from catalens.embed.multi import member_state, multi_backbone
 from catalens.ingest.images import LEGACY_JPEG, Preprocess
 from catalens.runtime import import_timm
@@ -71,15 +71,26 @@ def backbone_from_config(bc, lazy: bool = False) -> Backbone:
     return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box, lazy=lazy)
 
 
-def backbone_from_description(desc: dict, state: dict) -> Backbone:
-    """Rebuild a backbone saved in a model folder (architecture + its own weights)."""
+def backbone_from_description(desc: dict, state: dict, lazy_key: str | None = None) -> Backbone:
+    """Rebuild a backbone saved in a model folder (architecture + its own weights). ``lazy_key``
+    (what identifies these weights, e.g. the folder and its weights file's size and time): a
+    :class:`~catalens.embed.backbones.LazyModule` when its fingerprint is remembered under it."""
+    if lazy_key is not None and desc["arch"] != "concat":
+        pre = _described_preprocess(desc)
+        return remembered_backbone(f"folder|{lazy_key}", lambda: backbone_from_description(desc, state),
+                                   lambda m: Backbone(desc["name"], desc["arch"], m, pre, desc["weights_origin"]))
     if desc["arch"] == "concat":  # several backbones side by side (catalens.embed.multi)
         members = [backbone_from_description(d, member_state(state, i)) for i, d in enumerate(desc["members"])]
         return multi_backbone(members, desc["name"])
     timm = import_timm()
     net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
     net.load_state_dict(state, strict=True)
+    pre = _described_preprocess(desc)
+    return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])
+
+
+def _described_preprocess(desc: dict) -> Preprocess:
     pre = Preprocess.from_dict(desc["preprocess"])
     if pre.jpeg is None:  # written before model.json recorded the JPEG decoder
         pre = replace(pre, jpeg=LEGACY_JPEG)
-    return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])
+    return pre
