@@ -24,9 +24,10 @@ On a spread sample of ``shared/data/clothing-small`` photos (EfficientNet-Lite0,
     lowest cosine.
 
 (7) start-up: fresh processes (median of ``--startup-runs``) timing the model load plus the runtime
-    choice (``create_backbone`` + fingerprint + ``engine_runner(auto)``, the choice remembered and
-    the graph cached), with the backbone built eagerly (before) and lazily (what ``catalens embed``
-    does now), and ``catalens embed`` on 8 photos end to end;
+    choice (``create_backbone``, or ``load_model`` of a Lite0 model folder as ``catalens predict
+    --out`` does, + fingerprint + ``engine_runner(auto)``, the choice remembered and the graph
+    cached), with the network built eagerly (before) and lazily (what ``catalens embed`` and
+    ``catalens predict --out`` do now), and ``catalens embed`` on 8 photos end to end;
 (8) peak RSS of ``catalens embed`` (the whole child process tree, sampled every 0.2 s) on a
     10,000-row and a 100,000-row folder (symlinks repeating the clothing-small photos), with the
     embedding cache already holding every photo: the streaming reader, the cache and the
@@ -370,8 +371,9 @@ def startup_rss_body(args, paths: list[str], tmp: Path, env: dict) -> str:
         rows, loads = startup_table(paths, tmp, env, args.startup_runs)
         body.append(f"**Start-up** (7), medians of {args.startup_runs} fresh processes each, interleaved; `auto`'s "
                     f"choice remembered and the graph cached; load average 1 min "
-                    f"{', '.join(f'{x:.1f}' for x in loads)}. *Load + choice* = `create_backbone` + fingerprint "
-                    f"+ `engine_runner(auto)`, the 2 s target; *process* = the whole child from exec to the "
+                    f"{', '.join(f'{x:.1f}' for x in loads)}. *Load + choice* = `create_backbone` (`embed`) or "
+                    f"`load_model` of a Lite0 model folder (`predict --out`) + fingerprint + `engine_runner(auto)`, "
+                    f"the 2 s target; *process* = the whole child from exec to the "
                     f"runner ready (interpreter and imports included):\n")
         body.append(table(["start", "load + choice s", "import torch s", "import catalens engine s",
                            "process s", "runtime", "timm imported"], rows))
