@@ -81,7 +81,8 @@ def main() -> None:
         decoder, which = device_decoder(device), f"torchvision {torch.__version__} decode_jpeg on {device}"
     except RuntimeError as e:
         log(f"device decoder unavailable: {e}")
-        decoder, which = pillow_decoder(), "the Pillow stand-in on the CPU (torchvision's image extension does not load here)"
+        decoder = pillow_decoder()
+        which = "the Pillow stand-in on the CPU (torchvision's image extension does not load here)"
     loads = [os.getloadavg()[0]]
     out = decode_batch(datas, pre, device, decoder=decoder, jpeg="pillow")
     got = out.pixels.cpu().numpy()

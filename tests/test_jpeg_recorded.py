@@ -99,6 +99,14 @@ def test_model_decodes_as_it_was_trained(trained, dec, monkeypatch, turbo_calls)
     want = features(model.backbone, EngineConfig(runtime="eager", workers=0, progress=False, jpeg=dec))
     other = features(model.backbone, EngineConfig(runtime="eager", workers=0, progress=False, jpeg=OTHER[dec]))
     np.testing.assert_array_equal(got, want)     # the training decoder's features, bit for bit
+    from catalens.config import default_cache_dir
+    from catalens.embed.cache import EmbeddingCache, content_hash
+
+    bb = model.backbone
+    train_cache = EmbeddingCache(default_cache_dir(), bb.fingerprint(), bb.feature_dim, jpeg=dec)
+    keys = [content_hash(open(p, "rb").read()) for p in paths]
+    assert all(k in train_cache for k in keys)   # training embedded these photos with its decoder
+    np.testing.assert_allclose(got, train_cache.get(keys), rtol=0, atol=1e-5)   # = the features training used
     assert np.abs(got - other).max() > 1e-4      # the other decoder's differ: the check means something
     np.testing.assert_array_equal(served, np.stack([load_rgb(open(p, "rb").read(), model.preprocess, jpeg=dec)
                                                     for p in photos]))

@@ -79,7 +79,8 @@ def device_decoder(device="cuda"):
         img = decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device)[0]
     except Exception as e:
         raise RuntimeError(f"torchvision cannot decode JPEGs on {device} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); install the torchvision build that matches torch") from None
+                           f"{str(e).splitlines()[0][:200]}); install the torchvision build that matches "
+                           f"torch") from None
     if tuple(img.shape) != (3, 16, 16):
         raise RuntimeError(f"torchvision decoded a 16x16 JPEG on {device} to shape {tuple(img.shape)}")
     return decode

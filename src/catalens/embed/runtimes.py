@@ -247,7 +247,8 @@ def _cuda_runner(name: str, module: nn.Module, bf16: bool) -> Runner:
                            f"(torch.cuda.is_available() is False); use runtime 'auto' or a CPU runtime "
                            f"(eager, onnx, bf16)")
     dev = torch.device("cuda")
-    net = copy.deepcopy(_real(module)).eval().to(dev, memory_format=torch.channels_last)  # the caller's stays on the CPU
+    # a copy: the caller's stays on the CPU
+    net = copy.deepcopy(_real(module)).eval().to(dev, memory_format=torch.channels_last)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def run(batch) -> np.ndarray:
