@@ -570,7 +570,12 @@ def main_startup_rss(args) -> None:
     env = dict(os.environ, CATALENS_CACHE=str(tmp / "cli-cache"), PYTHONPATH=os.pathsep.join(
         [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     paths = sorted(str(p) for p in DATA.rglob("*.jpg"))
-    body = f"CPU: **{lscpu_model()}** ({available_cpus()} cores).\n\n" + startup_rss_body(args, paths, tmp, env)
+    try:
+        body = f"CPU: **{lscpu_model()}** ({available_cpus()} cores).\n\n" + startup_rss_body(args, paths, tmp, env)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)   # ~1 GB: the 100,000-row folder, its output and caches
     cmd = f"python benchmarks/bench_ceiling.py --parts {args.parts} --startup-runs {args.startup_runs}" + \
         (f" --rss-rows {args.rss_rows}" if "rss" in args.parts else "")
     publish("bench_ceiling_startup_rss", "Start-up and peak RSS of `catalens embed` (bench_ceiling (7), (8))", body,
