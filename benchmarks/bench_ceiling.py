@@ -23,7 +23,19 @@ On a spread sample of ``shared/data/clothing-small`` photos (EfficientNet-Lite0,
     embedded by each path: accuracy, top-1 agreement with the reference, max |feature diff|,
     lowest cosine.
 
-RSS on 10k vs 100k rows is benchmarks/bench_engine.py's (f); not repeated here.
+(7) start-up: fresh processes (median of ``--startup-runs``) timing the model load plus the runtime
+    choice (``create_backbone``, or ``load_model`` of a Lite0 model folder as ``catalens predict
+    --out`` does, + fingerprint + ``engine_runner(auto)``, the choice remembered and the graph
+    cached), with the network built eagerly (before) and lazily (what ``catalens embed`` and
+    ``catalens predict --out`` do now), and ``catalens embed`` on 8 photos end to end;
+(8) peak RSS of ``catalens embed`` (the whole child process tree, sampled every 0.2 s) on a
+    10,000-row and a 100,000-row folder (symlinks repeating the clothing-small photos), with the
+    embedding cache already holding every photo: the streaming reader, the cache and the
+    ``embeddings.npy`` / ``index.parquet`` writers run over every row while inference runs for
+    none, so 100,000 rows take minutes (the engine's own RSS with inference on every row:
+    benchmarks/bench_engine.py (f)).
+
+``--parts startup,rss`` runs only (7) and (8) and writes them to their own section.
 
 Run: ``.venv/bin/python benchmarks/bench_ceiling.py [--limit 768] [--rounds 3]``. On a machine shared
 with other work, wall-clock rates move with the load; images per CPU-second hardly do, so the ratios
@@ -51,7 +63,7 @@ from _report import ROOT, SHARED_DATA, publish, table  # noqa: E402
 from bench_engine import Clock, catalogue, infer_rate, log, plain_loop  # noqa: E402
 
 from catalens.embed import runtimes as rt  # noqa: E402
-from catalens.embed.backbones import create_backbone  # noqa: E402
+from catalens.embed.factory import create_backbone  # noqa: E402
 from catalens.embed.cache import EmbeddingCache  # noqa: E402
 from catalens.embed.decode import DecodeJob, decode_rate  # noqa: E402
 from catalens.embed.engine import _RUNNER_CACHE, EngineConfig, embed_catalogue, engine_jpeg, plan  # noqa: E402
@@ -236,6 +248,145 @@ def accuracy_table(bb, n_train: int, n_test: int, cache_dir: str, threads: int) 
 
 # ---------------------------------------------------------------- main
 
+# ---------------------------------------------------------------- (7) start-up, (8) RSS
+
+STARTUP_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+from catalens.embed.engine import EngineConfig, engine_runner
+from catalens.embed.factory import create_backbone
+t2 = time.perf_counter()
+if len(sys.argv) > 2:   # a model folder, as `catalens predict --out` loads it
+    from catalens.model.load import load_model
+    bb = load_model(sys.argv[2], lazy=sys.argv[1] == "lazy").backbone
+else:
+    bb = create_backbone("efficientnet_lite0", lazy=sys.argv[1] == "lazy")
+fp = bb.fingerprint()
+run = engine_runner(bb, EngineConfig(progress=False))
+t3 = time.perf_counter()
+print(json.dumps({"torch": t1 - t0, "imports": t2 - t1, "load_choice": t3 - t2, "runtime": run.name,
+                  "timm": "timm" in sys.modules, "in_process": t3 - t0}))
+"""
+
+
+def startup_table(paths: list[str], tmp: Path, env: dict, runs: int) -> tuple[list[list], list[float]]:
+    """(7): medians over ``runs`` fresh processes of each kind, interleaved."""
+    script = tmp / "startup_child.py"
+    script.write_text(STARTUP_CHILD)
+    model = startup_model(tmp, env)
+    kinds = {"eager": ["eager"], "lazy": ["lazy"], "m-eager": ["eager", str(model)], "m-lazy": ["lazy", str(model)]}
+    loads, res = [os.getloadavg()[0]], {k: [] for k in list(kinds) + ["cli"]}
+    for argv in kinds.values():   # warm: auto measured once, graph exported, fingerprint remembered
+        subprocess.run([sys.executable, str(script), *argv], env=env, check=True, capture_output=True)
+    run_cli(paths[:8], tmp, env, "startup-warm")
+    for _ in range(runs):
+        for kind, argv in kinds.items():
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, str(script), *argv], env=env, check=True, capture_output=True,
+                                 text=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            res[kind].append(dict(r, process=time.perf_counter() - t))
+        res["cli"].append(run_cli(paths[:8], tmp, env, "startup-warm"))
+        loads.append(os.getloadavg()[0])
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    rows = []
+    for kind, label in (("eager", "`embed`: backbone built at once (before)"),
+                        ("lazy", "`embed`: backbone built lazily (now)"),
+                        ("m-eager", "`predict --out`: model folder, network built at once (before)"),
+                        ("m-lazy", "`predict --out`: model folder, network built lazily (now)")):
+        v = res[kind]
+        rows.append([label, f"{med([x['load_choice'] for x in v]):.2f}", f"{med([x['torch'] for x in v]):.2f}",
+                     f"{med([x['imports'] for x in v]):.2f}", f"{med([x['process'] for x in v]):.2f}",
+                     v[-1]["runtime"], "yes" if v[-1]["timm"] else "no"])
+    rows.append(["`catalens embed` on 8 photos (CLI, re-executes itself once for the malloc settings)", "", "",
+                 "", f"{med([x['wall'] for x in res['cli']]):.2f}", "", ""])
+    log("start-up: " + "; ".join(f"{r[0]}: load+choice {r[1]} s, process {r[4]} s" for r in rows))
+    return rows, loads
+
+
+def startup_model(tmp: Path, env: dict) -> Path:
+    """A Lite0 model folder trained on 2 x 8 clothing-small train photos (for the predict start-up)."""
+    folder = tmp / "startup-model"
+    if not (folder / "model.json").exists():
+        data = tmp / "startup-data"
+        for cls in ("pants", "shoes"):
+            (data / cls).mkdir(parents=True, exist_ok=True)
+            for p in sorted((DATA / "train" / cls).glob("*.jpg"))[:8]:
+                (data / cls / p.name).symlink_to(p)
+        subprocess.run([sys.executable, "-m", "catalens", "train", str(data), "--out", str(folder), "--no-progress",
+                        "--set", "tracking=false"], env=env, check=True, capture_output=True)
+    return folder
+
+
+def rss_tree(cmd: list[str], env: dict) -> tuple[float, float]:
+    """Peak RSS (MiB) of a child process tree, sampled every 0.2 s; (peak, wall seconds)."""
+    import psutil
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ps, peak = psutil.Process(proc.pid), 0.0
+    while proc.poll() is None:
+        try:
+            procs = [ps] + ps.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2 ** 20)
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    return peak, time.perf_counter() - t
+
+
+def rss_table(paths: list[str], tmp: Path, env: dict, rows_list: list[int]) -> tuple[list[list], list[float]]:
+    """(8): ``catalens embed`` on folders of N symlinks repeating ``paths``, cache warm."""
+    cache = tmp / "rss-cache"
+    loads, out = [os.getloadavg()[0]], []
+    folders = {}
+    for n in [len(paths)] + rows_list:
+        root = tmp / f"rss-{n}" / "all"
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / f"{i:06d}.jpg").symlink_to(paths[i % len(paths)])
+        folders[n] = root.parent
+    base = [sys.executable, "-m", "catalens", "embed"]
+    opts = ["--cache-dir", str(cache), "--no-progress"]
+    peak, wall = rss_tree(base + [str(folders[len(paths)]), "--out", str(tmp / "rss-out-warm")] + opts, env)
+    log(f"RSS warm-up: {len(paths)} photos embedded into the cache in {wall:.0f} s (peak {peak:.0f} MiB)")
+    for n in rows_list:
+        peak, wall = rss_tree(base + [str(folders[n]), "--out", str(tmp / f"rss-out-{n}")] + opts, env)
+        loads.append(os.getloadavg()[0])
+        size = (tmp / f"rss-out-{n}" / "embeddings.npy").stat().st_size / 2 ** 20
+        out.append([f"{n:,}", f"{peak:.0f}", f"{peak / out[0][-1]:.3f}x" if out else "1.000x", f"{wall:.0f}",
+                    f"{n / wall:.0f}", f"{size:.0f}", peak])
+        log(f"RSS {n} rows: peak {peak:.0f} MiB, {wall:.0f} s, embeddings.npy {size:.0f} MiB")
+    return [r[:-1] for r in out], loads
+
+
+def startup_rss_body(args, paths: list[str], tmp: Path, env: dict) -> str:
+    body = []
+    if "startup" in args.parts or args.parts == "all":
+        rows, loads = startup_table(paths, tmp, env, args.startup_runs)
+        body.append(f"**Start-up** (7), medians of {args.startup_runs} fresh processes each, interleaved; `auto`'s "
+                    f"choice remembered and the graph cached; load average 1 min "
+                    f"{', '.join(f'{x:.1f}' for x in loads)}. *Load + choice* = `create_backbone` (`embed`) or "
+                    f"`load_model` of a Lite0 model folder (`predict --out`) + fingerprint + `engine_runner(auto)`, "
+                    f"the 2 s target; *process* = the whole child from exec to the "
+                    f"runner ready (interpreter and imports included):\n")
+        body.append(table(["start", "load + choice s", "import torch s", "import catalens engine s",
+                           "process s", "runtime", "timm imported"], rows))
+    if "rss" in args.parts or args.parts == "all":
+        rows, loads = rss_table(paths, tmp, env, [int(x) for x in args.rss_rows.split(",")])
+        body.append(f"\n**Peak RSS** (8) of `catalens embed` (EfficientNet-Lite0, runtime auto) on folders of N "
+                    f"symlinks repeating {len(paths)} clothing-small photos, the embedding cache already holding "
+                    f"them all (so every row is read, hashed, looked up and written; none inferred); whole child "
+                    f"process tree, sampled every 0.2 s; load average 1 min {', '.join(f'{x:.1f}' for x in loads)}:\n")
+        body.append(table(["rows", "peak RSS MiB", "vs 10k", "wall s", "rows/s", "embeddings.npy MiB"], rows))
+    return "\n".join(body)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=768, help="photos for (2)-(5), spread over clothing-small")
@@ -245,9 +396,14 @@ def main() -> None:
     ap.add_argument("--acc-test", type=int, default=400, help="test photos for (6)")
     ap.add_argument("--split", type=int, default=256, help="photos per engine setting in the decode-mode table")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--parts", default="all", help="all, or startup,rss: only (7)/(8), in their own section")
+    ap.add_argument("--startup-runs", type=int, default=5, help="fresh processes per kind in (7)")
+    ap.add_argument("--rss-rows", default="10000,100000", help="row counts of (8)")
     args = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"clothing-small not found at {DATA} (set CATALENS_SHARED_DATA)")
+    if args.parts != "all":
+        return main_startup_rss(args)
     t_start = time.perf_counter()
     cores = available_cpus()
     cpu = lscpu_model()
@@ -402,10 +558,28 @@ def main() -> None:
         skipped = {k: v for k, v in acc_extra.items() if k not in ("train", "test", "classes")}
         if skipped:
             body.append("\nNot run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
-    body.append("\nPeak RSS on 10k vs 100k rows: see the engine section (benchmarks/bench_engine.py (f)).")
+    body.append("\n" + startup_rss_body(args, sorted(str(p) for p in DATA.rglob("*.jpg")), tmp, env))
     cmd = f"python benchmarks/bench_ceiling.py --limit {args.limit} --rounds {args.rounds}"
     publish("bench_ceiling", "The CPU's ceiling, side by side: plain loop, competent peer, engine, catalens embed",
             "\n".join(body), write=not args.no_write, command=cmd)
+
+
+def main_startup_rss(args) -> None:
+    """Only (7) and (8), written to section ``bench_ceiling_startup_rss``."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    env = dict(os.environ, CATALENS_CACHE=str(tmp / "cli-cache"), PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "src")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    paths = sorted(str(p) for p in DATA.rglob("*.jpg"))
+    try:
+        body = f"CPU: **{lscpu_model()}** ({available_cpus()} cores).\n\n" + startup_rss_body(args, paths, tmp, env)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)   # ~1 GB: the 100,000-row folder, its output and caches
+    cmd = f"python benchmarks/bench_ceiling.py --parts {args.parts} --startup-runs {args.startup_runs}" + \
+        (f" --rss-rows {args.rss_rows}" if "rss" in args.parts else "")
+    publish("bench_ceiling_startup_rss", "Start-up and peak RSS of `catalens embed` (bench_ceiling (7), (8))", body,
+            write=not args.no_write, command=cmd)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,24 @@ def import_timm():
     return timm
 
 
+def import_torchvision():
+    """Import and return ``torchvision`` with the same ``nms`` schema patch as :func:`import_timm`."""
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("torchvision")]:
+        del sys.modules[name]
+    _register_torchvision_schemas()
+    import torchvision
+
+    return torchvision
+
+
 def set_threads(n: int | None = None) -> int:
     """Set torch intra-op threads to ``n`` (default: available CPUs); returns the count."""
     import torch

@@ -85,7 +85,7 @@ def run(args) -> int:
         return _print_table(cat, cfg, args)
     from catalens.model.load import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, lazy=not getattr(args, "ray", None))  # network built only if the runtime needs it
     if getattr(args, "ray", None):  # the same pipeline on a Ray cluster
         from catalens.scale import RayOptions, ray_predict_catalogue
 

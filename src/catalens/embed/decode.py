@@ -16,7 +16,28 @@ from dataclasses import dataclass
 import numpy as np
 
 from catalens.embed.cache import content_hash
-from catalens.ingest.images import DEFAULT_MAX_PIXELS, ImageProblem, Preprocess, load_rgb
+from catalens.ingest.images import DEFAULT_MAX_PIXELS, ImageProblem, Preprocess, _orientation, load_rgb, open_image
+
+
+#: resampling filters the GPU path reproduces with torch (antialiased, as Pillow's resize)
+DEVICE_MODES = ("bicubic", "bilinear", "nearest")
+_EOI = b"\xff\xd9"
+
+
+def routable(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int] | None:
+    """The full-resolution ``(w, h)`` when the GPU decoder may take ``data``
+    (:mod:`catalens.embed.gpu_decode`); None when the CPU path must: what Pillow's header read
+    refuses, other formats, CMYK JPEGs, an EXIF orientation other than 1, no EOI marker at the
+    end (truncated), or a resampling filter torch lacks (lanczos)."""
+    if pre.interpolation not in DEVICE_MODES or not data.rstrip(b"\x00\r\n ").endswith(_EOI):
+        return None
+    try:
+        im = open_image(data, max_pixels)
+    except ImageProblem:
+        return None
+    if im.format != "JPEG" or im.mode not in ("RGB", "L") or _orientation(im) not in (1, None):
+        return None
+    return im.size
 
 
 @dataclass
@@ -29,6 +50,7 @@ class DecodeJob:
     max_pixels: int = DEFAULT_MAX_PIXELS
     hash_content: bool = True
     jpeg: str = "auto"              # JPEG decoder: auto (simplejpeg when installed) | simplejpeg | pillow
+    device_jpeg: bool = False       # plain JPEGs come back as bytes, decoded on the GPU (catalens.embed.gpu_decode)
 
 
 @dataclass
@@ -42,6 +64,7 @@ class Decoded:
     problem: str | None = None         # ImageProblem code
     detail: str | None = None
     notes: tuple[str, ...] = ()
+    data: bytes | None = None          # a plain JPEG left to the GPU decoder (DecodeJob.device_jpeg)
 
 
 _JOB: DecodeJob | None = None
@@ -76,6 +99,8 @@ def decode_one(row: int, path: str, job: DecodeJob | None = None) -> Decoded:
         key = content_hash(data) if job.hash_content else None
         if key is not None and key in job.known:
             return Decoded(row, key, cached=True)
+        if job.device_jpeg and routable(data, job.pre, job.max_pixels) is not None:
+            return Decoded(row, key, data=data)
         notes: list[str] = []
         pixels = load_rgb(data, job.pre, job.max_pixels, notes, jpeg=job.jpeg)
         return Decoded(row, key, pixels=pixels, notes=tuple(notes))

@@ -7,6 +7,7 @@ them to heads and parquet files.
 """
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing as mp
 import sys
@@ -26,6 +27,8 @@ from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.images import DEFAULT_MAX_PIXELS, jpeg_decoder
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
 
+
+logger = logging.getLogger(__name__)
 
 #: up to this many cores ``decode="auto"`` decodes in threads of this process, alternating with
 #: inference: each phase then has every core and nothing contends (on 2 cores: ~90 img/s
@@ -53,6 +56,7 @@ class EngineConfig:
     runtime_dir: str | None = None  # ONNX exports and auto choices; None: ~/.cache/catalens/onnx
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (config data.max_pixels)
     jpeg: str = "auto"              # JPEG decoder: auto (CATALENS_JPEG_DECODER, else simplejpeg when installed) | simplejpeg | pillow
+    gpu_decode: bool = True         # with a CUDA runtime: decode plain JPEGs on the GPU (catalens.embed.gpu_decode)
 
 
 @dataclass
@@ -108,14 +112,17 @@ def plan(cfg: EngineConfig, rows: int | None = None) -> Plan:
     return Plan(cores, workers, threads, in_flight, decode)
 
 
-def engine_jpeg(cfg: EngineConfig) -> str:
-    """The JPEG decoder the engine uses: ``cfg.jpeg``, resolved as everywhere else
-    (:func:`catalens.ingest.images.jpeg_decoder`: ``CATALENS_JPEG_DECODER``, else simplejpeg when
-    installed), so training, prediction and serving decode a photo to the same pixels.
+def engine_jpeg(cfg: EngineConfig, pre=None) -> str:
+    """The JPEG decoder the engine uses: ``cfg.jpeg`` when set; else the one the preprocessing
+    ``pre`` records (a model folder's: what its training features were decoded with); else this
+    machine's (:func:`catalens.ingest.images.jpeg_decoder`: ``CATALENS_JPEG_DECODER``, else
+    simplejpeg when installed), so training, prediction and serving decode a photo to the same pixels.
 
     The engine does not pick a decoder per plan: simplejpeg costs less CPU per photo but holds
     the GIL while it decodes (two decode threads: 468 against 788 img/s for Pillow on 2 cores),
     and a plan-dependent choice would make features depend on the machine's core count."""
+    if cfg.jpeg == "auto" and pre is not None:
+        return pre.decoder()
     return jpeg_decoder(cfg.jpeg)
 
 
@@ -218,7 +225,7 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     added to it, so an interrupted run resumes where it stopped.
     """
     cfg = cfg or EngineConfig()
-    jpeg = engine_jpeg(cfg)
+    jpeg = engine_jpeg(cfg, backbone.preprocess)
     if cache is not None and getattr(cache, "decoder", jpeg) != jpeg:
         raise ValueError(f"the embedding cache at {cache.dir} holds features of JPEGs decoded by {cache.decoder}, "
                          f"but the engine decodes with {jpeg}: open the cache with jpeg={jpeg!r} or run the "
@@ -227,8 +234,10 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     pl = plan(cfg, len(paths))
     set_threads(pl.threads)
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
+    device = _device_decode(cfg, backbone.preprocess, jpeg)
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
-                    hash_content=cache is not None, max_pixels=cfg.max_pixels, jpeg=jpeg)
+                    hash_content=cache is not None, max_pixels=cfg.max_pixels, jpeg=jpeg,
+                    device_jpeg=device is not None)
     pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
     bar = None
     try:
@@ -245,7 +254,7 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
             nxt = next(pending, None)
             if nxt is not None:
                 queue.append(pool.submit(nxt))
-            block = _features_for(decoded, runner, cache, backbone.feature_dim, cfg.batch_size, keep_pixels)
+            block = _features_for(decoded, runner, cache, backbone.feature_dim, cfg.batch_size, keep_pixels, device)
             del decoded
             bar.update(len(block.rows))
             yield block
@@ -257,17 +266,79 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
             cache.flush()
 
 
+class _DeviceDecode:
+    """JPEG bytes -> pixels on the GPU for the engine (:func:`catalens.embed.gpu_decode.decode_batch`).
+
+    The device decoder is loaded and checked on first use, after the decode processes forked (no
+    CUDA context is created before the fork); when it cannot decode on the GPU, a warning says why
+    and every photo takes the CPU path (``load_rgb`` with the run's JPEG decoder)."""
+
+    def __init__(self, pre, decoder, device, max_pixels: int, jpeg: str) -> None:
+        self.pre, self.decoder, self.device, self.max_pixels, self.jpeg = pre, decoder, device, max_pixels, jpeg
+
+    def _decoder(self):
+        if self.decoder is None:
+            from catalens.embed.gpu_decode import device_decoder
+
+            try:
+                self.decoder = device_decoder(self.device)
+            except RuntimeError as e:
+                logger.warning(f"decoding JPEGs on the CPU: {e}")
+                self.decoder = _refuse
+        return self.decoder
+
+    def pixels(self, decoded: list[Decoded]) -> dict:
+        """Decode the rows left as bytes; row index -> (S, S, 3) uint8 on the device; problems and
+        notes (the CPU path's, for photos the device refused) are set on the rows."""
+        from catalens.embed.gpu_decode import decode_batch
+
+        raw = [i for i, d in enumerate(decoded) if d.data is not None]
+        if not raw:
+            return {}
+        out = decode_batch([decoded[i].data for i in raw], self.pre, self.device, self.max_pixels,
+                           self._decoder(), self.jpeg)
+        px = {}
+        for j, i in enumerate(raw):
+            d = decoded[i]
+            d.data = None
+            if out.ok[j]:
+                px[i] = out.pixels[j]
+            else:
+                d.problem, d.detail = out.problems[j]
+            d.notes = out.notes.get(j, d.notes)
+        return px
+
+
+def _device_decode(cfg: EngineConfig, pre, jpeg: str):
+    """The GPU decode for this run, or None: only with ``cfg.gpu_decode``, a CUDA runtime and a
+    GPU torch sees (the CPU path never imports :mod:`catalens.embed.gpu_decode`)."""
+    if not (cfg.gpu_decode and on_gpu(cfg.runtime) and cuda_available()):
+        return None
+    return _DeviceDecode(pre, None, torch.device("cuda"), cfg.max_pixels, jpeg)
+
+
+def _refuse(datas, device):
+    """A device decoder that decodes nothing: every photo goes to the CPU path."""
+    raise RuntimeError("no device decoder")
+
+
 def _features_for(decoded: list[Decoded], runner, cache: EmbeddingCache | None, dim: int,
-                  batch_size: int, keep_pixels: bool) -> Block:
-    """Run the backbone on decoded rows, fill cached rows from the cache."""
+                  batch_size: int, keep_pixels: bool, device: _DeviceDecode | None = None) -> Block:
+    """Run the backbone on decoded rows, fill cached rows from the cache; with ``device``, rows
+    left as JPEG bytes are decoded on the GPU first and their batches stay there."""
     m = len(decoded)
     rows = np.array([d.row for d in decoded], dtype=np.int64)
     feats = np.zeros((m, dim), dtype=np.float32)
     ok = np.zeros(m, dtype=bool)
-    todo = [i for i, d in enumerate(decoded) if d.pixels is not None]
+    on_device = device.pixels(decoded) if device is not None else {}
+    todo = [i for i, d in enumerate(decoded) if d.pixels is not None or i in on_device]
     for s in range(0, len(todo), batch_size):
         idx = todo[s:s + batch_size]
-        batch = np.stack([decoded[i].pixels for i in idx])          # (b, S, S, 3) uint8
+        if on_device:   # (b, S, S, 3) uint8 on the GPU; the runner takes it as is
+            batch = torch.stack([on_device[i] if i in on_device else
+                                 torch.tensor(decoded[i].pixels, device=device.device) for i in idx])
+        else:
+            batch = np.stack([decoded[i].pixels for i in idx])          # (b, S, S, 3) uint8
         out = runner(batch)                                           # (b, dim) float32
         feats[idx] = out
         ok[idx] = True
@@ -279,7 +350,10 @@ def _features_for(decoded: list[Decoded], runner, cache: EmbeddingCache | None, 
         ok[hits] = True
     problems = [{"row": d.row, "problem": d.problem, "detail": d.detail} for d in decoded if d.problem]
     notes = [{"row": d.row, "note": n} for d in decoded for n in d.notes]
-    pixels = {d.row: d.pixels for d in decoded if d.pixels is not None} if keep_pixels else None
+    pixels = None
+    if keep_pixels:
+        pixels = {d.row: d.pixels for d in decoded if d.pixels is not None}
+        pixels.update({decoded[i].row: t.cpu().numpy() for i, t in on_device.items()})
     return Block(rows, feats, ok, problems, notes, pixels)
 
 

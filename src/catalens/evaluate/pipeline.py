@@ -44,7 +44,8 @@ def evaluation_rows(cat: Catalogue) -> tuple[Catalogue, str]:
 def _model_outputs(model, cat: Catalogue, cfg: Config):
     """Probabilities for every row (fused with titles when the model has a title model), which
     rows decoded, and the problems of those that did not."""
-    cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
+    cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim,
+                           jpeg=model.backbone.preprocess.decoder())  # the decoder model.json records
     probs = {t.name: np.zeros((len(cat), t.n_outputs), np.float32) for t in model.tasks}
     ok = np.zeros(len(cat), dtype=bool)
     problems: list[dict] = []

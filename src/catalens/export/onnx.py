@@ -23,13 +23,13 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from catalens.files import apply_umask_mode
-from catalens.ingest.images import ImageProblem, Preprocess, load_rgb
+from catalens.ingest.images import LEGACY_JPEG, ImageProblem, Preprocess, load_rgb
 from catalens.tasks import TaskInfo, hierarchy_levels
 
 _logger = logging.getLogger(__name__)
@@ -221,6 +221,8 @@ class OnnxModel:
             self.description = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else read_description(self.path)
         self.tasks = [TaskInfo.from_dict(t) for t in self.description["tasks"]]
         self.preprocess = Preprocess.from_dict(self.description["preprocess"])
+        if self.preprocess.jpeg is None:  # exported before model.json recorded the JPEG decoder
+            self.preprocess = replace(self.preprocess, jpeg=LEGACY_JPEG)
         self.output_names = [t.name for t in self.tasks]
 
     def _onnxruntime(self, threads: int, spin: bool):

@@ -17,10 +17,11 @@ problem codes and notes are exactly those of the Pillow path. ``CATALENS_JPEG_DE
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,6 +32,8 @@ try:  # libjpeg-turbo with DCT scaling (catalens[fast])
     import simplejpeg
 except ImportError:  # pragma: no cover - depends on the install
     simplejpeg = None
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning limit (~ 9459 x 9459)
 
@@ -76,6 +79,12 @@ class Preprocess:
 
     Then ``(x / 255 - mean) / std`` per channel. ``to_dict`` writes ``crop``/``box`` only when not
     ``center``, so model folders written before crop modes existed load and keep their cache keys.
+
+    ``jpeg`` is the JPEG decoder whose pixels the features were made from (``pillow`` or
+    ``simplejpeg``), recorded in model.json so that prediction, evaluation and serving decode as
+    training did; ``None``: not recorded, this machine's decoder (:func:`jpeg_decoder`). It is
+    not part of the backbone's fingerprint (the embedding cache keeps each decoder's features in
+    its own folder instead).
     """
 
     size: int = 224
@@ -85,8 +94,11 @@ class Preprocess:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop: str = "center"
     box: tuple[float, float, float, float] | None = None
+    jpeg: str | None = None
 
     def __post_init__(self) -> None:
+        if self.jpeg not in (None,) + JPEG_DECODERS:
+            raise ValueError(f"preprocess jpeg {self.jpeg!r} is not one of {', '.join(JPEG_DECODERS)}")
         if self.crop not in CROP_MODES:
             raise ValueError(f"preprocess crop {self.crop!r} is not one of {', '.join(CROP_MODES)}")
         if self.crop == "box":
@@ -94,21 +106,56 @@ class Preprocess:
         elif self.box is not None:
             raise ValueError(f"preprocess box {list(self.box)} is only used with crop 'box' (crop is {self.crop!r})")
 
-    def to_dict(self) -> dict:
+    def to_dict(self, decoder: bool = True) -> dict:
+        """The description stored in model.json; ``decoder=False`` leaves out ``jpeg`` (fingerprints)."""
         d = {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
              "mean": list(self.mean), "std": list(self.std)}
         if self.crop != "center":
             d["crop"] = self.crop
         if self.box is not None:
             d["box"] = list(self.box)
+        if decoder and self.jpeg is not None:
+            d["jpeg"] = self.jpeg
         return d
+
+    def decoder(self, source: str | None = None) -> str:
+        """The JPEG decoder to use for this preprocessing here: the recorded one (:attr:`jpeg`),
+        else this machine's (:func:`jpeg_decoder`). A recorded ``simplejpeg`` where simplejpeg is
+        not installed falls back to Pillow with one logged warning naming ``source``."""
+        if self.jpeg is None:
+            return jpeg_decoder("auto")
+        if self.jpeg == "simplejpeg" and simplejpeg is None:
+            _warn_missing_simplejpeg(source)
+            return "pillow"
+        return self.jpeg
+
+    def pinned(self) -> "Preprocess":
+        """This preprocessing with :attr:`jpeg` set to the decoder used here (what model.json records)."""
+        return self if self.jpeg is not None else replace(self, jpeg=self.decoder())
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         box = d.get("box")
         return cls(size=int(d["size"]), resize=int(d["resize"]), interpolation=d["interpolation"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]), crop=d.get("crop", "center"),
-                   box=tuple(float(x) for x in box) if box is not None else None)
+                   box=tuple(float(x) for x in box) if box is not None else None, jpeg=d.get("jpeg"))
+
+
+#: JPEG decoders a preprocessing may record
+JPEG_DECODERS = ("pillow", "simplejpeg")
+#: the decoder of model folders written before model.json recorded one (Pillow was the only
+#: decoder until simplejpeg support came in, 2026-11-30)
+LEGACY_JPEG = "pillow"
+_WARNED: set = set()
+
+
+def _warn_missing_simplejpeg(source: str | None) -> None:
+    if _WARNED:
+        return
+    _WARNED.add(source)
+    logger.warning(f"{source or 'this model'} was trained on JPEGs decoded by simplejpeg (libjpeg-turbo), which "
+                   f"is not installed here: decoding with Pillow instead, so features differ slightly from "
+                   f"training (~99% top-1 agreement measured). Fix: pip install simplejpeg")
 
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -297,7 +344,10 @@ def _draft_side(pre: Preprocess) -> int:
 def load_rgb(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
              notes: list[str] | None = None, jpeg: str = "auto") -> np.ndarray:
     """Bytes → preprocessed ``(size, size, 3)`` uint8 pixels (raises :class:`ImageProblem`);
-    ``jpeg``: the JPEG decoder (:func:`jpeg_decoder`)."""
+    ``jpeg``: the JPEG decoder (:func:`jpeg_decoder`); ``auto``: the one ``pre`` records, else
+    this machine's (:meth:`Preprocess.decoder`)."""
+    if jpeg == "auto":
+        jpeg = pre.decoder()
     im = decode(data, draft_to=_draft_side(pre), max_pixels=max_pixels, notes=notes, jpeg=jpeg)
     return resize_crop(im, pre)
 

@@ -100,12 +100,12 @@ class EnsembleBackbone(Backbone):
     member_fingerprints: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(repr((self.member_fingerprints, sorted(self.preprocess.to_dict().items()))).encode())
+        h = hashlib.sha256(repr((self.member_fingerprints, sorted(self.preprocess.to_dict(decoder=False).items()))).encode())
         return f"ensemble{len(self.member_fingerprints)}-{h.hexdigest()[:16]}"
 
     def describe(self) -> dict:
         return {"name": self.name, "arch": "ensemble", "feature_dim": self.feature_dim,
-                "weights_origin": self.weights_origin, "preprocess": self.preprocess.to_dict(),
+                "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict(),
                 "member_fingerprints": list(self.member_fingerprints)}
 
 

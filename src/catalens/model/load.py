@@ -11,9 +11,10 @@ from pathlib import Path
 from catalens.model.format import read_description
 
 
-def load_model(folder: str | Path):
+def load_model(folder: str | Path, lazy: bool = False):
     """The model in ``folder``: a :class:`~catalens.model.single.CatalensModel`, or an
-    :class:`~catalens.model.ensemble.EnsembleModel` when model.json describes an ensemble."""
+    :class:`~catalens.model.ensemble.EnsembleModel` when model.json describes an ensemble.
+    ``lazy`` (single models): the backbone network is built only when needed (``catalens predict --out``)."""
     desc = read_description(folder)
     if desc.is_ensemble:
         from catalens.model.ensemble import EnsembleModel
@@ -21,4 +22,4 @@ def load_model(folder: str | Path):
         return EnsembleModel.load(folder, desc)
     from catalens.model.single import CatalensModel
 
-    return CatalensModel.load(folder, desc)
+    return CatalensModel.load(folder, desc, lazy=lazy)

@@ -207,7 +207,9 @@ class Predictor:
             return None
         from catalens.embed.cache import EmbeddingCache
 
-        return EmbeddingCache(self.config.cache_dir, self.model.backbone.fingerprint(), self.model.backbone.feature_dim)
+        bb = self.model.backbone
+        return EmbeddingCache(self.config.cache_dir, bb.fingerprint(), bb.feature_dim,
+                              jpeg=bb.preprocess.decoder())  # the decoder model.json records
 
     def blocks(self, cat: Catalogue, use_cache: bool = True, progress: bool = False) -> Iterator[ProbabilityBlock]:
         """Probability blocks of every row of ``cat`` (see :func:`stream_probabilities`; a model

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalens.embed.backbones import Backbone
+from catalens.embed.backbones import Backbone, materialize
 from catalens.embed.factory import backbone_from_description
 from catalens.files import apply_umask_mode
 from catalens.heads.estimator import MultiTaskHead
@@ -89,7 +89,7 @@ class CatalensModel:
     def pixel_module(self) -> PixelModel:
         """One torch module from pixels to probabilities (for export and serving)."""
         kinds = {t.name: t.kind for t in self.tasks}
-        return PixelModel(self.backbone.module, ProbabilityNet(self.head._check_fitted(), kinds)).eval()
+        return PixelModel(materialize(self.backbone.module), ProbabilityNet(self.head._check_fitted(), kinds)).eval()
 
     def save(self, folder: str | Path) -> Path:
         """Write the folder atomically (into a temporary sibling, then renamed)."""
@@ -135,10 +135,13 @@ class CatalensModel:
         (folder / HISTORY_FILE).write_text(history.model_dump_json(indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path, description: ModelDescription | None = None) -> "CatalensModel":
+    def load(cls, folder: str | Path, description: ModelDescription | None = None,
+             lazy: bool = False) -> "CatalensModel":
         """Read a single-model folder written by :meth:`save` (safetensors, no pickle); the
         description is validated against the weights. :func:`catalens.model.load` also reads
-        ensembles."""
+        ensembles. ``lazy``: the backbone network is built only when something needs it (not
+        when a remembered ONNX/OpenVINO runtime answers; its fingerprint is remembered per
+        folder, weights file size and time, and model.json)."""
         from catalens.model.check import check_weights
 
         folder = Path(folder)
@@ -147,7 +150,15 @@ class CatalensModel:
             raise ModelError(f"'{folder}' holds an ensemble; load it with catalens.model.load()")
         meta = desc.model_dump(mode="json")
         backbone_state, head = check_weights(folder, desc)
-        backbone = backbone_from_description(meta["backbone"], backbone_state)
+        key = None
+        if lazy and not desc.tta:   # test-time augmentation wraps the network at once
+            import hashlib
+
+            st = (folder / BACKBONE_FILE).stat()
+            key = (f"{folder.resolve()}|{st.st_size}|{st.st_mtime_ns}|"
+                   f"{hashlib.sha256((folder / 'model.json').read_bytes()).hexdigest()[:16]}")
+        backbone = backbone_from_description(meta["backbone"], backbone_state, lazy_key=key)
+        backbone.preprocess.decoder(source=f"model '{folder}'")  # warns once if its JPEG decoder is missing
         head.tasks = desc.task_infos()  # thresholds and classes in model.json are authoritative
         model = cls(backbone, head, meta)
         model.text = load_text(folder)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from catalens.model.format import ModelError
 from catalens.tasks import TaskInfo, hierarchy_levels
-from catalens.ingest.images import CROP_MODES, check_box
+from catalens.ingest.images import CROP_MODES, JPEG_DECODERS, check_box
 
 #: largest resize / crop side accepted from a model folder (config allows up to 1024)
 MAX_IMAGE_SIDE = 4096
@@ -206,6 +206,9 @@ def check_backbone(desc: dict, where: Path | str) -> None:
             check_box(pre.get("box"))
         except ValueError as e:
             raise ModelFolderError(f"'{where}': backbone.preprocess.box: {e}; {FIX}") from None
+    if pre.get("jpeg", "pillow") not in JPEG_DECODERS:
+        raise ModelFolderError(f"'{where}': backbone.preprocess.jpeg is {pre.get('jpeg')!r}; expected one of "
+                               f"{', '.join(JPEG_DECODERS)} (the JPEG decoder of the training features); {FIX}")
     if pre.get("interpolation") not in INTERPOLATIONS:
         raise ModelFolderError(f"'{where}': backbone.preprocess.interpolation is {pre.get('interpolation')!r}; "
                                f"expected one of {', '.join(INTERPOLATIONS)}")

@@ -104,7 +104,8 @@ def predict_catalogue(model, cat: Catalogue, out: str | Path, cfg: Config, engin
     if use_cache:
         from catalens.embed.cache import EmbeddingCache
 
-        cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim)
+        cache = EmbeddingCache(cfg.cache_dir, model.backbone.fingerprint(), model.backbone.feature_dim,
+                               jpeg=model.backbone.preprocess.decoder())  # the decoder model.json records
     for k, rows in plan:
         if k in done:
             continue

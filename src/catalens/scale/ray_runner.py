@@ -393,7 +393,8 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     true_tasks = true_label_tasks(model.tasks, cat)
     schema = output_schema(model.tasks, true_tasks)
     fingerprint = model.backbone.fingerprint()
-    cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim) if use_cache else None
+    cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim,
+                           jpeg=model.backbone.preprocess.decoder()) if use_cache else None  # model.json's decoder
     files = _folder_files(folder)
     started, plan = _start(opts, log)
     parts = out.with_name(out.name + f".ray-parts{os.getpid()}")
