@@ -113,6 +113,9 @@ class FinetuneConfig(_Strict):
     scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction
     hflip: bool = True
     jitter: float = Field(0.2, ge=0, lt=1)     # brightness / contrast / saturation jitter
+    mixup: float = Field(0.0, ge=0)     # mixup alpha of the trained part's input (0 = off); catalens/train/mixing.py
+    cutmix: float = Field(0.0, ge=0)    # CutMix alpha (0 = off); both on: half of the batches each
+    progressive: float = Field(0.0, ge=0, lt=1)  # progressive resizing: input scale of epoch 1, growing to 1 (0 = off)
     channels_last: bool = True
     compile: Literal["auto", "on", "off"] = "auto"   # auto: on GPU only (measured slower on small CPUs)
     bf16: Literal["auto", "on", "off"] = "auto"      # auto: GPU, or CPUs with native bf16 (avx512_bf16/amx)
