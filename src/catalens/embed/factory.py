@@ -6,20 +6,27 @@ from __future__ import annotations
 from catalens.embed.backbones import (BACKBONES, Backbone, BackboneError, FeatureExtractor, _timm_backbone,
                                       with_input)
 from catalens.embed.multi import member_state, multi_backbone
+from catalens.config import parse_input_size
 from catalens.ingest.images import Preprocess
 from catalens.runtime import import_timm
 
 
 def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
-                    image_size: int | None = None, crop_pct: float | None = None,
+                    image_size: int | str | tuple[int, int] | None = None, crop_pct: float | None = None,
                     crop: str | None = None, box=None) -> Backbone:
     """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
 
-    ``NAME@SIZE`` feeds a backbone at another input side; ``A+B+...`` concatenates the
+    ``NAME@SIZE`` feeds a backbone at another input side, ``NAME@HxW`` (or ``image_size="HxW"``) a
+    non-square input of H rows by W columns; ``A+B+...`` concatenates the
     features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct``, ``crop`` (a crop
     mode: center, pad, squish, box) and ``box`` apply to each.
     """
     specs = [s.strip() for s in name.split("+")]
+    if isinstance(image_size, str):
+        try:
+            image_size = parse_input_size(image_size)
+        except ValueError as e:
+            raise BackboneError(str(e)) from None
     if len(specs) == 1:
         base, size = _parse_spec(specs[0])
         return with_input(_create_one(base, weights), image_size or size, crop_pct, crop, box)
@@ -36,17 +43,19 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
     return multi_backbone(members, name)
 
 
-def _parse_spec(spec: str) -> tuple[str, int | None]:
-    """``"efficientnet_lite1@272"`` → ``("efficientnet_lite1", 272)``."""
+def _parse_spec(spec: str) -> tuple[str, int | tuple[int, int] | None]:
+    """``"efficientnet_lite1@272"`` → ``("efficientnet_lite1", 272)``; ``"efficientnet_lite0@256x192"``
+    → ``("efficientnet_lite0", (256, 192))`` (height x width)."""
     base, _, size = spec.partition("@")
     if not base:
         raise BackboneError(f"empty backbone name in '{spec}'; write NAME or NAME@SIZE joined by '+'")
     if not size:
         return base, None
-    if not size.isdigit() or not 32 <= int(size) <= 1024:
-        raise BackboneError(f"'{spec}': the input side after '@' must be a whole number of pixels "
-                            f"from 32 to 1024, e.g. {base}@256")
-    return base, int(size)
+    try:
+        return base, parse_input_size(size)
+    except ValueError:
+        raise BackboneError(f"'{spec}': the input size after '@' must be a side or HEIGHTxWIDTH in whole pixels "
+                            f"from 32 to 1024, e.g. {base}@256 or {base}@256x192") from None
 
 
 def _create_one(name: str, weights: str | None) -> Backbone:

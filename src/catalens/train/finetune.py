@@ -475,13 +475,15 @@ def _trunk_runner(trunk, maker: BatchMaker, work: Path, device, bf16: bool, chan
             from catalens.embed.runtimes import export_onnx, ort_session
             from catalens.runtime import available_cpus
 
-            size = maker.size
-            path = work / f"trunk-s{size}.onnx"
+            from catalens.embed.runtimes import input_hw, size_tag
+
+            size = maker.input_size
+            path = work / f"trunk-s{size_tag(size)}.onnx"
             if not path.exists():
                 export_onnx(trunk.float().to(memory_format=torch.contiguous_format), size, path)
             sess = ort_session(path, available_cpus())
             name = sess.get_inputs()[0].name
-            probe = np.zeros((2, size, size, 3), np.uint8)
+            probe = np.zeros((2, *input_hw(size), 3), np.uint8)
             ref, got = eager(probe), sess.run(None, {name: probe})[0]
             if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
                 raise RuntimeError(f"ONNX trunk differs from torch (max {np.abs(got - ref).max():.3g})")
@@ -598,7 +600,7 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     if bad:  # the frozen pass decoded them; a failure here means the files changed meanwhile
         raise FinetuneError(f"{len(bad)} images decoded for embedding failed to decode for fine-tuning "
                             f"(e.g. row {bad[0]}): did the data change during training?")
-    params = AugmentParams(size=size, scale=(f.scale_min, 1.0), hflip=0.5 if f.hflip else 0.0,
+    params = AugmentParams(size=size, width=backbone.preprocess.width, scale=(f.scale_min, 1.0), hflip=0.5 if f.hflip else 0.0,
                            brightness=f.jitter, contrast=f.jitter, saturation=f.jitter)
     workers = f.workers if f.workers is not None else default_workers()
     maker = BatchMaker(store, params, cfg.seed, workers)
