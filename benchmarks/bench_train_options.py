@@ -132,26 +132,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", choices=list(RECIPES))
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--part", metavar="NAME", help="write this run's results to results-NAME.json (to run "
+                    "recipes in parallel processes; the table merges every results*.json)")
     args = ap.parse_args()
     if not DATA.exists():
         sys.exit(f"no data at {DATA} (see ../shared/data/README.md)")
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = WORK / f"results-{args.part}.json" if args.part else RESULTS
+    res = json.loads(results.read_text()) if results.exists() else {}
     probes: dict = {}
     for name in args.only or list(RECIPES):
         if name in res:
             continue
+        if any(name in json.loads(f.read_text()) for f in WORK.glob("results*.json")):
+            continue  # measured by another part
         try:
             run(name, probes, res)
         except Exception as e:  # one recipe failing (e.g. an option not built) must not lose the others
             log(f"{name}: failed ({type(e).__name__}: {e})")
             continue
-        tmp = RESULTS.with_suffix(".tmp")
+        tmp = results.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(RESULTS)
-    report(res, "python " + " ".join(["benchmarks/bench_train_options.py"] + sys.argv[1:]))
+        tmp.replace(results)
+    merged = {}
+    for f in sorted(WORK.glob("results*.json")):
+        merged.update(json.loads(f.read_text()))
+    report(merged, "python " + " ".join(["benchmarks/bench_train_options.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":
