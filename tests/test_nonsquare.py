@@ -25,7 +25,7 @@ def test_sizes_parse_as_height_by_width():
     assert _parse_spec("efficientnet_lite0@256x192") == ("efficientnet_lite0", (256, 192))
     assert _parse_spec("efficientnet_lite0@256x256") == ("efficientnet_lite0", 256)  # a square is a side
     assert parse_input_size("301X217") == (301, 217) and parse_input_size([217, 301]) == (217, 301)
-    with pytest.raises(BackboneError, match=r"HEIGHTxWIDTH in whole pixels from 32 to 1024, e.g. "
+    with pytest.raises(BackboneError, match=r"HEIGHTxWIDTH, each a whole number of pixels from 32 to 1024, e.g. "
                                             r"efficientnet_lite0@256 or efficientnet_lite0@256x192"):
         _parse_spec("efficientnet_lite0@256x16")
     assert load_config(overrides=[{"backbone": {"image_size": "256X192"}}]).backbone.image_size == "256x192"

@@ -54,8 +54,8 @@ def _parse_spec(spec: str) -> tuple[str, int | tuple[int, int] | None]:
     try:
         return base, parse_input_size(size)
     except ValueError:
-        raise BackboneError(f"'{spec}': the input size after '@' must be a side or HEIGHTxWIDTH in whole pixels "
-                            f"from 32 to 1024, e.g. {base}@256 or {base}@256x192") from None
+        raise BackboneError(f"'{spec}': the input size after '@' must be a side or HEIGHTxWIDTH, each a whole number "
+                            f"of pixels from 32 to 1024, e.g. {base}@256 or {base}@256x192") from None
 
 
 def _create_one(name: str, weights: str | None) -> Backbone:
