@@ -152,7 +152,8 @@ def test_real_photos_fine_tune_export_and_predict_the_same_through_torch_and_the
             for folder, split, n in (("train", "train", 5), ("validation", "val", 2))
             for c in ("dress", "hat", "shoes") for f in sorted((root / folder / c).glob("*.jpg"))[:n]]
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
-    (tmp_path / "d.yaml").write_text("table: d.csv\nimage: path\nid: id\nsplit: split\ntasks:\n  label: {kind: class}\n")
+    (tmp_path / "d.yaml").write_text("table: d.csv\nimage: path\nid: id\nsplit: split\n"
+                                     "tasks:\n  label: {kind: class}\n")
     cfg = load_config(overrides=[{"tracking": False, "cache_dir": str(tmp_path / "cache"),
                                   "engine": {"progress": False, "runtime": "eager", "workers": 0},
                                   "backbone": {"name": "efficientnet_lite0@128x96", "crop": "pad"},

@@ -449,7 +449,8 @@ def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_di
 
     pixels = np.asarray(pixels)
     if pixels.ndim != 4 or pixels.shape[1:] != (*input_hw(size), 3) or pixels.dtype != np.uint8:
-        raise ValueError(f"calibration pixels must be uint8 (n, {size_tag(size)}, 3), got {pixels.dtype} "
+        h, w = input_hw(size)
+        raise ValueError(f"calibration pixels must be uint8 (n, {h}, {w}, 3), got {pixels.dtype} "
                          f"{tuple(pixels.shape)}: decode real photos with catalens.ingest.images.load_rgb")
     fingerprint = fingerprint or module_fingerprint(module)
     path, _ = _onnx_file(module, size, cache_dir, fingerprint)

@@ -600,7 +600,8 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     if bad:  # the frozen pass decoded them; a failure here means the files changed meanwhile
         raise FinetuneError(f"{len(bad)} images decoded for embedding failed to decode for fine-tuning "
                             f"(e.g. row {bad[0]}): did the data change during training?")
-    params = AugmentParams(size=size, width=backbone.preprocess.width, scale=(f.scale_min, 1.0), hflip=0.5 if f.hflip else 0.0,
+    params = AugmentParams(size=size, width=backbone.preprocess.width, scale=(f.scale_min, 1.0),
+                           hflip=0.5 if f.hflip else 0.0,
                            brightness=f.jitter, contrast=f.jitter, saturation=f.jitter)
     workers = f.workers if f.workers is not None else default_workers()
     maker = BatchMaker(store, params, cfg.seed, workers)
