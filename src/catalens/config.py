@@ -36,6 +36,7 @@ def check_box(box) -> tuple[float, float, float, float]:
 def parse_input_size(value) -> int | tuple[int, int]:
     """An input size: ``224`` (a square side) or ``"256x192"`` / ``[256, 192]`` (height x width, as
     torch's ``(n, 3, H, W)``), each side a whole number of pixels from 32 to 1024; else ValueError."""
+    given = value
     if isinstance(value, str):
         parts = value.lower().replace("×", "x").split("x")
         value = [int(p) for p in parts] if all(p.strip().isdigit() for p in parts) else None
@@ -44,7 +45,7 @@ def parse_input_size(value) -> int | tuple[int, int]:
     ok = len(sides) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024
                                         for v in sides)
     if not ok:
-        raise ValueError(f"input size {value!r}: expected a side (e.g. 256) or HEIGHTxWIDTH (e.g. 256x192), "
+        raise ValueError(f"input size {given!r}: expected a side (e.g. 256) or HEIGHTxWIDTH (e.g. 256x192), "
                          f"whole pixels from 32 to 1024")
     return sides[0] if len(sides) == 1 or sides[0] == sides[1] else (sides[0], sides[1])
 

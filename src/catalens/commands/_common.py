@@ -12,6 +12,8 @@ def input_size(text: str) -> int | str:
     """``--image-size``: a side (``256``) or ``HEIGHTxWIDTH`` (``256x192``)."""
     from catalens.config import parse_input_size
 
+    if text.strip().isdigit():  # one side: the bounds' own message ("must be <= 1024, got ...")
+        return bounded(int, 32, 1024)(text)
     try:
         size = parse_input_size(text)
     except ValueError as e:
