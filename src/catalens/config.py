@@ -33,6 +33,23 @@ def check_box(box) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+def parse_input_size(value) -> int | tuple[int, int]:
+    """An input size: ``224`` (a square side) or ``"256x192"`` / ``[256, 192]`` (height x width, as
+    torch's ``(n, 3, H, W)``), each side a whole number of pixels from 32 to 1024; else ValueError."""
+    given = value
+    if isinstance(value, str):
+        parts = value.lower().replace("×", "x").split("x")
+        value = [int(p) for p in parts] if all(p.strip().isdigit() for p in parts) else None
+        value = value[0] if value is not None and len(value) == 1 else value
+    sides = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    ok = len(sides) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and 32 <= v <= 1024
+                                        for v in sides)
+    if not ok:
+        raise ValueError(f"input size {given!r}: expected a side (e.g. 256) or HEIGHTxWIDTH (e.g. 256x192), "
+                         f"whole pixels from 32 to 1024")
+    return sides[0] if len(sides) == 1 or sides[0] == sides[1] else (sides[0], sides[1])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -40,11 +57,19 @@ class _Strict(BaseModel):
 class BackboneConfig(_Strict):
     name: str = "efficientnet_lite0"
     weights: str | None = None          # a checkpoint file, "random", or None (registry/hub weights)
-    image_size: int | None = Field(None, ge=32, le=1024)  # input side; None = the backbone's own (lite0 224)
+    image_size: int | str | None = None  # input side or "HEIGHTxWIDTH"; None = the backbone's own (lite0 224)
     crop_pct: float | None = Field(None, gt=0, le=1)      # centre crop share of the resized short side;
     #                                                       None = the backbone's own (0.875); 1.0 = no crop
     crop: Literal["center", "pad", "squish", "box"] = "center"  # how the square input is cut (docs/recipes.md)
     box: list[float] | None = None     # crop box: [x0, y0, x1, y1] fractions of width/height
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _image_size(cls, v):
+        if v is None:
+            return None
+        size = parse_input_size(v)
+        return size if isinstance(size, int) else f"{size[0]}x{size[1]}"
 
     @model_validator(mode="after")
     def _box_with_crop(self):
@@ -113,6 +138,9 @@ class FinetuneConfig(_Strict):
     scale_min: float = Field(0.5, gt=0, le=1)  # random resized crop: smallest area fraction
     hflip: bool = True
     jitter: float = Field(0.2, ge=0, lt=1)     # brightness / contrast / saturation jitter
+    mixup: float = Field(0.0, ge=0)     # mixup alpha of the trained part's input (0 = off); catalens/train/mixing.py
+    cutmix: float = Field(0.0, ge=0)    # CutMix alpha (0 = off); both on: half of the batches each
+    progressive: float = Field(0.0, ge=0, lt=1)  # progressive resizing: input scale of epoch 1, growing to 1 (0 = off)
     channels_last: bool = True
     compile: Literal["auto", "on", "off"] = "auto"   # auto: on GPU only (measured slower on small CPUs)
     bf16: Literal["auto", "on", "off"] = "auto"      # auto: GPU, or CPUs with native bf16 (avx512_bf16/amx)

@@ -141,5 +141,5 @@ def _example_b64(pre) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (pre.size, pre.size), (200, 60, 60)).save(buf, "JPEG")
+    Image.new("RGB", pre.hw[::-1], (200, 60, 60)).save(buf, "JPEG")
     return base64.b64encode(buf.getvalue()).decode()

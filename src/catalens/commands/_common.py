@@ -8,6 +8,19 @@ from typing import Callable
 from catalens.config import Config, load_config, parse_override
 
 
+def input_size(text: str) -> int | str:
+    """``--image-size``: a side (``256``) or ``HEIGHTxWIDTH`` (``256x192``)."""
+    from catalens.config import parse_input_size
+
+    if text.strip().isdigit():  # one side: the bounds' own message ("must be <= 1024, got ...")
+        return bounded(int, 32, 1024)(text)
+    try:
+        size = parse_input_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return size if isinstance(size, int) else f"{size[0]}x{size[1]}"
+
+
 def bounded(kind: type, lo: float | None = None, hi: float | None = None, *,
             lo_open: bool = False, what: str | None = None) -> Callable[[str], float]:
     """An argparse ``type=`` that parses ``kind`` (int or float) and enforces ``lo <= x <= hi``
@@ -61,8 +74,9 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
     if training or backbone:
         g.add_argument("--backbone", help="backbone name (efficientnet_lite0/1/2 offline, or any timm name)")
         g.add_argument("--weights", metavar="FILE", help="backbone checkpoint (.safetensors/.pth), or 'random'")
-        g.add_argument("--image-size", type=bounded(int, 32, 1024), metavar="PX",
-                       help="backbone input side (default: the backbone's own, e.g. 224 for lite0)")
+        g.add_argument("--image-size", type=input_size, metavar="PX",
+                       help="backbone input side, or HEIGHTxWIDTH for a non-square input, e.g. 256x192 "
+                            "(default: the backbone's own, e.g. 224 for lite0)")
         g.add_argument("--crop-pct", type=bounded(float, 0, 1, lo_open=True), metavar="F",
                        help="centre crop share of the resized short side (default 0.875; 1 = no crop)")
         g.add_argument("--crop", choices=["center", "pad", "squish", "box"],

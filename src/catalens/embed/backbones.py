@@ -283,7 +283,7 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
     return Backbone(name, name, FeatureExtractor(net.eval(), pre), pre, origin)
 
 
-def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: float | None = None,
+def with_input(backbone: Backbone, image_size: int | tuple[int, int] | None = None, crop_pct: float | None = None,
                crop: str | None = None, box=None) -> Backbone:
     """``backbone`` fed at another input side, centre-crop share and/or crop mode (same weights, own cache key).
 
@@ -291,7 +291,8 @@ def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: floa
     gains accuracy (the "FixRes" effect of random-resized-crop training), and ``crop_pct=1``
     keeps the whole short side of product photos whose edges matter (docs/recipes.md).
     ``crop`` is a :data:`catalens.ingest.images.CROP_MODES` mode (``pad``/``squish`` keep the whole
-    photo; ``box`` cuts the fractions ``box`` first).
+    photo; ``box`` cuts the fractions ``box`` first). ``image_size=(height, width)`` makes the input
+    non-square (:class:`catalens.ingest.images.Preprocess`); nets that pool globally accept it.
     """
     if image_size is None and crop_pct is None and crop in (None, "center") and box is None:
         return backbone
@@ -300,10 +301,13 @@ def with_input(backbone: Backbone, image_size: int | None = None, crop_pct: floa
         raise BackboneError(f"'{backbone.name}' has several members: give each its side as NAME@SIZE "
                             f"and crop_pct when creating it")
     pre = backbone.preprocess
-    size = int(image_size or pre.size)
+    if isinstance(image_size, (tuple, list)):
+        size, width = int(image_size[0]), int(image_size[1])
+    else:
+        size, width = int(image_size or pre.size), (pre.width if image_size is None else None)
     pct = float(crop_pct) if crop_pct is not None else pre.size / pre.resize
     mode = crop or pre.crop
-    pre = replace(pre, size=size, resize=max(size, int(round(size / pct))), crop=mode,
+    pre = replace(pre, size=size, resize=max(size, int(round(size / pct))), crop=mode, width=width,
                   box=(tuple(float(v) for v in box) if box is not None else None) if mode == "box" else None)
     module = FeatureExtractor(backbone.module.net, pre).eval()
     return replace(backbone, module=module, preprocess=pre)

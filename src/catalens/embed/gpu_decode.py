@@ -147,7 +147,7 @@ def resize_crop_tensor(img: torch.Tensor, pre: Preprocess) -> torch.Tensor:
 
 def decode_batch(datas: list[bytes], pre: Preprocess, device="cuda", max_pixels: int = DEFAULT_MAX_PIXELS,
                  decoder=None, jpeg: str = "auto") -> DeviceBatch:
-    """Decode, resize and crop ``datas`` to ``(n, size, size, 3)`` uint8 pixels on ``device``.
+    """Decode, resize and crop ``datas`` to ``(n, height, width, 3)`` uint8 pixels on ``device``.
 
     Plain JPEGs are decoded together on ``device`` by ``decoder`` (default
     :func:`torchvision_decoder`: nvJPEG on a CUDA device); the rest by the CPU path
@@ -155,11 +155,12 @@ def decode_batch(datas: list[bytes], pre: Preprocess, device="cuda", max_pixels:
     to ``device`` and whose problems and notes are reported as the engine reports them.
     """
     decoder = decoder or torchvision_decoder()
-    n, s = len(datas), pre.size
-    out = torch.zeros((n, s, s, 3), dtype=torch.uint8, device=device)
+    n, (h, w) = len(datas), pre.hw
+    out = torch.zeros((n, h, w, 3), dtype=torch.uint8, device=device)
     ok, dev_rows = np.zeros(n, bool), np.zeros(n, bool)
     problems, notes = {}, {}
-    gpu = [i for i, d in enumerate(datas) if d and routable(d, pre, max_pixels) is not None]
+    square = pre.width is None  # the device resize/crop is written for square inputs; others: the CPU path
+    gpu = [i for i, d in enumerate(datas) if square and d and routable(d, pre, max_pixels) is not None]
     decoded = _decode_device(decoder, [datas[i] for i in gpu], device)
     for i, img in zip(gpu, decoded):
         if img is not None:

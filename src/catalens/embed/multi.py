@@ -51,6 +51,10 @@ def crop_fraction(pre: Preprocess) -> float:
 def shared_preprocess(pres: list[Preprocess]) -> tuple[Preprocess, list[MemberInput]]:
     """One decode for several preprocessings: the widest crop, at a side where every member's
     own crop has at least its own resolution; plus each member's way from it to its input."""
+    if any(p.width is not None for p in pres):
+        raise ValueError(f"backbones side by side (or ensemble members) share one square decode, and "
+                         f"{' and '.join(p.shape_name for p in pres if p.width is not None)} is not square: give "
+                         f"each member a square input (NAME@SIZE), or use the non-square backbone alone")
     modes = {(p.crop, p.box) for p in pres}
     if len(modes) > 1:
         raise ValueError(f"backbones side by side share one decode, so they need the same crop mode; got "

@@ -178,6 +178,17 @@ def _threads(threads: int | None) -> int:
 
 # ---------------------------------------------------------------- torch runtimes
 
+def input_hw(size) -> tuple[int, int]:
+    """``(height, width)`` of a runner's input ``size``: a side (square) or ``(height, width)``."""
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def size_tag(size) -> str:
+    """``"224"`` for a square input, ``"256x192"`` (height x width) otherwise: cache file names and keys."""
+    h, w = input_hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
     """``(b, S, S, 3)`` uint8 → ``(b, 3, S, S)`` float32 in channels_last memory (no copy of layout)."""
     return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
@@ -289,7 +300,7 @@ class _PixelsNHWC(nn.Module):
 
 
 def onnx_path(fingerprint: str, size: int, cache_dir: str | Path | None = None) -> Path:
-    return runtime_cache_dir(cache_dir) / f"{fingerprint}-s{size}.onnx"
+    return runtime_cache_dir(cache_dir) / f"{fingerprint}-s{size_tag(size)}.onnx"
 
 
 def export_onnx(module: nn.Module, size: int, path: str | Path, opset: int = 17) -> Path:
@@ -298,7 +309,7 @@ def export_onnx(module: nn.Module, size: int, path: str | Path, opset: int = 17)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _PixelsNHWC(_real(module)).eval()
-    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    example = torch.zeros((2, *input_hw(size), 3), dtype=torch.uint8)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -435,7 +446,7 @@ def openvino_runner(module: nn.Module, size: int, threads: int | None = None, ca
 
 def openvino_int8_path(fingerprint: str, size: int, cache_dir: str | Path | None = None) -> Path:
     """Where :func:`quantize_openvino` writes the int8 model (``.xml`` + ``.bin``)."""
-    return runtime_cache_dir(cache_dir) / f"{fingerprint}-s{size}-int8.xml"
+    return runtime_cache_dir(cache_dir) / f"{fingerprint}-s{size_tag(size)}-int8.xml"
 
 
 def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_dir: str | Path | None = None,
@@ -447,8 +458,9 @@ def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_di
     import openvino as ov
 
     pixels = np.asarray(pixels)
-    if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or pixels.dtype != np.uint8:
-        raise ValueError(f"calibration pixels must be uint8 (n, {size}, {size}, 3), got {pixels.dtype} "
+    if pixels.ndim != 4 or pixels.shape[1:] != (*input_hw(size), 3) or pixels.dtype != np.uint8:
+        h, w = input_hw(size)
+        raise ValueError(f"calibration pixels must be uint8 (n, {h}, {w}, 3), got {pixels.dtype} "
                          f"{tuple(pixels.shape)}: decode real photos with catalens.ingest.images.load_rgb")
     fingerprint = fingerprint or module_fingerprint(module)
     path, _ = _onnx_file(module, size, cache_dir, fingerprint)
@@ -492,7 +504,7 @@ def measure_runner(runner, size: int, batch: int = 8, budget_s: float = 0.6, see
     """Images/s of ``runner`` on random pixels: an optional 2-image warm-up, then batches of
     ``batch`` until ``budget_s`` is spent (at least one); the best batch counts (robust to
     other processes' bursts)."""
-    x = np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    x = np.random.default_rng(seed).integers(0, 256, (batch, *input_hw(size), 3), dtype=np.uint8)
     if warmup:
         runner(x[:2])
     best, spent = 0.0, 0.0
@@ -514,7 +526,7 @@ def _auto_key(fingerprint: str, size: int, threads: int) -> str:
             vers.append(f"{pkg}={version(pkg)}")
         except PackageNotFoundError:
             pass
-    return f"{fingerprint}|s{size}|{cpu_model()}|threads={threads}|{','.join(vers)}"
+    return f"{fingerprint}|s{size_tag(size)}|{cpu_model()}|threads={threads}|{','.join(vers)}"
 
 
 def _choices_file(cache_dir) -> Path:
@@ -603,7 +615,8 @@ def choose_runtime(module: nn.Module, size: int, threads: int | None = None, cac
 
 def _probe_pixels(size: int) -> np.ndarray:
     """Two smooth, photo-like test images (gradients, a disc, stripes), ``(2, S, S, 3)`` uint8."""
-    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    h, w = input_hw(size)
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([max(h - 1, 1), max(w - 1, 1)], dtype=float)[:, None, None]
     disc = ((xx - 0.5) ** 2 + (yy - 0.45) ** 2 < 0.08)
     a = np.stack([200 * xx + 30, 180 * yy + 40, 120 + 80 * disc], -1)
     b = np.stack([128 + 100 * np.sin(12 * xx), 90 + 60 * yy, 220 - 150 * disc], -1)
@@ -658,7 +671,8 @@ def runtime_parity(backbone, pixels: np.ndarray, runtime: str, head=None, batch_
     lossy runtimes such as bf16.
     """
     module = getattr(backbone, "module", backbone)
-    size = int(pixels.shape[1])
+    size = (int(pixels.shape[1]), int(pixels.shape[2]))
+    size = size[0] if size[0] == size[1] else size
     if hasattr(backbone, "fingerprint") and "fingerprint" not in opts:
         opts["fingerprint"] = backbone.fingerprint()
     ref_runner = make_runner("eager", module, size)

@@ -78,7 +78,7 @@ def describe(model, name: str | None = None, source_sha256: str | None = None) -
         "format": ONNX_FORMAT,
         "name": name,
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW",
-                  "shape": ["n", 3, pre.size, pre.size], "range": [0, 255],
+                  "shape": ["n", 3, *pre.hw], "range": [0, 255],
                   "colour": "RGB", "note": "decoded, EXIF-rotated, resized and centre-cropped as 'preprocess' says; "
                                            "normalisation is inside the graph"},
         "outputs": [{"name": t.name, "dtype": "float32", "shape": ["n", t.n_outputs],
@@ -149,7 +149,7 @@ def decode_rows(cat, pre: Preprocess, splits: tuple[str, ...], limit: int | None
             sub = cat.split(s)
             break
     if sub is None or len(sub) == 0:
-        return np.zeros((0, pre.size, pre.size, 3), np.uint8), [], None
+        return np.zeros((0, *pre.hw, 3), np.uint8), [], None
     order = np.arange(len(sub))
     if limit is not None and len(order) > limit:
         order = np.sort(np.random.default_rng(seed).choice(len(sub), size=limit, replace=False))
@@ -160,7 +160,7 @@ def decode_rows(cat, pre: Preprocess, splits: tuple[str, ...], limit: int | None
             rows.append(int(i))
         except (ImageProblem, OSError):
             continue
-    pixels = np.stack(arrays) if arrays else np.zeros((0, pre.size, pre.size, 3), np.uint8)
+    pixels = np.stack(arrays) if arrays else np.zeros((0, *pre.hw, 3), np.uint8)
     labels = None
     if with_labels is not None and rows:
         enc = sub.encode(with_labels)
@@ -266,13 +266,19 @@ class OnnxModel:
 
     @property
     def size(self) -> int:
+        """The input's height (its side when square; :attr:`hw` for both)."""
         return self.preprocess.size
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The input's ``(height, width)``."""
+        return self.preprocess.hw
 
     def run(self, pixels_nchw: np.ndarray) -> dict[str, np.ndarray]:
         """``(n, 3, S, S)`` uint8 → ``{task: (n, C) float32}``."""
         x = np.ascontiguousarray(pixels_nchw, dtype=np.uint8)
-        if x.ndim != 4 or x.shape[1:] != (3, self.size, self.size):
-            raise ValueError(f"expected pixels (n, 3, {self.size}, {self.size}), got {x.shape}")
+        if x.ndim != 4 or x.shape[1:] != (3, *self.hw):
+            raise ValueError(f"expected pixels (n, 3, {self.hw[0]}, {self.hw[1]}), got {x.shape}")
         return self._run(x)
 
     def run_hwc(self, batch_hwc: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -321,10 +327,10 @@ def _wrapped_module(model):
     return Uint8PixelModel(model.pixel_module(), [t.name for t in model.tasks]).eval()
 
 
-def _torch_export(module, size: int, names: list[str], path: Path, opset: int) -> None:
+def _torch_export(module, size: tuple[int, int], names: list[str], path: Path, opset: int) -> None:
     import torch
 
-    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    x = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
     axes = {INPUT_NAME: {0: "n"}, **{n: {0: "n"} for n in names}}
     kw = dict(input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes, opset_version=opset,
               do_constant_folding=True)
@@ -398,7 +404,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, *, parity_
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _torch_export(_wrapped_module(model), model.preprocess.size, names, tmp, opset)
+        _torch_export(_wrapped_module(model), model.preprocess.hw, names, tmp, opset)
         _set_metadata(tmp, desc)
         apply_umask_mode(tmp)  # mkstemp made it 0600: a server account must be able to read it
         tmp.replace(out)
@@ -435,7 +441,7 @@ def _parity_pixels(model, images, data, n) -> tuple[np.ndarray, str]:
             return pixels, f"decoded photos of {cat.source} '{data or model.meta.get('data')}'"
     warnings.warn("no photos available for the parity check: using random pixels", stacklevel=2)
     rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (4, pre.size, pre.size, 3), dtype=np.uint8), "random pixels (no photos found)"
+    return rng.integers(0, 256, (4, *pre.hw, 3), dtype=np.uint8), "random pixels (no photos found)"
 
 
 def ensure_onnx(model_dir: str | Path, log=None) -> Path:

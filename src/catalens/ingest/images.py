@@ -85,6 +85,12 @@ class Preprocess:
     training did; ``None``: not recorded, this machine's decoder (:func:`jpeg_decoder`). It is
     not part of the backbone's fingerprint (the embedding cache keeps each decoder's features in
     its own folder instead).
+
+    **Non-square inputs.** ``width`` (None: square) makes the input ``size`` rows by ``width``
+    columns (height x width, as torch's ``(n, 3, H, W)``); the resized canvas is then ``resize``
+    x ``resize_width`` (the same crop share on both axes), and each crop mode fills that canvas
+    instead of a square: ``center`` scales the photo to cover it, ``pad`` to fit in it, ``squish``
+    to fill it exactly. ``width`` is written only when it differs from ``size``.
     """
 
     size: int = 224
@@ -95,10 +101,13 @@ class Preprocess:
     crop: str = "center"
     box: tuple[float, float, float, float] | None = None
     jpeg: str | None = None
+    width: int | None = None  # input columns; None = size (square)
 
     def __post_init__(self) -> None:
         if self.jpeg not in (None,) + JPEG_DECODERS:
             raise ValueError(f"preprocess jpeg {self.jpeg!r} is not one of {', '.join(JPEG_DECODERS)}")
+        if self.width == self.size:  # one spelling of a square: keys and model.json stay as before
+            object.__setattr__(self, "width", None)
         if self.crop not in CROP_MODES:
             raise ValueError(f"preprocess crop {self.crop!r} is not one of {', '.join(CROP_MODES)}")
         if self.crop == "box":
@@ -106,10 +115,35 @@ class Preprocess:
         elif self.box is not None:
             raise ValueError(f"preprocess box {list(self.box)} is only used with crop 'box' (crop is {self.crop!r})")
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The input's ``(height, width)`` in pixels."""
+        return self.size, self.width or self.size
+
+    @property
+    def input_size(self) -> int | tuple[int, int]:
+        """What runners and exports take: the side of a square input, else ``(height, width)``."""
+        return self.size if self.width is None else (self.size, self.width)
+
+    @property
+    def resize_hw(self) -> tuple[int, int]:
+        """The resized canvas ``(height, width)`` the input is centre-cropped from."""
+        if self.width is None:
+            return self.resize, self.resize
+        return self.resize, max(self.width, int(round(self.width * self.resize / self.size)))
+
+    @property
+    def shape_name(self) -> str:
+        """``"224"`` for a square input, ``"256x192"`` (height x width) otherwise."""
+        h, w = self.hw
+        return str(h) if h == w else f"{h}x{w}"
+
     def to_dict(self, decoder: bool = True) -> dict:
         """The description stored in model.json; ``decoder=False`` leaves out ``jpeg`` (fingerprints)."""
         d = {"size": self.size, "resize": self.resize, "interpolation": self.interpolation,
              "mean": list(self.mean), "std": list(self.std)}
+        if self.width is not None:
+            d["width"] = self.width
         if self.crop != "center":
             d["crop"] = self.crop
         if self.box is not None:
@@ -138,7 +172,8 @@ class Preprocess:
         box = d.get("box")
         return cls(size=int(d["size"]), resize=int(d["resize"]), interpolation=d["interpolation"],
                    mean=tuple(d["mean"]), std=tuple(d["std"]), crop=d.get("crop", "center"),
-                   box=tuple(float(x) for x in box) if box is not None else None, jpeg=d.get("jpeg"))
+                   box=tuple(float(x) for x in box) if box is not None else None,
+                   width=int(d["width"]) if d.get("width") is not None else None, jpeg=d.get("jpeg"))
 
 
 #: JPEG decoders a preprocessing may record
@@ -303,12 +338,15 @@ def decode(data: bytes, draft_to: int | None = None, max_pixels: int = DEFAULT_M
 
 
 def resize_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
-    """``pre.crop`` to a ``resize`` square, then its centre ``size`` crop: ``(size, size, 3)`` uint8.
+    """``pre.crop`` to the ``resize`` canvas, then its centre crop: ``(height, width, 3)`` uint8
+    (``pre.hw``; a square ``(size, size, 3)`` unless ``pre.width`` is set).
 
     Sizes are computed from the full-resolution geometry (``SOURCE_SIZE`` of a DCT-scaled decode),
     so both JPEG decoders give the same crop."""
     resample = _RESAMPLE[pre.interpolation]
     w, h = im.info.get(SOURCE_SIZE, im.size)
+    out_h, out_w = pre.hw
+    canvas_h, canvas_w = pre.resize_hw
     if pre.crop == "box":
         x0, y0, x1, y1 = pre.box
         sw, sh = im.size  # the box in the decoded pixels; its full-resolution size for what follows
@@ -316,34 +354,39 @@ def resize_crop(im: Image.Image, pre: Preprocess) -> np.ndarray:
                       max(round(y0 * sh) + 1, round(y1 * sh))))
         w, h = max(1, round((x1 - x0) * w)), max(1, round((y1 - y0) * h))
     if pre.crop == "squish":
-        im = im.resize((pre.resize, pre.resize), resample, reducing_gap=None)
+        im = im.resize((canvas_w, canvas_h), resample, reducing_gap=None)
     elif pre.crop == "pad":
-        scale = pre.resize / max(w, h)
+        scale = min(canvas_w / w, canvas_h / h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        canvas = Image.new("RGB", (pre.resize, pre.resize), PAD_FILL)
-        canvas.paste(im.resize((nw, nh), resample, reducing_gap=None), ((pre.resize - nw) // 2, (pre.resize - nh) // 2))
+        canvas = Image.new("RGB", (canvas_w, canvas_h), PAD_FILL)
+        canvas.paste(im.resize((nw, nh), resample, reducing_gap=None), ((canvas_w - nw) // 2, (canvas_h - nh) // 2))
         im = canvas
     else:
-        scale = pre.resize / min(w, h)
-        im = im.resize((max(pre.size, round(w * scale)), max(pre.size, round(h * scale))), resample,
+        scale = max(canvas_w / w, canvas_h / h)  # a square canvas: the short side to resize
+        im = im.resize((max(out_w, round(w * scale)), max(out_h, round(h * scale))), resample,
                        reducing_gap=None)
+    if pre.width is not None:  # non-square: the canvas first, so that the centre crop of the canvas (the
+        nw, nh = im.size        # fine-tuning store, catalens.train.augment) is exactly this crop
+        left, top = (nw - canvas_w) // 2, (nh - canvas_h) // 2
+        im = im.crop((left, top, left + canvas_w, top + canvas_h))
     nw, nh = im.size
-    left, top = (nw - pre.size) // 2, (nh - pre.size) // 2
-    im = im.crop((left, top, left + pre.size, top + pre.size))
+    left, top = (nw - out_w) // 2, (nh - out_h) // 2
+    im = im.crop((left, top, left + out_w, top + out_h))
     return np.asarray(im, dtype=np.uint8)
 
 
 def _draft_side(pre: Preprocess) -> int:
     """The side JPEG draft decoding must keep: more when only a box of the photo is used."""
+    side = max(pre.resize_hw)
     if pre.crop == "box":
         x0, y0, x1, y1 = pre.box
-        return int(np.ceil(pre.resize / max(1e-3, min(x1 - x0, y1 - y0))))
-    return pre.resize
+        return int(np.ceil(side / max(1e-3, min(x1 - x0, y1 - y0))))
+    return side
 
 
 def load_rgb(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
              notes: list[str] | None = None, jpeg: str = "auto") -> np.ndarray:
-    """Bytes → preprocessed ``(size, size, 3)`` uint8 pixels (raises :class:`ImageProblem`);
+    """Bytes → preprocessed ``(height, width, 3)`` uint8 pixels (raises :class:`ImageProblem`);
     ``jpeg``: the JPEG decoder (:func:`jpeg_decoder`); ``auto``: the one ``pre`` records, else
     this machine's (:meth:`Preprocess.decoder`)."""
     if jpeg == "auto":

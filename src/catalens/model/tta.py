@@ -39,15 +39,15 @@ def check_views(views) -> list[str]:
 
 
 def view(x: torch.Tensor, name: str) -> torch.Tensor:
-    """One view of pixels ``(n, 3, S, S)``."""
+    """One view of pixels ``(n, 3, H, W)`` (square or not)."""
     if name == "hflip":
         return x.flip(-1)
     if name == "zoom":
-        s = x.shape[-1]
-        c = int(round(s * ZOOM))
-        o = (s - c) // 2
-        crop = x[..., o:o + c, o:o + c]
-        return F.interpolate(crop, size=(x.shape[-2], s), mode="bilinear", align_corners=False, antialias=False)
+        h, w = x.shape[-2], x.shape[-1]
+        ch, cw = int(round(h * ZOOM)), int(round(w * ZOOM))
+        oy, ox = (h - ch) // 2, (w - cw) // 2
+        crop = x[..., oy:oy + ch, ox:ox + cw]
+        return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
     raise ValueError(f"unknown TTA view '{name}'; valid views: {', '.join(VIEWS)}")
 
 

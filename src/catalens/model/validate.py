@@ -195,6 +195,12 @@ def check_backbone(desc: dict, where: Path | str) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or not MIN_IMAGE_SIDE <= v <= MAX_IMAGE_SIDE:
             raise ModelFolderError(f"'{where}': backbone.preprocess.{key} is {v!r}; expected an integer from "
                                    f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels; {FIX}")
+    width = pre.get("width")
+    if width is not None and (not isinstance(width, int) or isinstance(width, bool)
+                              or not MIN_IMAGE_SIDE <= width <= MAX_IMAGE_SIDE):
+        raise ModelFolderError(f"'{where}': backbone.preprocess.width is {width!r}; expected an integer from "
+                               f"{MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} pixels (the input's columns), or no "
+                               f"width for a square input; {FIX}")
     if pre["resize"] < pre["size"]:
         raise ModelFolderError(f"'{where}': backbone.preprocess.resize {pre['resize']} is smaller than the crop "
                                f"size {pre['size']}; {FIX}")

@@ -174,11 +174,11 @@ def decode_batch(batch: dict, reader, pre_dict: dict, max_pixels: int) -> dict:
     from catalens.ingest.images import Preprocess
 
     job = DecodeJob(reader=reader, pre=Preprocess.from_dict(pre_dict), max_pixels=max_pixels)
-    size = job.pre.size
+    h, w = job.pre.hw
     rows = np.asarray(batch["row"], dtype=np.int64)
     paths = _strings(batch["path"])
     decoded = [decode_one(int(r), p, job) for r, p in zip(rows, paths)]
-    pixels = np.zeros((len(rows), size, size, 3), dtype=np.uint8)
+    pixels = np.zeros((len(rows), h, w, 3), dtype=np.uint8)
     has = np.zeros(len(rows), dtype=bool)
     for i, d in enumerate(decoded):
         if d.pixels is not None:

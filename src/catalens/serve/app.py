@@ -157,10 +157,10 @@ class ServerState:
             raise RuntimeError(f"the graph '{path}' does not predict the tasks of '{self.model_dir}/model.json' "
                                f"(another model's export?); export it again with 'catalens export {self.model_dir}'")
         if self.settings.warmup:
-            size = self.model.size
+            h, w = self.model.hw
             rng = np.random.default_rng(0)
             for n in sorted({1, self.settings.max_batch}):
-                x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+                x = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
                 await loop.run_in_executor(None, self.model.run_hwc, x, self.settings.max_batch)
         self.decode_pool = ThreadPoolExecutor(max_workers=self.decode_threads, thread_name_prefix="catalens-decode")
         self.probe_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="catalens-probe")

@@ -36,7 +36,7 @@ _logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """Augmentation of one view; ``size`` is the backbone's input side."""
+    """Augmentation of one view; ``size`` is the backbone's input side (its height when ``width`` is set)."""
 
     size: int = 224
     scale: tuple[float, float] = (0.5, 1.0)
@@ -45,36 +45,45 @@ class AugmentParams:
     brightness: float = 0.2
     contrast: float = 0.2
     saturation: float = 0.2
+    width: int | None = None  # a non-square input's columns (None: square)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.size, self.width or self.size
 
 
-def center_view(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre ``size`` x ``size`` crop of a stored ``(S, S, 3)`` image (the evaluation view)."""
-    s = img.shape[0]
-    o = (s - size) // 2
-    return np.ascontiguousarray(img[o:o + size, o:o + size])
+def center_view(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Centre ``size`` x ``size`` (or ``(height, width)``) crop of a stored image (the evaluation view)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    oy, ox = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return np.ascontiguousarray(img[oy:oy + h, ox:ox + w])
 
 
-def random_resized_box(rng: np.random.Generator, side: int, scale: tuple[float, float],
+def random_resized_box(rng: np.random.Generator, side: int | tuple[int, int], scale: tuple[float, float],
                        ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """A crop box ``(x0, y0, x1, y1)`` of a square ``side`` image (torchvision's rule, 10 tries)."""
-    area = side * side
+    """A crop box ``(x0, y0, x1, y1)`` of a square ``side`` image, or of a ``(height, width)`` one
+    (torchvision's rule, 10 tries; ``ratio`` is the box's width / height relative to the image's)."""
+    side_h, side_w = (side, side) if isinstance(side, int) else side
+    area = side_h * side_w
+    aspect = side_w / side_h  # a box of ratio 1 has the image's own shape
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         a = area * rng.uniform(scale[0], scale[1])
-        r = math.exp(rng.uniform(*log_r))
+        r = math.exp(rng.uniform(*log_r)) * aspect
         w = int(round(math.sqrt(a * r)))
         h = int(round(math.sqrt(a / r)))
-        if 0 < w <= side and 0 < h <= side:
-            x0 = int(rng.integers(0, side - w + 1))
-            y0 = int(rng.integers(0, side - h + 1))
+        if 0 < w <= side_w and 0 < h <= side_h:
+            x0 = int(rng.integers(0, side_w - w + 1))
+            y0 = int(rng.integers(0, side_h - h + 1))
             return x0, y0, x0 + w, y0 + h
-    return 0, 0, side, side
+    return 0, 0, side_w, side_h
 
 
 def augment(img: np.ndarray, rng: np.random.Generator, p: AugmentParams) -> np.ndarray:
-    """One augmented ``(p.size, p.size, 3)`` uint8 view of a stored ``(S, S, 3)`` uint8 image."""
-    box = random_resized_box(rng, img.shape[0], p.scale, p.ratio)
-    out = Image.fromarray(img).resize((p.size, p.size), Image.Resampling.BILINEAR, box=box)
+    """One augmented ``p.hw + (3,)`` uint8 view of a stored ``(S, S, 3)`` (or ``(SH, SW, 3)``) uint8 image."""
+    side = img.shape[0] if img.shape[0] == img.shape[1] else img.shape[:2]
+    box = random_resized_box(rng, side, p.scale, p.ratio)
+    out = Image.fromarray(img).resize(p.hw[::-1], Image.Resampling.BILINEAR, box=box)
     a = np.asarray(out)
     if rng.uniform() < p.hflip:
         a = a[:, ::-1]
@@ -101,22 +110,24 @@ def view_rng(seed: int, epoch: int, row: int, view: int) -> np.random.Generator:
 # --------------------------------------------------------------------------- pixel store
 @dataclass
 class PixelStore:
-    """Decoded ``(n, S, S, 3)`` uint8 images of a catalogue, in a memmap file."""
+    """Decoded ``(n, S, S, 3)`` (non-square input: ``(n, S, W, 3)``) uint8 images of a catalogue, in a memmap file."""
 
     path: Path
     n: int
     side: int
     ok: np.ndarray               # (n,) bool: decoded
     problems: list[dict]
+    width: int | None = None     # columns of a non-square store (None: square)
 
     @property
     def pixels(self) -> np.ndarray:
-        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.n, self.side, self.side, 3))
+        return np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.n, self.side, self.width or self.side, 3))
 
 
 def _store_pre(pre: Preprocess) -> Preprocess:
-    return Preprocess(size=pre.resize, resize=pre.resize, interpolation=pre.interpolation,
-                      mean=pre.mean, std=pre.std, crop=pre.crop, box=pre.box)
+    h, w = pre.resize_hw
+    return Preprocess(size=h, resize=h, interpolation=pre.interpolation, mean=pre.mean, std=pre.std,
+                      crop=pre.crop, box=pre.box, width=w)
 
 
 def decode_store(cat, pre: Preprocess, folder: str | Path, workers: int = 1, max_pixels: int | None = None,
@@ -128,16 +139,17 @@ def decode_store(cat, pre: Preprocess, folder: str | Path, workers: int = 1, max
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    side = pre.resize
+    side, width = pre.resize_hw
+    width = None if width == side else width
     n = len(cat)
     path, meta_path = folder / "pixels.u8", folder / "pixels.json"
-    stamp = {"n": n, "side": side, "pre": pre.to_dict(),
+    stamp = {"n": n, "side": side if width is None else [side, width], "pre": pre.to_dict(),
              "ids": [str(cat.frame["id"].iat[0]), str(cat.frame["id"].iat[-1])] if n else []}
     if meta_path.exists() and path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("stamp") == stamp:
-            return PixelStore(path, n, side, np.asarray(meta["ok"], bool), meta["problems"])
-    mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(n, 1), side, side, 3))
+            return PixelStore(path, n, side, np.asarray(meta["ok"], bool), meta["problems"], width)
+    mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(max(n, 1), side, width or side, 3))
     job = DecodeJob(reader=cat.reader, pre=_store_pre(pre), hash_content=False,
                     max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     paths = cat.frame["path"].tolist()
@@ -169,15 +181,16 @@ def decode_store(cat, pre: Preprocess, folder: str | Path, workers: int = 1, max
     mm.flush()
     del mm
     meta_path.write_text(json.dumps({"stamp": stamp, "ok": ok.tolist(), "problems": problems}))
-    return PixelStore(path, n, side, ok, problems)
+    return PixelStore(path, n, side, ok, problems, width)
 
 
 # ------------------------------------------------------------------ batches from workers
 _W: dict = {}
 
 
-def _init_aug(path: str, n: int, side: int, params: dict, seed: int) -> None:
-    _W["pixels"] = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, side, side, 3))
+def _init_aug(path: str, n: int, side: int | tuple[int, int], params: dict, seed: int) -> None:
+    h, w = (side, side) if isinstance(side, int) else side
+    _W["pixels"] = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
     p = dict(params)
     p["scale"], p["ratio"] = tuple(p["scale"]), tuple(p["ratio"])
     _W["params"] = AugmentParams(**p)
@@ -188,10 +201,10 @@ def _make_batch(task: tuple[int, list[tuple[int, int]]]) -> np.ndarray:
     """``(epoch, [(row, view), ...])`` → ``(b, size, size, 3)`` uint8; view ``-1`` = evaluation view."""
     epoch, items = task
     px, p, seed = _W["pixels"], _W["params"], _W["seed"]
-    out = np.empty((len(items), p.size, p.size, 3), np.uint8)
+    out = np.empty((len(items), *p.hw, 3), np.uint8)
     for i, (row, view) in enumerate(items):
         img = np.asarray(px[row])
-        out[i] = center_view(img, p.size) if view < 0 else augment(img, view_rng(seed, epoch, row, view), p)
+        out[i] = center_view(img, p.hw) if view < 0 else augment(img, view_rng(seed, epoch, row, view), p)
     return out
 
 
@@ -199,8 +212,10 @@ class BatchMaker:
     """Augmented batches made by worker processes (or in-process with ``workers=0``), in order."""
 
     def __init__(self, store: PixelStore, params: AugmentParams, seed: int, workers: int = 1) -> None:
-        self.args = (str(store.path), store.n, store.side, asdict(params), seed)
+        side = store.side if store.width is None else (store.side, store.width)
+        self.args = (str(store.path), store.n, side, asdict(params), seed)
         self.size = params.size
+        self.input_size = params.size if params.width is None else (params.size, params.width)  # runners take it
         self.pool = None
         if workers > 0:
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")

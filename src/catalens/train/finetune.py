@@ -61,6 +61,7 @@ from catalens.heads.schedules import plateau_drops, schedule_factor, schedule_pa
 from catalens.tasks import TaskInfo
 from catalens import distributed as ddp
 from catalens.train.augment import AugmentParams, BatchMaker, decode_store, default_workers
+from catalens.train.mixing import apply_mix, draw_mix, mix_rng, mixed_loss, progressive_scale, resize_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -474,13 +475,15 @@ def _trunk_runner(trunk, maker: BatchMaker, work: Path, device, bf16: bool, chan
             from catalens.embed.runtimes import export_onnx, ort_session
             from catalens.runtime import available_cpus
 
-            size = maker.size
-            path = work / f"trunk-s{size}.onnx"
+            from catalens.embed.runtimes import input_hw, size_tag
+
+            size = maker.input_size
+            path = work / f"trunk-s{size_tag(size)}.onnx"
             if not path.exists():
                 export_onnx(trunk.float().to(memory_format=torch.contiguous_format), size, path)
             sess = ort_session(path, available_cpus())
             name = sess.get_inputs()[0].name
-            probe = np.zeros((2, size, size, 3), np.uint8)
+            probe = np.zeros((2, *input_hw(size), 3), np.uint8)
             ref, got = eager(probe), sess.run(None, {name: probe})[0]
             if got.shape != ref.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-3):
                 raise RuntimeError(f"ONNX trunk differs from torch (max {np.abs(got - ref).max():.3g})")
@@ -494,6 +497,18 @@ def _trunk_runner(trunk, maker: BatchMaker, work: Path, device, bf16: bool, chan
             trunk.to(memory_format=torch.channels_last)
     trunk._catalens_runner = run
     return run
+
+
+def _regularise(x: torch.Tensor, f, seed: int, epoch: int, step: int):
+    """The batch transform of the trained part's input: progressive resizing (``finetune.progressive``),
+    then mixup / CutMix (``finetune.mixup`` / ``cutmix``); ``(x, mix or None)`` (:mod:`catalens.train.mixing`).
+    Heads-only training (``blocks: 0``) gets pooled features ``(n, D)``: mixup only, nothing to resize or cut."""
+    spatial = x.dim() == 4
+    if spatial:
+        x = resize_batch(x, progressive_scale(f.progressive, epoch, f.epochs))
+    h, w = x.shape[-2:] if spatial else (1, 1)
+    mix = draw_mix(mix_rng(seed, epoch, step), len(x), h, w, f.mixup, f.cutmix if spatial else 0.0)
+    return apply_mix(x, mix), mix
 
 
 def _to_input(px: np.ndarray, device, channels_last: bool) -> torch.Tensor:
@@ -585,7 +600,8 @@ def finetune(cat, tasks: list[TaskInfo], Y: dict[str, np.ndarray], is_train: np.
     if bad:  # the frozen pass decoded them; a failure here means the files changed meanwhile
         raise FinetuneError(f"{len(bad)} images decoded for embedding failed to decode for fine-tuning "
                             f"(e.g. row {bad[0]}): did the data change during training?")
-    params = AugmentParams(size=size, scale=(f.scale_min, 1.0), hflip=0.5 if f.hflip else 0.0,
+    params = AugmentParams(size=size, width=backbone.preprocess.width, scale=(f.scale_min, 1.0),
+                           hflip=0.5 if f.hflip else 0.0,
                            brightness=f.jitter, contrast=f.jitter, saturation=f.jitter)
     workers = f.workers if f.workers is not None else default_workers()
     maker = BatchMaker(store, params, cfg.seed, workers)
@@ -699,6 +715,7 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
                     x = trunk(_to_input(px, device, cl))
                 x = x.float() if x.dtype != torch.float32 else x
                 rows = train_rows[idx]
+            x, mix = _regularise(x, f, cfg.seed, epoch, step)
             lrf = schedule_factor(f.schedule, step, total, warmup, steps_per_epoch, f.step_epochs, f.gamma, drops,
                                   f.plateau_factor)
             for g in opt.param_groups:
@@ -706,8 +723,9 @@ def _run(cat, tasks, Y, train_rows, val_rows, backbone, extractor, trunk, tail, 
             with _autocast(device, bf16):
                 logits = net(x)
             tgt = {k: v.to(device) for k, v in _targets(Y, tasks, rows).items()}
-            loss = multitask_loss({k: v.float() for k, v in logits.items()}, tgt, tasks,
-                                  cfg.head.loss_weights, weights, f.label_smoothing, cfg.head.focal_gamma)
+            loss = mixed_loss(lambda lg, tg: multitask_loss(lg, tg, tasks, cfg.head.loss_weights, weights,
+                                                            f.label_smoothing, cfg.head.focal_gamma),
+                              {k: v.float() for k, v in logits.items()}, tgt, mix)
             if ddp.is_distributed():  # a task without labels in this batch still gets (zero) gradients:
                 loss = loss + 0.0 * sum(v.float().sum() for v in logits.values())  # DDP expects all
             lv = float(loss.detach())
