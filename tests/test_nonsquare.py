@@ -16,9 +16,10 @@ from catalens.embed.backbones import BackboneError
 from catalens.embed.factory import _parse_spec, create_backbone
 from catalens.ingest.images import Preprocess, load_rgb, resize_crop
 from catalens.train.augment import AugmentParams, _store_pre, augment, center_view, random_resized_box
+from test_crop_modes import BLUE, GREEN, RED, _close, _photo  # the same wide test photo
 
 SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
+WHITE = (255, 255, 255)
 
 
 def test_sizes_parse_as_height_by_width():
@@ -50,31 +51,18 @@ def test_description_records_the_width_and_squares_stay_as_before():
     assert pre.shape_name == "256x192" and square.shape_name == "256"
 
 
-def _wide() -> Image.Image:
-    """200 x 100 (w x h): green stripe on the left 10 px, red up to x=100, blue after."""
-    a = np.zeros((100, 200, 3), np.uint8)
-    a[:, :100] = RED
-    a[:, 100:] = BLUE
-    a[:, :10] = GREEN
-    return Image.fromarray(a)
-
-
-def _close(px, colour, tol=40) -> bool:
-    return bool(np.all(np.abs(px.astype(int) - np.array(colour)) <= tol))
-
-
 def test_crop_modes_fill_a_non_square_canvas():
     # a wide photo into a tall input of 64 rows x 32 columns
-    center = resize_crop(_wide(), Preprocess(size=64, resize=64, width=32))
+    center = resize_crop(_photo(), Preprocess(size=64, resize=64, width=32))
     assert center.shape == (64, 32, 3)  # height 64 covered: the photo is 128 wide, its middle 32 kept
     assert _close(center[:, :15], RED) and _close(center[:, 17:], BLUE)
-    pad = resize_crop(_wide(), Preprocess(size=64, resize=64, width=32, crop="pad"))
+    pad = resize_crop(_photo(), Preprocess(size=64, resize=64, width=32, crop="pad"))
     assert pad.shape == (64, 32, 3)  # the whole photo, 32 x 16, on white above and below
     assert _close(pad[:20], WHITE) and _close(pad[-20:], WHITE)
     assert _close(pad[28:36, 4:14], RED) and _close(pad[28:36, 18:30], BLUE) and pad[28:36, 0, 1].min() > 100
-    squish = resize_crop(_wide(), Preprocess(size=64, resize=64, width=32, crop="squish"))
+    squish = resize_crop(_photo(), Preprocess(size=64, resize=64, width=32, crop="squish"))
     assert squish.shape == (64, 32, 3) and _close(squish[:, 0], GREEN) and _close(squish[:, -1], BLUE)
-    box = resize_crop(_wide(), Preprocess(size=64, resize=64, width=32, crop="box", box=(0.5, 0, 1, 1)))
+    box = resize_crop(_photo(), Preprocess(size=64, resize=64, width=32, crop="box", box=(0.5, 0, 1, 1)))
     assert box.shape == (64, 32, 3) and _close(box, BLUE)  # the blue half only
 
 

@@ -117,6 +117,13 @@ class UnknownDescription(BaseModel):
     keep: float = Field(gt=0, le=1)
 
 
+def _known_format(v: str, expected: str) -> str:
+    """A file's ``format`` field, refused unless it is the one this catalens reads."""
+    if v != expected:
+        raise ValueError(f"format {v!r} is not one this catalens reads ({expected})")
+    return v
+
+
 class ModelDescription(BaseModel):
     """model.json, typed. Unknown keys (training notes such as ``ingest`` or ``finetune``) are
     kept as they are; the keys every reader relies on are checked here, once."""
@@ -140,9 +147,7 @@ class ModelDescription(BaseModel):
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
-        if v != FORMAT:
-            raise ValueError(f"format {v!r} is not one this catalens reads ({FORMAT})")
-        return v
+        return _known_format(v, FORMAT)
 
     @field_validator("tasks")
     @classmethod
@@ -214,9 +219,7 @@ class TrainingHistory(BaseModel):
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
-        if v != HISTORY_FORMAT:
-            raise ValueError(f"format {v!r} is not one this catalens reads ({HISTORY_FORMAT})")
-        return v
+        return _known_format(v, HISTORY_FORMAT)
 
     @field_validator("stage")
     @classmethod
