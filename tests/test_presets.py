@@ -37,6 +37,9 @@ def test_cli_flags(capsys):
                                                       "--time-limit", "20m"]))
     assert cfg.preset.name == "best" and cfg.preset.time_limit == 1200
     assert config_from_args(build_parser().parse_args(["train", "D", "--out", "M"])).preset.name == "fast"
+    off = config_from_args(build_parser().parse_args(["train", "D", "--out", "M", "--preset", "best",
+                                                      "--set", "preset.titles=off"]))
+    assert off.preset.titles == "off"  # YAML reads a bare off as False: taken as meant
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "D", "--out", "M", "--time-limit", "soon"])
     assert "argument --time-limit: expected a duration such as 20m" in capsys.readouterr().err
