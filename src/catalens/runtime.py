@@ -73,40 +73,31 @@ def _register_torchvision_schemas() -> None:
 _KEEP: list = []
 
 
-def import_timm():
-    """Import and return ``timm``, patching the torchvision op schemas only when needed."""
+def _import_with_nms_shim(name: str, drop: tuple[str, ...]):
+    """Import ``name``; when torchvision's ``nms`` op schema is missing (a CUDA torchvision beside a
+    CPU torch), drop the half-imported ``drop`` modules, register the schemas and import again."""
+    import importlib
+    import sys
+
     try:
-        import timm  # noqa: F401
-        return timm
+        return importlib.import_module(name)
     except RuntimeError as e:
         if "torchvision::nms" not in str(e):
             raise
-    import sys
-
-    for name in [m for m in sys.modules if m.startswith(("torchvision", "timm"))]:
-        del sys.modules[name]
+    for mod in [m for m in sys.modules if m.startswith(drop)]:
+        del sys.modules[mod]
     _register_torchvision_schemas()
-    import timm
+    return importlib.import_module(name)
 
-    return timm
+
+def import_timm():
+    """Import and return ``timm``, patching the torchvision op schemas only when needed."""
+    return _import_with_nms_shim("timm", ("torchvision", "timm"))
 
 
 def import_torchvision():
     """Import and return ``torchvision`` with the same ``nms`` schema patch as :func:`import_timm`."""
-    try:
-        import torchvision
-        return torchvision
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-    import sys
-
-    for name in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[name]
-    _register_torchvision_schemas()
-    import torchvision
-
-    return torchvision
+    return _import_with_nms_shim("torchvision", ("torchvision",))
 
 
 def set_threads(n: int | None = None) -> int:

@@ -236,14 +236,18 @@ def class_counts_png(classes: list[str], counts, title: str, path: str | Path, t
     fig = _new_figure(7.0, height)
     ax = fig.add_subplot()
     ax.barh(range(len(order)), counts[order], color="#5b9bd5")
-    ax.set_yticks(range(len(order)), names, fontsize=float(np.clip(500 / max(len(order), 1), 6, 9)))
-    ax.invert_yaxis()
-    ax.set_xlabel("rows")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    shown = f" (top {len(order)} of {len(classes)})" if len(order) < len(classes) else ""
-    ax.set_title(title + shown, fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
+    _class_bars_axes(ax, names, "rows", title, f"top {len(order)} of {len(classes)}", len(order) < len(classes))
     return _save(fig, path)
+
+
+def _class_bars_axes(ax, names: list[str], xlabel: str, title: str, subset: str, partial: bool) -> None:
+    """The shared look of a horizontal bar chart with one bar (group) per class, largest on top."""
+    ax.set_yticks(range(len(names)), names, fontsize=float(np.clip(500 / max(len(names), 1), 6, 9)))
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title + (f" ({subset})" if partial else ""), fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def learning_curves_png(epochs: list[dict], path: str | Path, title: str = "", best_epoch: int | None = None,
@@ -304,14 +308,8 @@ def class_sizes_png(counts: dict[str, dict[str, int]], title: str, path: str | P
     for j, s in enumerate(splits):
         ax.barh(np.arange(len(order)) + (j - (len(splits) - 1) / 2) * bar, table[order, j], height=bar,
                 label=f"{s} ({int(table[:, j].sum()):,})", color=f"C{j}")
-    ax.set_yticks(range(len(order)), [str(classes[i]) for i in order],
-                  fontsize=float(np.clip(500 / max(len(order), 1), 6, 9)))
-    ax.invert_yaxis()
-    ax.set_xlabel("labelled rows")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    shown = f" (largest {len(order)} of {len(classes)})" if len(order) < len(classes) else ""
-    ax.set_title(title + shown, fontsize=10)
-    ax.grid(axis="x", alpha=0.3)
+    _class_bars_axes(ax, [str(classes[i]) for i in order], "labelled rows", title,
+                     f"largest {len(order)} of {len(classes)}", len(order) < len(classes))
     if splits:
         ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)

@@ -339,7 +339,7 @@ class _PresetRun:
             dim = sum(self.results[m].prep.features.shape[1] for m in recipe.members)
             return self.clock.fit_cost(n, dim) * fits
         if recipe.kind == "finetune":
-            base = self._finetune_base()
+            base = self._finetune_base(recipe)
             kf = self.base.preset.finetune_folds
             return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), _rel_cost(recipe.backbone))
         if recipe.kind == "search":
@@ -449,14 +449,11 @@ class _PresetRun:
         s.scored = scored
         self._set_score(s, prep)
 
-    def recipes_by_kind(self, kind: str) -> str | None:
-        """The backbone of this run's recipe of ``kind`` (None without one)."""
-        return next((r.backbone for r in self.recipes.values() if r.kind == kind), None)
-
-    def _finetune_base(self) -> Scored:
-        """The scored frozen recipe on the same backbone and crop (its rows, labels and features)."""
+    def _finetune_base(self, recipe: Recipe) -> Scored:
+        """A scored frozen recipe to start from (its rows, labels, titles): the one on ``recipe``'s backbone
+        when scored, else the first scored."""
         done = [x for x in self.results.values() if x.oof is not None and x.recipe.kind == "frozen"]
-        same = [x for x in done if x.recipe.backbone == self.recipes_by_kind("finetune")]
+        same = [x for x in done if x.recipe.backbone == recipe.backbone]
         if not done:
             raise _Skip("no frozen recipe was scored to start from")
         return (same or done)[0]
@@ -471,7 +468,7 @@ class _PresetRun:
         from catalens.train.kfold import product_folds
         from catalens.train.pipeline import train
 
-        base = self._finetune_base()
+        base = self._finetune_base(s.recipe)
         prep = base.prep
         s.cfg = self._recipe_config(s.recipe)
         kf = self.base.preset.finetune_folds
