@@ -62,6 +62,7 @@ class BackboneConfig(_Strict):
     #                                                       None = the backbone's own (0.875); 1.0 = no crop
     crop: Literal["center", "pad", "squish", "box"] = "center"  # how the square input is cut (docs/recipes.md)
     box: list[float] | None = None     # crop box: [x0, y0, x1, y1] fractions of width/height
+    pool: Literal["avg", "gem", "multilevel"] = "avg"  # feature map -> vector (docs/recipes.md "Pooling")
 
     @field_validator("image_size", mode="before")
     @classmethod

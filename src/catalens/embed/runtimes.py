@@ -164,6 +164,10 @@ def module_fingerprint(module: nn.Module) -> str:
         h.update(k.encode())
         h.update(str(tuple(v.shape)).encode())
         h.update(v.numpy().tobytes())
+    for name, m in module.named_modules():   # a pooling other than avg computes other features from the same weights
+        pool = getattr(m, "pool", "avg")
+        if isinstance(pool, str) and pool != "avg":
+            h.update(f"{name}.pool={pool}".encode())
     return f"{type(module).__name__}-{h.hexdigest()[:16]}"
 
 

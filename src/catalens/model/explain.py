@@ -57,11 +57,11 @@ def grad_cam(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
     net.eval()
     try:
         with torch.enable_grad():
-            fmap = net.forward_features((x - fe.mean) * fe.inv_std)
+            fmap, feats = fe.map_and_features((x - fe.mean) * fe.inv_std)  # (n,C,h,w), (n,D)
             if fmap.ndim != 4:
                 raise ExplainError(f"Grad-CAM needs a CNN feature map; backbone '{model.backbone.name}' gives "
                                    f"shape {tuple(fmap.shape)}")
-            logits = head(net.forward_head(fmap, pre_logits=True))[task]
+            logits = head(feats)[task]
             chosen = logits.argmax(1) if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
             score = logits.gather(1, chosen[:, None]).sum()
             grads = torch.autograd.grad(score, fmap)[0]

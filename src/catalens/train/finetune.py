@@ -75,12 +75,17 @@ class DivergedError(FinetuneError):
 
 
 def check_finetunable(backbone: Backbone) -> None:
-    """Fine-tuning trains one network: a multi-backbone (``a+b``) is refused, with the ways out."""
+    """Fine-tuning trains one network through its average pooling: a multi-backbone (``a+b``) or
+    another pooling is refused, with the ways out."""
     members = getattr(backbone, "members", None)
     if members:
         raise FinetuneError(f"--finetune takes one backbone, and '{backbone.name}' has {len(members)}: "
                             f"fine-tune each alone and combine the models with 'catalens ensemble', or train "
                             f"the multi-backbone frozen (without --finetune)")
+    if backbone.pool != "avg":
+        raise FinetuneError(f"--finetune trains the net through its own average pooling, and backbone.pool is "
+                            f"'{backbone.pool}': fine-tune with pool avg (the default), or train frozen with "
+                            f"pool {backbone.pool} (without --finetune)")
 
 
 def _diverged(value: float, epoch: int, step: int, f) -> DivergedError:

@@ -85,6 +85,7 @@ class Recipe:
     backbone: str = "efficientnet_lite0"
     crop_pct: float | None = None
     crop: str = "center"
+    pool: str = "avg"                 # backbone.pool (catalens.embed.backbones.POOLS)
     tta: tuple[str, ...] = ()
     members: tuple[str, ...] = ()     # names of recipes whose features go side by side
     head: dict | None = None          # head settings (from a search)
@@ -97,9 +98,10 @@ class Recipe:
         if self.members:
             parts = [recipes[m] for m in self.members]
             c.backbone.name = "+".join(p.backbone for p in parts)
-            c.backbone.crop_pct, c.backbone.crop = parts[0].crop_pct, parts[0].crop
+            c.backbone.crop_pct, c.backbone.crop, c.backbone.pool = parts[0].crop_pct, parts[0].crop, parts[0].pool
         else:
             c.backbone.name, c.backbone.crop_pct, c.backbone.crop = self.backbone, self.crop_pct, self.crop
+            c.backbone.pool = self.pool
         c.backbone.image_size = None
         c.finetune.tta = list(self.tta)
         if self.kind == "finetune":  # the measured fast recipe: last stage, 3 views, 6 epochs (docs/finetune.md)
@@ -373,6 +375,7 @@ class _PresetRun:
                 raise _Skip("no single backbone scored")
             best = max(singles, key=lambda s: s.score)
             recipe.backbone, recipe.crop_pct, recipe.crop = best.recipe.backbone, best.recipe.crop_pct, best.recipe.crop
+            recipe.pool = best.recipe.pool
             recipe.name_detail = best.recipe.name
         return recipe.config(self.base, self.recipes)
 
