@@ -48,9 +48,16 @@ def test_cli_flags(capsys):
 def test_recipes_of_the_presets():
     medium = [r.name for r in P.candidate_recipes("medium")]
     best = [r.name for r in P.candidate_recipes("best")]
-    assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1" in medium
+    assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1 multilevel" in medium
     assert best[:len(medium)] == medium and {"searched head", "best single + tta hflip"} <= set(best)
     assert best[len(medium)] == "lite0 last stage fine-tuned" and "lite0 last stage fine-tuned" not in medium
+    by_name = {r.name: r for r in P.candidate_recipes("best")}
+    base = load_config(overrides=[{"tracking": False}])
+    pools = {n: r.config(base, by_name).backbone.pool for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
+    assert pools.pop("lite0 (plain catalens train)") == "avg" and pools.pop("lite0 last stage fine-tuned") == "avg"
+    assert set(pools.values()) == {"multilevel"} and len(pools) == 6  # the other frozen recipes and their concats
+    concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
+    assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
     assert P._rel_cost("efficientnet_lite0") == 1.0
     assert P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
         (256 / 224) ** 2 + 1.5 * (272 / 240) ** 2)
