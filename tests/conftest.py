@@ -55,3 +55,20 @@ def tiny_folder(tmp_path) -> Path:
             for i in range(n):
                 (d / f"{cls}{i}.jpg").write_bytes(jpeg_bytes(col, pattern=i % 3))
     return root
+
+
+def real_photo_table(tmp_path: Path, n_train: int, n_val: int, classes=("dress", "hat", "shoes")) -> tuple[Path, list[dict]]:
+    """``(dataset yaml, rows)``: the first ``n_train`` / ``n_val`` clothing-small photos of each of
+    ``classes`` as a table (id, path, split, label); skips without the real photos."""
+    import pandas as pd
+
+    root = SHARED / "clothing-small"
+    if not root.exists():
+        pytest.skip(f"real photos not found at {root} (set CATALENS_SHARED_DATA)")
+    rows = [{"id": f.stem, "path": str(f), "split": split, "label": c}
+            for folder, split, n in (("train", "train", n_train), ("validation", "val", n_val))
+            for c in classes for f in sorted((root / folder / c).glob("*.jpg"))[:n]]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "d.yaml").write_text("table: d.csv\nimage: path\nid: id\nsplit: split\n"
+                                     "tasks:\n  label: {kind: class}\n")
+    return tmp_path / "d.yaml", rows

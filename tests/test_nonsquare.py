@@ -16,6 +16,7 @@ from catalens.embed.backbones import BackboneError
 from catalens.embed.factory import _parse_spec, create_backbone
 from catalens.ingest.images import Preprocess, load_rgb, resize_crop
 from catalens.train.augment import AugmentParams, _store_pre, augment, center_view, random_resized_box
+from conftest import real_photo_table
 from test_crop_modes import BLUE, GREEN, RED, _close, _photo  # the same wide test photo
 
 SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -125,7 +126,6 @@ def test_real_photos_fine_tune_export_and_predict_the_same_through_torch_and_the
     """End to end at 128 x 96 (height x width) on a few real photos: fine-tuning stores 4 x 3 activation
     maps, the model folder records the width, the exported graph takes (n, 3, 128, 96) and answers
     as torch does."""
-    import pandas as pd
     import torch
 
     from catalens.embed.runtimes import to_tensor
@@ -133,21 +133,13 @@ def test_real_photos_fine_tune_export_and_predict_the_same_through_torch_and_the
     from catalens.model.single import CatalensModel
     from catalens.train.pipeline import train
 
-    root = SHARED / "clothing-small"
-    if not root.exists():
-        pytest.skip(f"real photos not found at {root} (set CATALENS_SHARED_DATA)")
-    rows = [{"id": f.stem, "path": str(f), "split": split, "label": c}
-            for folder, split, n in (("train", "train", 5), ("validation", "val", 2))
-            for c in ("dress", "hat", "shoes") for f in sorted((root / folder / c).glob("*.jpg"))[:n]]
-    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
-    (tmp_path / "d.yaml").write_text("table: d.csv\nimage: path\nid: id\nsplit: split\n"
-                                     "tasks:\n  label: {kind: class}\n")
+    data, rows = real_photo_table(tmp_path, 5, 2)
     cfg = load_config(overrides=[{"tracking": False, "cache_dir": str(tmp_path / "cache"),
                                   "engine": {"progress": False, "runtime": "eager", "workers": 0},
                                   "backbone": {"name": "efficientnet_lite0@128x96", "crop": "pad"},
                                   "finetune": {"mode": "blocks", "epochs": 1, "views": 1, "workers": 0}}])
     lines: list[str] = []
-    train(tmp_path / "d.yaml", tmp_path / "m", cfg, log=lines.append)
+    train(data, tmp_path / "m", cfg, log=lines.append)
     assert any("views (192, 4, 3)" in line for line in lines)  # 128/32 rows x 96/32 columns
     pre = json.loads((tmp_path / "m" / "model.json").read_text())["backbone"]["preprocess"]
     assert (pre["size"], pre["width"], pre["crop"]) == (128, 96, "pad")

@@ -15,6 +15,7 @@ from catalens.embed.backbones import BackboneError, FeatureExtractor, check_pool
 from catalens.embed.factory import create_backbone
 from catalens.embed.runtimes import module_fingerprint
 from catalens.ingest.images import load_rgb
+from conftest import real_photo_table
 
 SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -96,28 +97,18 @@ def test_fine_tuning_refuses_another_pool_with_the_way_out():
 def test_trained_model_records_the_pool_and_answers_the_same_through_torch_graph_and_explain(tmp_path):
     """Real photos, frozen Lite0 with pool multilevel: model.json records it, the reloaded model gives the
     training features, the exported ONNX graph answers as torch does, and Grad-CAM explains it."""
-    import pandas as pd
-
     from catalens.embed.runtimes import to_tensor
     from catalens.export.onnx import OnnxModel, export_onnx
     from catalens.model.explain import grad_cam
     from catalens.model.single import CatalensModel
     from catalens.train.pipeline import train
 
-    root = SHARED / "clothing-small"
-    if not root.exists():
-        pytest.skip(f"real photos not found at {root} (set CATALENS_SHARED_DATA)")
-    rows = [{"id": f.stem, "path": str(f), "split": split, "label": c}
-            for folder, split, n in (("train", "train", 6), ("validation", "val", 2))
-            for c in ("dress", "hat", "shoes") for f in sorted((root / folder / c).glob("*.jpg"))[:n]]
-    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
-    (tmp_path / "d.yaml").write_text("table: d.csv\nimage: path\nid: id\nsplit: split\n"
-                                     "tasks:\n  label: {kind: class}\n")
+    data, rows = real_photo_table(tmp_path, 6, 2)
     cfg = load_config(overrides=[{"tracking": False, "cache_dir": str(tmp_path / "cache"),
                                   "engine": {"progress": False, "runtime": "eager", "workers": 0},
                                   "head": {"epochs": 20},
                                   "backbone": {"name": "efficientnet_lite0@160", "crop_pct": 1.0, "pool": "multilevel"}}])
-    train(tmp_path / "d.yaml", tmp_path / "m", cfg, log=lambda *a: None)
+    train(data, tmp_path / "m", cfg, log=lambda *a: None)
     desc = json.loads((tmp_path / "m" / "model.json").read_text())["backbone"]
     assert (desc["pool"], desc["feature_dim"]) == ("multilevel", 1904)
     model = CatalensModel.load(tmp_path / "m")
