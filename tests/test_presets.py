@@ -170,36 +170,49 @@ def test_python_train_takes_preset_and_time_limit(data, tmp_path, monkeypatch):
         catalens.train(data, tmp_path / "x", preset="best", time_limit="soon")
 
 
-def test_a_chosen_side_by_side_recipe_is_refitted_on_its_scored_features(data, tmp_path, monkeypatch):
-    """The refit of a ``+`` recipe trains on the members' cached features (no new embedding) and
-    writes a multi-backbone model folder that predicts."""
+def test_a_chosen_side_by_side_recipe_is_refitted_through_the_shared_decode(data, tmp_path, monkeypatch):
+    """The refit of a ``+`` recipe embeds the photos through the multi-backbone (one decode shared by the
+    members, as predict computes them: no train/predict skew) and writes a multi-backbone model folder
+    that predicts."""
     from catalens.embed import engine
 
     recipes = [P.Recipe("a", "efficientnet_lite0@64"), P.Recipe("b", "efficientnet_lite0@80"),
                P.Recipe("a+b", members=("a", "b"), kind="concat")]
     monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
     combine, refit = P._PresetRun._combine, P._PresetRun._refit
+    embedded: list[int] = []
 
     def only_concat(self):
         s = self.results["a+b"]
         return [s], [1.0], s.score
 
-    def refit_without_embedding(self, *args):
-        def no_runner(*a, **k):
-            def run(batch):
-                raise AssertionError(f"the refit embedded {len(batch)} photos")
-            return run
-        monkeypatch.setattr(engine, "engine_runner", no_runner)
+    def refit_counting(self, *args):
+        real = engine.engine_runner
+
+        def counting(backbone, *a, **k):
+            run = real(backbone, *a, **k)
+            dims = backbone.feature_dim
+
+            def counted(batch):
+                out = run(batch)
+                embedded.append(len(out)) if dims == 2 * 1280 else None
+                return out
+            return counted
+        monkeypatch.setattr(engine, "engine_runner", counting)
         return refit(self, *args)
 
     monkeypatch.setattr(P._PresetRun, "_combine", only_concat)
-    monkeypatch.setattr(P._PresetRun, "_refit", refit_without_embedding)
+    monkeypatch.setattr(P._PresetRun, "_refit", refit_counting)
     cfg = _cfg(tmp_path, 300, "medium")
     cfg.backbone.weights = None  # the packaged ImageNet weights: random ones differ at every creation
     P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     assert desc["backbone"]["name"] == "efficientnet_lite0@64+efficientnet_lite0@80" and "ensemble" not in desc
-    assert not (tmp_path / ".m.preset").exists()  # the private cache went with the work folder
+    assert not (tmp_path / ".m.preset").exists()  # the work folder is removed
+    from catalens.ingest.open import open_catalogue
+
+    splits = open_catalogue(data).frame["split"]
+    assert sum(embedded) == int(splits.isin(["train", "val"]).sum()) == 51  # every train + val photo, once
     monkeypatch.undo()
     model = catalens.load(tmp_path / "m", runtime="eager", progress=False)
     photos = sorted((data.parent / "images").glob("*.jpg"))[:2]
