@@ -55,18 +55,11 @@ def config(spec: str, pool: str):
 
 def cv_scores(prep, cfg) -> dict[str, float]:
     """Out-of-fold accuracy per class task (K = FOLDS, as ``catalens train --folds``)."""
-    import numpy as np
-
-    from catalens.train.kfold import fit_on, fold_parts, predict_rows, product_folds
+    from catalens.train.kfold import fold_parts, out_of_fold, product_folds
     from catalens.train.search import objective_value
 
     parts = fold_parts(prep, product_folds(prep.cat, FOLDS, cfg.seed), FOLDS, cfg)
-    oof = {t.name: np.full((len(prep.cat), t.n_outputs), np.nan, np.float32) for t in prep.tasks}
-    scored = np.zeros(len(prep.cat), bool)
-    for train, inner, rows in parts:
-        for name, pr in predict_rows(prep, fit_on(prep, train, inner, cfg), rows).items():
-            oof[name][rows] = pr
-        scored |= rows
+    oof, scored = out_of_fold(prep, parts, cfg)
     Y, probs = prep.select(scored), {k: v[scored] for k, v in oof.items()}
     return {t.name: float(objective_value(prep.tasks, Y, probs, t.name)) for t in prep.tasks if t.kind == "class"}
 

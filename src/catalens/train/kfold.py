@@ -198,6 +198,23 @@ def predict_rows(prep: Prepared, fitted: Fitted, rows: np.ndarray) -> dict[str, 
     return probs
 
 
+def out_of_fold(prep: Prepared, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cfg: Config,
+                predict_from: Prepared | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Out-of-fold probabilities over ``parts`` (:func:`fold_parts`): each part's head is fitted on its
+    training rows (early stopping on its inner rows) and predicts its held-out rows, from
+    ``predict_from``'s features when given (e.g. TTA features), else from ``prep``'s. Returns
+    ``({task: (n, C), NaN where never held out}, scored)`` with ``scored`` the ``(n,)`` rows predicted."""
+    pred = predict_from if predict_from is not None else prep
+    n = len(prep.cat)
+    oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
+    scored = np.zeros(n, bool)
+    for train, inner, rows in parts:
+        for name, p in predict_rows(pred, fit_on(prep, train, inner, cfg), rows).items():
+            oof[name][rows] = p
+        scored |= rows
+    return oof, scored
+
+
 def evaluate_rows(prep: Prepared, fitted: Fitted, rows: np.ndarray, probs: dict[str, np.ndarray],
                   decode: bool) -> tuple[dict, dict | None]:
     """compute_metrics on ``rows`` (usable ones) with optional hierarchy decoding."""

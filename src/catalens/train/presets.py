@@ -300,8 +300,7 @@ class _PresetRun:
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
         if s.recipe.members:  # embedded again through the multi-backbone's shared decode, as predict computes
-            cost += self.clock.embed_cost(n, _rel_cost(s.cfg.backbone.name if s.cfg else "+".join(
-                self.recipes[m].backbone for m in s.recipe.members)))
+            cost += self.clock.embed_cost(n, _rel_cost("+".join(self.recipes[m].backbone for m in s.recipe.members)))
         return cost
 
     def _try(self, recipe: Recipe) -> None:
@@ -443,23 +442,14 @@ class _PresetRun:
         predicted from, e.g. TTA features; the fit always uses ``prep.features``)."""
         from dataclasses import replace as dc_replace
 
-        from catalens.train.kfold import fit_on, fold_parts, predict_rows, product_folds
+        from catalens.train.kfold import fold_parts, out_of_fold, product_folds
 
         cfg = s.cfg
         parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
-        n = len(prep.cat)
-        oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
-        scored = np.zeros(n, bool)
         t = time.time()
-        pp = dc_replace(prep, features=pred_features) if pred_features is not None else prep
-        for train, inner, rows in parts:
-            fitted = fit_on(prep, train, inner, cfg)
-            for name, pr in predict_rows(pp, fitted, rows).items():
-                oof[name][rows] = pr
-            scored |= rows
-        self.clock.learn_fit(time.time() - t, len(parts), n, prep.features.shape[1])
-        s.oof = oof
-        s.scored = scored
+        pp = dc_replace(prep, features=pred_features) if pred_features is not None else None
+        s.oof, s.scored = out_of_fold(prep, parts, cfg, pp)
+        self.clock.learn_fit(time.time() - t, len(parts), len(prep.cat), prep.features.shape[1])
         self._set_score(s, prep)
 
     def _finetune_base(self, recipe: Recipe) -> Scored:
@@ -542,6 +532,7 @@ class _PresetRun:
             raise _Skip(str(e)) from None
         s.recipe.members, s.recipe.backbone = best.recipe.members, best.recipe.backbone
         s.recipe.crop_pct, s.recipe.crop, s.recipe.tta = best.recipe.crop_pct, best.recipe.crop, best.recipe.tta
+        s.recipe.pool = best.recipe.pool
         s.recipe.head = {k: v for k, v in res.best_head.items()}
         s.recipe.name_detail = best.recipe.name
         s.cfg = base.model_copy(deep=True)
