@@ -225,13 +225,13 @@ class PresetConfig(_Strict):
     folds: int = Field(5, ge=2)                          # K of the cross-validation that scores each recipe
     titles: Literal["auto", "on", "off"] = "auto"        # auto: learn from titles when the data has them
     finetune: bool = True                                # best: score a last-stage fine-tuned Lite0 when it fits
+    finetune_folds: int = Field(2, ge=2)                 # K of the CV that scores the fine-tuned recipe (K fine-tunings)
 
     @field_validator("titles", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         """``--set preset.titles=off`` (and ``titles: off`` in YAML) reads as a boolean: take it as meant."""
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-    finetune_folds: int = Field(2, ge=2)                 # K of the CV that scores the fine-tuned recipe (K fine-tunings)
 
 
 class Config(_Strict):
