@@ -138,3 +138,51 @@ def test_input_scaling_modes(scaling):
         assert np.all(mean == 0) and np.all(std == 1)
     with pytest.raises(ValueError, match="scaling must be"):
         create_head("linear", TASKS, scaling="minmax")
+
+
+def test_logreg_head_is_scikit_learns_logistic_regression():
+    """One class task, no scaling: the same optimum as sklearn's L2 multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, Y = toy()
+    task = [TASKS[1]]
+    head = create_head("logreg", task, scaling="none", C=0.5).fit(X, {"cat": Y["cat"]})
+    ref = LogisticRegression(C=0.5, tol=1e-8, max_iter=1000).fit(X, Y["cat"])
+    Xt, _ = toy(60, seed=4)
+    np.testing.assert_allclose(head.predict_proba(Xt)["cat"], ref.predict_proba(Xt), atol=2e-3)
+    np.testing.assert_allclose(head.net_.outputs["cat"].weight.detach().numpy(), ref.coef_, atol=2e-2)
+    assert head.params["solver"] == "lbfgs" and head.params["C"] == 0.5
+    assert head.best_epoch_ == len(head.history_) and head.history_[-1]["lr"] == 1.0
+
+
+def test_logreg_head_records_rounds_and_calibrates_on_val():
+    X, Y = toy()
+    Xv, Yv = toy(80, seed=1)
+    head = create_head("logreg", TASKS, scaling="feature", C=100.0).fit(X, Y, Xv, Yv)  # weak penalty: rounds
+    rows = head.history_
+    assert len(rows) > 1 and [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] and "val_loss" in rows[-1]
+    assert set(head.temperatures_) == {"dept", "cat", "pattern"}
+
+
+def test_logreg_head_refuses_what_does_not_apply():
+    with pytest.raises(ValueError, match="solver lbfgs fits a linear head .*got hidden 64, dropout 0.0: use head "
+                                         "type linear or mlp"):
+        create_head("logreg", TASKS, hidden=64)
+    with pytest.raises(ValueError, match="sampler 'balanced' and max_per_class 0 do not apply: use "
+                                         "head.class_weighting for imbalance"):
+        create_head("logreg", TASKS, sampler="balanced")
+    with pytest.raises(ValueError, match="head C is 0.0; the inverse L2 strength of solver lbfgs must be > 0"):
+        create_head("logreg", TASKS, C=0.0)
+
+
+def test_head_from_config_builds_what_the_config_says():
+    from catalens.config import load_config
+    from catalens.heads import head_from_config
+
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.3, "class_weighting": "balanced"}}])
+    head = head_from_config(cfg.head, TASKS, seed=7)
+    assert head.params["solver"] == "lbfgs" and head.params["C"] == 0.3
+    assert head.params["class_weighting"] == "balanced" and head.params["seed"] == 7
+    plain = head_from_config(load_config().head, TASKS, seed=0)
+    assert "solver" not in plain.params  # head.json of AdamW heads is as before

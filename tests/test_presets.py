@@ -56,6 +56,10 @@ def test_recipes_of_the_presets():
     pools = {n: r.config(base, by_name).backbone.pool for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
     assert pools.pop("lite0 (plain catalens train)") == "avg" and pools.pop("lite0 last stage fine-tuned") == "avg"
     assert set(pools.values()) == {"multilevel"} and len(pools) == 6  # the other frozen recipes and their concats
+    heads = {n: r.config(base, by_name).head for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
+    assert heads.pop("lite0 (plain catalens train)").type == "linear"
+    assert heads.pop("lite0 last stage fine-tuned").type == "linear"
+    assert {(h.type, h.C) for h in heads.values()} == {("logreg", 0.1)} and len(heads) == 6  # TTA: its single's head
     concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
     assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
     assert P._rel_cost("efficientnet_lite0") == 1.0

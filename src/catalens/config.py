@@ -113,6 +113,7 @@ class HeadConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     plateau_patience: int = Field(5, ge=0)  # schedule plateau: epochs without val improvement before lr x factor
     plateau_factor: float = Field(0.5, gt=0, lt=1)
+    C: float = Field(0.1, gt=0)         # type logreg: inverse L2 strength (scikit-learn's C; penalty |W|^2/(2 C n))
 
 
 class FinetuneConfig(_Strict):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["HEADS", "MultiTaskHead", "create_head"]
+__all__ = ["HEADS", "MultiTaskHead", "create_head", "head_from_config"]
 
 
 def __getattr__(name: str):

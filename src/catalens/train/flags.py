@@ -39,7 +39,7 @@ def out_of_fold(cat, tasks: list[TaskInfo], Y: dict, features: np.ndarray, is_tr
                 is_val: np.ndarray, cfg: Config) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold probabilities of the training rows: ``(probs, rows)`` with ``rows`` the
     indices (into ``cat``) they belong to."""
-    from catalens.heads import create_head
+    from catalens.heads import head_from_config
 
     h, k = cfg.head, cfg.selective.folds
     fold = product_folds(cat.frame["product_id"].astype(str).to_numpy(), k, cfg.seed)
@@ -50,11 +50,7 @@ def out_of_fold(cat, tasks: list[TaskInfo], Y: dict, features: np.ndarray, is_tr
         fit, held = is_train & (fold != f), is_train & (fold == f)
         if not held.any() or not fit.any():
             continue
-        head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs,
-                           batch_size=h.batch_size, lr=h.lr, weight_decay=h.weight_decay, patience=h.patience,
-                           loss_weights=h.loss_weights, class_weighting=h.class_weighting,
-                           label_smoothing=h.label_smoothing, focal_gamma=h.focal_gamma, scaling=h.scaling,
-                           seed=cfg.seed, sampler=h.sampler, max_per_class=h.max_per_class)
+        head = head_from_config(h, tasks, cfg.seed)
         head.fit(features[fit], sel(fit), features[is_val] if is_val.any() else None,
                  sel(is_val) if is_val.any() else None)
         p = head.predict_proba(features[held])

@@ -156,17 +156,12 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
     """Head (+ title fusion when ``cfg.text.enabled``) on ``train`` rows, tuned on ``val`` rows,
     as :func:`catalens.train.pipeline.train` does."""
     from catalens.evaluate.thresholds import tune_thresholds
-    from catalens.heads import create_head
-    from catalens.heads.schedules import schedule_params
+    from catalens.heads import head_from_config
 
     tasks = copy.deepcopy(prep.tasks)
     h = cfg.head
     tr, va = train & prep.usable, val & prep.usable
-    head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs, batch_size=h.batch_size,
-                       lr=h.lr, weight_decay=h.weight_decay, patience=h.patience, loss_weights=h.loss_weights,
-                       class_weighting=h.class_weighting, label_smoothing=h.label_smoothing,
-                       focal_gamma=h.focal_gamma, scaling=h.scaling, seed=cfg.seed, sampler=h.sampler,
-                       max_per_class=h.max_per_class, **schedule_params(h))
+    head = head_from_config(h, tasks, cfg.seed)
     head.fit(prep.features[tr], prep.select(tr), prep.features[va], prep.select(va))
     probs_val = head.predict_proba(prep.features[va])
     text = None

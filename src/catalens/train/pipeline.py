@@ -15,8 +15,7 @@ import numpy as np
 from catalens.model.single import CatalensModel
 from catalens.config import Config
 from catalens.embed.factory import backbone_from_config
-from catalens.heads import create_head
-from catalens.heads.schedules import schedule_params
+from catalens.heads import head_from_config
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.open import open_catalogue
 from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
@@ -125,12 +124,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
         if is_train.sum() == 0:
             raise ValueError("no usable training images (all failed or unlabelled); see "
                              + str(ingest_dir / "problems.csv"))
-        head = create_head(h.type, tasks, hidden=h.hidden, dropout=h.dropout, epochs=h.epochs,
-                           batch_size=h.batch_size, lr=h.lr, weight_decay=h.weight_decay, patience=h.patience,
-                           loss_weights=h.loss_weights, class_weighting=h.class_weighting,
-                           label_smoothing=h.label_smoothing, focal_gamma=h.focal_gamma, scaling=h.scaling,
-                           seed=cfg.seed, **schedule_params(h))
-        head.params.update(sampler=h.sampler, max_per_class=h.max_per_class)  # imbalance options (heads/sampling.py)
+        head = head_from_config(h, tasks, cfg.seed)
         head.fit(feats.features[is_train], _select(Y, is_train), feats.features[is_val], _select(Y, is_val))
         log(f"heads: {h.type}, best epoch {head.best_epoch_} of {len(head.history_)}")
         probs_val = head.predict_proba(feats.features[is_val])
