@@ -171,7 +171,8 @@ class MultiTaskHead:
     def _fit_lbfgs(self, X, Y, X_val, Y_val) -> "MultiTaskHead":
         """Logistic regression per task: the masked multi-task loss over all rows plus
         ``||W||^2 / (2 C n)``, minimised by L-BFGS (an "epoch" is :data:`LBFGS_ROUND` iterations;
-        it stops when L-BFGS converges or after ``epochs`` rounds). Validation data, when given,
+        it stops when a round lowers the objective by less than :data:`LBFGS_TOL` of it, or after
+        ``epochs`` rounds; an L-BFGS that gives up inside a round is restarted). Validation data, when given,
         is recorded per round and calibrates the temperatures; it does not stop the fit."""
         p = self.params
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
@@ -196,17 +197,23 @@ class MultiTaskHead:
             return out, multitask_loss(out, Yt, self.tasks, p["loss_weights"], weights, p["label_smoothing"],
                                        p["focal_gamma"])
 
+        def objective():
+            return data_loss()[1] + penalty * sum((w * w).sum() for w in mats)
+
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = data_loss()[1] + penalty * sum((w * w).sum() for w in mats)
+            loss = objective()
             loss.backward()
             return loss
 
         self.history_ = []
+        with torch.no_grad():
+            last = float(objective())
         for epoch in range(p["epochs"]):
             before = opt.state[mats[0]].get("n_iter", 0)
             opt.step(closure)
             with torch.no_grad():
+                now = float(objective())
                 out, loss = data_loss()
                 row = {"epoch": epoch + 1, "train_loss": float(loss), "lr": 1.0,
                        **AccuracyCounter(self.tasks).add(out, Yt).row("train")}
@@ -215,8 +222,11 @@ class MultiTaskHead:
                     row["val_loss"] = float(multitask_loss(vout, Yv, self.tasks, p["loss_weights"], weights))
                     row.update(AccuracyCounter(self.tasks).add(vout, Yv).row("val"))
             self.history_.append(row)
-            if opt.state[mats[0]].get("n_iter", 0) - before < LBFGS_ROUND:  # converged inside the round
+            if last - now <= LBFGS_TOL * max(abs(last), 1e-12):  # the objective no longer falls: converged
                 break
+            if opt.state[mats[0]].get("n_iter", 0) - before < LBFGS_ROUND:
+                opt.state.clear()  # L-BFGS gave up inside the round (a tiny line-search step): restart it
+            last = now
         self.net_ = net.eval()
         self.best_epoch_ = len(self.history_)
         if has_val:
@@ -377,6 +387,8 @@ def _nll(z: np.ndarray, y: np.ndarray, kind: str) -> float:
 
 #: L-BFGS iterations per recorded round ("epoch") of the ``lbfgs`` solver
 LBFGS_ROUND = 10
+#: the ``lbfgs`` solver stops when a round lowers the objective by less than this fraction
+LBFGS_TOL = 1e-3
 
 
 def _check_lbfgs(solver: str, C: float, hidden: int, dropout: float, sampler: str, max_per_class: int) -> None:
