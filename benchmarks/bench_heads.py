@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import ROOT, table, write_section  # noqa: E402
-from bench_pooling import BACKBONES, DATASETS, config, cv_scores  # noqa: E402
+from bench_pooling import BACKBONES, DATASETS, _save, compare_rows, config, cv_scores  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_heads"
 RESULTS = WORK / "results.json"
@@ -70,30 +70,12 @@ def run_dataset(name: str, res: dict) -> None:
                 cfg = with_head(config(BACKBONES[0] if spec == "concat" else spec, "multilevel"), head)
                 res[key] = {"scores": cv_scores(prep, cfg), "dim": int(prep.features.shape[1]),
                             "fit_s": round(time.time() - t, 1)}
-                _save(res)
+                _save(res, RESULTS)
             log(f"{key}: {res[key]}")
 
 
-def _save(res: dict) -> None:
-    WORK.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(RESULTS)
-
-
 def report(res: dict) -> None:
-    rows = []
-    for name, (_, tasks) in DATASETS.items():
-        for spec in BACKBONES + ["concat"]:
-            base = res.get(f"{name}|{spec}|{BASE}")
-            for head_name in HEADS:
-                r = res.get(f"{name}|{spec}|{head_name}")
-                if not r:
-                    continue
-                label = "Lite0@256 + Lite1@272 + Lite2@300" if spec == "concat" else spec.replace("efficientnet_", "")
-                gain = [f"{100 * (r['scores'][t] - base['scores'][t]):+.1f}" for t in tasks] if base else ["-"] * len(tasks)
-                rows.append([name, label, head_name, r["dim"], f"{r['scores'][tasks[0]]:.4f}", " / ".join(gain),
-                             (f"{r['scores'][tasks[1]]:.4f}" if len(tasks) > 1 else "-"), r["fit_s"]])
+    rows = compare_rows(res, HEADS, BASE, extra=lambda r: [f"{r['fit_s']:.1f}"])
     body = table(["data", "features (crop 1, multilevel)", "head", "dim", "CV accuracy (label / articleType)",
                   "points vs linear (per task)", "CV subCategory", "5 folds, s"], rows)
     body += ("\n\n5-fold out-of-fold accuracy over train + val (clothing-small 3,409 photos, 10 classes; "

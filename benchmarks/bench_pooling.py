@@ -98,26 +98,35 @@ def run_dataset(name: str, res: dict) -> None:
         log(f"{key}: {res[key]}")
 
 
-def _save(res: dict) -> None:
-    WORK.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+def _save(res: dict, path: Path = RESULTS) -> None:
+    """``res`` as JSON at ``path``, atomically (an interrupted run resumes from it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(RESULTS)
+    tmp.replace(path)
 
 
-def report(res: dict) -> None:
+def compare_rows(res: dict, variants, base: str, extra=lambda r: []) -> list[list]:
+    """Table rows per dataset, feature set and variant (``res`` keys ``data|spec|variant``): the
+    features, the variant, dim, the first task's CV score, points per task against ``base``, the
+    second task's score, then ``extra(result)``."""
     rows = []
     for name, (_, tasks) in DATASETS.items():
         for spec in BACKBONES + ["concat"]:
-            base = res.get(f"{name}|{spec}|avg")
-            for pool in POOLS:
-                r = res.get(f"{name}|{spec}|{pool}")
+            b = res.get(f"{name}|{spec}|{base}")
+            for variant in variants:
+                r = res.get(f"{name}|{spec}|{variant}")
                 if not r:
                     continue
                 label = "Lite0@256 + Lite1@272 + Lite2@300" if spec == "concat" else spec.replace("efficientnet_", "")
-                gain = [f"{100 * (r['scores'][t] - base['scores'][t]):+.1f}" for t in tasks] if base else ["-"] * len(tasks)
-                rows.append([name, label, pool, r["dim"], *(f"{r['scores'][t]:.4f}" for t in tasks[:1]),
-                             " / ".join(gain), (f"{r['scores'][tasks[1]]:.4f}" if len(tasks) > 1 else "-")])
+                gain = [f"{100 * (r['scores'][t] - b['scores'][t]):+.1f}" for t in tasks] if b else ["-"] * len(tasks)
+                rows.append([name, label, variant, r["dim"], f"{r['scores'][tasks[0]]:.4f}", " / ".join(gain),
+                             (f"{r['scores'][tasks[1]]:.4f}" if len(tasks) > 1 else "-"), *extra(r)])
+    return rows
+
+
+def report(res: dict) -> None:
+    rows = compare_rows(res, POOLS, "avg")
     body = table(["data", "features (crop 1)", "pool", "dim", "CV accuracy (label / articleType)",
                   "points vs avg (per task)", "CV subCategory"], rows)
     body += ("\n\n5-fold out-of-fold accuracy over train + val (clothing-small 3,409 photos, 10 classes; "

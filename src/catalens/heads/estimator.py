@@ -7,8 +7,8 @@ cosine learning-rate decay and early stopping on a validation set. Seeded and de
 ``solver="lbfgs"`` (the ``logreg`` head) fits the same linear layers as multinomial logistic
 regression: the same loss over every training row at once plus an L2 penalty
 ``||W||^2 / (2 C n)`` (scikit-learn's ``C``), minimised by L-BFGS to convergence, no early
-stopping. On frozen features it beats the AdamW-trained linear head by 0.5-0.9 points of
-5-fold CV accuracy (benchmarks/bench_heads.py).
+stopping. On the presets' frozen features it beats the AdamW-trained linear head by 0.1-0.8
+points of 5-fold CV accuracy (benchmarks/bench_heads.py).
 """
 from __future__ import annotations
 
