@@ -16,10 +16,7 @@ protocol: docs/recipes.md). Results go to ``runs/bench_heads/results.json``
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import ROOT, table, write_section  # noqa: E402
-from bench_pooling import BACKBONES, DATASETS, _save, compare_rows, config, cv_scores  # noqa: E402
+from bench_pooling import (BACKBONES, DATASETS, _save, compare_rows, config, cv_scores,  # noqa: E402
+                           resumable_main)
 
 WORK = ROOT / "runs" / "bench_heads"
 RESULTS = WORK / "results.json"
@@ -87,16 +85,7 @@ def report(res: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    ap.add_argument("--fresh", action="store_true", help="forget earlier results (the features stay cached)")
-    args = ap.parse_args()
-    if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in args.only:
-        run_dataset(name, res)
-    report(res)
+    resumable_main(__doc__, WORK, RESULTS, run_dataset, report, "forget earlier results (the features stay cached)")
 
 
 if __name__ == "__main__":

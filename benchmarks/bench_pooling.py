@@ -136,17 +136,23 @@ def report(res: dict) -> None:
     write_section("bench_pooling", "Pooling the feature map: avg, GeM, multilevel (5-fold CV)", body)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def resumable_main(doc: str, work: Path, results: Path, run_dataset, report,
+                   fresh_help: str = "forget earlier results and cached features") -> None:
+    """The command line of a resumable CV benchmark: ``--only`` datasets, ``--fresh`` forgets ``work``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    ap.add_argument("--fresh", action="store_true", help="forget earlier results and cached features")
+    ap.add_argument("--fresh", action="store_true", help=fresh_help)
     args = ap.parse_args()
     if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        shutil.rmtree(work, ignore_errors=True)
+    res = json.loads(results.read_text()) if results.exists() else {}
     for name in args.only:
         run_dataset(name, res)
     report(res)
+
+
+def main() -> None:
+    resumable_main(__doc__, WORK, RESULTS, run_dataset, report)
 
 
 if __name__ == "__main__":
