@@ -197,24 +197,24 @@ class MultiTaskHead:
             return out, multitask_loss(out, Yt, self.tasks, p["loss_weights"], weights, p["label_smoothing"],
                                        p["focal_gamma"])
 
-        def objective():
-            return data_loss()[1] + penalty * sum((w * w).sum() for w in mats)
+        def objective(loss):
+            return loss + penalty * sum((w * w).sum() for w in mats)
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = objective()
+            loss = objective(data_loss()[1])
             loss.backward()
             return loss
 
         self.history_ = []
         with torch.no_grad():
-            last = float(objective())
+            last = float(objective(data_loss()[1]))
         for epoch in range(p["epochs"]):
             before = opt.state[mats[0]].get("n_iter", 0)
             opt.step(closure)
             with torch.no_grad():
-                now = float(objective())
                 out, loss = data_loss()
+                now = float(objective(loss))
                 row = {"epoch": epoch + 1, "train_loss": float(loss), "lr": 1.0,
                        **AccuracyCounter(self.tasks).add(out, Yt).row("train")}
                 if has_val:

@@ -52,9 +52,9 @@ _logger = logging.getLogger(__name__)
 
 PRESETS = ("fast", "medium", "best")
 DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
-#: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
 #: the head of the frozen recipes but the plain one: logistic regression by L-BFGS (benchmarks/bench_heads.py)
 LOGREG = {"type": "logreg", "C": 0.1}
+#: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
 _REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
 _FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
 _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
@@ -122,21 +122,21 @@ def candidate_recipes(preset: str) -> list[Recipe]:
     points of CV accuracy per backbone at no extra embedding cost) and fits logistic regression
     (``head.type logreg``; ``bench_heads``); the fine-tuned one trains through the net's own
     average pooling and the AdamW head, as ``catalens train --finetune blocks`` does."""
-    ml, lr = "multilevel", dict(LOGREG)
+    ml, logreg = "multilevel", dict(LOGREG)
     out = [Recipe("lite0 (plain catalens train)", "efficientnet_lite0"),
-           Recipe("lite1@272 crop 1 multilevel", "efficientnet_lite1@272", 1.0, pool=ml, head=lr),
-           Recipe("lite0@256 crop 1 multilevel", "efficientnet_lite0@256", 1.0, pool=ml, head=lr),
-           Recipe("lite2@300 crop 1 multilevel", "efficientnet_lite2@300", 1.0, pool=ml, head=lr),
+           Recipe("lite1@272 crop 1 multilevel", "efficientnet_lite1@272", 1.0, pool=ml, head=logreg),
+           Recipe("lite0@256 crop 1 multilevel", "efficientnet_lite0@256", 1.0, pool=ml, head=logreg),
+           Recipe("lite2@300 crop 1 multilevel", "efficientnet_lite2@300", 1.0, pool=ml, head=logreg),
            Recipe("lite0@256+lite1@272 crop 1 multilevel",
-                  members=("lite0@256 crop 1 multilevel", "lite1@272 crop 1 multilevel"), kind="concat", head=lr),
+                  members=("lite0@256 crop 1 multilevel", "lite1@272 crop 1 multilevel"), kind="concat", head=logreg),
            Recipe("lite0@256+lite1@272+lite2@300 crop 1 multilevel",
                   members=("lite0@256 crop 1 multilevel", "lite1@272 crop 1 multilevel",
-                           "lite2@300 crop 1 multilevel"), kind="concat", head=lr)]
+                           "lite2@300 crop 1 multilevel"), kind="concat", head=logreg)]
     if preset == "best":
         out += [Recipe("lite0 last stage fine-tuned", "efficientnet_lite0", kind="finetune"),
                 Recipe("searched head", kind="search"),
                 Recipe("best single + tta hflip", tta=("hflip",), kind="tta"),
-                Recipe("lite1@272 padded whole multilevel", "efficientnet_lite1@272", 1.0, "pad", pool=ml, head=lr)]
+                Recipe("lite1@272 padded whole multilevel", "efficientnet_lite1@272", 1.0, "pad", pool=ml, head=logreg)]
     return out
 
 
