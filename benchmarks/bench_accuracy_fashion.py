@@ -32,7 +32,8 @@ def load(cfg):
     from catalens.embed.factory import backbone_from_config
     from catalens.ingest.open import open_catalogue
     from catalens.embed.features import catalogue_features
-    from catalens.train.pipeline import _drop_unlabelled, known_paths, training_tasks
+    from catalens.tasks import labelled_rows
+    from catalens.train.pipeline import known_paths, training_tasks
 
     cat = open_catalogue(DATA)
     t0 = time.time()
@@ -42,7 +43,7 @@ def load(cfg):
     tasks = training_tasks(fit_cat)
     Y = cat.encode(tasks)
     split = cat.frame["split"].to_numpy()
-    usable = _drop_unlabelled(tasks, Y, feats.ok)
+    usable = labelled_rows(tasks, Y, feats.ok)
     return dict(cat=cat, X=feats.features, Y=Y, tasks=tasks, titles=cat.frame["text"].to_numpy(dtype=object),
                 paths=known_paths(fit_cat, tasks), tr=(split == "train") & usable, va=(split == "val") & usable,
                 te=(split == "test") & usable, embed_s=embed_s)

@@ -186,3 +186,28 @@ def test_head_from_config_builds_what_the_config_says():
     assert head.params["class_weighting"] == "balanced" and head.params["seed"] == 7
     plain = head_from_config(load_config().head, TASKS, seed=0)
     assert "solver" not in plain.params  # head.json of AdamW heads is as before
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_refit_keeps_what_val_chose_and_learns_from_all_rows(name):
+    """``refit``: the first fit's temperatures, history and best epoch stay; the weights are those of a
+    fit on all rows for the first fit's epoch count (AdamW: same schedule, no early stopping)."""
+    head = fitted(name, patience=3)
+    temps, history, best = dict(head.temperatures_), list(head.history_), head.best_epoch_
+    X, Y = toy()
+    Xv, Yv = toy(80, seed=1)
+    Xa, Ya = np.vstack([X, Xv]), {k: np.concatenate([Y[k], Yv[k]]) for k in Y}
+    head.refit(Xa, Ya)
+    assert head.temperatures_ == temps and head.history_ == history and head.best_epoch_ == best
+    assert [float(t) for t in head.net_.temperature] == pytest.approx(list(temps.values()))
+    assert head.refit_["rows"] == 320
+    alone = create_head(name, TASKS, epochs=100, lr=1e-2, seed=3, scaling="feature", patience=3)
+    if head.params.get("solver") == "lbfgs":
+        alone.fit(Xa, Ya)
+    else:
+        alone._fit(Xa, Ya, None, None, stop_after=best)
+        assert head.refit_["epochs"] == best and (name != "mlp" or best < 100)  # mlp stops early on val
+    alone.net_.temperature.copy_(head.net_.temperature)
+    Xt, _ = toy(50, seed=7)
+    for k in ("dept", "cat", "pattern"):
+        np.testing.assert_allclose(head.predict_proba(Xt)[k], alone.predict_proba(Xt)[k], atol=1e-6)

@@ -106,6 +106,8 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     assert preset["name"] == "best" and preset["folds"] == 3 and preset["time_limit"] == limit
     chosen = board.loc[board["status"] == "chosen", "recipe"].str.split(" [(]").str[0]
     assert sorted(c["recipe"] for c in preset["chosen"]) == sorted(chosen)
+    if len(preset["chosen"]) == 1:  # a frozen recipe ends fitted on train + val (preset.refit_full)
+        assert desc["refit_full"]["rows"] == desc["train_images"] + desc["val_images"]
     if len(preset["chosen"]) > 1:  # an ensemble folder: one row for it, first
         assert board["status"].iloc[0] == "the model" and "ensemble" in desc
         assert board["cv_score"].iloc[0] >= scored["cv_score"].max() - 1e-9
@@ -120,6 +122,9 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["category"]["n"] > 0
     assert [r["recipe"] for r in ev["context"]["preset leaderboard"]] == [r["recipe"] for r in preset["leaderboard"]]
+    refit = desc["refit_full"]  # the report says the model learnt from train + val
+    assert ev["context"]["refit_full"] == (f"fitted again on train + val ({refit['rows']} photos)" if "rows" in refit
+                                           else f"members {refit['members']} fitted again on train + val")
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
@@ -284,6 +289,13 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     assert re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities", desc["accept"]["source"])
     assert set(desc["accept"]["thresholds"]) == {"category", "department"}
     assert desc["unknown"] is not None
+    # chosen on val with the members as fitted on train; then each member learnt from train + val
+    assert desc["refit_full"]["members"] == [0, 1]
+    for i in (0, 1):
+        member = json.loads((tmp_path / "m" / "members" / str(i) / "model.json").read_text())
+        assert member["refit_full"]["rows"] == member["train_images"] + member["val_images"]
+        again = load_config(tmp_path / "m" / "members" / str(i) / "config.yaml")  # trains the member again
+        assert again.preset.name == "fast" and again.data.refit_full and again.head.type == "linear"
     got = catalens.load(tmp_path / "m", runtime="eager", progress=False).predict(
         [str(p) for p in sorted((data.parent / "images").glob("*.jpg"))[:2]])
     assert got["category_accept"].notna().all() and got["unknown"].notna().all()

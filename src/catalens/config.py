@@ -168,6 +168,7 @@ class DataConfig(_Strict):
     strict: bool = False                            # any image problem is fatal
     max_pixels: int = Field(89_478_485, ge=1)       # decompression-bomb limit
     classes: dict[str, ClassSelection] = Field(default_factory=dict)  # per class task: include/exclude/min_count/top_n
+    refit_full: bool = False  # once val decided everything, fit the head (+ title model) again on train + val
 
 
 class TextConfig(_Strict):
@@ -227,6 +228,7 @@ class PresetConfig(_Strict):
     titles: Literal["auto", "on", "off"] = "auto"        # auto: learn from titles when the data has them
     finetune: bool = True                                # best: score a last-stage fine-tuned Lite0 when it fits
     finetune_folds: int = Field(2, ge=2)                 # K of the CV that scores the fine-tuned recipe (K fine-tunings)
+    refit_full: bool = True                              # the chosen frozen recipes end with data.refit_full
 
     @field_validator("titles", mode="before")
     @classmethod

@@ -31,3 +31,16 @@ def current_umask() -> int:
 def apply_umask_mode(path: str | Path, executable: bool = False) -> None:
     """Set ``path`` to 0666 (0777 when ``executable``) less the umask, as ``open()`` would have."""
     os.chmod(path, (0o777 if executable else 0o666) & ~current_umask())
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (never half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -94,3 +94,13 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 def probabilities(kind: str, logits: np.ndarray) -> np.ndarray:
     """A task's probabilities from its logits: softmax for a class task, sigmoid per tag (float32)."""
     return (softmax(logits) if kind == "class" else sigmoid(logits)).astype(np.float32)
+
+
+def labelled_rows(tasks: list[TaskInfo], Y: dict[str, np.ndarray], ok: np.ndarray | None = None) -> np.ndarray:
+    """``(n,)`` rows labelled in at least one task (encoded ``Y``), and ``ok`` (e.g. decoded) when given."""
+    n = len(next(iter(Y.values()))) if Y else (0 if ok is None else len(ok))
+    labelled = np.zeros(n, dtype=bool)
+    for t in tasks:
+        y = Y[t.name]
+        labelled |= (y != MISSING) if t.kind == "class" else ~np.isnan(y).all(1)
+    return labelled if ok is None else ok & labelled

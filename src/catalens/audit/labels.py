@@ -47,7 +47,7 @@ def out_of_fold_probabilities(cat: Catalogue, cfg: Config, folds: int = DEFAULT_
     from catalens.embed.factory import backbone_from_config
     from catalens.embed.features import catalogue_features
     from catalens.train.kfold import Prepared, fit_on, fold_parts, pool_tasks, predict_rows, product_folds
-    from catalens.train.pipeline import _drop_unlabelled
+    from catalens.tasks import labelled_rows
 
     log = log or _logger.info
     cfg = cfg.model_copy(deep=True)
@@ -57,7 +57,7 @@ def out_of_fold_probabilities(cat: Catalogue, cfg: Config, folds: int = DEFAULT_
     if not tasks:
         raise ValueError(f"'{cat.source}' has no class task to audit labels of; --labels checks class labels")
     Y = cat.encode(tasks)
-    prep = Prepared(cat, tasks, Y, feats.features, _drop_unlabelled(tasks, Y, feats.ok),
+    prep = Prepared(cat, tasks, Y, feats.features, labelled_rows(tasks, Y, feats.ok),
                     np.full(len(cat), None, dtype=object))
     fold = product_folds(cat, folds, cfg.seed)
     probs = {t.name: np.zeros((len(cat), t.n_outputs), np.float32) for t in tasks}

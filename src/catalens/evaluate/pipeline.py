@@ -168,6 +168,10 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),
                "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
+    refit = model.meta.get("refit_full")
+    if refit:  # data.refit_full: photos of its train and val splits are in-sample
+        context["refit_full"] = (f"fitted again on train + val ({refit['rows']} photos)" if "rows" in refit else
+                                 f"members {refit.get('members')} fitted again on train + val")
     if model.meta.get("preset"):  # catalens train --preset: its leaderboard (CV over train+val) in the report
         context["preset leaderboard"] = [{k: v for k, v in row.items() if k in ("recipe", "cv_score", "fit_seconds",
                                                                               "predict_img_s", "weight", "status")}

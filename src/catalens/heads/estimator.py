@@ -85,6 +85,27 @@ class MultiTaskHead:
         with single_thread():  # tiny matmuls: thread hand-offs cost more than they save
             return self._fit(X, Y, X_val, Y_val)
 
+    def refit(self, X: np.ndarray, Y: dict[str, np.ndarray]) -> "MultiTaskHead":
+        """Fit again on ``X (n, D)`` / ``Y`` (e.g. train + val) with what the first :meth:`fit` chose
+        on its validation data: the AdamW heads train for the first fit's best epoch count (same
+        schedule, no early stopping), ``lbfgs`` to convergence; the temperatures stay. The first
+        fit's history (with its validation curves) is kept; ``refit_`` records the refit."""
+        net = self._check_fitted()
+        temps, history, best = net.temperature.clone(), self.history_, self.best_epoch_
+        temperatures = getattr(self, "temperatures_", None)
+        if self.params.get("solver", "adam") == "lbfgs":
+            self._fit_lbfgs(X, Y, None, None)
+        else:
+            with single_thread():
+                self._fit(X, Y, None, None, stop_after=best)
+        rounds = len(self.history_)
+        self.net_.temperature.copy_(temps)
+        self.history_, self.best_epoch_ = history, best
+        if temperatures is not None:
+            self.temperatures_ = temperatures
+        self.refit_ = {"rows": int(len(X)), "epochs": rounds}
+        return self
+
     def _new_net(self, Xt: torch.Tensor) -> MultiTaskNet:
         """A seeded net whose input scaling is learnt from the training features ``Xt (n, D)``."""
         p = self.params
@@ -97,7 +118,7 @@ class MultiTaskHead:
             net.std.fill_(float(Xt.std().clamp_min(1e-6)))
         return net
 
-    def _fit(self, X, Y, X_val, Y_val) -> "MultiTaskHead":
+    def _fit(self, X, Y, X_val, Y_val, stop_after: int | None = None) -> "MultiTaskHead":
         p = self.params
         gen = torch.Generator().manual_seed(p["seed"])
         Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
@@ -119,7 +140,7 @@ class MultiTaskHead:
             Yv = _to_tensors(Y_val, self.tasks)
         best, best_state, bad = float("inf"), None, 0
         self.history_ = []
-        for epoch in range(p["epochs"]):
+        for epoch in range(min(p["epochs"], stop_after or p["epochs"])):  # stop_after: refit's epoch count
             net.train()
             order = sampling.order(len(X), gen)  # randperm(len(X)) unless sampler / max_per_class
             total, lr_used = 0.0, float(opt.param_groups[0]["lr"])
@@ -163,7 +184,7 @@ class MultiTaskHead:
         if best_state is not None:
             net.load_state_dict(best_state)
         self.net_ = net.eval()
-        self.best_epoch_ = int(np.argmin([h.get("val_loss", h["train_loss"]) for h in self.history_])) + 1
+        self.best_epoch_ = _best_epoch(self.history_, "adam")
         if has_val:
             self.calibrate(X_val, Y_val)
         return self
@@ -340,6 +361,8 @@ class MultiTaskHead:
         net.load_state_dict(state if state is not None else load_file(str(folder / "head.safetensors")))
         head.net_ = net.eval()
         head.history_ = meta.get("history", [])
+        if head.history_:  # what refit() trains for
+            head.best_epoch_ = _best_epoch(head.history_, head.params.get("solver", "adam"))
         return head
 
 
@@ -367,6 +390,13 @@ class AccuracyCounter:
         if not accs:
             return {}
         return {f"{prefix}_accuracy": next(iter(accs.values())), f"{prefix}_accuracy_by_task": accs}
+
+
+def _best_epoch(history: list[dict], solver: str) -> int:
+    """The epoch an AdamW fit keeps (least validation loss, else training loss); lbfgs: the last round."""
+    if solver == "lbfgs":
+        return len(history)
+    return int(np.argmin([h.get("val_loss", h["train_loss"]) for h in history])) + 1
 
 
 def _nll(z: np.ndarray, y: np.ndarray, kind: str) -> float:

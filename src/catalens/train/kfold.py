@@ -27,7 +27,7 @@ import pandas as pd
 
 from catalens.config import Config
 from catalens.ingest.catalogue import Catalogue
-from catalens.tasks import TaskInfo
+from catalens.tasks import TaskInfo, labelled_rows
 from catalens.train.splits import _stratify_column
 
 _logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     from catalens.embed.factory import backbone_from_config
     from catalens.ingest.open import open_catalogue
     from catalens.embed.features import catalogue_features
-    from catalens.train.pipeline import _drop_unlabelled, training_tasks
+    from catalens.train.pipeline import training_tasks
     from catalens.train.splits import ensure_splits
 
     cat = data if hasattr(data, "frame") else open_catalogue(data)  # a path, or an in-memory Catalogue
@@ -91,7 +91,7 @@ def prepare(data: str | Path, cfg: Config, log=None, classes_from: str = "train"
     tasks = pool_tasks(pool) if classes_from == "pool" else training_tasks(pool)
     Y = pool.encode(tasks)
     titles = pool.frame["text"].to_numpy(dtype=object) if "text" in pool.frame else np.full(len(pool), None, object)
-    return Prepared(pool, tasks, Y, feats.features, _drop_unlabelled(tasks, Y, feats.ok), titles)
+    return Prepared(pool, tasks, Y, feats.features, labelled_rows(tasks, Y, feats.ok), titles)
 
 
 # ---------------------------------------------------------------- folds by product
@@ -168,9 +168,8 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
     if cfg.text.enabled:
         from catalens.text.fusion import fit_text_fusion
 
-        from catalens.train.pipeline import _drop_unlabelled
 
-        labelled = _drop_unlabelled(prep.tasks, prep.Y, np.ones(len(prep.titles), bool))
+        labelled = labelled_rows(prep.tasks, prep.Y)
         text = fit_text_fusion(tasks, prep.titles[train & labelled], prep.select(train & labelled),
                                prep.titles[va], prep.select(va), probs_val, cfg.text, log=log)
         if text is not None:

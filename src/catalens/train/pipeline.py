@@ -18,11 +18,12 @@ from catalens.embed.factory import backbone_from_config
 from catalens.heads import head_from_config
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.open import open_catalogue
-from catalens.tasks import MISSING, TaskInfo, hierarchy_levels
+from catalens.tasks import TaskInfo, hierarchy_levels, labelled_rows
 from catalens import distributed as ddp
 from catalens.embed.features import catalogue_features
 from catalens.train.classes import merged_selections, select_classes, write_selection
 from catalens.train.ingest_report import DataProblemError, format_summary, write_ingest_report
+from catalens.train.refit import check_refit, refit_rows
 from catalens.train.splits import ensure_splits
 
 _logger = logging.getLogger(__name__)
@@ -63,15 +64,6 @@ def _select(Y: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]
     return {k: v[mask] for k, v in Y.items()}
 
 
-def _drop_unlabelled(tasks: list[TaskInfo], Y: dict[str, np.ndarray], ok: np.ndarray) -> np.ndarray:
-    """Rows usable for training: decoded, and labelled in at least one task."""
-    labelled = np.zeros(len(ok), dtype=bool)
-    for t in tasks:
-        y = Y[t.name]
-        labelled |= (y != MISSING) if t.kind == "class" else ~np.isnan(y).all(1)
-    return ok & labelled
-
-
 def train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainResult:
     """Train a model on ``data`` and write it to the folder ``out``; returns the result.
 
@@ -90,6 +82,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
 
     t0 = time.time()
     out = Path(out)
+    check_refit(cfg)
     cat = data if isinstance(data, Catalogue) else open_catalogue(data)
     cat, split_note = ensure_splits(cat, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     if split_note:
@@ -118,7 +111,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
         if cfg.data.strict and feats.problems:
             raise DataProblemError(f"--strict: {len(feats.problems)} images have problems; "
                                    f"see {ingest_dir / 'problems.csv'}")
-        usable = _drop_unlabelled(tasks, Y, feats.ok)
+        usable = labelled_rows(tasks, Y, feats.ok)
         is_train = (fit_cat.frame["split"] == "train").to_numpy() & usable
         is_val = (fit_cat.frame["split"] == "val").to_numpy() & usable
         if is_train.sum() == 0:
@@ -146,7 +139,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
         from catalens.text.fusion import fit_text_fusion
 
         titles = fit_cat.frame["text"].to_numpy(dtype=object)
-        text_rows = (fit_cat.frame["split"] == "train").to_numpy() & _drop_unlabelled(tasks, Y, np.ones(len(titles), bool))
+        text_rows = (fit_cat.frame["split"] == "train").to_numpy() & labelled_rows(tasks, Y)
         text_part = fit_text_fusion(tasks, titles[text_rows], _select(Y, text_rows), titles[is_val], Yv, probs_val,
                                     cfg.text, log=log)
         if text_part is not None:
@@ -179,6 +172,10 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
             "seed": cfg.seed,
             "head_config": h.model_dump(), "hierarchy_decoding": bool(cfg.hierarchy_decoding),
             "text": cfg.text.model_dump() if text_part is not None else None}
+    if cfg.data.refit_full:  # every decision above was made on val: now learn from train + val
+        titles = fit_cat.frame["text"].to_numpy(dtype=object) if text_part is not None else None
+        meta["refit_full"] = refit_rows(head, text_part, tasks, feats.features, Y, titles, is_train | is_val,
+                                        labelled_rows(tasks, Y), cfg.text, log=log)
     if finetuned is not None:
         meta["finetune"] = finetuned.meta
     if cfg.finetune.tta:

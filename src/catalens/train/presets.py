@@ -21,7 +21,9 @@ separately decoded features lost 2 of 341 clothing-small val photos to that skew
 combined by greedy forward selection with replacement on the out-of-fold probabilities (Caruana
 et al. 2004: integer weights), each chosen recipe is refitted on train (early stopping on val, as
 ``catalens train``) and the result is one model folder: the single model, or a ``catalens
-ensemble`` folder of the chosen ones with those weights.
+ensemble`` folder of the chosen ones with those weights. Once val has decided the thresholds (of the
+ensemble, for an ensemble), each frozen member is fitted again on train + val (``data.refit_full``,
+:mod:`catalens.train.refit`; off with ``--set preset.refit_full=false``).
 
 **The time limit is kept.** Before a recipe starts, its cost (embedding the photos not in the
 cache, K head fits, and the refit it would need if chosen) is estimated from what was measured
@@ -251,6 +253,7 @@ class _PresetRun:
         self.work = out.parent / f".{out.name}.preset"
         self.base = cfg.model_copy(deep=True)
         self.base.kfold.folds = 0
+        self.base.data.refit_full = False  # the chosen recipes' refit decides it (preset.refit_full)
         self.k = cfg.preset.folds
         self.recipes = {r.name: r for r in candidate_recipes(cfg.preset.name)
                         if r.kind != "finetune" or cfg.preset.finetune}
@@ -301,7 +304,7 @@ class _PresetRun:
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
             return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
-        cost = self.clock.fit_cost(n, dim) * 1.5 + 3.0
+        cost = self.clock.fit_cost(n, dim) * (2.7 if self.base.preset.refit_full else 1.5) + 3.0  # + refit_full
         if s.recipe.members:  # embedded again through the multi-backbone's shared decode, as predict computes
             cost += self.clock.embed_cost(n, _rel_cost("+".join(self.recipes[m].backbone for m in s.recipe.members)))
         return cost
@@ -594,33 +597,51 @@ class _PresetRun:
             self._annotate(self.out, [], [], blend)
             res.model.meta["preset"] = self._preset_meta([], [], blend)
             return res
-        dirs, results = [], []
+        dirs, results, cfgs = [], [], []
         t = time.time()
         for i, s in enumerate(chosen):
             cfg = s.cfg.model_copy(deep=True)
+            cfg.preset = type(cfg.preset)()  # its config.yaml trains this recipe again (catalens train --config)
+            # an ensemble's thresholds are chosen on val with its members as fitted on train: refit after
+            cfg.data.refit_full = self._refits(s) and len(chosen) == 1
             target = self.out if len(chosen) == 1 else self.work / "members" / str(i)
             results.append(train(self.data, target, cfg, log=lambda *a: None))
             dirs.append(target)
-        self.refit_seconds = time.time() - t
+            cfgs.append(cfg)
         if len(chosen) == 1:
+            self.refit_seconds = time.time() - t
             self._annotate(self.out, chosen, weights, blend)
             results[0].model.meta["preset"] = self._preset_meta(chosen, weights, blend)
             return results[0]
         from catalens.model.ensemble import EnsembleModel
         from catalens.model.single import CatalensModel
+        from catalens.train.flags import ensemble_flags
+        from catalens.train.refit import refit_folder
 
         models = [CatalensModel.load(d) for d in dirs]
         meta = {"metrics": {}, "preset": self._preset_meta(chosen, weights, blend), "data": str(self.data)}
         ens = EnsembleModel(models, weights, meta, names=[str(d) for d in dirs])
-        from catalens.train.flags import ensemble_flags
-
         split_csv = dirs[0] / "ingest" / "split.csv"  # when catalens made the split
-        ens.meta.update(ensemble_flags(ens, self.data, self.base, split_csv if split_csv.exists() else None,
-                                       log=self.log))  # accept and unknown thresholds of the ensemble itself
+        meta.update(ensemble_flags(ens, self.data, self.base, split_csv if split_csv.exists() else None,
+                                   log=self.log))  # accept and unknown thresholds of the ensemble itself
+        refit = [i for i, s in enumerate(chosen) if self._refits(s)]
+        for i in refit:  # then the members learn from train + val (data.refit_full)
+            refit_folder(dirs[i], self.data, cfgs[i], log=lambda *a: None)
+        if refit:
+            from catalens.train.refit import NOTE
+
+            meta["refit_full"] = {"members": refit, "note": NOTE}
+            ens = EnsembleModel([CatalensModel.load(d) for d in dirs], weights, meta, names=[str(d) for d in dirs])
+            self.log(f"  refit_full: {len(refit)} of {len(chosen)} members fitted again on train + val")
+        self.refit_seconds = time.time() - t
         ens.save(self.out, sources=dirs)
         results[0].model = ens
         results[0].metrics = {}
         return results[0]
+
+    def _refits(self, s: Scored) -> bool:
+        """Whether the chosen ``s`` ends with ``data.refit_full`` (a frozen recipe, ``preset.refit_full``)."""
+        return bool(self.base.preset.refit_full) and s.recipe.kind != "finetune"
 
     def _preset_meta(self, chosen, weights, blend) -> dict:
         return {"name": self.base.preset.name, "time_limit": self.clock.limit, "folds": self.k,
