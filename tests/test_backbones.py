@@ -31,6 +31,19 @@ def test_lite0_weights_are_imagenet_not_random(lite0):
     assert rand.fingerprint() != lite0.fingerprint()
 
 
+def test_random_weights_are_the_same_net_every_time_and_leave_torchs_stream_alone():
+    """``--weights random`` twice trains the same model (and reuses one embedding cache)."""
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    a = create_backbone("efficientnet_lite0@64", weights="random")
+    assert torch.equal(torch.rand(3), want)  # the caller's random stream is as it was
+    b = create_backbone("efficientnet_lite0@64+mobilenetv3_small_050@64", weights="random")
+    assert a.fingerprint() == create_backbone("efficientnet_lite0@64", weights="random").fingerprint()
+    assert b.fingerprint() == create_backbone("efficientnet_lite0@64+mobilenetv3_small_050@64",
+                                              weights="random").fingerprint()
+
+
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_registry_backbones_forward_and_round_trip(name):
     b = create_backbone(name, weights="random")

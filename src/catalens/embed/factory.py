@@ -71,6 +71,16 @@ def _parse_spec(spec: str) -> tuple[str, int | tuple[int, int] | None]:
 
 
 def _create_one(name: str, weights: str | None) -> Backbone:
+    if weights == "random":  # the same untrained net every time (one fingerprint, a reusable cache); the
+        import torch         # caller's random stream is left as it was
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return _create_seeded(name, weights)
+    return _create_seeded(name, weights)
+
+
+def _create_seeded(name: str, weights: str | None) -> Backbone:
     if name in BACKBONES:
         return BACKBONES.create(name, weights=weights)
     return _timm_backbone(name, weights)
