@@ -44,7 +44,11 @@ def test_features_are_the_members_features_side_by_side(multi):
         fa = a.module(multi.module.inputs[0](x))
         fb = b.module(multi.module.inputs[1](x))
     torch.testing.assert_close(out, torch.cat([fa, fb], 1))
-    assert multi.fingerprint() != create_backbone(NAME, weights="random").fingerprint()  # other weights
+    again = create_backbone(NAME, weights="random")
+    assert again.fingerprint() == multi.fingerprint()          # random weights: the same net every time
+    with torch.no_grad():
+        next(again.members[1].module.net.parameters()).add_(1.0)
+    assert again.fingerprint() != multi.fingerprint()          # a member's weights are in the hash
 
 
 def test_description_and_weights_round_trip(multi):
