@@ -66,7 +66,8 @@ def run_one(name: str, limit: str, warm: bool) -> dict:
     return {"name": name, "wall_s": round(wall, 1), "load": f"{load0:.1f}/{load1:.1f}",
             "test": {t: metrics[t]["accuracy"] for t in tasks if t in metrics},
             "test_without_refit": without_refit(out, data, WORK / name, tasks, [] if warm else ["--cache-dir", str(cache)]),
-            "cv": preset.get("cv_score"), "chosen": preset.get("chosen"), "limit": limit}
+            "cv": preset.get("cv_score"), "chosen": preset.get("chosen"), "limit": limit,
+            "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - wall))}
 
 
 def without_refit(out: Path, data: str, work: Path, tasks: list[str], cache: list[str]) -> dict | None:
@@ -113,14 +114,18 @@ def main() -> None:
         chosen = " + ".join(f"{c['weight']:g} x {c['recipe']}" for c in r["chosen"] or []) or "plain model"
         before = r.get("test_without_refit")
         rows.append([name, r.get("limit", "20m"), ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
-                     ", ".join(f"{t} {v:.4f}" for t, v in before.items()) if before else "",
-                     r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"]])
-    body = table(["run", "--time-limit", "test accuracy", "test, without refit_full", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after"],
+                     ", ".join(f"{t} {v:.4f}" for t, v in before.items()) if before else "the same: nothing refitted",
+                     r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"],
+                     r.get("ran", "")])
+    body = table(["run", "--time-limit", "test accuracy", "test, without refit_full", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after",
+                  "started"],
                  rows)
     body += ("\n\nTest accuracy is reported only; every choice was made by k-fold CV on train+val. The chosen "
              "frozen recipes end fitted on train + val (`preset.refit_full`); *without refit_full* is the same "
              "model trained again from its members' config.yaml with `data.refit_full=false` (after the timed run). "
-             "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else "."))
+             "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else ".")
+             + " Runs named by `--only` are run again; the others' rows are kept from `runs/bench_presets/results.json`"
+             " (column *started*).")
     write_section("bench_presets", "Presets: --preset best --time-limit", body,
                   f"python benchmarks/bench_presets.py --only {' '.join(args.only)} --limit {args.limit}")
 

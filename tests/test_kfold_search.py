@@ -162,6 +162,37 @@ def test_search_cv_scores_trials_on_pooled_out_of_fold_predictions(data, tmp_pat
     assert main(["search", str(data), "--trials", "1", "--cv", "1", "--out", str(out), *FAST]) == 2
 
 
+def test_search_returns_the_best_trials_out_of_fold_predictions(data, tmp_path):
+    """With --cv the best trial's pooled out-of-fold probabilities come back: exactly what
+    cross-validating the best head again gives (the presets use them instead of a second CV)."""
+    pytest.importorskip("optuna")
+    from catalens.train.kfold import fold_parts, out_of_fold, prepare, product_folds
+    from catalens.train.search import search
+
+    cfg = load_config(overrides=[{"head": {"epochs": 30}, "engine": {"runtime": "eager", "progress": False}}])
+    prep = prepare(data, cfg, log=lambda *a: None, classes_from="pool")
+    res = search(data, tmp_path / "s", cfg, trials=3, log=lambda *a: None, prep=prep, cv=3)
+    best = cfg.model_copy(deep=True)
+    best.head = type(cfg.head).model_validate(res.best_head)
+    oof, scored = out_of_fold(prep, fold_parts(prep, product_folds(prep.cat, 3, cfg.seed), 3, best), best)
+    np.testing.assert_array_equal(res.scored, scored)
+    assert set(res.best_oof) == set(oof)
+    for name, p in oof.items():
+        np.testing.assert_allclose(res.best_oof[name], p, atol=1e-6)   # NaN where never held out, as out_of_fold
+    cfg.text.enabled = True   # trials leave the title model out: their predictions are not the model's
+    again = search(data, tmp_path / "t", cfg, trials=1, log=lambda *a: None, prep=prep, cv=3)
+    assert again.best_oof is None and again.scored is None
+
+
+def test_no_trial_starts_that_the_slowest_so_far_says_would_overrun():
+    from catalens.train.search import next_trial_fits
+
+    assert next_trial_fits(0.0, [], 10.0)                 # the first trial always runs
+    assert next_trial_fits(50.0, [20.0, 40.0], None)      # no limit
+    assert next_trial_fits(50.0, [20.0, 40.0], 90.0)      # 50 + 40 = 90: ends on time
+    assert not next_trial_fits(51.0, [20.0, 40.0], 90.0)  # the slowest, not the last, is the guess
+
+
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):
     """--finetune: each trial fine-tunes from one linear probe with its own optimisation settings;
     the pixels and views are made by trial 0 and reused, then removed; the best finetune section

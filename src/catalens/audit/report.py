@@ -22,14 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from catalens.audit.core import AuditResult, Group
+from catalens.files import atomic_write_text
 
 THUMB = 112
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
@@ -65,7 +60,7 @@ def write_report(res: AuditResult, folder: str | Path, max_groups: int = 200) ->
     doc = {"summary": res.summary, "dataset": str(cat.meta.get("dataset_file") or cat.root),
            "groups": [g.to_dict(cat) for g in res.groups],
            "leakage": [g.name for g in res.leakage], "conflicts": [g.name for g in res.conflicts]}
-    _atomic_text(out / "audit.json", json.dumps(doc, indent=1))
+    atomic_write_text(out / "audit.json", json.dumps(doc, indent=1))
     _atomic_csv(out / "groups.csv", groups_frame(res))
     ids = cat.frame["id"].astype(str)
     _atomic_csv(out / "leakage.csv", pd.DataFrame(
@@ -81,7 +76,7 @@ def write_report(res: AuditResult, folder: str | Path, max_groups: int = 200) ->
          for r, p in sorted(res.problems.items())], columns=["id", "row", "path", "problem"]))
     if res.label_issues is not None:
         _atomic_csv(out / "label_issues.csv", res.label_issues)
-    _atomic_text(out / "audit.html", render_html(res, max_groups))
+    atomic_write_text(out / "audit.html", render_html(res, max_groups))
     return out
 
 

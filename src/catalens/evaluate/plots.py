@@ -7,7 +7,6 @@ Agg canvas, so they work headless, in threads, and never touch the user's pyplot
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from catalens.evaluate.metrics import N_CALIBRATION_BINS, pr_curve, reliability_bins
+from catalens.files import atomic_write_bytes
 
 MAX_CONFUSION_CLASSES = 40
 DPI = 110
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _new_figure(width: float, height: float) -> Figure:

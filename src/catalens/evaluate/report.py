@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from catalens.evaluate import plots
-from catalens.evaluate.plots import atomic_write_bytes
+from catalens.files import atomic_write_bytes
 from catalens.tasks import TaskInfo
 
 WORST_SHARE = 0.1  # the worst tenth of classes (by F1) are highlighted ...

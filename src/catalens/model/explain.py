@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from catalens.files import atomic_write_bytes
+
 _logger = logging.getLogger(__name__)
 
 
@@ -188,17 +190,9 @@ def explain_catalogue(model, cat, out_dir: str | Path, task: str | None = None, 
         heat, _ = grad_cam(model, arr, task)
         for r, rgb, h in zip(rows, arr, heat):
             path = out_dir / f"{names[r]}.png"
-            _atomic_bytes(path, png_bytes(overlay(rgb, h)))
+            atomic_write_bytes(path, png_bytes(overlay(rgb, h)))
             written.append(path)
     return written
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _safe(name: str) -> str:

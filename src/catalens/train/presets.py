@@ -364,8 +364,7 @@ class _PresetRun:
             best = self._best()
             if best is None:
                 raise _Skip("nothing scored to search a head for")
-            one = self.clock.fit_cost(n, best.prep.features.shape[1]) * fits
-            return self._search_budget() + one
+            return self._search_budget()   # the search starts no trial it cannot end within it
         cfg = self._recipe_config(recipe)
         from catalens.embed.factory import backbone_from_config
 
@@ -532,8 +531,11 @@ class _PresetRun:
         if budget < 3 * one:
             raise _Skip(f"needs ~{3 * one:.0f}s for 3 trials, {budget:.0f}s to spend")
         base = best.cfg.model_copy(deep=True)
-        try:  # Optuna stops starting trials after `minutes`; the one running then finishes (~ one CV)
-            res = search(self.data, self.work / "search", base, minutes=max(0.05, (budget - one) / 60.0),
+        # No trial starts unless the slowest so far would end within the budget. With titles the
+        # trials leave the title model out, so the best head is cross-validated once more with it.
+        spend = budget - (one if base.text.enabled else 0.0)
+        try:
+            res = search(self.data, self.work / "search", base, minutes=max(0.05, spend / 60.0),
                          log=lambda *a: None, prep=best.prep, cv=self.k)
         except RuntimeError as e:  # Optuna not installed
             raise _Skip(str(e)) from None
@@ -546,7 +548,11 @@ class _PresetRun:
         s.cfg.head = type(base.head).model_validate(res.best_head)
         s.prep = best.prep
         s.img_s = best.img_s
-        self._cv(s, s.prep)
+        if res.best_oof is not None:   # the best trial's out-of-fold predictions: the same folds as _cv's
+            s.oof, s.scored = res.best_oof, res.scored
+            self._set_score(s, s.prep)
+        else:
+            self._cv(s, s.prep)
 
     # ------------------------------------------------------------------ combining and refitting
     def _combine(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:

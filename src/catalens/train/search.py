@@ -25,6 +25,10 @@ what they depend on), so a trial of ``--finetune blocks`` costs its epochs only;
 removed when the search ends unless ``finetune.keep_work``. A trial whose fine-tuning
 diverges is a failed trial (NaN). Not with ``--cv`` (each fold would fine-tune a backbone).
 
+``--minutes M`` is kept: a trial starts only when the slowest trial so far would still end within
+M minutes of the start (Optuna's own timeout only stops starting trials, so the one running at
+the limit would run on past it).
+
 The study is kept in ``DIR/study.db``: the same command again resumes it (``--trials`` counts
 every run's trials; a trial cut off by an interrupt runs again).
 
@@ -61,6 +65,12 @@ class SearchResult:
     baseline_value: float
     seconds: float
     best_finetune: dict | None = None
+    #: with ``cv`` and no title model: the best trial's out-of-fold probabilities ``{task: (n, C)}``
+    #: (NaN where never held out, as :func:`catalens.train.kfold.out_of_fold`) and the scored rows
+    #: ``(n,)``: what cross-validating the best config again would give. ``None`` when titles are on
+    #: (trials leave the title model out) or the best trial ran in an earlier call.
+    best_oof: dict | None = None
+    scored: np.ndarray | None = None
 
 
 def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> float:
@@ -163,7 +173,8 @@ def _start_params(cfg: Config, class_tasks: list[str]) -> dict:
 
 
 def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
-    """``score(config) -> objective`` of the pooled out-of-fold predictions of ``k`` folds."""
+    """``score(config) -> objective`` of the pooled out-of-fold predictions of ``k`` folds; the last
+    scored config's probabilities are kept as ``score.last_probs``."""
     from catalens.train.kfold import fold_parts, product_folds
 
     if k < 2:
@@ -182,9 +193,19 @@ def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
                 probs[name][rows] = p
             epochs.append(int(getattr(fitted.head, "best_epoch_", 0)))
         value = objective_value(prep.tasks, prep.select(scored), {n: p[scored] for n, p in probs.items()}, objective)
+        score.last_probs = probs
         return value, int(round(float(np.mean(epochs))))
 
+    score.last_probs, score.scored = None, scored
     return score, int(scored.sum())
+
+
+def next_trial_fits(elapsed: float, trial_seconds: list[float], limit: float | None) -> bool:
+    """Whether another trial is expected to end within ``limit`` seconds: the slowest trial so far
+    added to ``elapsed`` (a trial's cost depends on its settings; the slowest is the safe guess)."""
+    if limit is None or not trial_seconds:
+        return True
+    return elapsed + max(trial_seconds) <= limit
 
 
 def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
@@ -222,6 +243,9 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         value = objective_value(fitted.tasks, Yv, predict_rows(prep, fitted, val & prep.usable), objective)
         return value, int(getattr(fitted.head, "best_epoch_", 0))
 
+    best_oof: dict = {}   # the best finished trial's out-of-fold probabilities (with --cv)
+    trial_seconds: list[float] = []
+
     def run(trial) -> float:
         s = time.time()
         c = base.model_copy(deep=True)
@@ -231,8 +255,11 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         else:
             c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
             value, epochs = (cv_score or val_score)(c)
-        trial.set_user_attr("seconds", round(time.time() - s, 1))
+        trial_seconds.append(time.time() - s)
+        trial.set_user_attr("seconds", round(trial_seconds[-1], 1))
         trial.set_user_attr("best_epoch", epochs)
+        if cv_score is not None and np.isfinite(value) and value > best_oof.get("value", -np.inf):
+            best_oof.update(value=value, number=trial.number, probs=cv_score.last_probs)
         log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
             + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
         return value
@@ -246,7 +273,13 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     if todo != 0:
-        study.optimize(run, n_trials=todo, timeout=minutes * 60 if minutes else None, gc_after_trial=False)
+        limit = minutes * 60 if minutes else None
+
+        def stop_before_overrun(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
+            if not next_trial_fits(time.time() - t0, trial_seconds, limit):
+                study.stop()
+
+        study.optimize(run, n_trials=todo, timeout=limit, gc_after_trial=False, callbacks=[stop_before_overrun])
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
@@ -276,8 +309,12 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         "data": str(data)}, indent=1))
     log(f"best {objective} on {where} {best.value:.4f} (starting config {baseline:.4f}) after {len(rows)} "
         f"trials in {seconds:.0f}s; written {config_path}")
+    oof, scored = None, None
+    if best_oof.get("number") == best.number and not cfg.text.enabled:
+        scored = cv_score.scored
+        oof = {n: np.where(scored[:, None], p, np.nan).astype(np.float32) for n, p in best_oof["probs"].items()}
     return SearchResult(best.value, best_cfg.head.model_dump(), len(rows), config_path, baseline, seconds,
-                        best_cfg.finetune.model_dump())
+                        best_cfg.finetune.model_dump(), oof, scored)
 
 
 def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
