@@ -51,6 +51,7 @@ def test_recipes_of_the_presets():
     assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1 multilevel" in medium
     assert best[:len(medium)] == medium and {"searched head", "best single + tta hflip"} <= set(best)
     assert best[len(medium)] == "lite0 last stage fine-tuned" and "lite0 last stage fine-tuned" not in medium
+    assert best[-1] == "searched head"   # last: it spends whatever the other recipes left
     by_name = {r.name: r for r in P.candidate_recipes("best")}
     base = load_config(overrides=[{"tracking": False}])
     pools = {n: r.config(base, by_name).backbone.pool for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}

@@ -136,9 +136,9 @@ def candidate_recipes(preset: str) -> list[Recipe]:
                            "lite2@300 crop 1 multilevel"), kind="concat", head=logreg)]
     if preset == "best":
         out += [Recipe("lite0 last stage fine-tuned", "efficientnet_lite0", kind="finetune"),
-                Recipe("searched head", kind="search"),
                 Recipe("best single + tta hflip", tta=("hflip",), kind="tta"),
-                Recipe("lite1@272 padded whole multilevel", "efficientnet_lite1@272", 1.0, "pad", pool=ml, head=logreg)]
+                Recipe("lite1@272 padded whole multilevel", "efficientnet_lite1@272", 1.0, "pad", pool=ml, head=logreg),
+                Recipe("searched head", kind="search")]   # last: it spends whatever is left
     return out
 
 
@@ -380,8 +380,9 @@ class _PresetRun:
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
 
     def _search_budget(self) -> float:
-        """A searched head gets 40 % of what is left after the refit reserve."""
-        return 0.4 * max(0.0, self.clock.left() - self._reserve())
+        """The searched head comes last and gets everything left after the refit reserve: a search
+        can stop after any trial, and each further trial can only raise its CV score."""
+        return max(0.0, self.clock.left() - self._reserve())
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
