@@ -64,6 +64,10 @@ def test_ensemble_is_the_weighted_mean_of_member_probabilities(models, tmp_path,
         np.testing.assert_array_equal(ens.predict_proba_features(feats)[t.name], pe[t.name])
         np.testing.assert_allclose(pix[t.name].numpy(), pe[t.name], atol=1e-6)
     assert ens.backbone.fingerprint() != ma.backbone.fingerprint()
+    # both members are Lite0 with the same weights: one embedding serves both (features, graph)
+    assert ma.backbone.fingerprint() == mb.backbone.fingerprint()
+    assert ens.backbone.member_index == (0, 0) and ens.backbone.module.dims == [ma.backbone.feature_dim]
+    assert feats.shape == (3, ma.backbone.feature_dim) and len(ens.pixel_module().backbones) == 1
 
 
 def test_ensemble_predicts_a_catalogue(models, tmp_path):
@@ -111,6 +115,7 @@ def test_members_of_different_input_sizes(models, tmp_path):
     build_ensemble([a, c], tmp_path / "e", log=lambda m: None)
     ens = load_model(tmp_path / "e")
     assert ens.preprocess.size == 240  # decoded once at the largest member's preprocessing
+    assert ens.backbone.member_index == (0, 1) and len(ens.backbone.module.dims) == 2
     p = ens.predict_proba_images(_px(2, 240))
     np.testing.assert_allclose(p["label"].sum(1), 1.0, atol=1e-5)
 
@@ -170,7 +175,10 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float()
     with torch.inference_mode():
         feats = ens.backbone.module(x).numpy()
-    parts = np.split(feats, np.cumsum(ens.backbone.module.dims)[:-1], axis=1)
+    assert ens.backbone.member_index == (0, 0, 0)   # one Lite0 embedding serves the three members
+    parts = [feats] * 3
+    for part in ens.head.split(feats):
+        np.testing.assert_array_equal(part, feats)
     titles = np.array(["striped cotton shirt", None, "floral summer dress", "leather boots"], dtype=object)
     got = ens.predict_proba_features(feats, texts=titles)
     for t in ens.tasks:

@@ -102,6 +102,8 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     scored = board[board["status"].isin(["chosen", "scored"])]
     assert len(scored) >= 3 and scored["cv_score"].between(0, 1).all()
     assert (board["status"] == "chosen").sum() >= 1
+    searched = board.loc[board["recipe"].str.startswith("searched head"), "status"].tolist()
+    assert searched and searched[0] in ("chosen", "scored"), searched   # last, with what is left: it runs
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     preset = desc["preset"]
     assert preset["name"] == "best" and preset["folds"] == 3 and preset["time_limit"] == limit

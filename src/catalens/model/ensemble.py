@@ -12,8 +12,10 @@
 ``feature_dim``), ``predict_proba_features``, ``pixel_module`` — so none of them needs to
 know about ensembles:
 
-- ``backbone.module`` runs every member's backbone on the same decoded pixels and returns
-  their features side by side;
+- ``backbone.module`` runs every distinct member backbone on the same decoded pixels and returns
+  their features side by side: members with the same backbone (the same fingerprint: weights,
+  input handling, pooling, TTA), e.g. a preset's searched head next to the recipe it was searched
+  on, share one embedding, so such an ensemble costs what one of them costs;
 - ``predict_proba_features`` splits that row back per member, runs each member's heads and
   returns the weighted mean of the member probabilities; given titles (``texts``), members
   trained with ``--text`` fuse them with their own image probabilities first (predict and
@@ -97,7 +99,8 @@ def normalise_weights(weights, n: int) -> list[float]:
 class EnsembleBackbone(Backbone):
     """The composite backbone; its cache key combines the members' keys and input handling."""
 
-    member_fingerprints: tuple[str, ...] = ()
+    member_fingerprints: tuple[str, ...] = ()   # the distinct member backbones', in feature order
+    member_index: tuple[int, ...] = ()          # member i reads the features of distinct backbone [i]
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(repr((self.member_fingerprints, sorted(self.preprocess.to_dict(decoder=False).items()))).encode())
@@ -106,23 +109,42 @@ class EnsembleBackbone(Backbone):
     def describe(self) -> dict:
         return {"name": self.name, "arch": "ensemble", "feature_dim": self.feature_dim,
                 "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict(),
-                "member_fingerprints": list(self.member_fingerprints)}
+                "member_fingerprints": list(self.member_fingerprints), "member_index": list(self.member_index)}
+
+
+def distinct_backbones(members: list) -> tuple[list[Backbone], list[int]]:
+    """The members' distinct backbones (by fingerprint, in order of first use) and, per member,
+    the index of its own among them."""
+    first: dict[str, int] = {}
+    distinct, index = [], []
+    for m in members:
+        fp = m.backbone.fingerprint()
+        if fp not in first:
+            first[fp] = len(distinct)
+            distinct.append(m.backbone)
+        index.append(first[fp])
+    return distinct, index
 
 
 def composite_backbone(members: list) -> EnsembleBackbone:
-    """One backbone over the members: decode once, each member its own crop (catalens.embed.multi)."""
-    joint = multi_backbone([m.backbone for m in members])
-    name = "ensemble(" + "+".join(m.backbone.name for m in members) + ")"
+    """One backbone over the members' distinct backbones: decode once, each its own crop
+    (catalens.embed.multi), each computed once however many members use it."""
+    distinct, index = distinct_backbones(members)
+    joint = multi_backbone(distinct)
+    name = "ensemble(" + "+".join(b.name for b in distinct) + ")"
     return EnsembleBackbone(name, "ensemble", joint.module, joint.preprocess, "members",
-                            tuple(m.backbone.fingerprint() for m in members))
+                            tuple(b.fingerprint() for b in distinct), tuple(index))
 
 
 # ----------------------------------------------------------------------------- heads
 class EnsembleHead:
-    """Weighted mean of the member heads' probabilities over side-by-side features."""
+    """Weighted mean of the member heads' probabilities over side-by-side features: ``dims`` the
+    widths of the distinct backbones' blocks, ``index`` each member's block (default: its own)."""
 
-    def __init__(self, heads: list, dims: list[int], weights: list[float], tasks: list[TaskInfo]) -> None:
+    def __init__(self, heads: list, dims: list[int], weights: list[float], tasks: list[TaskInfo],
+                 index: list[int] | None = None) -> None:
         self.heads, self.dims, self.weights, self.tasks = heads, dims, weights, tasks
+        self.index = list(range(len(heads))) if index is None else list(index)
 
     @property
     def classes_(self) -> dict[str, list[str]]:
@@ -132,7 +154,8 @@ class EnsembleHead:
         if X.shape[1] != sum(self.dims):
             raise ValueError(f"ensemble features have {X.shape[1]} columns, expected {sum(self.dims)} "
                              f"({' + '.join(map(str, self.dims))})")
-        return np.split(X, np.cumsum(self.dims)[:-1], axis=1)
+        blocks = np.split(X, np.cumsum(self.dims)[:-1], axis=1)
+        return [blocks[i] for i in self.index]
 
     def predict_proba(self, X: np.ndarray) -> dict[str, np.ndarray]:
         parts = [h.predict_proba(x) for h, x in zip(self.heads, self.split(X))]
@@ -158,18 +181,23 @@ def average_probabilities(parts: list[dict[str, np.ndarray]], weights: list[floa
 
 
 class EnsemblePixelModule(nn.Module):
-    """Pixels → ``{task: weighted mean probabilities}`` in one graph (export, serving)."""
+    """Pixels → ``{task: weighted mean probabilities}`` in one graph (export, serving): each distinct
+    backbone runs once on its input, each member's heads read their backbone's features."""
 
-    def __init__(self, inputs: list[MemberInput], members: list[nn.Module], weights: list[float]) -> None:
+    def __init__(self, inputs: list[MemberInput], backbones: list[nn.Module], heads: list[nn.Module],
+                 index: list[int], weights: list[float]) -> None:
         super().__init__()
-        self.inputs = nn.ModuleList(inputs)
-        self.members = nn.ModuleList(members)
+        self.inputs = nn.ModuleList(inputs)         # per distinct backbone
+        self.backbones = nn.ModuleList(backbones)   # per distinct backbone
+        self.heads = nn.ModuleList(heads)           # per member: features -> {task: probabilities}
+        self.index = [int(i) for i in index]
         self.weights = [float(w) for w in weights]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = [b(f(x)) for f, b in zip(self.inputs, self.backbones)]   # [(n, D_j)]
         out: dict[str, torch.Tensor] = {}
-        for w, f, m in zip(self.weights, self.inputs, self.members):
-            for k, v in m(f(x)).items():
+        for w, i, h in zip(self.weights, self.index, self.heads):
+            for k, v in h(feats[i]).items():
                 out[k] = out[k] + w * v if k in out else w * v
         return out
 
@@ -187,7 +215,8 @@ class EnsembleModel:
         self.weights = normalise_weights(weights, len(members))
         self.tasks = _shared_tasks(members)
         self.backbone = composite_backbone(members)
-        self.head = EnsembleHead([m.head for m in members], self.backbone.module.dims, self.weights, self.tasks)
+        self.head = EnsembleHead([m.head for m in members], self.backbone.module.dims, self.weights, self.tasks,
+                                 list(self.backbone.member_index))
         self.meta = dict(meta or {})
         self.meta.setdefault("backbone", self.backbone.describe())
         self.meta.setdefault("tasks", [t.to_dict() for t in self.tasks])
@@ -226,8 +255,11 @@ class EnsembleModel:
         return self.predict_proba_features(feats)
 
     def pixel_module(self) -> EnsemblePixelModule:
-        return EnsemblePixelModule(list(self.backbone.module.inputs), [m.pixel_module() for m in self.members],
-                                   self.weights).eval()
+        pixel = [m.pixel_module() for m in self.members]   # PixelModel: backbone + heads
+        index = list(self.backbone.member_index)
+        owner = [index.index(j) for j in range(len(self.backbone.module.dims))]   # a member of each distinct backbone
+        return EnsemblePixelModule(list(self.backbone.module.inputs), [pixel[i].backbone for i in owner],
+                                   [p.head for p in pixel], index, self.weights).eval()
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path, sources: list[str | Path] | None = None) -> Path:

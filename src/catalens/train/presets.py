@@ -142,6 +142,13 @@ def candidate_recipes(preset: str) -> list[Recipe]:
     return out
 
 
+def _features_key(r: Recipe) -> tuple:
+    """What a recipe's predict-time features depend on: recipes with the same key (a searched head
+    and the recipe it was searched on) embed a photo once in an ensemble."""
+    return (r.backbone, tuple(r.members or ()), r.crop_pct, r.crop, r.pool, tuple(r.tta or ()),
+            r.kind == "finetune")   # a fine-tuned backbone has weights of its own
+
+
 def _rel_cost(spec: str, crop_pct: float | None = None) -> float:
     """Relative embedding cost of a backbone spec (``a@s+b@t``), Lite0 at 224 = 1."""
     total = 0.0
@@ -364,7 +371,8 @@ class _PresetRun:
             best = self._best()
             if best is None:
                 raise _Skip("nothing scored to search a head for")
-            return self._search_budget()   # the search starts no trial it cannot end within it
+            return 3 * self.clock.fit_cost(n, best.prep.features.shape[1]) * fits   # at least three trials;
+            # it then spends all that is left (_search_budget), starting no trial it cannot end in it
         cfg = self._recipe_config(recipe)
         from catalens.embed.factory import backbone_from_config
 
@@ -687,8 +695,8 @@ class _PresetRun:
         import pandas as pd
 
         rows = self._rows(chosen, weights)
-        if len(chosen) > 1:
-            speeds = [s.img_s for s in chosen]
+        if len(chosen) > 1:   # members on the same features share one embedding (catalens.model.ensemble)
+            speeds = list({_features_key(s.recipe): s.img_s for s in chosen}.values())
             rows.insert(0, {"recipe": "ensemble of the chosen (" + ", ".join(
                 f"{w:g} x {s.recipe.name}" for s, w in zip(chosen, weights)) + ")",
                 "cv_score": round(float(blend), 6), "fit_seconds": round(self.refit_seconds, 1),
