@@ -298,32 +298,22 @@ class _PresetRun:
     def _reserve(self) -> float:
         """Seconds to keep for the final refit: the three best recipes so far (an ensemble rarely has more)."""
         done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
-        return self._refits_cost(done)
+        return sum(self._refit_cost(s) for s in done) + 5.0
 
     def _best(self) -> Scored | None:
         done = [s for s in self.results.values() if s.oof is not None]
         return max(done, key=lambda s: s.score) if done else None
 
-    def _refits_cost(self, scored: list[Scored]) -> float:
-        """Seconds to refit ``scored``, + 5: recipes on the same features (a searched head and the
-        recipe it was searched on) embed them once, the second refit reads the cache."""
-        seen, total = set(), 5.0
-        for s in scored:
-            key = _features_key(s.recipe)
-            total += self._refit_cost(s, embed=key not in seen)
-            seen.add(key)
-        return total
-
-    def _refit_cost(self, s: Scored, embed: bool = True) -> float:
+    def _refit_cost(self, s: Scored) -> float:
         """Seconds to refit ``s`` with ``catalens train``: a head fit on cached features, and for a ``+``
-        recipe (unless ``embed`` is false) the embedding through the multi-backbone (its own cache key)."""
+        recipe the embedding through the multi-backbone (its own cache key)."""
         n = len(self.pool)
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
             return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         refit = self.base.preset.refit_full and (s.recipe.head or {}).get("type") == "logreg"
         cost = self.clock.fit_cost(n, dim) * (2.7 if refit else 1.5) + 3.0  # + the fit of refit_full
-        if s.recipe.members and embed:  # embedded again through the multi-backbone's shared decode, as predict computes
+        if s.recipe.members:  # embedded again through the multi-backbone's shared decode, as predict computes
             cost += self.clock.embed_cost(n, _rel_cost("+".join(self.recipes[m].backbone for m in s.recipe.members)))
         return cost
 
@@ -398,17 +388,9 @@ class _PresetRun:
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
 
     def _search_budget(self) -> float:
-        """The searched head comes last and gets everything left but the refit of what would be
-        chosen now (the blend of the recipes scored so far) and its own head fit on the best
-        recipe's features: a search can stop after any trial, and each further trial can only raise
-        its CV score. (Had the blend more members at the end than now, those that no longer fit
-        are left out by :meth:`_combine`.)"""
-        best = self._best()
-        if best is None:
-            return 0.0
-        chosen = self._combine(log=False)[0]
-        need = self._refits_cost([*chosen, best]) + self._refit_cost(best, embed=False)
-        return max(0.0, self.clock.left() - need)
+        """The searched head comes last and gets everything left after the refit reserve: a search
+        can stop after any trial, and each further trial can only raise its CV score."""
+        return max(0.0, self.clock.left() - self._reserve())
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
@@ -582,7 +564,7 @@ class _PresetRun:
             self._cv(s, s.prep)
 
     # ------------------------------------------------------------------ combining and refitting
-    def _combine(self, rounds: int = 10, log: bool = True) -> tuple[list[Scored], list[float], float]:
+    def _combine(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
         """Greedy forward selection with replacement on the out-of-fold probabilities."""
         from catalens.train.search import objective_value
 
@@ -602,9 +584,9 @@ class _PresetRun:
                 mix = {k: (total[k] if total else 0) + s.oof[k][rows] for k in s.oof}
                 cand.append((objective_value(prep.tasks, Y, {k: v / (picks + 1) for k, v in mix.items()}), -counts[id(s)],
                              s, mix))
-            left = self.clock.left()  # what the refit may take: members cost their refit once
-            cand = [c for c in cand if not picks or self._refits_cost([x for x in done
-                                                                       if counts[id(x)] or x is c[2]]) <= left]
+            left = self.clock.left() - 5.0  # what the refit may take: members cost their refit once
+            cand = [c for c in cand if not picks or sum(self._refit_cost(x) for x in done
+                                                         if counts[id(x)] or x is c[2]) <= left]
             # an ensemble decodes each photo once for all members: they must share one crop mode
             mode = next((_crop_mode(x) for x in done if counts[id(x)]), None)
             cand = [c for c in cand if mode is None or _crop_mode(c[2]) == mode]
@@ -618,9 +600,8 @@ class _PresetRun:
             history.append(s.recipe.name)
         chosen = [s for s in done if counts[id(s)]]
         weights = [float(counts[id(s)]) for s in chosen]
-        if log:
-            self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
-                     f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
+        self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
+                 f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
         return chosen, weights, best_val
 
     def _refit(self, chosen: list[Scored], weights: list[float], blend: float):
