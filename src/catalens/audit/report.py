@@ -16,7 +16,6 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -28,9 +27,7 @@ THUMB = 112
 
 
 def _atomic_csv(path: Path, df: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    df.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
 
 
 def _class_tasks(res: AuditResult) -> list[str]:

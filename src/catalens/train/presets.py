@@ -371,8 +371,8 @@ class _PresetRun:
             best = self._best()
             if best is None:
                 raise _Skip("nothing scored to search a head for")
-            return 3 * self.clock.fit_cost(n, best.prep.features.shape[1]) * fits   # at least three trials;
-            # it then spends all that is left (_search_budget), starting no trial it cannot end in it
+            return 3 * self._one_cv_cost(best)   # at least three trials; it then spends all that is
+            # left (_search_budget), starting no trial it cannot end in it
         cfg = self._recipe_config(recipe)
         from catalens.embed.factory import backbone_from_config
 
@@ -386,6 +386,10 @@ class _PresetRun:
             recipe._uncached_tta = int(round(n * uncached_share(self.pool, with_tta(backbone, list(recipe.tta)), cfg)))
             embed += self.clock.embed_cost(recipe._uncached_tta, rel * (1 + len(recipe.tta)))
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
+
+    def _one_cv_cost(self, s: Scored) -> float:
+        """Seconds of one K-fold CV of a head on ``s``'s features (a search trial, as estimated)."""
+        return self.clock.fit_cost(len(self.pool), s.prep.features.shape[1]) * self.k
 
     def _search_budget(self) -> float:
         """The searched head comes last and gets everything left after the refit reserve: a search
@@ -536,7 +540,7 @@ class _PresetRun:
 
         best = self._best()
         budget = self._search_budget()
-        one = self.clock.fit_cost(len(self.pool), best.prep.features.shape[1]) * self.k
+        one = self._one_cv_cost(best)
         if budget < 3 * one:
             raise _Skip(f"needs ~{3 * one:.0f}s for 3 trials, {budget:.0f}s to spend")
         base = best.cfg.model_copy(deep=True)
