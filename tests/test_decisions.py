@@ -416,3 +416,22 @@ def test_server_explain_returns_the_overlay_png_at_the_photos_size(trained):
             assert im.format == "PNG" and im.size == (rgb.shape[1], rgb.shape[0])
         want, _ = explain_photo(model, blob, "category", classes.index(img["explain"]["label"]))
         assert png == want
+
+
+def test_held_out_probabilities_are_matched_by_id_and_put_in_the_models_class_order():
+    """The preset's out-of-fold probabilities (pool class order, NaN rows never held out) reach the
+    auto-accept thresholds in the trained model's class order; a class the model does not know is
+    dropped and the row renormalised; photos without a held-out row are left out."""
+    from catalens.tasks import TaskInfo
+    from catalens.train.flags import HeldOut
+
+    held = HeldOut(ids=np.array(["a", "b", "c", "d"]),
+                   probs={"cat": np.array([[0.5, 0.3, 0.2], [np.nan] * 3, [0.1, 0.1, 0.8], [0.6, 0.0, 0.4]],
+                                          np.float32),
+                          "tags": np.array([[0.9, 0.1], [0.5, 0.5], [0.2, 0.7], [0.0, 1.0]], np.float32)},
+                   classes={"cat": ["x", "y", "z"], "tags": ["red", "blue"]}, source="the preset's 5-fold CV")
+    tasks = [TaskInfo("cat", "class", ["z", "x"]), TaskInfo("tags", "tags", ["blue", "red"])]
+    probs, found = held.for_rows(np.array(["c", "e", "b", "a"]), tasks)
+    assert found.tolist() == [True, False, False, True]   # e: unknown id; b: never held out
+    np.testing.assert_allclose(probs["cat"], [[0.8 / 0.9, 0.1 / 0.9], [0.2 / 0.7, 0.5 / 0.7]], rtol=1e-6)
+    np.testing.assert_allclose(probs["tags"], [[0.7, 0.2], [0.1, 0.9]])

@@ -191,6 +191,9 @@ def test_no_trial_starts_that_the_slowest_so_far_says_would_overrun():
     assert next_trial_fits(50.0, [20.0, 40.0], None)      # no limit
     assert next_trial_fits(50.0, [20.0, 40.0], 90.0)      # 50 + 40 = 90: ends on time
     assert not next_trial_fits(51.0, [20.0, 40.0], 90.0)  # the slowest, not the last, is the guess
+    # keep: the caller's refit of the best head afterwards, a quarter of a trial (one fit of a 4-fold trial)
+    assert next_trial_fits(40.0, [20.0, 40.0], 90.0, after=0.25)      # 40 + 40 + 10 = 90
+    assert not next_trial_fits(41.0, [20.0, 40.0], 90.0, after=0.25)
 
 
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):

@@ -286,13 +286,15 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
     real = P._PresetRun._combine
 
-    def both(self, rounds=10):  # force an ensemble of the two recipes
-        real(self, rounds)
+    def both(self):  # force an ensemble of the two recipes
+        real(self)
         done = [s for s in self.results.values() if s.oof is not None]
         return done, [1.0] * len(done), 0.5
 
     monkeypatch.setattr(P._PresetRun, "_combine", both)
-    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 200), log=lambda *a: None)
+    cfg = _cfg(tmp_path, 200)
+    cfg.preset.titles = "off"  # image heads: their thresholds take out-of-fold photos (with titles val alone)
+    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     assert "ensemble" in desc and len(desc["preset"]["chosen"]) == 2
     assert re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities", desc["accept"]["source"])
@@ -303,6 +305,10 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     for i in (0, 1):
         member = json.loads((tmp_path / "m" / "members" / str(i) / "model.json").read_text())
         assert member["refit_full"]["rows"] == member["train_images"] + member["val_images"]
+        # the members' own thresholds reused the preset's out-of-fold predictions: no fold heads fitted again
+        assert re.fullmatch(rf"val \(9 photos\) \+ out-of-fold train \({member['train_images']} photos, "
+                            rf"the preset's {desc['preset']['folds']}-fold CV of this recipe\)",
+                            member["accept"]["source"]), member["accept"]["source"]
         again = load_config(tmp_path / "m" / "members" / str(i) / "config.yaml")  # trains the member again
         assert again.preset.name == "fast" and again.data.refit_full and again.head.type == "logreg"
     got = catalens.load(tmp_path / "m", runtime="eager", progress=False).predict(

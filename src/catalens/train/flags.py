@@ -8,6 +8,8 @@
   imports nothing from :mod:`catalens.train.kfold`, which imports the training pipeline). Out-of-fold
   photos are used only for a plain image head on frozen features: a fine-tuned backbone or a
   title model makes the fold heads differ from the model that answers, so those use val alone.
+  A caller that has cross-validated the same recipe already (``--preset``) hands its out-of-fold
+  probabilities in as :class:`HeldOut` instead, and no fold head is fitted again.
 - ``unknown``: method and threshold of :mod:`catalens.model.unknown` on the val photos.
 
 Both are decoded as every answer is (hierarchy decoding included), so the threshold applies to
@@ -16,6 +18,7 @@ the label that predict returns.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +36,41 @@ def product_folds(product_ids: np.ndarray, k: int, seed: int) -> np.ndarray:
     fold_of = np.empty(len(products), np.int64)
     fold_of[order] = np.arange(len(products)) % k
     return fold_of[inverse]
+
+
+@dataclass
+class HeldOut:
+    """Held-out probabilities of photos computed elsewhere, e.g. the out-of-fold predictions of the
+    preset's K-fold cross-validation of the same recipe: photo ``ids`` ``(n,)`` (the catalogue's
+    ``id`` column), ``probs`` ``{task: (n, C)}`` in the class order ``classes`` ``{task: [...]}``
+    (a row of NaN: never held out), and ``source``, how they were made (for model.json)."""
+
+    ids: np.ndarray
+    probs: dict[str, np.ndarray]
+    classes: dict[str, list[str]]
+    source: str
+
+    def for_rows(self, ids: np.ndarray, tasks: list[TaskInfo]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``(probs, found)``: the probabilities of the photos ``ids`` that have a held-out row, as
+        ``{task: (found.sum(), C)}`` in ``tasks``' class order (a class they do not know gets 0; a class
+        task's row is renormalised over the classes ``tasks`` know), and the mask ``found`` ``(len(ids),)``."""
+        where = {str(i): j for j, i in enumerate(self.ids)}
+        idx = np.array([where.get(str(i), -1) for i in ids], np.int64)
+        found = idx >= 0
+        for t in tasks:
+            found[found] &= ~np.isnan(self.probs[t.name][idx[found]]).any(1)
+        out = {}
+        for t in tasks:
+            src = self.probs[t.name][idx[found]]
+            col = {c: j for j, c in enumerate(self.classes[t.name])}
+            p = np.zeros((int(found.sum()), t.n_outputs), np.float32)
+            for i, c in enumerate(t.classes):
+                if c in col:
+                    p[:, i] = src[:, col[c]]
+            if t.kind == "class":
+                p /= np.clip(p.sum(1, keepdims=True), 1e-12, None)
+            out[t.name] = p
+        return out, found
 
 
 def out_of_fold(cat, tasks: list[TaskInfo], Y: dict, features: np.ndarray, is_train: np.ndarray,
@@ -101,8 +139,11 @@ def unknown_description(tasks: list[TaskInfo], probs_val: dict, cfg: Config) -> 
 
 
 def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, is_train: np.ndarray,
-                   is_val: np.ndarray, probs_val: dict, cfg: Config, oof_allowed: bool, log=None) -> dict:
-    """``{"accept": ..., "unknown": ...}`` for model.json (see the module docstring)."""
+                   is_val: np.ndarray, probs_val: dict, cfg: Config, oof_allowed: bool, log=None,
+                   heldout: HeldOut | None = None) -> dict:
+    """``{"accept": ..., "unknown": ...}`` for model.json (see the module docstring). ``heldout``:
+    out-of-fold probabilities of the training photos made already, used instead of fitting
+    ``selective.folds`` heads again."""
     from catalens.model.decode import Decoder
 
     log = log or _logger.info
@@ -111,10 +152,16 @@ def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, i
     probs, source = probs_val, "val"
     n_val = int(is_val.sum())
     if oof_allowed and features is not None and n_val < cfg.selective.oof_below and is_train.sum() >= cfg.selective.folds:
-        oof, rows = out_of_fold(cat, tasks, Y, features, is_train, is_val, cfg)
+        if heldout is not None:
+            rows = np.flatnonzero(is_train)
+            oof, found = heldout.for_rows(cat.frame["id"].to_numpy()[rows], tasks)
+            rows, how = rows[found], heldout.source
+        else:
+            oof, rows = out_of_fold(cat, tasks, Y, features, is_train, is_val, cfg)
+            how = f"{cfg.selective.folds} folds"
         probs = {n: np.concatenate([probs_val[n], oof[n]]) for n in probs_val}
         y = {n: np.concatenate([y[n], Y[n][rows]]) for n in y}
-        source = f"val ({n_val} photos) + out-of-fold train ({len(rows)} photos, {cfg.selective.folds} folds)"
+        source = f"val ({n_val} photos) + out-of-fold train ({len(rows)} photos, {how})"
     log(f"auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
     return {"accept": accept_description(tasks, decoder, y, probs, cfg, source, log),
             "unknown": unknown_description(tasks, probs_val, cfg)}

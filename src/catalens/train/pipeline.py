@@ -64,18 +64,22 @@ def _select(Y: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]
     return {k: v[mask] for k, v in Y.items()}
 
 
-def train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainResult:
+def train(data: str | Path, out: str | Path, cfg: Config, log=None, heldout=None) -> TrainResult:
     """Train a model on ``data`` and write it to the folder ``out``; returns the result.
+
+    ``heldout`` (:class:`catalens.train.flags.HeldOut`): out-of-fold probabilities of the training
+    photos from a cross-validation of this same recipe (``--preset``), which the auto-accept
+    thresholds then use instead of fitting ``selective.folds`` heads again.
 
     Under torchrun every rank calls this; rank 0 writes the folder, the others return a result
     whose ``model`` is None once it has.
     """
     log = log or _logger.info
     with ddp.process_group():
-        return _train(data, out, cfg, log if ddp.is_main() else (lambda *_: None))
+        return _train(data, out, cfg, log if ddp.is_main() else (lambda *_: None), heldout)
 
 
-def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainResult:
+def _train(data: str | Path, out: str | Path, cfg: Config, log=None, heldout=None) -> TrainResult:
     log = log or _logger.info
     from catalens.evaluate.metrics import compute_metrics
     from catalens.evaluate.thresholds import tune_thresholds
@@ -165,7 +169,7 @@ def _train(data: str | Path, out: str | Path, cfg: Config, log=None) -> TrainRes
     from catalens.train.flags import decision_flags
 
     flags = decision_flags(fit_cat, tasks, paths, Y, feats.features, is_train, is_val, probs_val, cfg,
-                           oof_allowed=finetuned is None and text_part is None, log=log)
+                           oof_allowed=finetuned is None and text_part is None, log=log, heldout=heldout)
     meta = {"hierarchy_paths": paths, "metrics": {"val": val_metrics}, "data": data_name(data), **flags,
             "split": split_note, "train_images": int(is_train.sum()), "val_images": int(is_val.sum()),
             "ingest": {k: summary[k] for k in ("images", "excluded", "problems", "class_selection") if k in summary},

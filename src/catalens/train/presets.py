@@ -173,6 +173,7 @@ class Scored:
     prep: object = None
     cfg: Config | None = None
     scored: np.ndarray | None = None   # rows with out-of-fold probabilities
+    fit_each: float | None = None      # seconds of one of its head fits, as measured by its CV
 
 
 class _Clock:
@@ -305,14 +306,18 @@ class _PresetRun:
         return max(done, key=lambda s: s.score) if done else None
 
     def _refit_cost(self, s: Scored) -> float:
-        """Seconds to refit ``s`` with ``catalens train``: a head fit on cached features, and for a ``+``
-        recipe the embedding through the multi-backbone (its own cache key)."""
+        """Seconds to refit ``s`` with ``catalens train``: its head fitted on train (+ once more on train +
+        val with ``refit_full``), at the cost of one of its CV's fits when measured; the auto-accept
+        thresholds reuse its out-of-fold probabilities (:meth:`_heldout`), no fits. A ``+`` recipe is
+        embedded again through the multi-backbone (its own cache key)."""
         n = len(self.pool)
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
             return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
-        refit = self.base.preset.refit_full and (s.recipe.head or {}).get("type") == "logreg"
-        cost = self.clock.fit_cost(n, dim) * (2.7 if refit else 1.5) + 3.0  # + the fit of refit_full
+        head = s.recipe.head or {}
+        refit = self.base.preset.refit_full and head.get("type") == "logreg"
+        one = s.fit_each if s.fit_each is not None else self.clock.fit_cost(n, dim)
+        cost = one * 1.3 * (2 if refit else 1) + 3.0  # on 0.9 n rows (the CV's on ~0.8 n), with a margin
         if s.recipe.members:  # embedded again through the multi-backbone's shared decode, as predict computes
             cost += self.clock.embed_cost(n, _rel_cost("+".join(self.recipes[m].backbone for m in s.recipe.members)))
         return cost
@@ -330,7 +335,7 @@ class _PresetRun:
             s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
             self.log(f"  {recipe.name}: {s.status}")
             return
-        left = self.clock.left() - self._reserve()
+        left = self.clock.left() - (self._search_reserve() if recipe.kind == "search" else self._reserve())
         if recipe.kind in ("frozen", "concat", "finetune"):  # its own refit, should it be chosen, must fit as well
             est += self._refit_cost(Scored(recipe))
         if est > left:
@@ -391,10 +396,28 @@ class _PresetRun:
         """Seconds of one K-fold CV of a head on ``s``'s features (a search trial, as estimated)."""
         return self.clock.fit_cost(len(self.pool), s.prep.features.shape[1]) * self.k
 
+    def _search_reserve(self) -> float:
+        """Seconds to keep from the searched head's budget: the refit of what would be chosen without it
+        (the searched head shares the features of the recipe it is searched on, so its own refit is one
+        head fit more, which the search keeps free itself: ``search(keep=)``)."""
+        return self._refit_total(self._pick()[0])
+
+    def _refit_total(self, chosen: list[Scored]) -> float:
+        """Seconds to refit ``chosen``: each recipe's refit (:meth:`_refit_cost`), and for an ensemble
+        its val photos predicted through it for its own thresholds (``ensemble_flags``), each distinct
+        set of features once."""
+        cost = sum(self._refit_cost(x) for x in chosen) + 5.0
+        if len(chosen) > 1:
+            n_val = int((self.pool.frame["split"] == "val").sum())
+            rel = {_features_key(x.recipe): _rel_cost(x.cfg.backbone.name) * (1 + len(x.recipe.tta or ()))
+                   for x in chosen}
+            cost += self.clock.embed_cost(n_val, sum(rel.values()))
+        return cost
+
     def _search_budget(self) -> float:
         """The searched head comes last and gets everything left after the refit reserve: a search
         can stop after any trial, and each further trial can only raise its CV score."""
-        return max(0.0, self.clock.left() - self._reserve())
+        return max(0.0, self.clock.left() - self._search_reserve())
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
@@ -468,6 +491,7 @@ class _PresetRun:
         t = time.time()
         pp = dc_replace(prep, features=pred_features) if pred_features is not None else None
         s.oof, s.scored = out_of_fold(prep, parts, cfg, pp)
+        s.fit_each = (time.time() - t) / len(parts)
         self.clock.learn_fit(time.time() - t, len(parts), len(prep.cat), prep.features.shape[1])
         self._set_score(s, prep)
 
@@ -549,7 +573,7 @@ class _PresetRun:
         spend = budget - (one if base.text.enabled else 0.0)
         try:
             res = search(self.data, self.work / "search", base, minutes=max(0.05, spend / 60.0),
-                         log=lambda *a: None, prep=best.prep, cv=self.k)
+                         log=lambda *a: None, prep=best.prep, cv=self.k, keep=1.3 / self.k)  # its own refit
         except RuntimeError as e:  # Optuna not installed
             raise _Skip(str(e)) from None
         s.recipe.members, s.recipe.backbone = best.recipe.members, best.recipe.backbone
@@ -561,6 +585,7 @@ class _PresetRun:
         s.cfg.head = type(base.head).model_validate(res.best_head)
         s.prep = best.prep
         s.img_s = best.img_s
+        s.fit_each = res.best_seconds / self.k if res.best_seconds else None
         if res.best_oof is not None:   # the best trial's out-of-fold predictions: the same folds as _cv's
             s.oof, s.scored = res.best_oof, res.scored
             self._set_score(s, s.prep)
@@ -568,7 +593,15 @@ class _PresetRun:
             self._cv(s, s.prep)
 
     # ------------------------------------------------------------------ combining and refitting
-    def _combine(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
+    def _combine(self) -> tuple[list[Scored], list[float], float]:
+        """The recipes to refit, their weights and the blend's CV score (:meth:`_pick`), logged."""
+        chosen, weights, best_val = self._pick()
+        if chosen:
+            self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
+                     f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
+        return chosen, weights, best_val
+
+    def _pick(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
         """Greedy forward selection with replacement on the out-of-fold probabilities."""
         from catalens.train.search import objective_value
 
@@ -588,9 +621,9 @@ class _PresetRun:
                 mix = {k: (total[k] if total else 0) + s.oof[k][rows] for k in s.oof}
                 cand.append((objective_value(prep.tasks, Y, {k: v / (picks + 1) for k, v in mix.items()}), -counts[id(s)],
                              s, mix))
-            left = self.clock.left() - 5.0  # what the refit may take: members cost their refit once
-            cand = [c for c in cand if not picks or sum(self._refit_cost(x) for x in done
-                                                         if counts[id(x)] or x is c[2]) <= left]
+            left = self.clock.left()  # what the refit may take: members cost their refit once
+            cand = [c for c in cand if not picks or self._refit_total(
+                [x for x in done if counts[id(x)] or x is c[2]]) <= left]
             # an ensemble decodes each photo once for all members: they must share one crop mode
             mode = next((_crop_mode(x) for x in done if counts[id(x)]), None)
             cand = [c for c in cand if mode is None or _crop_mode(c[2]) == mode]
@@ -604,8 +637,6 @@ class _PresetRun:
             history.append(s.recipe.name)
         chosen = [s for s in done if counts[id(s)]]
         weights = [float(counts[id(s)]) for s in chosen]
-        self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
-                 f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
         return chosen, weights, best_val
 
     def _refit(self, chosen: list[Scored], weights: list[float], blend: float):
@@ -625,7 +656,7 @@ class _PresetRun:
             # an ensemble's thresholds are chosen on val with its members as fitted on train: refit after
             cfg.data.refit_full = self._refits(s) and len(chosen) == 1
             target = self.out if len(chosen) == 1 else self.work / "members" / str(i)
-            results.append(train(self.data, target, cfg, log=lambda *a: None))
+            results.append(train(self.data, target, cfg, log=lambda *a: None, heldout=self._heldout(s)))
             dirs.append(target)
             cfgs.append(cfg)
         if len(chosen) == 1:
@@ -658,6 +689,18 @@ class _PresetRun:
         results[0].model = ens
         results[0].metrics = {}
         return results[0]
+
+    def _heldout(self, s: Scored):
+        """``s``'s out-of-fold probabilities for the auto-accept thresholds of its refit (instead of
+        ``selective.folds`` more head fits: an AdamW mlp's five took 200 s on clothing-small)."""
+        from catalens.train.flags import HeldOut
+
+        if s.oof is None or s.recipe.kind == "finetune":   # its fold models had backbones of their own
+            return None
+        prep = s.prep
+        probs = {k: np.where(s.scored[:, None], v, np.nan).astype(np.float32) for k, v in s.oof.items()}
+        return HeldOut(prep.cat.frame["id"].to_numpy(), probs, {t.name: list(t.classes) for t in prep.tasks},
+                       f"the preset's {self.k}-fold CV of this recipe")
 
     def _refits(self, s: Scored) -> bool:
         """Whether the chosen ``s`` ends with ``data.refit_full``: with ``preset.refit_full``, a frozen recipe

@@ -71,6 +71,8 @@ class SearchResult:
     #: (trials leave the title model out) or the best trial ran in an earlier call.
     best_oof: dict | None = None
     scored: np.ndarray | None = None
+    #: seconds the best trial took (None when unknown)
+    best_seconds: float | None = None
 
 
 def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> float:
@@ -200,17 +202,21 @@ def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
     return score, int(scored.sum())
 
 
-def next_trial_fits(elapsed: float, trial_seconds: list[float], limit: float | None) -> bool:
+def next_trial_fits(elapsed: float, trial_seconds: list[float], limit: float | None, after: float = 0.0) -> bool:
     """Whether another trial is expected to end within ``limit`` seconds: the slowest trial so far
-    added to ``elapsed`` (a trial's cost depends on its settings; the slowest is the safe guess)."""
+    added to ``elapsed`` (a trial's cost depends on its settings; the slowest is the safe guess),
+    with ``after`` times the slowest trial still free at its end (a caller's refit of the best head)."""
     if limit is None or not trial_seconds:
         return True
-    return elapsed + max(trial_seconds) <= limit
+    return elapsed + max(trial_seconds) * (1.0 + after) <= limit
 
 
 def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
-           objective: str = "mean", log=None, prep: Prepared | None = None, cv: int = 0) -> SearchResult:
-    """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``."""
+           objective: str = "mean", log=None, prep: Prepared | None = None, cv: int = 0,
+           keep: float = 0.0) -> SearchResult:
+    """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``.
+    With ``minutes``, no trial starts that the slowest so far says would end later than ``keep``
+    times the slowest trial before the limit (``keep``: time the caller needs afterwards)."""
     log = log or _logger.info
     try:
         import optuna
@@ -276,7 +282,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         limit = minutes * 60 if minutes else None
 
         def stop_before_overrun(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
-            if not next_trial_fits(time.time() - t0, trial_seconds, limit):
+            if not next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
                 study.stop()
 
         study.optimize(run, n_trials=todo, timeout=limit, gc_after_trial=False, callbacks=[stop_before_overrun])
@@ -314,7 +320,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         scored = cv_score.scored
         oof = {n: np.where(scored[:, None], p, np.nan).astype(np.float32) for n, p in best_oof["probs"].items()}
     return SearchResult(best.value, best_cfg.head.model_dump(), len(rows), config_path, baseline, seconds,
-                        best_cfg.finetune.model_dump(), oof, scored)
+                        best_cfg.finetune.model_dump(), oof, scored, best.user_attrs.get("seconds"))
 
 
 def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
