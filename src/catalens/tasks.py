@@ -79,6 +79,17 @@ def _check_parents(name: str, by_name: dict[str, TaskInfo]) -> None:
         chain.insert(0, parent)
 
 
+def in_class_order(probs: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
+    """Columns ``(n, len(have))`` of ``probs`` in class order ``have`` as ``(n, len(want))`` in order
+    ``want``; a class of ``want`` not in ``have`` gets 0."""
+    where = {c: j for j, c in enumerate(have)}
+    out = np.zeros((len(probs), len(want)), np.float32)
+    for i, c in enumerate(want):
+        if c in where:
+            out[:, i] = probs[:, where[c]]
+    return out
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise softmax of logits ``(n, C)`` (float64 inside, stable)."""
     z = np.asarray(z, dtype=np.float64)

@@ -59,14 +59,11 @@ class HeldOut:
         found = idx >= 0
         for t in tasks:
             found[found] &= ~np.isnan(self.probs[t.name][idx[found]]).any(1)
+        from catalens.tasks import in_class_order
+
         out = {}
         for t in tasks:
-            src = self.probs[t.name][idx[found]]
-            col = {c: j for j, c in enumerate(self.classes[t.name])}
-            p = np.zeros((int(found.sum()), t.n_outputs), np.float32)
-            for i, c in enumerate(t.classes):
-                if c in col:
-                    p[:, i] = src[:, col[c]]
+            p = in_class_order(self.probs[t.name][idx[found]], self.classes[t.name], list(t.classes))
             if t.kind == "class":
                 p /= np.clip(p.sum(1, keepdims=True), 1e-12, None)
             out[t.name] = p

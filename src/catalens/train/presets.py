@@ -764,13 +764,10 @@ class _PresetRun:
 def _in_class_order(probs: np.ndarray, model_tasks, task) -> np.ndarray:
     """``probs`` ``(n, C_model)`` of a model trained on part of the data, as ``(n, C)`` columns in
     ``task``'s class order (a class that part never saw gets 0)."""
+    from catalens.tasks import in_class_order
+
     mine = next(t for t in model_tasks if t.name == task.name)
-    out = np.zeros((len(probs), task.n_outputs), np.float32)
-    where = {c: j for j, c in enumerate(mine.classes)}
-    for i, c in enumerate(task.classes):
-        if c in where:
-            out[:, i] = probs[:, where[c]]
-    return out
+    return in_class_order(probs, list(mine.classes), list(task.classes))
 
 
 def _crop_mode(s: Scored) -> tuple:
