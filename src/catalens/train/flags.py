@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from catalens.config import Config
-from catalens.tasks import MISSING, TaskInfo
+from catalens.tasks import MISSING, TaskInfo, in_class_order
 
 _logger = logging.getLogger(__name__)
 
@@ -59,8 +59,6 @@ class HeldOut:
         found = idx >= 0
         for t in tasks:
             found[found] &= ~np.isnan(self.probs[t.name][idx[found]]).any(1)
-        from catalens.tasks import in_class_order
-
         out = {}
         for t in tasks:
             p = in_class_order(self.probs[t.name][idx[found]], self.classes[t.name], list(t.classes))

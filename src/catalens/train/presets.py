@@ -697,9 +697,8 @@ class _PresetRun:
 
         if s.oof is None or s.recipe.kind == "finetune":   # its fold models had backbones of their own
             return None
-        prep = s.prep
-        probs = {k: np.where(s.scored[:, None], v, np.nan).astype(np.float32) for k, v in s.oof.items()}
-        return HeldOut(prep.cat.frame["id"].to_numpy(), probs, {t.name: list(t.classes) for t in prep.tasks},
+        prep = s.prep   # s.oof is NaN outside s.scored (kfold.out_of_fold, SearchResult.best_oof)
+        return HeldOut(prep.cat.frame["id"].to_numpy(), s.oof, {t.name: list(t.classes) for t in prep.tasks},
                        f"the preset's {self.k}-fold CV of this recipe")
 
     def _refits(self, s: Scored) -> bool:
