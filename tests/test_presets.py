@@ -314,3 +314,25 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     got = catalens.load(tmp_path / "m", runtime="eager", progress=False).predict(
         [str(p) for p in sorted((data.parent / "images").glob("*.jpg"))[:2]])
     assert got["category_accept"].notna().all() and got["unknown"].notna().all()
+
+
+def test_a_refit_embeds_shared_features_once():
+    """A searched head and the `+` recipe it was searched on share the multi-backbone's features: the refit
+    estimate of both counts that embedding once (the second refit reads it from the cache)."""
+    run = P._PresetRun.__new__(P._PresetRun)
+    run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
+    run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
+                                 "__len__": lambda self: 1000})()
+    run.clock = P._Clock(1200.0)
+    run.clock.spi = 0.01                                       # Lite0@224: 100 img/s
+    three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
+    concat = P.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
+    found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
+    searched = P.Scored(found, fit_each=20.0, cfg=concat.cfg)
+    embed = 1000 * 0.01 * P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300")
+    assert run._refit_cost(concat) == pytest.approx(10.0 * 1.3 * 2 + 3.0 + embed)   # logreg: refit_full fit too
+    assert run._refit_cost(searched) == pytest.approx(20.0 * 1.3 + 3.0 + embed)     # mlp: fitted once
+    val_pass = 100 * 0.01 * P._rel_cost(concat.cfg.backbone.name)                  # the ensemble's thresholds
+    assert run._refit_total([concat, searched]) == pytest.approx(29.0 + 29.0 + embed + 5.0 + val_pass)
+    lite2 = P.Scored(run.recipes["lite2@300 crop 1 multilevel"], fit_each=4.0)
+    assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding

@@ -306,10 +306,15 @@ class _PresetRun:
         return max(done, key=lambda s: s.score) if done else None
 
     def _refit_cost(self, s: Scored) -> float:
-        """Seconds to refit ``s`` with ``catalens train``: its head fitted on train (+ once more on train +
-        val with ``refit_full``), at the cost of one of its CV's fits when measured; the auto-accept
-        thresholds reuse its out-of-fold probabilities (:meth:`_heldout`), no fits. A ``+`` recipe is
-        embedded again through the multi-backbone (its own cache key)."""
+        """Seconds to refit ``s`` with ``catalens train``: its fits (:meth:`_refit_fits`) and, for a ``+``
+        recipe, the embedding through the multi-backbone (:meth:`_refit_embed`)."""
+        return self._refit_fits(s) + self._refit_embed(s)[1]
+
+    def _refit_fits(self, s: Scored) -> float:
+        """Seconds of ``s``'s fits in its refit: its head fitted on train (+ once more on train + val with
+        ``refit_full``), at the cost of one of its CV's fits when measured; the auto-accept thresholds
+        reuse its out-of-fold probabilities (:meth:`_heldout`), no fits. A fine-tuned recipe: the
+        fine-tuning on the train split."""
         n = len(self.pool)
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
             return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
@@ -317,10 +322,17 @@ class _PresetRun:
         head = s.recipe.head or {}
         refit = self.base.preset.refit_full and head.get("type") == "logreg"
         one = s.fit_each if s.fit_each is not None else self.clock.fit_cost(n, dim)
-        cost = one * 1.3 * (2 if refit else 1) + 3.0  # on 0.9 n rows (the CV's on ~0.8 n), with a margin
-        if s.recipe.members:  # embedded again through the multi-backbone's shared decode, as predict computes
-            cost += self.clock.embed_cost(n, _rel_cost("+".join(self.recipes[m].backbone for m in s.recipe.members)))
-        return cost
+        return one * 1.3 * (2 if refit else 1) + 3.0  # on 0.9 n rows (the CV's on ~0.8 n), with a margin
+
+    def _refit_embed(self, s: Scored) -> tuple[tuple | None, float]:
+        """``(features key, seconds)`` of embedding the photos again for ``s``'s refit: a ``+`` recipe goes
+        through the multi-backbone's shared decode, as predict computes (cached under its own key, so
+        recipes with the same key, a searched head and the recipe it was searched on, embed once);
+        single backbones are in the cache already: ``(None, 0)``."""
+        if not s.recipe.members or s.recipe.kind == "finetune":
+            return None, 0.0
+        spec = "+".join(self.recipes[m].backbone for m in s.recipe.members)
+        return _features_key(s.recipe), self.clock.embed_cost(len(self.pool), _rel_cost(spec))
 
     def _try(self, recipe: Recipe) -> None:
         s = Scored(recipe)
@@ -404,9 +416,10 @@ class _PresetRun:
 
     def _refit_total(self, chosen: list[Scored]) -> float:
         """Seconds to refit ``chosen``: each recipe's refit (:meth:`_refit_cost`), and for an ensemble
-        its val photos predicted through it for its own thresholds (``ensemble_flags``), each distinct
-        set of features once."""
-        cost = sum(self._refit_cost(x) for x in chosen) + 5.0
+        its val photos predicted through it for its own thresholds (``ensemble_flags``); each distinct
+        set of features is embedded once."""
+        embeds = dict(self._refit_embed(x) for x in chosen)   # one embedding per set of features
+        cost = sum(self._refit_fits(x) for x in chosen) + sum(embeds.values()) + 5.0
         if len(chosen) > 1:
             n_val = int((self.pool.frame["split"] == "val").sum())
             rel = {_features_key(x.recipe): _rel_cost(x.cfg.backbone.name) * (1 + len(x.recipe.tta or ()))
