@@ -54,7 +54,7 @@ def run_one(name: str, limit: str, warm: bool) -> dict:
     if not warm:
         shutil.rmtree(cache, ignore_errors=True)
         extra = [*extra, "--cache-dir", str(cache)]
-    load0 = os.getloadavg()[0]
+    load0, started = os.getloadavg()[0], time.time()
     wall = _catalens("train", data, "--out", str(out), "--preset", "best", "--time-limit", limit, "--no-progress",
                      "--set", "tracking=false", *extra)
     load1 = os.getloadavg()[0]
@@ -67,7 +67,7 @@ def run_one(name: str, limit: str, warm: bool) -> dict:
             "test": {t: metrics[t]["accuracy"] for t in tasks if t in metrics},
             "test_without_refit": without_refit(out, data, WORK / name, tasks, [] if warm else ["--cache-dir", str(cache)]),
             "cv": preset.get("cv_score"), "chosen": preset.get("chosen"), "limit": limit,
-            "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - wall))}
+            "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
 
 
 def without_refit(out: Path, data: str, work: Path, tasks: list[str], cache: list[str]) -> dict | None:

@@ -301,3 +301,35 @@ def test_search_resumes_after_an_interrupt_and_counts_trials_in_total(data, tmp_
     search_mod.search(data, out, cfg, trials=4, log=again.append)  # one more
     assert sum("  trial " in m for m in again) == 1
     assert len(pd.read_csv(out / "trials.csv")) == 4
+
+
+def test_title_models_are_fitted_once_per_fold_and_reused_exactly(data, monkeypatch):
+    """Two cross-validations over the same folds (two recipes of a preset) share each fold's title
+    model: the second fits none and its out-of-fold probabilities are those of fitting them again."""
+    from catalens.text.model import TitleModel
+    from catalens.train.kfold import TitleModels, fold_parts, out_of_fold, prepare
+
+    cfg = load_config(overrides=[{"head": {"epochs": 30}, "text": {"enabled": True},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    prep = prepare(data, cfg, log=lambda *a: None, classes_from="pool")
+    parts = fold_parts(prep, product_folds(prep.cat, 3, cfg.seed), 3, cfg)
+    fits = []
+    real = TitleModel.fit
+    monkeypatch.setattr(TitleModel, "fit", lambda self, *a, **k: fits.append(1) or real(self, *a, **k))
+    alone, _ = out_of_fold(prep, parts, cfg)
+    assert len(fits) == 3
+    titles = TitleModels()
+    first, _ = out_of_fold(prep, parts, cfg, titles=titles)
+    logreg = cfg.model_copy(deep=True)
+    logreg.head = type(cfg.head).model_validate({**cfg.head.model_dump(), "type": "logreg", "C": 0.1})
+    second, _ = out_of_fold(prep, parts, logreg, titles=titles)
+    assert len(fits) == 6 and titles.fits == 3 and len(titles.models) == 3 and titles.seconds > 0
+    for name in alone:
+        np.testing.assert_array_equal(first[name], alone[name])     # the same title models as without sharing
+    fresh, _ = out_of_fold(prep, parts, logreg)
+    for name in fresh:
+        np.testing.assert_allclose(second[name], fresh[name], atol=1e-6)
+    other = cfg.model_copy(deep=True)
+    other.text.C = cfg.text.C * 2    # other text settings: other title models
+    out_of_fold(prep, parts, other, titles=titles)
+    assert titles.fits == 6

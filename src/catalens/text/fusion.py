@@ -150,17 +150,19 @@ def title_model_from_config(tasks: list[TaskInfo], text_cfg) -> TitleModel:
 
 def fit_text_fusion(tasks: list[TaskInfo], texts_train, Y_train: dict[str, np.ndarray], texts_val,
                     Y_val: dict[str, np.ndarray], image_probs_val: dict[str, np.ndarray], text_cfg,
-                    log=None) -> TextFusion | None:
+                    log=None, model: TitleModel | None = None) -> TextFusion | None:
     """Fit the title model on the training titles and the fusion weights on validation.
 
-    Returns ``None`` (image only) when the training rows have no titles.
+    ``model``: a title model already fitted on these training titles (it depends on them and their
+    labels only, not on the image head), used as it is. Returns ``None`` (image only) when the
+    training rows have no titles.
     """
     log = log or _logger.info
     _, has_train = clean_titles(texts_train)
     if not has_train.any():
         log("text: no training row has a title; the model stays image-only")
         return None
-    model = title_model_from_config(tasks, text_cfg).fit(list(texts_train), Y_train)
+    model = model or title_model_from_config(tasks, text_cfg).fit(list(texts_train), Y_train)
     _, has_val = clean_titles(texts_val)
     p_text = model.predict_proba(list(texts_val)) if len(has_val) else {}
     weights = fit_weights(tasks, image_probs_val, p_text, Y_val, has_val) if has_val.any() else \

@@ -152,9 +152,44 @@ def known_paths_of(cat: Catalogue, tasks: list[TaskInfo], rows: np.ndarray) -> d
     return out
 
 
-def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=lambda *_: None) -> Fitted:
+class TitleModels:
+    """Title models fitted per fold, shared by several cross-validations over the same folds (the
+    recipes of one preset run): a title model depends on its training rows' titles and labels and
+    on the ``text`` settings, never on the image features or head, so each fold's is fitted once.
+    ``seconds`` / ``fits``: the time the fits took (what the first CV spends on titles)."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, object] = {}
+        self.seconds, self.fits = 0.0, 0
+
+    @staticmethod
+    def key(prep: Prepared, rows: np.ndarray, cfg: Config) -> str:
+        """What a title model is fitted from: the rows' ids, titles and labels, the tasks and ``cfg.text``."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update("\x1f".join(prep.cat.frame["id"].astype(str).to_numpy()[rows]).encode())
+        h.update("\x1f".join("" if t is None else str(t) for t in prep.titles[rows]).encode())
+        for t in prep.tasks:
+            h.update(f"{t.name}:{t.kind}:{'|'.join(map(str, t.classes))}".encode())
+            h.update(np.ascontiguousarray(prep.Y[t.name][rows]).tobytes())
+        h.update(cfg.text.model_dump_json().encode())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        """A copy of the fold's title model (its ``tasks`` are set per use), or None."""
+        model = self.models.get(key)
+        return copy.copy(model) if model is not None else None
+
+    def put(self, key: str, model, seconds: float) -> None:
+        self.models[key] = copy.copy(model)
+        self.seconds, self.fits = self.seconds + seconds, self.fits + 1
+
+
+def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=lambda *_: None,
+           titles: TitleModels | None = None) -> Fitted:
     """Head (+ title fusion when ``cfg.text.enabled``) on ``train`` rows, tuned on ``val`` rows,
-    as :func:`catalens.train.pipeline.train` does."""
+    as :func:`catalens.train.pipeline.train` does. ``titles``: title models to reuse (and add to)."""
     from catalens.evaluate.thresholds import tune_thresholds
     from catalens.heads import head_from_config
 
@@ -169,9 +204,13 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
         from catalens.text.fusion import fit_text_fusion
 
 
-        labelled = labelled_rows(prep.tasks, prep.Y)
-        text = fit_text_fusion(tasks, prep.titles[train & labelled], prep.select(train & labelled),
-                               prep.titles[va], prep.select(va), probs_val, cfg.text, log=log)
+        rows = train & labelled_rows(prep.tasks, prep.Y)
+        key = titles.key(prep, rows, cfg) if titles is not None else None
+        model, t = titles.get(key) if titles is not None else None, time.time()
+        text = fit_text_fusion(tasks, prep.titles[rows], prep.select(rows), prep.titles[va], prep.select(va),
+                               probs_val, cfg.text, log=log, model=model)
+        if titles is not None and model is None and text is not None:
+            titles.put(key, text.title_model, time.time() - t)
         if text is not None:
             probs_val = text.fuse(probs_val, prep.titles[va])
     Yv = prep.select(va)
@@ -193,17 +232,19 @@ def predict_rows(prep: Prepared, fitted: Fitted, rows: np.ndarray) -> dict[str, 
 
 
 def out_of_fold(prep: Prepared, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], cfg: Config,
-                predict_from: Prepared | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                predict_from: Prepared | None = None,
+                titles: TitleModels | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Out-of-fold probabilities over ``parts`` (:func:`fold_parts`): each part's head is fitted on its
     training rows (early stopping on its inner rows) and predicts its held-out rows, from
-    ``predict_from``'s features when given (e.g. TTA features), else from ``prep``'s. Returns
+    ``predict_from``'s features when given (e.g. TTA features), else from ``prep``'s (``titles``: the
+    folds' title models to reuse, :class:`TitleModels`). Returns
     ``({task: (n, C), NaN where never held out}, scored)`` with ``scored`` the ``(n,)`` rows predicted."""
     pred = predict_from if predict_from is not None else prep
     n = len(prep.cat)
     oof = {t.name: np.full((n, t.n_outputs), np.nan, np.float32) for t in prep.tasks}
     scored = np.zeros(n, bool)
     for train, inner, rows in parts:
-        for name, p in predict_rows(pred, fit_on(prep, train, inner, cfg), rows).items():
+        for name, p in predict_rows(pred, fit_on(prep, train, inner, cfg, titles=titles), rows).items():
             oof[name][rows] = p
         scored |= rows
     return oof, scored

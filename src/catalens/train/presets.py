@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from catalens.config import Config
+from catalens.train.kfold import TitleModels
 
 _logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
 LOGREG = {"type": "logreg", "C": 0.1}
 #: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
 _REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
+#: seconds of one title model fit per train + val photo, before one is measured (fashion-products: 20 s / 5,289)
+_FIRST_GUESS_TITLE = 0.005
 _FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
 _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
 #: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
@@ -268,6 +271,7 @@ class _PresetRun:
         self.results: dict[str, Scored] = {}
         self.pool = None
         self.refit_seconds = 0.0
+        self.titles = TitleModels()   # each fold's title model, fitted once for all recipes
 
     # ------------------------------------------------------------------ steps
     def run(self, result_type):
@@ -322,7 +326,15 @@ class _PresetRun:
         head = s.recipe.head or {}
         refit = self.base.preset.refit_full and head.get("type") == "logreg"
         one = s.fit_each if s.fit_each is not None else self.clock.fit_cost(n, dim)
+        if self.base.text.enabled:  # the refit fits its own title model (the CV's are shared by the recipes)
+            one += self._title_fit()
         return one * 1.3 * (2 if refit else 1) + 3.0  # on 0.9 n rows (the CV's on ~0.8 n), with a margin
+
+    def _title_fit(self) -> float:
+        """Seconds of one title model fit on a fold's training photos: measured, else a first guess."""
+        if self.titles.fits:
+            return self.titles.seconds / self.titles.fits
+        return _FIRST_GUESS_TITLE * len(self.pool)
 
     def _refit_embed(self, s: Scored) -> tuple[tuple | None, float]:
         """``(features key, seconds)`` of embedding the photos again for ``s``'s refit: a ``+`` recipe goes
@@ -402,7 +414,8 @@ class _PresetRun:
 
             recipe._uncached_tta = int(round(n * uncached_share(self.pool, with_tta(backbone, list(recipe.tta)), cfg)))
             embed += self.clock.embed_cost(recipe._uncached_tta, rel * (1 + len(recipe.tta)))
-        return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits
+        titles = fits * self._title_fit() if self.base.text.enabled and not self.titles.fits else 0.0
+        return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits + titles   # the folds' title models once
 
     def _one_cv_cost(self, s: Scored) -> float:
         """Seconds of one K-fold CV of a head on ``s``'s features (a search trial, as estimated)."""
@@ -503,9 +516,11 @@ class _PresetRun:
         parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
         t = time.time()
         pp = dc_replace(prep, features=pred_features) if pred_features is not None else None
-        s.oof, s.scored = out_of_fold(prep, parts, cfg, pp)
-        s.fit_each = (time.time() - t) / len(parts)
-        self.clock.learn_fit(time.time() - t, len(parts), len(prep.cat), prep.features.shape[1])
+        on_titles = self.titles.seconds
+        s.oof, s.scored = out_of_fold(prep, parts, cfg, pp, titles=self.titles if cfg.text.enabled else None)
+        heads = time.time() - t - (self.titles.seconds - on_titles)   # title models: once per fold, not per recipe
+        s.fit_each = heads / len(parts)
+        self.clock.learn_fit(heads, len(parts), len(prep.cat), prep.features.shape[1])
         self._set_score(s, prep)
 
     def _finetune_base(self, recipe: Recipe) -> Scored:
