@@ -336,3 +336,25 @@ def test_a_refit_embeds_shared_features_once():
     assert run._refit_total([concat, searched]) == pytest.approx(29.0 + 29.0 + embed + 5.0 + val_pass)
     lite2 = P.Scored(run.recipes["lite2@300 crop 1 multilevel"], fit_each=4.0)
     assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding
+
+
+def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, monkeypatch):
+    """Padding a square photo to a square changes nothing: the padded twin of a scored centre-cropped
+    recipe is skipped with the reason, not scored again; one photo that is not square keeps it."""
+    from PIL import Image
+
+    from catalens.ingest.open import open_catalogue
+    from catalens.synthetic import make_catalogue
+
+    recipes = [P.Recipe("centre", "efficientnet_lite0@64", 1.0), P.Recipe("padded", "efficientnet_lite0@64", 1.0, "pad")]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "best"), log=lambda *a: None)
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    assert board.loc["padded", "status"] == "skipped: the photos are square (a sample of 51): padded, they give " \
+                                            "the pixels of centre"
+    small = make_catalogue(tmp_path / "small", n_products=8, size=32, seed=1)
+    cat = open_catalogue(small)
+    assert P.all_square(cat)
+    path = small.parent / "images" / f"{cat.frame['id'].iloc[3]}.jpg"
+    Image.new("RGB", (40, 32), (200, 10, 10)).save(path)
+    assert not P.all_square(open_catalogue(small))

@@ -240,6 +240,25 @@ def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
     return miss / len(idx)
 
 
+def all_square(cat, sample: int = 64) -> bool:
+    """Whether a sample of ``cat``'s photos (spread over its rows) are all square: padding a square
+    photo to a square changes nothing, so a padded recipe would repeat its centre-cropped twin."""
+    import io
+
+    from PIL import Image
+
+    if len(cat) == 0:
+        return False
+    for i in np.unique(np.linspace(0, len(cat) - 1, min(sample, len(cat))).astype(int)):
+        try:
+            w, h = Image.open(io.BytesIO(cat.read_bytes(int(i)))).size   # the header only
+        except Exception:   # unreadable: not known to be square
+            return False
+        if w != h:
+            return False
+    return True
+
+
 def train_preset(data, out: str | Path, cfg: Config, log=None):
     """Run ``cfg.preset`` on ``data`` within ``cfg.preset.time_limit`` and write the model folder ``out``."""
     from catalens.train.pipeline import TrainResult, train
@@ -301,9 +320,10 @@ class _PresetRun:
         return result_type(model_result.model, self.out, model_result.metrics, seconds)
 
     def _reserve(self) -> float:
-        """Seconds to keep for the final refit: the three best recipes so far (an ensemble rarely has more)."""
-        done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
-        return sum(self._refit_cost(s) for s in done) + 5.0
+        """Seconds to keep for the final refit: the refit of what would be chosen now (:meth:`_pick`, a dry
+        run of the blend). A recipe scored later joins the blend only if the refit with it fits in what is
+        left then (:meth:`_pick` checks), so keeping room for more than today's choice buys nothing."""
+        return self._refit_total(self._pick()[0])
 
     def _best(self) -> Scored | None:
         done = [s for s in self.results.values() if s.oof is not None]
@@ -359,7 +379,7 @@ class _PresetRun:
             s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
             self.log(f"  {recipe.name}: {s.status}")
             return
-        left = self.clock.left() - (self._search_reserve() if recipe.kind == "search" else self._reserve())
+        left = self.clock.left() - self._reserve()
         if recipe.kind in ("frozen", "concat", "finetune"):  # its own refit, should it be chosen, must fit as well
             est += self._refit_cost(Scored(recipe))
         if est > left:
@@ -403,6 +423,8 @@ class _PresetRun:
             return 3 * self._one_cv_cost(best)   # at least three trials; it then spends all that is
             # left (_search_budget), starting no trial it cannot end in it
         cfg = self._recipe_config(recipe)
+        if recipe.crop == "pad":
+            self._check_padding_matters(recipe)
         from catalens.embed.factory import backbone_from_config
 
         backbone = backbone_from_config(cfg.backbone)
@@ -417,15 +439,19 @@ class _PresetRun:
         titles = fits * self._title_fit() if self.base.text.enabled and not self.titles.fits else 0.0
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits + titles   # the folds' title models once
 
+    def _check_padding_matters(self, recipe: Recipe) -> None:
+        """Skip a padded recipe whose centre-cropped twin (same backbone, side, crop 1, pooling) was scored
+        when the photos are square: both would see the same pixels (fashion-products' are 224 x 224)."""
+        twin = next((s for s in self.results.values() if s.oof is not None and s.recipe.kind == "frozen"
+                     and s.recipe.crop == "center" and (s.recipe.backbone, s.recipe.crop_pct, s.recipe.pool)
+                     == (recipe.backbone, recipe.crop_pct, recipe.pool)), None)
+        if twin is not None and recipe.crop_pct == 1.0 and all_square(self.pool):
+            raise _Skip(f"the photos are square (a sample of {min(64, len(self.pool))}): padded, they give the "
+                        f"pixels of {twin.recipe.name}")
+
     def _one_cv_cost(self, s: Scored) -> float:
         """Seconds of one K-fold CV of a head on ``s``'s features (a search trial, as estimated)."""
         return self.clock.fit_cost(len(self.pool), s.prep.features.shape[1]) * self.k
-
-    def _search_reserve(self) -> float:
-        """Seconds to keep from the searched head's budget: the refit of what would be chosen without it
-        (the searched head shares the features of the recipe it is searched on, so its own refit is one
-        head fit more, which the search keeps free itself: ``search(keep=)``)."""
-        return self._refit_total(self._pick()[0])
 
     def _refit_total(self, chosen: list[Scored]) -> float:
         """Seconds to refit ``chosen``: each recipe's refit (:meth:`_refit_cost`), and for an ensemble
@@ -443,7 +469,7 @@ class _PresetRun:
     def _search_budget(self) -> float:
         """The searched head comes last and gets everything left after the refit reserve: a search
         can stop after any trial, and each further trial can only raise its CV score."""
-        return max(0.0, self.clock.left() - self._search_reserve())
+        return max(0.0, self.clock.left() - self._reserve())
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
