@@ -321,9 +321,8 @@ class _PresetRun:
 
     def _reserve(self) -> float:
         """Seconds to keep for the final refit while recipes are scored: the refits of the three best so far
-        (an ensemble rarely has more). Measured against keeping only the refit of what would be chosen now
-        (:meth:`_search_reserve`): that let TTA run before the search on clothing-small (109 s, added
-        nothing) and the search found no better head in what was left (blend CV 0.9243 against 0.9270)."""
+        (an ensemble rarely has more). Keeping only the refit of what would be chosen now
+        (:meth:`_search_reserve`) was tried and changed no choice on the benchmarks (docs/presets.md)."""
         done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
         return sum(self._refit_cost(s) for s in done) + 5.0
 
