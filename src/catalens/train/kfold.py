@@ -206,7 +206,8 @@ def fit_on(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Config, log=
 
         rows = train & labelled_rows(prep.tasks, prep.Y)
         key = titles.key(prep, rows, cfg) if titles is not None else None
-        model, t = titles.get(key) if titles is not None else None, time.time()
+        model = titles.get(key) if titles is not None else None
+        t = time.time()
         text = fit_text_fusion(tasks, prep.titles[rows], prep.select(rows), prep.titles[va], prep.select(va),
                                probs_val, cfg.text, log=log, model=model)
         if titles is not None and model is None and text is not None:

@@ -61,6 +61,8 @@ LOGREG = {"type": "logreg", "C": 0.1}
 _REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
 #: seconds of one title model fit per train + val photo, before one is measured (fashion-products: 20 s / 5,289)
 _FIRST_GUESS_TITLE = 0.005
+#: photos looked at to tell whether a data set's photos are all square (:func:`all_square`)
+SQUARE_SAMPLE = 64
 _FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
 _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
 #: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
@@ -240,7 +242,7 @@ def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
     return miss / len(idx)
 
 
-def all_square(cat, sample: int = 64) -> bool:
+def all_square(cat, sample: int = SQUARE_SAMPLE) -> bool:
     """Whether a sample of ``cat``'s photos (spread over its rows) are all square: padding a square
     photo to a square changes nothing, so a padded recipe would repeat its centre-cropped twin."""
     import io
@@ -322,7 +324,7 @@ class _PresetRun:
     def _reserve(self) -> float:
         """Seconds to keep for the final refit while recipes are scored: the refits of the three best so far
         (an ensemble rarely has more). Keeping only the refit of what would be chosen now
-        (:meth:`_search_reserve`) was tried and changed no choice on the benchmarks (docs/presets.md)."""
+        (:meth:`_search_reserve`) was tried and changed no chosen model on the benchmarks (docs/presets.md)."""
         done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
         return sum(self._refit_cost(s) for s in done) + 5.0
 
@@ -454,7 +456,7 @@ class _PresetRun:
                      and s.recipe.crop == "center" and (s.recipe.backbone, s.recipe.crop_pct, s.recipe.pool)
                      == (recipe.backbone, recipe.crop_pct, recipe.pool)), None)
         if twin is not None and recipe.crop_pct == 1.0 and all_square(self.pool):
-            raise _Skip(f"the photos are square (a sample of {min(64, len(self.pool))}): padded, they give the "
+            raise _Skip(f"the photos are square (a sample of {min(SQUARE_SAMPLE, len(self.pool))}): padded, they give the "
                         f"pixels of {twin.recipe.name}")
 
     def _one_cv_cost(self, s: Scored) -> float:
