@@ -184,6 +184,50 @@ def test_search_returns_the_best_trials_out_of_fold_predictions(data, tmp_path):
     assert again.best_oof is None and again.scored is None
 
 
+def test_a_logreg_start_stays_logreg_and_a_known_start_costs_no_fits(data, tmp_path, monkeypatch):
+    """Trial 0 of a ``logreg`` start is that ``logreg`` (before, it became an AdamW ``linear`` head, so
+    the search could end below where it started); given its result, trial 0 fits nothing; the heads
+    of ``first`` come next, before the sampler's."""
+    pytest.importorskip("optuna")
+    from catalens.train import search as search_mod
+    from catalens.train.kfold import fold_parts, out_of_fold, prepare, product_folds
+
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.3, "epochs": 30},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    prep = prepare(data, cfg, log=lambda *a: None, classes_from="pool")
+    oof, scored = out_of_fold(prep, fold_parts(prep, product_folds(prep.cat, 3, cfg.seed), 3, cfg), cfg)
+    plain = search_mod.search(data, tmp_path / "a", cfg, trials=1, log=lambda *a: None, prep=prep, cv=3)
+    assert plain.best_head["type"] == "logreg" and plain.best_head["C"] == 0.3
+    for name, p in oof.items():
+        np.testing.assert_allclose(plain.best_oof[name], p, atol=1e-6)   # trial 0 is the start, refitted
+    assert pd.read_csv(tmp_path / "a" / "trials.csv").loc[0, ["hidden", "fit", "C"]].tolist() == [0, "lbfgs", 0.3]
+
+    fits = []
+    real = search_mod.fit_on
+    monkeypatch.setattr(search_mod, "fit_on", lambda *a, **k: fits.append(a[3].head.type) or real(*a, **k))
+    mlp = {"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4, "label_smoothing": 0.1}
+    res = search_mod.search(data, tmp_path / "b", cfg, trials=2, log=lambda *a: None, prep=prep, cv=3,
+                            first=(mlp,), start_result=(0.5, oof, 7.0))
+    assert fits == ["mlp"] * 3                       # trial 0 known (no fits), trial 1 the given mlp, 3 folds
+    rows = pd.read_csv(tmp_path / "b" / "trials.csv")
+    assert rows["value"].iloc[0] == 0.5 and rows["seconds"].iloc[0] == 7.0
+    assert rows.loc[1, ["hidden", "lr", "dropout", "label_smoothing"]].tolist() == [256, 1e-3, 0.4, 0.1]
+    assert res.best_value == rows["value"].max() and res.trials == 2
+
+
+def test_a_resumed_search_starts_no_trial_its_slowest_says_would_overrun(data, tmp_path):
+    """--minutes on a resumed study: the trials it ran before tell how slow a trial is."""
+    pytest.importorskip("optuna")
+    from catalens.train.search import search
+
+    cfg = load_config(overrides=[{"head": {"epochs": 30}, "engine": {"runtime": "eager", "progress": False}}])
+    search(data, tmp_path / "s", cfg, trials=1, log=lambda *a: None)
+    slowest = pd.read_csv(tmp_path / "s" / "trials.csv")["seconds"].max()
+    lines = []
+    res = search(data, tmp_path / "s", cfg, minutes=slowest / 60 / 2, log=lines.append)
+    assert res.trials == 1 and not any("  trial " in m for m in lines)
+
+
 def test_no_trial_starts_that_the_slowest_so_far_says_would_overrun():
     from catalens.train.search import next_trial_fits
 

@@ -50,8 +50,9 @@ def test_recipes_of_the_presets():
     best = [r.name for r in P.candidate_recipes("best")]
     assert medium[0] == "lite0 (plain catalens train)" and "lite0@256+lite1@272+lite2@300 crop 1 multilevel" in medium
     assert best[:len(medium)] == medium and {"searched head", "best single + tta hflip"} <= set(best)
-    assert best[len(medium)] == "lite0 last stage fine-tuned" and "lite0 last stage fine-tuned" not in medium
-    assert best[-1] == "searched head"   # last: it spends whatever the other recipes left
+    # the searched head right after the frozen recipes (its first heads; more at the end), then the costly ones
+    assert best[len(medium):len(medium) + 2] == ["searched head", "lite0 last stage fine-tuned"]
+    assert "lite0 last stage fine-tuned" not in medium
     by_name = {r.name: r for r in P.candidate_recipes("best")}
     base = load_config(overrides=[{"tracking": False}])
     pools = {n: r.config(base, by_name).backbone.pool for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
@@ -134,6 +135,40 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     assert ev["context"].get("refit_full") == (None if refit is None else f"fitted again on train + val "
                                                f"({refit['rows']} photos)" if "rows" in refit else
                                                f"members {refit['members']} fitted again on train + val")
+
+
+def test_the_searched_head_tries_its_first_heads_early_and_continues_at_the_end(data, tmp_path, monkeypatch):
+    """The search's first part: trial 0 is the best recipe's own head with its known out-of-fold
+    predictions (no fits), then SEARCH_FIRST's heads only; the recipes after it run; at the end the same
+    study continues with what is left before the refit."""
+    from catalens.train import search as S
+
+    recipes = [*SMALL, P.Recipe("after", "efficientnet_lite0@72", head=dict(P.LOGREG))]
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    first = ({"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4},)
+    monkeypatch.setattr(P, "SEARCH_FIRST", first)
+    calls, real = [], S.search
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "search", spy)
+    lines, cfg = [], _cfg(tmp_path, 90.0)
+    cfg.preset.titles = "off"   # with titles trial 0 is fitted again, without the title model (its own test)
+    P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
+    assert len(calls) == 2, lines
+    assert calls[0]["trials"] == 2 and calls[0]["first"] == first and calls[1]["trials"] is None
+    value, oof, seconds = calls[0]["start_result"]
+    order = [m.split(":")[0].strip() for m in lines if m.startswith("  ") and ": " in m]
+    assert order.index("searched head") < order.index("after") < order.index("searched head, continued")
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
+    best = board.loc[[r for r in board.index if r in ("lite0@64", "lite0@80 crop 1", "both")], "cv_score"].max()
+    assert value == pytest.approx(best, abs=1e-6) and seconds > 0   # the best recipe's own CV, as scored
+    searched = board.loc[[r for r in board.index if r.startswith("searched head")]]
+    assert len(searched) == 1 and searched["status"].iloc[0] in ("chosen", "scored")
+    assert searched["cv_score"].iloc[0] >= best - 1e-9    # never below the head it started from
+    assert re.search(r"searched head, continued: CV [0-9.]+ \(was [0-9.]+; \d+s, \d+ trials in all", "\n".join(lines))
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("data", help="photo folder or dataset file")
     p.add_argument("--out", required=True, help="folder for best_config.yaml, trials.csv, search.json")
     p.add_argument("--trials", type=positive_int, metavar="N", help="number of trials")
-    p.add_argument("--minutes", type=positive_float, metavar="M", help="time budget (stops after the running trial)")
+    p.add_argument("--minutes", type=positive_float, metavar="M", help="time budget: no trial starts that the slowest so far says would end after it")
     p.add_argument("--cv", type=nonneg_int, default=0, metavar="K",
                    help="score each trial by K-fold cross-validation over train+val (K times slower; "
                         "steadier than a small val split)")

@@ -2,8 +2,9 @@
 
 Every trial fits the task heads on the cached embeddings of the train split with early
 stopping on val (as ``catalens train`` does) and is scored on val; the test split is never
-read. Searched: learning rate, weight decay, hidden width (0 = linear head), dropout,
-label smoothing, class weighting and the loss weight of every class task. The first trial
+read. Searched: hidden width (0 = no hidden layer), how a head without one is fitted (AdamW, or
+L-BFGS as ``logreg`` with its ``C``), learning rate, weight decay, dropout, label smoothing,
+class weighting and the loss weight of every class task. The first trial
 is the starting configuration itself, so the best found is never worse than it on val.
 
 With ``--cv K`` a trial is scored on the pooled out-of-fold predictions of K folds over
@@ -54,6 +55,9 @@ from catalens.train.kfold import Prepared, fit_on, predict_rows, prepare
 _logger = logging.getLogger(__name__)
 
 HIDDEN_CHOICES = (0, 256, 512, 1024)
+#: how a head without a hidden layer is fitted: AdamW (``linear``) or L-BFGS (``logreg``)
+LINEAR_FITS = ("adamw", "lbfgs")
+C_RANGE = (1e-3, 10.0)   # logreg's C, log scale
 
 
 @dataclass
@@ -94,14 +98,21 @@ def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> flo
 
 
 def head_from_trial(trial, cfg: Config, class_tasks: list[str]) -> dict:
-    """The head section proposed by an Optuna trial (over ``cfg.head``)."""
+    """The head section proposed by an Optuna trial (over ``cfg.head``). A head without a hidden
+    layer is fitted either by AdamW (``linear``: learning rate, weight decay, dropout) or by L-BFGS
+    to convergence (``logreg``: its penalty ``C`` instead); both share label smoothing, class
+    weighting and the loss weights."""
     hidden = trial.suggest_categorical("hidden", list(HIDDEN_CHOICES))
     head = cfg.head.model_dump()
+    if not hidden and trial.suggest_categorical("fit", list(LINEAR_FITS)) == "lbfgs":
+        head.update(type="logreg", hidden=0, dropout=0.0, C=trial.suggest_float("C", *C_RANGE, log=True))
+    else:
+        head.update(
+            type="mlp" if hidden else "linear", hidden=hidden,
+            lr=trial.suggest_float("lr", 3e-4, 3e-2, log=True),
+            weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+            dropout=trial.suggest_float("dropout", 0.05 if hidden else 0.0, 0.6))
     head.update(
-        type="mlp" if hidden else "linear", hidden=hidden,
-        lr=trial.suggest_float("lr", 3e-4, 3e-2, log=True),
-        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
-        dropout=trial.suggest_float("dropout", 0.05 if hidden else 0.0, 0.6),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2),
         class_weighting=trial.suggest_categorical("class_weighting", ["none", "sqrt", "balanced"]),
         loss_weights={name: trial.suggest_float(f"loss_weight.{name}", 0.25, 4.0, log=True) for name in class_tasks},
@@ -163,12 +174,25 @@ def finetune_scorer(prep: Prepared, train: np.ndarray, val: np.ndarray, cfg: Con
 
 
 def _start_params(cfg: Config, class_tasks: list[str]) -> dict:
-    """The starting head as Optuna parameters (enqueued as trial 0)."""
-    h = cfg.head
+    """The starting head as Optuna parameters (enqueued as trial 0): a ``logreg`` start stays
+    ``logreg`` (its ``C``), so the best found is never worse than it."""
+    return _head_params(cfg.head, class_tasks)
+
+
+def _head_params(h, class_tasks: list[str]) -> dict:
+    """A head section (``HeadConfig`` or its dict) as Optuna parameters, clipped into the ranges."""
+    from catalens.config import HeadConfig
+
+    h = h if isinstance(h, HeadConfig) else HeadConfig.model_validate(h)
     hidden = h.hidden if h.hidden in HIDDEN_CHOICES else (512 if h.type == "mlp" else 0)
-    p = {"hidden": hidden, "lr": min(max(h.lr, 3e-4), 3e-2), "weight_decay": min(max(h.weight_decay, 1e-6), 1e-1),
-         "dropout": min(max(h.dropout, 0.05 if hidden else 0.0), 0.6),
-         "label_smoothing": min(h.label_smoothing, 0.2), "class_weighting": h.class_weighting}
+    if h.type == "logreg":
+        p = {"hidden": 0, "fit": "lbfgs", "C": min(max(h.C, C_RANGE[0]), C_RANGE[1])}
+    else:
+        p = {"hidden": hidden, "lr": min(max(h.lr, 3e-4), 3e-2), "weight_decay": min(max(h.weight_decay, 1e-6), 1e-1),
+             "dropout": min(max(h.dropout, 0.05 if hidden else 0.0), 0.6)}
+        if not hidden:
+            p["fit"] = "adamw"
+    p.update(label_smoothing=min(h.label_smoothing, 0.2), class_weighting=h.class_weighting)
     for name in class_tasks:
         p[f"loss_weight.{name}"] = min(max(h.loss_weights.get(name, 1.0), 0.25), 4.0)
     return p
@@ -213,10 +237,16 @@ def next_trial_fits(elapsed: float, trial_seconds: list[float], limit: float | N
 
 def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
            objective: str = "mean", log=None, prep: Prepared | None = None, cv: int = 0,
-           keep: float = 0.0) -> SearchResult:
+           keep: float = 0.0, first: tuple[dict, ...] = (),
+           start_result: tuple[float, dict, float] | None = None) -> SearchResult:
     """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``.
     With ``minutes``, no trial starts that the slowest so far says would end later than ``keep``
-    times the slowest trial before the limit (``keep``: time the caller needs afterwards)."""
+    times the slowest trial before the limit (``keep``: time the caller needs afterwards).
+
+    ``first``: head sections (over ``cfg.head``) to try right after the starting one, before the
+    sampler proposes any (a new study only). ``start_result``: with ``cv``, the starting head's
+    objective and out-of-fold probabilities ``{task: (n, C)}`` on these folds, already known to the
+    caller, and the seconds they took: trial 0 takes them instead of fitting K heads again."""
     log = log or _logger.info
     try:
         import optuna
@@ -255,13 +285,17 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     def run(trial) -> float:
         s = time.time()
         c = base.model_copy(deep=True)
+        known = start_result is not None and cv_score is not None and trial.user_attrs.get("start")
         if ft_score is not None:
             c.finetune = type(base.finetune).model_validate(finetune_from_trial(trial, base))
             value, epochs = ft_score(c)
         else:
-            c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))
-            value, epochs = (cv_score or val_score)(c)
-        trial_seconds.append(time.time() - s)
+            c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))  # the trial's params
+            if known:   # the caller's result for it: no fits
+                value, cv_score.last_probs, epochs = start_result[0], start_result[1], 0
+            else:
+                value, epochs = (cv_score or val_score)(c)
+        trial_seconds.append(start_result[2] if known else time.time() - s)
         trial.set_user_attr("seconds", round(trial_seconds[-1], 1))
         trial.set_user_attr("best_epoch", epochs)
         if cv_score is not None and np.isfinite(value) and value > best_oof.get("value", -np.inf):
@@ -272,14 +306,16 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed (diverged) trials are logged by run()
     start = _start_finetune_params(cfg) if ft_score is not None else _start_params(cfg, class_tasks)
-    study, done = open_study(out, study_key(data, cfg, objective, cv, tuning), cfg.seed, start, log)
+    then = [_head_params(h, class_tasks) for h in first] if ft_score is None else []
+    study, done = open_study(out, study_key(data, cfg, objective, cv, tuning), cfg.seed, start, log, then)
     todo = None if trials is None else max(0, trials - done)
     scored_on = (f"{cv}-fold out-of-fold predictions over train + val ({cv_rows} images)" if cv else
                  f"val ({int((val & prep.usable).sum())} images), training on {int((train & prep.usable).sum())}")
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
-    if todo != 0:
-        limit = minutes * 60 if minutes else None
+    limit = minutes * 60 if minutes else None
+    trial_seconds += [t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs]  # resumed
+    if todo != 0 and next_trial_fits(0.0, trial_seconds, limit, keep):
 
         def stop_before_overrun(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
             if not next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
@@ -334,11 +370,12 @@ def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
     return f"{tuning}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def open_study(out: Path, name: str, seed: int, start: dict, log):
+def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dict] = ()):
     """The Optuna study ``name`` in ``out/study.db``, new or resumed; ``(study, finished trials)``.
 
     Trials cut off by an interrupt (Ctrl-C, or a killed process) are marked failed and their
-    settings queued again, once; a new study starts with the starting configuration (``start``) as its first trial.
+    settings queued again, once; a new study starts with the starting configuration (``start``) as its
+    first trial, then the parameters in ``then``.
     """
     import optuna
 
@@ -346,6 +383,8 @@ def open_study(out: Path, name: str, seed: int, start: dict, log):
                                 direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     if not study.trials:
         study.enqueue_trial(start, user_attrs={"start": True})
+        for params in then:
+            study.enqueue_trial(params)
         return study, 0
     state = optuna.trial.TrialState
     requeued = {t.user_attrs.get("interrupted") for t in study.trials}
