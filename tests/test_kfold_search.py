@@ -215,6 +215,20 @@ def test_a_logreg_start_stays_logreg_and_a_known_start_costs_no_fits(data, tmp_p
     assert res.best_value == rows["value"].max() and res.trials == 2
 
 
+def test_the_search_offers_logreg_only_where_it_can_fit():
+    """logreg fits every row at once: a start that samples rows per epoch is never offered it."""
+    optuna = pytest.importorskip("optuna")
+    from catalens.train.search import head_from_trial
+
+    def types(head: dict) -> set:
+        cfg = load_config(overrides=[{"head": head}])
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        return {head_from_trial(study.ask(), cfg, ["category"])["type"] for _ in range(40)}
+
+    assert types({}) == {"linear", "logreg", "mlp"}
+    assert types({"sampler": "balanced"}) == {"linear", "mlp"}
+
+
 def test_a_resumed_search_starts_no_trial_its_slowest_says_would_overrun(data, tmp_path):
     """--minutes on a resumed study: the trials it ran before tell how slow a trial is."""
     pytest.importorskip("optuna")

@@ -104,7 +104,9 @@ def head_from_trial(trial, cfg: Config, class_tasks: list[str]) -> dict:
     weighting and the loss weights."""
     hidden = trial.suggest_categorical("hidden", list(HIDDEN_CHOICES))
     head = cfg.head.model_dump()
-    if not hidden and trial.suggest_categorical("fit", list(LINEAR_FITS)) == "lbfgs":
+    # lbfgs fits every row at once: not offered when the start samples rows per epoch (logreg refuses it)
+    fits = LINEAR_FITS if head["sampler"] == "none" and not head["max_per_class"] else ("adamw",)
+    if not hidden and trial.suggest_categorical("fit", list(fits)) == "lbfgs":
         head.update(type="logreg", hidden=0, dropout=0.0, C=trial.suggest_float("C", *C_RANGE, log=True))
     else:
         head.update(
@@ -315,7 +317,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         f"'{objective}' on {scored_on}")
     limit = minutes * 60 if minutes else None
     trial_seconds += [t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs]  # resumed
-    if todo != 0 and next_trial_fits(0.0, trial_seconds, limit, keep):
+    if todo != 0 and next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
 
         def stop_before_overrun(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
             if not next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
