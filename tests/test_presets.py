@@ -104,7 +104,7 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     assert len(scored) >= 3 and scored["cv_score"].between(0, 1).all()
     assert (board["status"] == "chosen").sum() >= 1
     searched = board.loc[board["recipe"].str.startswith("searched head"), "status"].tolist()
-    assert searched and searched[0] in ("chosen", "scored"), searched   # last, with what is left: it runs
+    assert searched and searched[0] in ("chosen", "scored"), searched   # its first heads fit: it is scored
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     preset = desc["preset"]
     assert preset["name"] == "best" and preset["folds"] == 3 and preset["time_limit"] == limit
@@ -169,6 +169,26 @@ def test_the_searched_head_tries_its_first_heads_early_and_continues_at_the_end(
     assert len(searched) == 1 and searched["status"].iloc[0] in ("chosen", "scored")
     assert searched["cv_score"].iloc[0] >= best - 1e-9    # never below the head it started from
     assert re.search(r"searched head, continued: CV [0-9.]+ \(was [0-9.]+; \d+s, \d+ trials in all", "\n".join(lines))
+
+
+def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(data, tmp_path, monkeypatch):
+    """When its first heads do not fit after the frozen recipes, the search is tried again last, with all
+    that is left before the refit: starting head, first heads and the sampler's, in one call."""
+    from catalens.train import search as S
+
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    guesses = iter([1e9])
+    monkeypatch.setattr(P._PresetRun, "_trial_guess", lambda self, best: next(guesses, 0.0))
+    calls, real = [], S.search
+    monkeypatch.setattr(S, "search", lambda *a, **k: calls.append(k) or real(*a, **k))
+    lines, cfg = [], _cfg(tmp_path, 60.0)
+    cfg.preset.titles = "off"
+    P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
+    assert "  searched head: skipped: needs ~1000000000s, " in "\n".join(lines)
+    assert any(m.startswith("  searched head, at the end: CV ") for m in lines), lines
+    assert [c["trials"] for c in calls] == [None]
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
+    assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):

@@ -394,38 +394,39 @@ class _PresetRun:
         nothing comes after it but the refit, :meth:`_search_reserve`), and log the outcome."""
         s = Scored(recipe)
         self.results[recipe.name] = s
+        name = f"{recipe.name}, at the end" if last else recipe.name   # the searched head's second try
         try:
             est = self._estimate(recipe)
         except _Skip as e:
             s.status = f"skipped: {e}"
-            self.log(f"  {recipe.name}: {s.status}")
+            self.log(f"  {name}: {s.status}")
             return
         except _FAILURES as e:
             s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            self.log(f"  {recipe.name}: {s.status}")
+            self.log(f"  {name}: {s.status}")
             return
         left = self.clock.left() - (self._search_reserve() if last else self._reserve())
         if recipe.kind in ("frozen", "concat", "finetune"):  # its own refit, should it be chosen, must fit as well
             est += self._refit_cost(Scored(recipe))
         if est > left:
             s.status = f"skipped: needs ~{est:.0f}s, {max(0, left):.0f}s left before the refit"
-            self.log(f"  {recipe.name}: {s.status}")
+            self.log(f"  {name}: {s.status}")
             return
         t = time.time()
         try:
             self._score(s, left, last)
         except _Skip as e:
             s.status = f"skipped: {e}"
-            self.log(f"  {recipe.name}: {s.status}")
+            self.log(f"  {name}: {s.status}")
             return
         except _FAILURES as e:  # one recipe failing costs that recipe only
             s.oof, s.status = None, f"failed: {type(e).__name__}: {str(e)[:300]}"
             s.seconds = round(time.time() - t, 1)
-            self.log(f"  {recipe.name}: {s.status}")
+            self.log(f"  {name}: {s.status}")
             return
         s.seconds = round(time.time() - t, 1)
         s.status = "scored"
-        self.log(f"  {recipe.name}: CV {s.score:.4f} ({s.seconds:.0f}s; estimated {est:.0f}s; "
+        self.log(f"  {name}: CV {s.score:.4f} ({s.seconds:.0f}s; estimated {est:.0f}s; "
                  f"{self.clock.left():.0f}s left)")
 
     def _estimate(self, recipe: Recipe) -> float:
