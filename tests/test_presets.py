@@ -191,6 +191,38 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
 
 
+def test_the_continued_search_replaces_the_searched_head_only_with_a_new_best(data, tmp_path, monkeypatch):
+    """The second part's study is the first part's: a best trial with another head replaces the searched
+    head (with titles its score is the trials' image-only one, so heads are compared, not scores)."""
+    import dataclasses
+
+    from catalens.train import search as S
+
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    real, seen = S.search, {}
+
+    def second_finds_another(*a, **k):
+        res = real(*a, **k)
+        if k["trials"] is None:   # the continued search: pretend its sampler found a better head
+            res = dataclasses.replace(res, best_head={**res.best_head, "type": "logreg", "C": 7.0},
+                                      best_value=res.best_value + 0.01)
+        return res
+
+    monkeypatch.setattr(S, "search", second_finds_another)
+    real_more = P._PresetRun._search_more
+
+    def more(self):
+        seen["before"] = dict(self.results[P.SEARCHED].recipe.head or {})
+        real_more(self)
+        seen["after"] = dict(self.results[P.SEARCHED].recipe.head or {})
+
+    monkeypatch.setattr(P._PresetRun, "_search_more", more)
+    cfg = _cfg(tmp_path, 60.0)
+    cfg.preset.titles = "off"
+    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
+    assert seen["before"].get("C") != 7.0 and seen["after"]["C"] == 7.0 and seen["after"]["type"] == "logreg"
+
+
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     lines = []

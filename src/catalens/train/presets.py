@@ -670,8 +670,8 @@ class _PresetRun:
         except RuntimeError as e:  # Optuna not installed
             raise _Skip(str(e)) from None
         s.trials = res.trials
-        if more and not (res.best_value > s.score and res.best_head != s.recipe.head):
-            return
+        if more and res.best_head == s.recipe.head:   # the study's best trial is still the first part's
+            return   # (compared by head: with titles the trials' scores leave the title model out, s.score not)
         s.recipe.members, s.recipe.backbone = best.recipe.members, best.recipe.backbone
         s.recipe.crop_pct, s.recipe.crop, s.recipe.tta = best.recipe.crop_pct, best.recipe.crop, best.recipe.tta
         s.recipe.pool = best.recipe.pool
