@@ -151,6 +151,8 @@ def test_the_searched_head_tries_its_first_heads_early_and_continues_at_the_end(
 
     def spy(*a, **k):
         calls.append(k)
+        if k["trials"] is None:   # the continued search: a few seconds are enough to test it
+            k = {**k, "minutes": min(k["minutes"], 0.1)}
         return real(*a, **k)
 
     monkeypatch.setattr(S, "search", spy)
@@ -180,7 +182,7 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     guesses = iter([1e9])
     monkeypatch.setattr(P._PresetRun, "_trial_guess", lambda self, best: next(guesses, 0.0))
     calls, real = [], S.search
-    monkeypatch.setattr(S, "search", lambda *a, **k: calls.append(k) or real(*a, **k))
+    monkeypatch.setattr(S, "search", lambda *a, **k: calls.append(k) or real(*a, **{**k, "minutes": min(k["minutes"], 0.1)}))
     lines, cfg = [], _cfg(tmp_path, 60.0)
     cfg.preset.titles = "off"
     P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
@@ -202,7 +204,7 @@ def test_the_continued_search_replaces_the_searched_head_only_with_a_new_best(da
     real, seen = S.search, {}
 
     def second_finds_another(*a, **k):
-        res = real(*a, **k)
+        res = real(*a, **{**k, "minutes": min(k["minutes"], 0.1)})
         if k["trials"] is None:   # the continued search: pretend its sampler found a better head
             res = dataclasses.replace(res, best_head={**res.best_head, "type": "logreg", "C": 7.0},
                                       best_value=res.best_value + 0.01)
