@@ -192,7 +192,7 @@ def test_a_logreg_start_stays_logreg_and_a_known_start_costs_no_fits(data, tmp_p
     from catalens.train import search as search_mod
     from catalens.train.kfold import fold_parts, out_of_fold, prepare, product_folds
 
-    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.3, "epochs": 30},
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.3, "epochs": 8},
                                   "engine": {"runtime": "eager", "progress": False}}])
     prep = prepare(data, cfg, log=lambda *a: None, classes_from="pool")
     oof, scored = out_of_fold(prep, fold_parts(prep, product_folds(prep.cat, 3, cfg.seed), 3, cfg), cfg)
