@@ -446,7 +446,9 @@ class _PresetRun:
             best = self._best()
             if best is None:
                 raise _Skip("nothing scored to search a head for")
-            return self._trial_guess(best)   # at least one head of SEARCH_FIRST (the starting one is known)
+            # at least one head of SEARCH_FIRST (the starting one is known); with titles a better head is
+            # cross-validated once more with the title model (:meth:`_search` keeps that CV aside)
+            return self._trial_guess(best) + (self._one_cv_cost(best) if best.cfg.text.enabled else 0.0)
         cfg = self._recipe_config(recipe)
         if recipe.crop == "pad":
             self._check_padding_matters(recipe)
@@ -658,9 +660,8 @@ class _PresetRun:
         base = best.cfg.model_copy(deep=True)
         titles = base.text.enabled
         # With titles a better head is cross-validated once more with the title model: keep one CV for it.
+        # (Whether the first heads fit in ``budget`` at all, :meth:`_try` checked by :meth:`_estimate`.)
         spend = budget - (self._one_cv_cost(best) if titles else 0.0)
-        if not more and spend < self._trial_guess(best):
-            raise _Skip(f"needs ~{self._trial_guess(best):.0f}s for a head, {spend:.0f}s to spend")
         known = None if titles else (best.score, best.oof, (best.fit_each or 0.0) * self.k)
         try:
             res = search(self.data, self.work / "search", base, minutes=max(0.05, spend / 60.0),
