@@ -242,16 +242,60 @@ def test_a_resumed_search_starts_no_trial_its_slowest_says_would_overrun(data, t
     assert res.trials == 1 and not any("  trial " in m for m in lines)
 
 
-def test_no_trial_starts_that_the_slowest_so_far_says_would_overrun():
-    from catalens.train.search import next_trial_fits
+def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
+    from catalens.train.search import next_trial_fits, trial_cost, trial_kind
 
-    assert next_trial_fits(0.0, [], 10.0)                 # the first trial always runs
-    assert next_trial_fits(50.0, [20.0, 40.0], None)      # no limit
-    assert next_trial_fits(50.0, [20.0, 40.0], 90.0)      # 50 + 40 = 90: ends on time
-    assert not next_trial_fits(51.0, [20.0, 40.0], 90.0)  # the slowest, not the last, is the guess
-    # keep: the caller's refit of the best head afterwards, a quarter of a trial (one fit of a 4-fold trial)
-    assert next_trial_fits(40.0, [20.0, 40.0], 90.0, after=0.25)      # 40 + 40 + 10 = 90
-    assert not next_trial_fits(41.0, [20.0, 40.0], 90.0, after=0.25)
+    assert trial_kind({"hidden": 0, "fit": "lbfgs", "C": 0.1}) == ("lbfgs", 0)
+    assert trial_kind({"hidden": 0, "fit": "adamw", "lr": 0.01}) == ("adamw", 0)
+    assert trial_kind({"hidden": 512, "lr": 0.01}) == ("adamw", 512)
+    assert trial_kind({"lr": 0.01, "epochs": 4}) == ("finetune", 0)
+    seen = [(("lbfgs", 0), 17.0), (("adamw", 256), 260.0), (("lbfgs", 0), 21.0)]
+    assert trial_cost(("lbfgs", 0), seen) == 21.0        # the slowest of its kind
+    assert trial_cost(("adamw", 1024), seen) == 1040.0   # an mlp of another width: by width
+    assert trial_cost(("adamw", 0), seen) == 260.0       # a kind not run yet: the slowest of all
+    assert trial_cost(("lbfgs", 0), []) is None          # nothing run yet: no guess
+    assert next_trial_fits(0.0, None, 10.0)               # the first trial always runs
+    assert next_trial_fits(50.0, 40.0, None)              # no limit
+    assert next_trial_fits(50.0, 40.0, 90.0)              # 50 + 40 = 90: ends on time
+    assert not next_trial_fits(51.0, 40.0, 90.0)
+    assert not next_trial_fits(40.0, 40.0, 90.0, after=10.5)   # the caller's refit afterwards counts
+
+
+def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, monkeypatch):
+    """--minutes: once an mlp trial has taken 100 s, the sampler's mlp proposals that would overrun are
+    dropped unrun, while logreg trials of 2 s go on until they too would end past the limit, keeping
+    ``keep`` times the best trial (the mlp) free for its refit. A clock stands in for the fits' time."""
+    pytest.importorskip("optuna")
+    from types import SimpleNamespace
+
+    from catalens.train import search as search_mod
+
+    clock = [0.0]
+
+    def fake_fold_scorer(prep, cv, base, objective):
+        def score(c):
+            clock[0] += {"mlp": 100.0, "linear": 20.0, "logreg": 2.0}[c.head.type]
+            return (0.6 if c.head.type == "mlp" else 0.5), 1
+        score.last_probs, score.scored = {}, np.ones(len(prep.cat), bool)
+        return score, len(prep.cat)
+
+    monkeypatch.setattr(search_mod, "fold_scorer", fake_fold_scorer)
+    monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    mlp = {"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4}
+    lines = []
+    search_mod.search(data, tmp_path / "s", cfg, minutes=150 / 60, cv=3, first=(mlp,), keep=0.25,
+                      log=lines.append)
+    rows = pd.read_csv(tmp_path / "s" / "trials.csv")
+    # trial 0 the logreg start (2 s), trial 1 the mlp (ends at 102 s); then logreg trials while
+    # now + 2 + 0.25 x 100 (the mlp's refit) <= 150: starting at 102, 104, ..., 122
+    assert rows["hidden"].tolist()[:2] == [0, 256] and rows["seconds"].tolist()[:2] == [2.0, 100.0]
+    later = rows.iloc[2:]
+    assert len(later) == 11 and (later["fit"] == "lbfgs").all() and (later["seconds"] == 2.0).all()
+    assert clock[0] == 124.0
+    assert any(m.startswith("search: ") and "proposed trials not run: each would have ended past the 2.5-minute "
+               "limit" in m for m in lines)
 
 
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):

@@ -26,9 +26,12 @@ what they depend on), so a trial of ``--finetune blocks`` costs its epochs only;
 removed when the search ends unless ``finetune.keep_work``. A trial whose fine-tuning
 diverges is a failed trial (NaN). Not with ``--cv`` (each fold would fine-tune a backbone).
 
-``--minutes M`` is kept: a trial starts only when the slowest trial so far would still end within
-M minutes of the start (Optuna's own timeout only stops starting trials, so the one running at
-the limit would run on past it).
+``--minutes M`` is kept: a trial runs only when the slowest trial so far of its kind (how its head
+is fitted and its width) would still end within M minutes of the start (Optuna's own timeout only
+stops starting trials, so the one running at the limit would run on past it). A proposal that would
+not is dropped unrun, and the next trial is of the best kind so far that still fits, its other
+settings from the sampler: a ``logreg`` trial of seconds still runs where an mlp of minutes no longer
+fits.
 
 The study is kept in ``DIR/study.db``: the same command again resumes it (``--trials`` counts
 every run's trials; a trial cut off by an interrupt runs again).
@@ -228,13 +231,51 @@ def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
     return score, int(scored.sum())
 
 
-def next_trial_fits(elapsed: float, trial_seconds: list[float], limit: float | None, after: float = 0.0) -> bool:
-    """Whether another trial is expected to end within ``limit`` seconds: the slowest trial so far
-    added to ``elapsed`` (a trial's cost depends on its settings; the slowest is the safe guess),
-    with ``after`` times the slowest trial still free at its end (a caller's refit of the best head)."""
-    if limit is None or not trial_seconds:
+def trial_kind(params: dict) -> tuple[str, int]:
+    """What a trial's cost depends on most: how its head is fitted and its hidden width,
+    ``("lbfgs", 0)``, ``("adamw", 0)``, ``("adamw", 512)``; a fine-tune trial (no ``hidden``): ``("finetune", 0)``."""
+    if "hidden" not in params:
+        return ("finetune", 0)
+    hidden = int(params["hidden"])
+    return ("lbfgs", 0) if not hidden and params.get("fit") == "lbfgs" else ("adamw", hidden)
+
+
+def trial_cost(kind: tuple[str, int], seen: list[tuple[tuple[str, int], float]]) -> float | None:
+    """Seconds a trial of ``kind`` is expected to take, from the finished trials ``seen`` (``(kind, seconds)``):
+    the slowest of its kind; an mlp of a width not tried yet, the slowest mlp scaled by width (its first
+    layer dominates); otherwise the slowest trial of any kind, the safe guess. ``None`` before any trial."""
+    same = [sec for k, sec in seen if k == kind]
+    if same:
+        return max(same)
+    if kind[0] == "adamw" and kind[1]:
+        wider = [sec * kind[1] / k[1] for k, sec in seen if k[0] == "adamw" and k[1]]
+        if wider:
+            return max(wider)
+    return max((sec for _, sec in seen), default=None)
+
+
+def next_trial_fits(elapsed: float, guess: float | None, limit: float | None, after: float = 0.0) -> bool:
+    """Whether a trial expected to take ``guess`` seconds (:func:`trial_cost`) ends within ``limit`` seconds
+    of the start, ``elapsed`` seconds in, with ``after`` seconds still free at its end (a caller's refit of
+    the best head). The first trial (no guess yet) always runs."""
+    if limit is None or guess is None:
         return True
-    return elapsed + max(trial_seconds) * (1.0 + after) <= limit
+    return elapsed + guess + after <= limit
+
+
+def _kind_params(kind: tuple[str, int]) -> dict:
+    """The trial parameters that make a head trial of ``kind`` (:func:`trial_kind`)."""
+    if kind[1]:
+        return {"hidden": kind[1]}
+    return {"hidden": 0, "fit": kind[0]}
+
+
+class _TooSlow(Exception):
+    """A proposed trial that would end past ``--minutes``: not run, its sampled settings dropped."""
+
+
+#: proposals in a row that would overrun before the search stops asking the sampler for more
+MAX_SKIPPED_IN_A_ROW = 50
 
 
 def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = None, minutes: float | None = None,
@@ -242,8 +283,13 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
            keep: float = 0.0, first: tuple[dict, ...] = (),
            start_result: tuple[float, dict, float] | None = None) -> SearchResult:
     """Run the search and write ``best_config.yaml``, ``trials.csv``, ``search.json`` to ``out``.
-    With ``minutes``, no trial starts that the slowest so far says would end later than ``keep``
-    times the slowest trial before the limit (``keep``: time the caller needs afterwards).
+    With ``minutes``, no trial runs that would end later than ``keep`` times the longer of itself and
+    the best trial before the limit (``keep``: time the caller needs afterwards, e.g. the best head's
+    refit). A trial's time is guessed from the trials so far of its kind (:func:`trial_cost`): a
+    proposal that would overrun is dropped unrun and the next trial is of the best kind so far that
+    still fits (its other settings from the sampler), so cheap heads (a ``logreg`` of seconds) still
+    run where an mlp of minutes no longer fits; the search stops when even the cheapest kind so far
+    would overrun.
 
     ``first``: head sections (over ``cfg.head``) to try right after the starting one, before the
     sampler proposes any (a new study only). ``start_result``: with ``cv``, the starting head's
@@ -282,7 +328,14 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         return value, int(getattr(fitted.head, "best_epoch_", 0))
 
     best_oof: dict = {}   # the best finished trial's out-of-fold probabilities (with --cv)
-    trial_seconds: list[float] = []
+    seen: list[tuple[tuple[str, int], float]] = []   # (kind, seconds) of each finished trial
+    lead = {"value": -np.inf, "seconds": 0.0}   # the best trial so far: its refit is what ``keep`` keeps time for
+    skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
+    kind_value: dict[tuple[str, int], float] = {}   # the best value of each kind of trial run in this call
+
+    def fits(guess: float | None) -> bool:
+        after = keep * max(guess or 0.0, lead["seconds"])
+        return next_trial_fits(time.time() - t0, guess, limit, after)
 
     def run(trial) -> float:
         s = time.time()
@@ -290,18 +343,34 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         known = start_result is not None and cv_score is not None and trial.user_attrs.get("start")
         if ft_score is not None:
             c.finetune = type(base.finetune).model_validate(finetune_from_trial(trial, base))
-            value, epochs = ft_score(c)
         else:
             c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))  # the trial's params
-            if known:   # the caller's result for it: no fits
-                value, cv_score.last_probs, epochs = start_result[0], start_result[1], 0
-            else:
-                value, epochs = (cv_score or val_score)(c)
-        trial_seconds.append(start_result[2] if known else time.time() - s)
-        trial.set_user_attr("seconds", round(trial_seconds[-1], 1))
+        kind = trial_kind(trial.params)
+        guess = trial_cost(kind, seen)
+        if not known and not fits(guess):   # sampled, not run: next, the best kind that still fits
+            skipped[0] += 1
+            skipped[1] += 1
+            trial.set_user_attr("skipped", round(guess, 1))
+            instead = max((k for k in kind_value if fits(trial_cost(k, seen))), key=kind_value.get, default=None)
+            if instead is not None and instead[0] != "finetune":
+                trial.study.enqueue_trial(_kind_params(instead))   # its other settings from the sampler
+            raise _TooSlow
+        skipped[1] = 0
+        if ft_score is not None:
+            value, epochs = ft_score(c)
+        elif known:   # the caller's result for it: no fits
+            value, cv_score.last_probs, epochs = start_result[0], start_result[1], 0
+        else:
+            value, epochs = (cv_score or val_score)(c)
+        seen.append((kind, start_result[2] if known else time.time() - s))
+        trial.set_user_attr("seconds", round(seen[-1][1], 1))
         trial.set_user_attr("best_epoch", epochs)
         if cv_score is not None and np.isfinite(value) and value > best_oof.get("value", -np.inf):
             best_oof.update(value=value, number=trial.number, probs=cv_score.last_probs)
+        if np.isfinite(value) and value > lead["value"]:
+            lead.update(value=value, seconds=seen[-1][1])
+        if np.isfinite(value) and value > kind_value.get(kind, -np.inf):
+            kind_value[kind] = value
         log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
             + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
         return value
@@ -316,14 +385,22 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     limit = minutes * 60 if minutes else None
-    trial_seconds += [t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs]  # resumed
-    if todo != 0 and next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
+    _resumed_trials(study, seen, lead)
 
-        def stop_before_overrun(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
-            if not next_trial_fits(time.time() - t0, trial_seconds, limit, keep):
+    def cheapest() -> float | None:   # the cheapest kind of trial so far
+        return min((trial_cost(k, seen) for k, _ in seen), default=None)
+
+    ran = len(seen)
+    if todo != 0 and fits(cheapest()):
+
+        def stop(study, _trial) -> None:  # Optuna's timeout only stops *starting* trials
+            if ((todo is not None and len(seen) - ran >= todo) or not fits(cheapest())
+                    or skipped[1] >= MAX_SKIPPED_IN_A_ROW):
                 study.stop()
 
-        study.optimize(run, n_trials=todo, timeout=limit, gc_after_trial=False, callbacks=[stop_before_overrun])
+        study.optimize(run, timeout=limit, gc_after_trial=False, callbacks=[stop], catch=(_TooSlow,))
+    if skipped[0]:
+        log(f"search: {skipped[0]} proposed trials not run: each would have ended past the {minutes:g}-minute limit")
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
@@ -372,6 +449,18 @@ def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
     return f"{tuning}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def _resumed_trials(study, seen: list, lead: dict) -> None:
+    """Add a resumed study's finished trials to ``seen`` (``(kind, seconds)``) and its best to ``lead``."""
+    import optuna
+
+    for t in study.trials:
+        if "seconds" not in t.user_attrs:
+            continue
+        seen.append((trial_kind(t.params), t.user_attrs["seconds"]))
+        if t.state == optuna.trial.TrialState.COMPLETE and np.isfinite(t.value) and t.value > lead["value"]:
+            lead.update(value=t.value, seconds=t.user_attrs["seconds"])
+
+
 def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dict] = ()):
     """The Optuna study ``name`` in ``out/study.db``, new or resumed; ``(study, finished trials)``.
 
@@ -391,7 +480,7 @@ def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dic
     state = optuna.trial.TrialState
     requeued = {t.user_attrs.get("interrupted") for t in study.trials}
     for t in study.trials:  # cut off (Ctrl-C: failed by Optuna; killed: still running) before run() ended
-        cut = t.state == state.RUNNING or (t.state == state.FAIL and "seconds" not in t.user_attrs)
+        cut = t.state == state.RUNNING or (t.state == state.FAIL and not {"seconds", "skipped"} & set(t.user_attrs))
         if cut and t.number not in requeued:
             if t.state == state.RUNNING:
                 study.tell(t.number, state=state.FAIL)
