@@ -111,7 +111,9 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     chosen = board.loc[board["status"] == "chosen", "recipe"].str.split(" [(]").str[0]
     assert sorted(c["recipe"] for c in preset["chosen"]) == sorted(chosen)
     # the chosen logreg recipes end fitted on train + val (preset.refit_full); the AdamW ones do not
-    refit = [i for i, c in enumerate(preset["chosen"]) if c["recipe"] in ("lite0@64", "lite0@80 crop 1")]
+    folders = ([tmp_path / "m"] if len(preset["chosen"]) == 1 else
+               [tmp_path / "m" / "members" / str(i) for i in range(len(preset["chosen"]))])
+    refit = [i for i, f in enumerate(folders) if load_config(f / "config.yaml").head.type == "logreg"]
     if len(preset["chosen"]) == 1:
         assert (desc["refit_full"]["rows"] == desc["train_images"] + desc["val_images"]) if refit else \
             "refit_full" not in desc
@@ -167,10 +169,11 @@ def test_the_searched_head_tries_its_first_heads_early_and_continues_at_the_end(
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
     best = board.loc[[r for r in board.index if r in ("lite0@64", "lite0@80 crop 1", "both")], "cv_score"].max()
     assert value == pytest.approx(best, abs=1e-6) and seconds > 0   # the best recipe's own CV, as scored
-    searched = board.loc[[r for r in board.index if r.startswith("searched head")]]
+    searched = board.loc[[r for r in board.index if r.startswith("searched head (")]]
     assert len(searched) == 1 and searched["status"].iloc[0] in ("chosen", "scored")
     assert searched["cv_score"].iloc[0] >= best - 1e-9    # never below the head it started from
-    assert re.search(r"searched head, continued: CV [0-9.]+ \(was [0-9.]+; \d+s, \d+ trials in all", "\n".join(lines))
+    assert re.search(r"searched head, continued: (no head better than the first part's CV [0-9.]+ \(|CV [0-9.]+ "
+                     r"\(the first part's [0-9.]+, kept beside it; )\d+s, \d+ trials in all", "\n".join(lines))
 
 
 def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(data, tmp_path, monkeypatch):
@@ -193,9 +196,11 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
 
 
-def test_the_continued_search_replaces_the_searched_head_only_with_a_new_best(data, tmp_path, monkeypatch):
-    """The second part's study is the first part's: a best trial with another head replaces the searched
-    head (with titles its score is the trials' image-only one, so heads are compared, not scores)."""
+def test_a_better_head_from_the_continued_search_is_a_recipe_beside_the_first(data, tmp_path, monkeypatch):
+    """The second part's study is the first part's: a best trial with another head (heads are compared,
+    not scores: with titles the trials' scores are image-only) becomes a recipe of its own, and the
+    first part's head stays beside it, so the blend may take both (they share the features: one
+    embedding at predict time)."""
     import dataclasses
 
     from catalens.train import search as S
@@ -217,12 +222,20 @@ def test_the_continued_search_replaces_the_searched_head_only_with_a_new_best(da
         seen["before"] = dict(self.results[P.SEARCHED].recipe.head or {})
         real_more(self)
         seen["after"] = dict(self.results[P.SEARCHED].recipe.head or {})
+        seen["new"], seen["detail"] = self.results[P.SEARCHED_MORE], self.results[P.SEARCHED].recipe.name_detail
 
     monkeypatch.setattr(P._PresetRun, "_search_more", more)
-    cfg = _cfg(tmp_path, 60.0)
+    cfg, lines = _cfg(tmp_path, 60.0), []
     cfg.preset.titles = "off"
-    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
-    assert seen["before"].get("C") != 7.0 and seen["after"]["C"] == 7.0 and seen["after"]["type"] == "logreg"
+    P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
+    assert seen["before"].get("C") != 7.0 and seen["after"] == seen["before"]     # the first part's head stays
+    new = seen["new"]
+    assert new.recipe.head["C"] == 7.0 and new.recipe.head["type"] == "logreg" and new.status in ("scored", "chosen")
+    assert new.recipe.name_detail == seen["detail"] and new.score > 0   # on the features the first part searched
+    board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
+    assert board["recipe"].str.startswith("searched head (").sum() == 1
+    assert board["recipe"].str.startswith("searched head, continued (").sum() == 1
+    assert any(m.startswith("  searched head, continued: CV ") and "kept beside it" in m for m in lines), lines
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
@@ -447,3 +460,32 @@ def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, m
     path = small.parent / "images" / f"{cat.frame['id'].iloc[3]}.jpg"
     Image.new("RGB", (40, 32), (200, 10, 10)).save(path)
     assert not P.all_square(open_catalogue(small))
+
+
+def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_beside_it(monkeypatch):
+    """The final refit is kept for three recipes (an ensemble rarely has more). A recipe whose estimate
+    counts its own refit is checked against the refits of the two best so far beside it; before, three
+    more were kept for it, four refits in all (on fashion-products the three backbones side by side were
+    skipped by 6 s that way). A recipe whose own refit is not counted (TTA) still keeps three."""
+    run = P._PresetRun.__new__(P._PresetRun)
+    run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
+    run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
+                                 "__len__": lambda self: 1000})()
+    run.k, run.log, run.results, run.clock = 5, [].append, {}, P._Clock(1200.0)
+    run.clock.spi = 0.01                                       # Lite0@224: 100 img/s
+    for name, score in (("lite1@272 crop 1 multilevel", 0.91), ("lite0@256 crop 1 multilevel", 0.90),
+                        ("lite2@300 crop 1 multilevel", 0.905)):
+        run.results[name] = P.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0)  # refit: 29 s each
+    assert run._reserve() == pytest.approx(3 * 29.0 + 5.0) and run._reserve(2) == pytest.approx(2 * 29.0 + 5.0)
+    monkeypatch.setattr(P._PresetRun, "_estimate", lambda self, recipe: 100.0)
+    monkeypatch.setattr(P._PresetRun, "_score", lambda self, s, left, last=False: setattr(s, "score", 0.92))
+    three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
+    own = run._refit_cost(P.Scored(three))
+    run.clock = P._Clock(100.0 + own + 63.0 + 10.0)       # 10 s to spare beside two refits, 19 s short of three
+    run.clock.spi = 0.01
+    run._try(three)
+    assert run.results[three.name].status == "scored"
+    tta = run.recipes["best single + tta hflip"]
+    run.clock = P._Clock(100.0 + 92.0 - 1.0)               # TTA: its 100 s and three refits (92 s) do not fit
+    run._try(tta)
+    assert run.results[tta.name].status.startswith("skipped: needs ~100s, ")

@@ -64,6 +64,8 @@ _FIRST_GUESS_TITLE = 0.005
 #: photos looked at to tell whether a data set's photos are all square (:func:`all_square`)
 SQUARE_SAMPLE = 64
 SEARCHED = "searched head"
+#: a head the search's second part found better than its first part's: a recipe of its own beside it
+SEARCHED_MORE = "searched head, continued"
 #: heads the preset's search tries first, after the best recipe's own; then Optuna's sampler proposes. The mlp:
 #: 5-fold CV on clothing-small train + val, three backbones' features, 0.9243 against logreg's 0.9185; on
 #: fashion-products 0.8893 against 0.9022 (the search keeps the better; docs/presets.md)
@@ -334,11 +336,12 @@ class _PresetRun:
                  f"(limit {self.clock.limit:.0f}s); leaderboard: {self.out / 'leaderboard.csv'}")
         return result_type(model_result.model, self.out, model_result.metrics, seconds)
 
-    def _reserve(self) -> float:
-        """Seconds to keep for the final refit while recipes are scored: the refits of the three best so far
-        (an ensemble rarely has more). Keeping only the refit of what would be chosen now
-        (:meth:`_search_reserve`) was tried and changed no chosen model on the benchmarks (docs/presets.md)."""
-        done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:3]
+    def _reserve(self, best: int = 3) -> float:
+        """Seconds to keep for the final refit while recipes are scored: the refits of the ``best`` best so far
+        (three: an ensemble rarely has more; two beside a recipe whose own refit is counted with it).
+        Keeping only the refit of what would be chosen now (:meth:`_search_reserve`) was tried and changed
+        no chosen model on the benchmarks (docs/presets.md)."""
+        done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:best]
         return sum(self._refit_cost(s) for s in done) + 5.0
 
     def _search_reserve(self) -> float:
@@ -405,8 +408,9 @@ class _PresetRun:
             s.status = f"failed: {type(e).__name__}: {str(e)[:300]}"
             self.log(f"  {name}: {s.status}")
             return
-        left = self.clock.left() - (self._search_reserve() if last else self._reserve())
-        if recipe.kind in ("frozen", "concat", "finetune"):  # its own refit, should it be chosen, must fit as well
+        own = recipe.kind in ("frozen", "concat", "finetune")   # its own refit, should it be chosen, must fit as well
+        left = self.clock.left() - (self._search_reserve() if last else self._reserve(2 if own else 3))
+        if own:   # it and the two best so far: the three refits :meth:`_reserve` keeps
             est += self._refit_cost(Scored(recipe))
         if est > left:
             s.status = f"skipped: needs ~{est:.0f}s, {max(0, left):.0f}s left before the refit"
@@ -648,12 +652,13 @@ class _PresetRun:
                  else like_best)
         return first + (like_best if best.cfg.text.enabled else 0.0)
 
-    def _search(self, s: Scored, budget: float, first_only: bool = True, more: bool = False) -> None:
+    def _search(self, s: Scored, budget: float, first_only: bool = True, more: bool = False) -> Scored | None:
         """Search a head on the best recipe's features by the same K folds (:func:`catalens.train.search.search`)
         within ``budget`` seconds. Trial 0 is that recipe's own head, whose out-of-fold predictions are
         known (no fits; with titles the trials leave the title model out, so it is fitted); then the heads
         of :data:`SEARCH_FIRST` (``first_only``: no more), then the sampler's. ``more``: continue the study
-        of an earlier call with the sampler's heads; ``s`` changes only when one of them beats it."""
+        of an earlier call with the sampler's heads: when one of them beats ``s``'s head it becomes a recipe of
+        its own (:data:`SEARCHED_MORE`, returned), ``s`` stays, and the blend may take both."""
         from catalens.train.search import search
 
         best = self.results[s.recipe.name_detail] if more else self._best()
@@ -671,8 +676,10 @@ class _PresetRun:
         except RuntimeError as e:  # Optuna not installed
             raise _Skip(str(e)) from None
         s.trials = res.trials
-        if more and res.best_head == s.recipe.head:   # the study's best trial is still the first part's
-            return   # (compared by head: with titles the trials' scores leave the title model out, s.score not)
+        if more:
+            if res.best_head == s.recipe.head:   # the study's best trial is still the first part's (compared by
+                return None   # head: with titles the trials' scores leave the title model out, s.score does not)
+            s = self.results[SEARCHED_MORE] = Scored(Recipe(SEARCHED_MORE, kind="search"), trials=res.trials)
         s.recipe.members, s.recipe.backbone = best.recipe.members, best.recipe.backbone
         s.recipe.crop_pct, s.recipe.crop, s.recipe.tta = best.recipe.crop_pct, best.recipe.crop, best.recipe.tta
         s.recipe.pool = best.recipe.pool
@@ -688,6 +695,7 @@ class _PresetRun:
             self._set_score(s, s.prep)
         else:
             self._cv(s, s.prep)
+        return s
 
     def _search_more(self) -> None:
         """The searched head's second part, after every other recipe: the sampler's heads with all that
@@ -701,16 +709,21 @@ class _PresetRun:
                 self._try(s.recipe, last=True)
             return
         budget = self.clock.left() - self._search_reserve()
-        before, t = s.score, time.time()
+        t = time.time()
         try:
-            self._search(s, budget, first_only=False, more=True)
+            found = self._search(s, budget, first_only=False, more=True)
         except _FAILURES as e:   # the first part's result stands
-            self.log(f"  {SEARCHED}, continued: failed: {type(e).__name__}: {str(e)[:300]}")
+            self.log(f"  {SEARCHED_MORE}: failed: {type(e).__name__}: {str(e)[:300]}")
             return
         took = time.time() - t
-        s.seconds = round(s.seconds + took, 1)
-        self.log(f"  {SEARCHED}, continued: CV {s.score:.4f} (was {before:.4f}; {took:.0f}s, {s.trials} trials "
-                 f"in all; {self.clock.left():.0f}s left)")
+        if found is None:
+            s.seconds = round(s.seconds + took, 1)
+            self.log(f"  {SEARCHED_MORE}: no head better than the first part's CV {s.score:.4f} ({took:.0f}s, "
+                     f"{s.trials} trials in all; {self.clock.left():.0f}s left)")
+            return
+        found.seconds, found.status = round(took, 1), "scored"
+        self.log(f"  {SEARCHED_MORE}: CV {found.score:.4f} (the first part's {s.score:.4f}, kept beside it; "
+                 f"{took:.0f}s, {found.trials} trials in all; {self.clock.left():.0f}s left)")
 
     # ------------------------------------------------------------------ combining and refitting
     def _combine(self) -> tuple[list[Scored], list[float], float]:
