@@ -475,17 +475,39 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     run.clock.spi = 0.01                                       # Lite0@224: 100 img/s
     for name, score in (("lite1@272 crop 1 multilevel", 0.91), ("lite0@256 crop 1 multilevel", 0.90),
                         ("lite2@300 crop 1 multilevel", 0.905)):
-        run.results[name] = P.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0)  # refit: 29 s each
-    assert run._reserve() == pytest.approx(3 * 29.0 + 5.0) and run._reserve(2) == pytest.approx(2 * 29.0 + 5.0)
+        run.results[name] = P.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0,  # refit: 29 s each
+                                     cfg=run.recipes[name].config(run.base, run.recipes))
+    top = sorted(run.results.values(), key=lambda x: -x.score)
+    r2, r3 = run._reserve(2), run._reserve()
+    assert r3 == run._refit_total(top) and r2 == run._refit_total(top[:2]) and r3 - r2 > 29.0
     monkeypatch.setattr(P._PresetRun, "_estimate", lambda self, recipe: 100.0)
     monkeypatch.setattr(P._PresetRun, "_score", lambda self, s, left, last=False: setattr(s, "score", 0.92))
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     own = run._refit_cost(P.Scored(three))
-    run.clock = P._Clock(100.0 + own + 63.0 + 10.0)       # 10 s to spare beside two refits, 19 s short of three
+    run.clock = P._Clock(100.0 + own + r2 + 10.0)         # 10 s to spare beside two refits, short of three
     run.clock.spi = 0.01
     run._try(three)
     assert run.results[three.name].status == "scored"
     tta = run.recipes["best single + tta hflip"]
-    run.clock = P._Clock(100.0 + 92.0 - 1.0)               # TTA: its 100 s and three refits (92 s) do not fit
+    run.clock = P._Clock(100.0 + r3 - 1.0)                 # TTA: its 100 s and three refits do not fit
     run._try(tta)
     assert run.results[tta.name].status.startswith("skipped: needs ~100s, ")
+
+
+def test_the_refit_reserve_counts_shared_features_once():
+    """The searched head and the `+` recipe it was searched on share one embedding in the refit: the
+    reserve kept while recipes are scored counts it once, as the refit's own estimate does."""
+    run = P._PresetRun.__new__(P._PresetRun)
+    run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
+    run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
+                                 "__len__": lambda self: 1000})()
+    run.clock = P._Clock(1200.0)
+    run.clock.spi = 0.01
+    three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
+    cfg = three.config(run.base, run.recipes)
+    found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
+    run.results = {three.name: P.Scored(three, score=0.92, oof={}, fit_each=10.0, cfg=cfg),
+                   "searched head": P.Scored(found, score=0.927, oof={}, fit_each=20.0, cfg=cfg)}
+    embed = 1000 * 0.01 * P._rel_cost(cfg.backbone.name)
+    both = sum(run._refit_cost(s) for s in run.results.values())
+    assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * P._rel_cost(cfg.backbone.name))
