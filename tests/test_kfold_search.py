@@ -296,6 +296,12 @@ def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, 
     assert clock[0] == 124.0
     assert any(m.startswith("search: ") and "proposed trials not run: each would have ended past the 2.5-minute "
                "limit" in m for m in lines)
+    # resumed (as the preset's second part is), past the sampler's 10 random trials: its TPE proposes the
+    # mlp (the best value) again and again; each dropped proposal is followed by a logreg trial, so the
+    # minute goes on logreg trials while now + 2 + 25 <= 60: starting at 0, 2, ..., 32
+    search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, first=(mlp,), keep=0.25, log=lines.append)
+    rows = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert len(rows) == 13 + 17 and (rows.iloc[13:]["fit"] == "lbfgs").all() and clock[0] == 124.0 + 34.0
 
 
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):

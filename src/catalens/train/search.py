@@ -331,7 +331,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     seen: list[tuple[tuple[str, int], float]] = []   # (kind, seconds) of each finished trial
     lead = {"value": -np.inf, "seconds": 0.0}   # the best trial so far: its refit is what ``keep`` keeps time for
     skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
-    kind_value: dict[tuple[str, int], float] = {}   # the best value of each kind of trial run in this call
+    kind_value: dict[tuple[str, int], float] = {}   # the best value of each kind of trial run (resumed too)
 
     def fits(guess: float | None) -> bool:
         after = keep * max(guess or 0.0, lead["seconds"])
@@ -385,7 +385,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     limit = minutes * 60 if minutes else None
-    _resumed_trials(study, seen, lead)
+    _resumed_trials(study, seen, lead, kind_value)
 
     def cheapest() -> float | None:   # the cheapest kind of trial so far
         return min((trial_cost(k, seen) for k, _ in seen), default=None)
@@ -449,16 +449,21 @@ def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
     return f"{tuning}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _resumed_trials(study, seen: list, lead: dict) -> None:
-    """Add a resumed study's finished trials to ``seen`` (``(kind, seconds)``) and its best to ``lead``."""
+def _resumed_trials(study, seen: list, lead: dict, kind_value: dict) -> None:
+    """Add a resumed study's finished trials to ``seen`` (``(kind, seconds)``), its best to ``lead`` and
+    each kind's best value to ``kind_value``."""
     import optuna
 
     for t in study.trials:
         if "seconds" not in t.user_attrs:
             continue
-        seen.append((trial_kind(t.params), t.user_attrs["seconds"]))
-        if t.state == optuna.trial.TrialState.COMPLETE and np.isfinite(t.value) and t.value > lead["value"]:
+        kind = trial_kind(t.params)
+        seen.append((kind, t.user_attrs["seconds"]))
+        if t.state != optuna.trial.TrialState.COMPLETE or not np.isfinite(t.value):
+            continue
+        if t.value > lead["value"]:
             lead.update(value=t.value, seconds=t.user_attrs["seconds"])
+        kind_value[kind] = max(kind_value.get(kind, -np.inf), t.value)
 
 
 def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dict] = ()):
