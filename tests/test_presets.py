@@ -418,15 +418,22 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     assert got["category_accept"].notna().all() and got["unknown"].notna().all()
 
 
-def test_a_refit_embeds_shared_features_once():
-    """A searched head and the `+` recipe it was searched on share the multi-backbone's features: the refit
-    estimate of both counts that embedding once (the second refit reads it from the cache)."""
+def _bare_run(limit: float = 1200.0):
+    """A preset run without data: 900 train + 100 val photos, Lite0@224 embedding at 100 img/s."""
     run = P._PresetRun.__new__(P._PresetRun)
     run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
     run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
                                  "__len__": lambda self: 1000})()
-    run.clock = P._Clock(1200.0)
-    run.clock.spi = 0.01                                       # Lite0@224: 100 img/s
+    run.clock = P._Clock(limit)
+    run.clock.spi = 0.01
+    run.k, run.log, run.results = 5, [].append, {}
+    return run
+
+
+def test_a_refit_embeds_shared_features_once():
+    """A searched head and the `+` recipe it was searched on share the multi-backbone's features: the refit
+    estimate of both counts that embedding once (the second refit reads it from the cache)."""
+    run = _bare_run()
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     concat = P.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
@@ -467,12 +474,7 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     counts its own refit is checked against the refits of the two best so far beside it; before, three
     more were kept for it, four refits in all (on fashion-products the three backbones side by side were
     skipped by 6 s that way). A recipe whose own refit is not counted (TTA) still keeps three."""
-    run = P._PresetRun.__new__(P._PresetRun)
-    run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
-    run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
-                                 "__len__": lambda self: 1000})()
-    run.k, run.log, run.results, run.clock = 5, [].append, {}, P._Clock(1200.0)
-    run.clock.spi = 0.01                                       # Lite0@224: 100 img/s
+    run = _bare_run()
     for name, score in (("lite1@272 crop 1 multilevel", 0.91), ("lite0@256 crop 1 multilevel", 0.90),
                         ("lite2@300 crop 1 multilevel", 0.905)):
         run.results[name] = P.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0,  # refit: 29 s each
@@ -484,12 +486,11 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     monkeypatch.setattr(P._PresetRun, "_score", lambda self, s, left, last=False: setattr(s, "score", 0.92))
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     own = run._refit_cost(P.Scored(three))
-    run.clock = P._Clock(100.0 + own + r2 + 10.0)         # 10 s to spare beside two refits, short of three
-    run.clock.spi = 0.01
+    run.clock = _bare_run(100.0 + own + r2 + 10.0).clock   # 10 s to spare beside two refits, short of three
     run._try(three)
     assert run.results[three.name].status == "scored"
     tta = run.recipes["best single + tta hflip"]
-    run.clock = P._Clock(100.0 + r3 - 1.0)                 # TTA: its 100 s and three refits do not fit
+    run.clock = _bare_run(100.0 + r3 - 1.0).clock          # TTA: its 100 s and three refits do not fit
     run._try(tta)
     assert run.results[tta.name].status.startswith("skipped: needs ~100s, ")
 
@@ -497,12 +498,7 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
 def test_the_refit_reserve_counts_shared_features_once():
     """The searched head and the `+` recipe it was searched on share one embedding in the refit: the
     reserve kept while recipes are scored counts it once, as the refit's own estimate does."""
-    run = P._PresetRun.__new__(P._PresetRun)
-    run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
-    run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
-                                 "__len__": lambda self: 1000})()
-    run.clock = P._Clock(1200.0)
-    run.clock.spi = 0.01
+    run = _bare_run()
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     cfg = three.config(run.base, run.recipes)
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
