@@ -342,7 +342,7 @@ class _PresetRun:
         Keeping only the refit of what would be chosen now (:meth:`_search_reserve`) was tried and changed
         no chosen model on the benchmarks (docs/presets.md)."""
         done = sorted((s for s in self.results.values() if s.oof is not None), key=lambda s: -s.score)[:best]
-        return self._refit_total(done) if done else 5.0   # features two of them share: embedded once
+        return self._refit_total(done)   # features two of them share: embedded once
 
     def _search_reserve(self) -> float:
         """Seconds to keep from the searched head's budget: the refit of what would be chosen without it

@@ -240,18 +240,27 @@ def trial_kind(params: dict) -> tuple[str, int]:
     return ("lbfgs", 0) if not hidden and params.get("fit") == "lbfgs" else ("adamw", hidden)
 
 
-def trial_cost(kind: tuple[str, int], seen: list[tuple[tuple[str, int], float]]) -> float | None:
-    """Seconds a trial of ``kind`` is expected to take, from the finished trials ``seen`` (``(kind, seconds)``):
-    the slowest of its kind; an mlp of a width not tried yet, the slowest mlp scaled by width (its first
-    layer dominates); otherwise the slowest trial of any kind, the safe guess. ``None`` before any trial."""
-    same = [sec for k, sec in seen if k == kind]
+def trial_cost(kind: tuple[str, int], seen: list[tuple]) -> float | None:
+    """Seconds a trial of ``kind`` is expected to take, from the finished trials ``seen`` (``(kind, seconds,
+    ...)``): the slowest of its kind; an mlp of a width not tried yet, the slowest mlp scaled by width (its
+    first layer dominates); otherwise the slowest trial of any kind, the safe guess. ``None`` before any trial."""
+    same = [sec for k, sec, *_ in seen if k == kind]
     if same:
         return max(same)
     if kind[0] == "adamw" and kind[1]:
-        wider = [sec * kind[1] / k[1] for k, sec in seen if k[0] == "adamw" and k[1]]
+        wider = [sec * kind[1] / k[1] for k, sec, *_ in seen if k[0] == "adamw" and k[1]]
         if wider:
             return max(wider)
-    return max((sec for _, sec in seen), default=None)
+    return max((sec for _, sec, *_ in seen), default=None)
+
+
+def _best_by_kind(seen: list[tuple]) -> dict[tuple[str, int], float]:
+    """The best value of each kind among the finished trials ``seen`` (``(kind, seconds, value)``)."""
+    best: dict[tuple[str, int], float] = {}
+    for kind, _, value in seen:
+        if np.isfinite(value) and value > best.get(kind, -np.inf):
+            best[kind] = value
+    return best
 
 
 def next_trial_fits(elapsed: float, guess: float | None, limit: float | None, after: float = 0.0) -> bool:
@@ -328,13 +337,12 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         return value, int(getattr(fitted.head, "best_epoch_", 0))
 
     best_oof: dict = {}   # the best finished trial's out-of-fold probabilities (with --cv)
-    seen: list[tuple[tuple[str, int], float]] = []   # (kind, seconds) of each finished trial
-    lead = {"value": -np.inf, "seconds": 0.0}   # the best trial so far: its refit is what ``keep`` keeps time for
+    seen: list[tuple[tuple[str, int], float, float]] = []   # (kind, seconds, value) of each finished trial
     skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
-    kind_value: dict[tuple[str, int], float] = {}   # the best value of each kind of trial run (resumed too)
 
-    def fits(guess: float | None) -> bool:
-        after = keep * max(guess or 0.0, lead["seconds"])
+    def fits(guess: float | None) -> bool:   # ``keep`` times the longer of it and the best trial (its refit)
+        done = [(value, sec) for _, sec, value in seen if np.isfinite(value)]
+        after = keep * max(guess or 0.0, max(done, key=lambda d: d[0])[1] if done else 0.0)
         return next_trial_fits(time.time() - t0, guess, limit, after)
 
     def run(trial) -> float:
@@ -351,6 +359,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
             skipped[0] += 1
             skipped[1] += 1
             trial.set_user_attr("skipped", round(guess, 1))
+            kind_value = _best_by_kind(seen)
             instead = max((k for k in kind_value if fits(trial_cost(k, seen))), key=kind_value.get, default=None)
             if instead is not None and instead[0] != "finetune":
                 trial.study.enqueue_trial(_kind_params(instead))   # its other settings from the sampler
@@ -362,15 +371,11 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
             value, cv_score.last_probs, epochs = start_result[0], start_result[1], 0
         else:
             value, epochs = (cv_score or val_score)(c)
-        seen.append((kind, start_result[2] if known else time.time() - s))
+        seen.append((kind, start_result[2] if known else time.time() - s, value))
         trial.set_user_attr("seconds", round(seen[-1][1], 1))
         trial.set_user_attr("best_epoch", epochs)
         if cv_score is not None and np.isfinite(value) and value > best_oof.get("value", -np.inf):
             best_oof.update(value=value, number=trial.number, probs=cv_score.last_probs)
-        if np.isfinite(value) and value > lead["value"]:
-            lead.update(value=value, seconds=seen[-1][1])
-        if np.isfinite(value) and value > kind_value.get(kind, -np.inf):
-            kind_value[kind] = value
         log(f"  trial {trial.number}: {objective} {value:.4f} ({time.time() - s:.0f}s) "
             + ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items()))
         return value
@@ -385,10 +390,10 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     log(f"search: {trials or 'unlimited'} trials / {minutes or 'no'} minute limit over {tuning} settings, objective "
         f"'{objective}' on {scored_on}")
     limit = minutes * 60 if minutes else None
-    _resumed_trials(study, seen, lead, kind_value)
+    seen += _resumed_trials(study)
 
     def cheapest() -> float | None:   # the cheapest kind of trial so far
-        return min((trial_cost(k, seen) for k, _ in seen), default=None)
+        return min((trial_cost(k, seen) for k, *_ in seen), default=None)
 
     ran = len(seen)
     if todo != 0 and fits(cheapest()):
@@ -449,21 +454,10 @@ def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
     return f"{tuning}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
-def _resumed_trials(study, seen: list, lead: dict, kind_value: dict) -> None:
-    """Add a resumed study's finished trials to ``seen`` (``(kind, seconds)``), its best to ``lead`` and
-    each kind's best value to ``kind_value``."""
-    import optuna
-
-    for t in study.trials:
-        if "seconds" not in t.user_attrs:
-            continue
-        kind = trial_kind(t.params)
-        seen.append((kind, t.user_attrs["seconds"]))
-        if t.state != optuna.trial.TrialState.COMPLETE or not np.isfinite(t.value):
-            continue
-        if t.value > lead["value"]:
-            lead.update(value=t.value, seconds=t.user_attrs["seconds"])
-        kind_value[kind] = max(kind_value.get(kind, -np.inf), t.value)
+def _resumed_trials(study) -> list[tuple[tuple[str, int], float, float]]:
+    """A resumed study's finished trials as ``(kind, seconds, value)`` (NaN for a failed one)."""
+    return [(trial_kind(t.params), t.user_attrs["seconds"], t.value if t.value is not None else float("nan"))
+            for t in study.trials if "seconds" in t.user_attrs]
 
 
 def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dict] = ()):
