@@ -243,7 +243,7 @@ def test_a_resumed_search_starts_no_trial_its_slowest_says_would_overrun(data, t
 
 
 def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
-    from catalens.train.search import next_trial_fits, trial_cost, trial_kind
+    from catalens.train.search import adamw_seconds, next_trial_fits, trial_cost, trial_kind
 
     assert trial_kind({"hidden": 0, "fit": "lbfgs", "C": 0.1}) == ("lbfgs", 0)
     assert trial_kind({"hidden": 0, "fit": "adamw", "lr": 0.01}) == ("adamw", 0)
@@ -254,6 +254,15 @@ def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
     assert trial_cost(("adamw", 1024), seen) == 1040.0   # an mlp of another width: by width
     assert trial_cost(("adamw", 0), seen) == 260.0       # a kind not run yet: the slowest of all
     assert trial_cost(("lbfgs", 0), []) is None          # nothing run yet: no guess
+    # with a prior (the search's: adamw_seconds on its features), an unseen kind takes the longer guess
+    prior = {("adamw", 256): 300.0, ("adamw", 0): 5.0}.get
+    only_logreg = [(("lbfgs", 0), 17.0)]
+    assert trial_cost(("adamw", 256), only_logreg, prior) == 300.0   # a first mlp after only logreg trials
+    assert trial_cost(("adamw", 0), only_logreg, prior) == 17.0      # never below the slowest of all
+    assert trial_cost(("adamw", 256), seen, prior) == 260.0          # measured beats the prior
+    assert trial_cost(("adamw", 256), [], prior) is None
+    # 5 fits x 100 epochs x 6 x 1,000 rows x 1,280 features x 256 hidden units at 40 GFLOP/s
+    assert adamw_seconds(1000, 1280, 256, fits=5, epochs=100) == pytest.approx(24.576)
     assert next_trial_fits(0.0, None, 10.0)               # the first trial always runs
     assert next_trial_fits(50.0, 40.0, None)              # no limit
     assert next_trial_fits(50.0, 40.0, 90.0)              # 50 + 40 = 90: ends on time
@@ -302,6 +311,48 @@ def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, 
     search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, first=(mlp,), keep=0.25, log=lines.append)
     rows = pd.read_csv(tmp_path / "s" / "trials.csv")
     assert len(rows) == 13 + 17 and (rows.iloc[13:]["fit"] == "lbfgs").all() and clock[0] == 124.0 + 34.0
+
+
+def test_a_first_mlp_that_would_overrun_the_minutes_is_not_run(data, tmp_path, monkeypatch):
+    """--minutes from a logreg start: the first mlp's time is guessed before it runs (adamw_seconds on the
+    features; here 0.4 s per hidden unit, or per output without one, as the stand-in clock takes), so in a
+    minute the mlp (100 s) is dropped and the other trials run; it ran, and overran by 42 s, when guessed
+    at the slowest trial so far (2 s)."""
+    pytest.importorskip("optuna")
+    from types import SimpleNamespace
+
+    from catalens.train import search as search_mod
+
+    clock = [0.0]
+
+    def fake_fold_scorer(prep, cv, base, objective):
+        outputs = sum(t.n_outputs for t in prep.tasks)
+
+        def score(c):
+            clock[0] += 0.4 * (c.head.hidden or outputs) if c.head.type != "logreg" else 2.0
+            return (0.6 if c.head.type == "mlp" else 0.5), 1
+        score.last_probs, score.scored = {}, np.ones(len(prep.cat), bool)
+        return score, len(prep.cat)
+
+    widths = []
+
+    def guess(rows, dim, width, fits=1, epochs=100):
+        widths.append((rows, dim, width, fits, epochs))
+        return 0.4 * width
+
+    monkeypatch.setattr(search_mod, "fold_scorer", fake_fold_scorer)
+    monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(search_mod, "adamw_seconds", guess)
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1, "epochs": 40},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    mlp = {"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4}
+    search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, first=(mlp,), log=lambda *a: None)
+    rows = pd.read_csv(tmp_path / "s" / "trials.csv")
+    assert (rows["hidden"] == 0).all() and (rows["fit"] == "lbfgs").sum() >= 10
+    assert 58.0 <= clock[0] <= 60.0
+    # the guess's terms: 3 folds fit on 50 of the 75 usable photos, 1,280 features, the mlp's 256 units,
+    # the head's 40 epochs (fewer than MLP_EPOCHS); a head without a hidden layer: its 17 outputs
+    assert widths[0] == (50, 1280, 256, 3, 40) and (50, 1280, 17, 3, 40) in widths
 
 
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):

@@ -72,10 +72,6 @@ SEARCHED_MORE = "searched head, continued"
 SEARCH_FIRST: tuple[dict, ...] = (
     {"type": "mlp", "hidden": 256, "lr": 3e-4, "weight_decay": 0.0146, "dropout": 0.478, "label_smoothing": 0.174},
 )
-#: epochs of an AdamW head fit, early stopping's patience (25) included: ~64 measured on clothing-small, ~120 (at
-#: _MLP_FLOPS) on fashion-products' four tasks (the preset's mlp trial: 260 s and 365 s)
-_MLP_EPOCHS = 100
-_MLP_FLOPS = 40e9         # floating-point operations per second of an AdamW head's training, 2 cores (measured)
 _FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
 _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
 #: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
@@ -643,13 +639,14 @@ class _PresetRun:
     def _trial_guess(self, best: Scored) -> float:
         """Seconds of the search's first paid trial on ``best``'s features, before it has measured one:
         with titles its trial 0 (``best``'s head without them, a CV like ``best``'s); then the first head of
-        :data:`SEARCH_FIRST`: with a hidden layer, K fits of ``_MLP_EPOCHS`` epochs of its first layer's
-        multiply-adds (x 6: forward and backward) at ``_MLP_FLOPS``; without one, a CV like ``best``'s."""
+        :data:`SEARCH_FIRST`: with a hidden layer, K AdamW fits (:func:`catalens.train.search.adamw_seconds`,
+        the search's own first guess); without one, a CV like ``best``'s."""
+        from catalens.train.search import adamw_seconds
+
         like_best = best.fit_each * self.k if best.fit_each else self._one_cv_cost(best)
         hidden = (SEARCH_FIRST[0].get("hidden", 0) if SEARCH_FIRST else 0)
-        rows = len(self.pool) * (self.k - 1) / self.k
-        first = (self.k * _MLP_EPOCHS * 6 * rows * best.prep.features.shape[1] * hidden / _MLP_FLOPS if hidden
-                 else like_best)
+        rows = int(len(self.pool) * (self.k - 1) / self.k)
+        first = adamw_seconds(rows, best.prep.features.shape[1], hidden, self.k) if hidden else like_best
         return first + (like_best if best.cfg.text.enabled else 0.0)
 
     def _search(self, s: Scored, budget: float, first_only: bool = True, more: bool = False) -> Scored | None:

@@ -240,10 +240,26 @@ def trial_kind(params: dict) -> tuple[str, int]:
     return ("lbfgs", 0) if not hidden and params.get("fit") == "lbfgs" else ("adamw", hidden)
 
 
-def trial_cost(kind: tuple[str, int], seen: list[tuple]) -> float | None:
+#: epochs of an AdamW head fit, early stopping's patience (25) included: ~64 measured on clothing-small, ~120
+#: (at MLP_FLOPS) on fashion-products' four tasks (the preset's mlp trial: 260 s and 365 s)
+MLP_EPOCHS = 100
+#: floating-point operations per second of an AdamW head's training, 2 cores (measured)
+MLP_FLOPS = 40e9
+
+
+def adamw_seconds(rows: int, dim: int, width: int, fits: int = 1, epochs: int = MLP_EPOCHS) -> float:
+    """A first guess of the seconds of ``fits`` AdamW head fits on ``rows`` x ``dim`` features, before one is
+    measured: ``epochs`` epochs of the first layer's multiply-adds (``width``: its hidden units, or the outputs
+    of a head without one; x 6: forward and backward) at :data:`MLP_FLOPS`."""
+    return fits * epochs * 6.0 * rows * dim * width / MLP_FLOPS
+
+
+def trial_cost(kind: tuple[str, int], seen: list[tuple], prior=None) -> float | None:
     """Seconds a trial of ``kind`` is expected to take, from the finished trials ``seen`` (``(kind, seconds,
     ...)``): the slowest of its kind; an mlp of a width not tried yet, the slowest mlp scaled by width (its
-    first layer dominates); otherwise the slowest trial of any kind, the safe guess. ``None`` before any trial."""
+    first layer dominates); otherwise the slowest trial of any kind, the safe guess, or ``prior(kind)``
+    when that is longer (a first mlp after only ``logreg`` trials of seconds: :func:`adamw_seconds`).
+    ``None`` before any trial."""
     same = [sec for k, sec, *_ in seen if k == kind]
     if same:
         return max(same)
@@ -251,7 +267,10 @@ def trial_cost(kind: tuple[str, int], seen: list[tuple]) -> float | None:
         wider = [sec * kind[1] / k[1] for k, sec, *_ in seen if k[0] == "adamw" and k[1]]
         if wider:
             return max(wider)
-    return max((sec for _, sec, *_ in seen), default=None)
+    slowest = max((sec for _, sec, *_ in seen), default=None)
+    if slowest is None or prior is None:
+        return slowest
+    return max(slowest, prior(kind))
 
 
 def _best_by_kind(seen: list[tuple]) -> dict[tuple[str, int], float]:
@@ -270,6 +289,21 @@ def next_trial_fits(elapsed: float, guess: float | None, limit: float | None, af
     if limit is None or guess is None:
         return True
     return elapsed + guess + after <= limit
+
+
+def _adamw_prior(prep: Prepared, train: np.ndarray, cv: int, cfg: Config):
+    """``kind -> seconds``: :func:`adamw_seconds` of an AdamW trial on ``prep``'s features (K fits on
+    (K-1)/K of the usable rows with ``cv``, else one on the usable train rows); other kinds: 0."""
+    usable = int(prep.usable.sum()) if cv else int((train & prep.usable).sum())
+    rows = usable * (cv - 1) // cv if cv else usable
+    outputs = sum(t.n_outputs for t in prep.tasks)
+    epochs = min(cfg.head.epochs, MLP_EPOCHS)
+
+    def prior(kind: tuple[str, int]) -> float:
+        if kind[0] != "adamw":
+            return 0.0
+        return adamw_seconds(rows, prep.features.shape[1], kind[1] or outputs, max(cv, 1), epochs)
+    return prior
 
 
 def _kind_params(kind: tuple[str, int]) -> dict:
@@ -329,6 +363,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     base.text.enabled = False  # the title model does not depend on the head: left out of the search
     Yv = prep.select(val & prep.usable)
     cv_score, cv_rows = fold_scorer(prep, cv, base, objective) if cv else (None, 0)
+    prior = _adamw_prior(prep, train, cv, base) if tuning == "head" else None
     ft_score = finetune_scorer(prep, train, val, base, out, objective, log) if tuning == "fine-tune" else None
 
     def val_score(c: Config) -> tuple[float, int]:
@@ -354,13 +389,13 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         else:
             c.head = type(base.head).model_validate(head_from_trial(trial, base, class_tasks))  # the trial's params
         kind = trial_kind(trial.params)
-        guess = trial_cost(kind, seen)
+        guess = trial_cost(kind, seen, prior)
         if not known and not fits(guess):   # sampled, not run: next, the best kind that still fits
             skipped[0] += 1
             skipped[1] += 1
             trial.set_user_attr("skipped", round(guess, 1))
             kind_value = _best_by_kind(seen)
-            instead = max((k for k in kind_value if fits(trial_cost(k, seen))), key=kind_value.get, default=None)
+            instead = max((k for k in kind_value if fits(trial_cost(k, seen, prior))), key=kind_value.get, default=None)
             if instead is not None and instead[0] != "finetune":
                 trial.study.enqueue_trial(_kind_params(instead))   # its other settings from the sampler
             raise _TooSlow
@@ -393,7 +428,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     seen += _resumed_trials(study)
 
     def cheapest() -> float | None:   # the cheapest kind of trial so far
-        return min((trial_cost(k, seen) for k, *_ in seen), default=None)
+        return min((trial_cost(k, seen, prior) for k, *_ in seen), default=None)
 
     ran = len(seen)
     if todo != 0 and fits(cheapest()):
