@@ -279,7 +279,8 @@ def test_flipped_labels_of_real_photos_are_found():
     for r in rows:
         flipped[r] = rng.choice([c for c in classes if c != truth[r]])
     cat.frame[task] = flipped
-    issues = audit_labels(cat, load_config(None, CFG), **QUIET)
+    fast = [{"engine": {"progress": False, "runtime": "auto"}, "tracking": False}]  # 3,068 photos: the fastest runtime
+    issues = audit_labels(cat, load_config(None, fast), **QUIET)
     ids = cat.frame["id"].astype(str).to_numpy()
     top = set(issues["id"].head(40))
     hits = top & set(ids[rows])
