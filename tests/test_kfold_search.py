@@ -270,11 +270,9 @@ def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
     assert not next_trial_fits(40.0, 40.0, 90.0, after=10.5)   # the caller's refit afterwards counts
 
 
-def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, monkeypatch):
-    """--minutes: once an mlp trial has taken 100 s, the sampler's mlp proposals that would overrun are
-    dropped unrun, while logreg trials of 2 s go on until they too would end past the limit, keeping
-    ``keep`` times the best trial (the mlp) free for its refit. A clock stands in for the fits' time."""
-    pytest.importorskip("optuna")
+def _stand_in_clock(monkeypatch, seconds) -> list[float]:
+    """``[now]``: the search's clock, moved on only by each trial's fits, ``seconds(head, outputs)`` (a fold
+    scorer stands in for the K fits: an mlp scores 0.6, any other head 0.5)."""
     from types import SimpleNamespace
 
     from catalens.train import search as search_mod
@@ -282,14 +280,27 @@ def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, 
     clock = [0.0]
 
     def fake_fold_scorer(prep, cv, base, objective):
+        outputs = sum(t.n_outputs for t in prep.tasks)
+
         def score(c):
-            clock[0] += {"mlp": 100.0, "linear": 20.0, "logreg": 2.0}[c.head.type]
+            clock[0] += seconds(c.head, outputs)
             return (0.6 if c.head.type == "mlp" else 0.5), 1
         score.last_probs, score.scored = {}, np.ones(len(prep.cat), bool)
         return score, len(prep.cat)
 
     monkeypatch.setattr(search_mod, "fold_scorer", fake_fold_scorer)
     monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    return clock
+
+
+def test_a_search_runs_cheap_trials_where_an_mlp_no_longer_fits(data, tmp_path, monkeypatch):
+    """--minutes: once an mlp trial has taken 100 s, the sampler's mlp proposals that would overrun are
+    dropped unrun, while logreg trials of 2 s go on until they too would end past the limit, keeping
+    ``keep`` times the best trial (the mlp) free for its refit. A clock stands in for the fits' time."""
+    pytest.importorskip("optuna")
+    from catalens.train import search as search_mod
+
+    clock = _stand_in_clock(monkeypatch, lambda head, _: {"mlp": 100.0, "linear": 20.0, "logreg": 2.0}[head.type])
     cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1},
                                   "engine": {"runtime": "eager", "progress": False}}])
     mlp = {"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4}
@@ -319,29 +330,16 @@ def test_a_first_mlp_that_would_overrun_the_minutes_is_not_run(data, tmp_path, m
     minute the mlp (102 s) is dropped and the other trials run; guessed at the slowest trial so far (2 s),
     it ran from 2 s to 104 s."""
     pytest.importorskip("optuna")
-    from types import SimpleNamespace
-
     from catalens.train import search as search_mod
 
-    clock = [0.0]
-
-    def fake_fold_scorer(prep, cv, base, objective):
-        outputs = sum(t.n_outputs for t in prep.tasks)
-
-        def score(c):
-            clock[0] += 0.4 * (c.head.hidden or outputs) if c.head.type != "logreg" else 2.0
-            return (0.6 if c.head.type == "mlp" else 0.5), 1
-        score.last_probs, score.scored = {}, np.ones(len(prep.cat), bool)
-        return score, len(prep.cat)
-
+    clock = _stand_in_clock(monkeypatch, lambda head, outputs: 2.0 if head.type == "logreg"
+                            else 0.4 * (head.hidden or outputs))
     widths = []
 
     def guess(rows, dim, width, fits=1, epochs=100):
         widths.append((rows, dim, width, fits, epochs))
         return 0.4 * width
 
-    monkeypatch.setattr(search_mod, "fold_scorer", fake_fold_scorer)
-    monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
     monkeypatch.setattr(search_mod, "adamw_seconds", guess)
     cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1, "epochs": 40},
                                   "engine": {"runtime": "eager", "progress": False}}])
