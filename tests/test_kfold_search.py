@@ -269,6 +269,38 @@ def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
     assert not next_trial_fits(51.0, 40.0, 90.0)
     assert not next_trial_fits(40.0, 40.0, 90.0, after=10.5)   # the caller's refit afterwards counts
 
+def test_the_first_adamw_guess_is_one_function_for_the_search_and_the_preset(monkeypatch):
+    """adamw_prior: K fits on (K-1)/K of the usable rows (one fit on the usable train rows without
+    --cv), at most 100 epochs (fewer when head.epochs says so), the hidden units or else the outputs;
+    the preset's guess of its search's first mlp is that same number."""
+    from types import SimpleNamespace
+
+    from catalens.train import presets as P
+    from catalens.train.presets import _PresetRun
+    from catalens.train.search import adamw_prior
+
+    usable = np.arange(1010) < 1000                       # 10 photos without usable features
+    prep = SimpleNamespace(usable=usable, features=np.zeros((1010, 1280), np.float32),
+                           tasks=[SimpleNamespace(n_outputs=12), SimpleNamespace(n_outputs=5)])
+    cfg = load_config()
+    prior = adamw_prior(prep, None, 5, cfg)
+    assert prior(("adamw", 256)) == pytest.approx(5 * 100 * 6 * 800 * 1280 * 256 / 40e9)   # 19.6608 s
+    assert prior(("adamw", 0)) == pytest.approx(5 * 100 * 6 * 800 * 1280 * 17 / 40e9)     # 12 + 5 outputs
+    assert prior(("lbfgs", 0)) == 0.0
+    cfg.head.epochs = 40
+    assert adamw_prior(prep, None, 5, cfg)(("adamw", 256)) == pytest.approx(19.6608 * 40 / 100)
+    train = np.arange(1010) % 2 == 0                      # 500 usable train rows, one fit
+    assert adamw_prior(prep, train, 0, cfg)(("adamw", 256)) == pytest.approx(40 * 6 * 500 * 1280 * 256 / 40e9)
+
+    run = object.__new__(_PresetRun)
+    run.k = 5
+    best = SimpleNamespace(fit_each=2.0, cfg=load_config(), prep=prep)
+    assert P.SEARCH_FIRST[0] == {"type": "logreg", "C": 0.03, "label_smoothing": 0.1}
+    assert run._trial_guess(best) == pytest.approx(10.0)      # a logreg first: K fits like best's (2 s each)
+    monkeypatch.setattr(P, "SEARCH_FIRST", P.SEARCH_FIRST[1:])
+    assert P.SEARCH_FIRST[0]["hidden"] == 256
+    assert run._trial_guess(best) == pytest.approx(19.6608)   # an mlp first, no titles: its K fits alone
+
 
 def _stand_in_clock(monkeypatch, seconds) -> list[float]:
     """``[now]``: the search's clock, moved on only by each trial's fits, ``seconds(head, outputs)`` (a fold

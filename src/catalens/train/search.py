@@ -291,9 +291,11 @@ def next_trial_fits(elapsed: float, guess: float | None, limit: float | None, af
     return elapsed + guess + after <= limit
 
 
-def _adamw_prior(prep: Prepared, train: np.ndarray, cv: int, cfg: Config):
+def adamw_prior(prep: Prepared, train: np.ndarray | None, cv: int, cfg: Config):
     """``kind -> seconds``: :func:`adamw_seconds` of an AdamW trial on ``prep``'s features (K fits on
-    (K-1)/K of the usable rows with ``cv``, else one on the usable train rows); other kinds: 0."""
+    (K-1)/K of the usable rows with ``cv``, else one on the usable ``train`` rows), ``cfg.head.epochs``
+    but at most :data:`MLP_EPOCHS`; other kinds: 0. The search's guess of a first AdamW trial, and the
+    preset's of its search's first mlp."""
     usable = int(prep.usable.sum()) if cv else int((train & prep.usable).sum())
     rows = usable * (cv - 1) // cv if cv else usable
     outputs = sum(t.n_outputs for t in prep.tasks)
@@ -363,7 +365,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     base.text.enabled = False  # the title model does not depend on the head: left out of the search
     Yv = prep.select(val & prep.usable)
     cv_score, cv_rows = fold_scorer(prep, cv, base, objective) if cv else (None, 0)
-    prior = _adamw_prior(prep, train, cv, base) if tuning == "head" else None
+    prior = adamw_prior(prep, train, cv, base) if tuning == "head" else None
     ft_score = finetune_scorer(prep, train, val, base, out, objective, log) if tuning == "fine-tune" else None
 
     def val_score(c: Config) -> tuple[float, int]:
