@@ -61,7 +61,7 @@ def test_recipes_of_the_presets():
     heads = {n: r.config(base, by_name).head for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
     assert heads.pop("lite0 (plain catalens train)").type == "linear"
     assert heads.pop("lite0 last stage fine-tuned").type == "linear"
-    assert {(h.type, h.C) for h in heads.values()} == {("logreg", 0.1)} and len(heads) == 6  # TTA: its single's head
+    assert {(h.type, h.C, h.label_smoothing) for h in heads.values()} == {("logreg", 0.1, 0.1)} and len(heads) == 6  # TTA: its single's head
     concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
     assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
     assert P._rel_cost("efficientnet_lite0") == 1.0
@@ -194,6 +194,35 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     assert [c["trials"] for c in calls] == [None]
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
     assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
+
+
+def test_with_titles_a_search_that_beats_nothing_reuses_the_recipes_cv(data, tmp_path, monkeypatch):
+    """With titles the trials leave the title model out, so a better head is cross-validated again with it;
+    when no trial beat the starting head (the best recipe's own), that CV is the recipe's, known: not run again."""
+    from catalens.train import search as S
+
+    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(P, "SEARCH_FIRST", ())   # the first part: the starting head alone, so nothing beats it
+    real, real_cv, real_more = S.search, P._PresetRun._cv, P._PresetRun._search_more
+    monkeypatch.setattr(S, "search", lambda *a, **k: real(*a, **{**k, "minutes": min(k["minutes"], 0.1)}))
+    cvs, seen = [], {}
+    monkeypatch.setattr(P._PresetRun, "_cv", lambda self, s, *a, **k: cvs.append(s.recipe.name) or real_cv(self, s, *a, **k))
+
+    def more(self):
+        s = self.results[P.SEARCHED]
+        seen.update(searched=s, on=self.results[s.recipe.name_detail])
+        real_more(self)
+
+    monkeypatch.setattr(P._PresetRun, "_search_more", more)
+    lines = []
+    P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 60.0), log=lines.append)
+    assert any("with titles" in m for m in lines[:1]), lines[:1]
+    s, on = seen["searched"], seen["on"]
+    # the recipes; not the searched head (a better head of the continued search would be: a recipe of its own)
+    assert cvs[:3] == ["lite0@64", "lite0@80 crop 1", "both"] and set(cvs[3:]) <= {P.SEARCHED_MORE}
+    assert s.oof is on.oof and s.score == on.score and s.scores == on.scores
+    assert (s.cfg.head.type, s.cfg.head.C, s.cfg.head.label_smoothing) == ("logreg", 0.1, 0.1) == (
+        on.cfg.head.type, on.cfg.head.C, on.cfg.head.label_smoothing)
 
 
 def test_a_better_head_from_the_continued_search_is_a_recipe_beside_the_first(data, tmp_path, monkeypatch):
