@@ -101,7 +101,7 @@ def report(res: dict) -> str:
         delta = "" if base is None else f"{100 * (s[main] - base['scores'][main]):+.2f}"
         rows.append([name, C, smoothing, f"{s[main]:.4f}", delta,
                      " / ".join(f"{k} {s[k]:.4f}" for k in cls if k != main) or "-",
-                     " / ".join(f"{k} {s[k]:.4f}" for k in tags) or "-", f"{s['mean']:.4f}", r["fit_s"]])
+                     " / ".join(f"{k} {s[k]:.4f}" for k in tags) or "-", f"{s['mean']:.4f}", f"{r['fit_s']:.0f}"])
     return (table(["data", "C", "label smoothing", "CV label / articleType", "points vs C 0.1 unsmoothed",
                    "other class tasks", "tags (mAP)", "mean (presets' score)", "5 fits, s"], rows)
             + "\n\n5-fold out-of-fold scores over train + val (clothing-small 3,409 photos, 10 classes; "
