@@ -13,7 +13,8 @@ fashion-products is run on fewer settings: each costs ~2.5 minutes there.
 
 ``--presets-cache``: read the features from the embedding caches of the last ``bench_presets`` runs
 (``runs/bench_presets/{clothing,fashion-image}/cache``: a run that refitted the three backbones side
-by side holds them), else this benchmark's own cache ``runs/bench_logreg_smoothing/cache``. Results go to ``runs/bench_logreg_smoothing/results.json`` (an interrupted run resumes).
+by side holds them), else this benchmark's own cache ``runs/bench_logreg_smoothing/cache``.
+Results go to ``runs/bench_logreg_smoothing/results.json`` (an interrupted run resumes).
 """
 from __future__ import annotations
 

@@ -269,6 +269,7 @@ def test_a_trials_time_is_guessed_from_the_trials_of_its_kind():
     assert not next_trial_fits(51.0, 40.0, 90.0)
     assert not next_trial_fits(40.0, 40.0, 90.0, after=10.5)   # the caller's refit afterwards counts
 
+
 def test_the_first_adamw_guess_is_one_function_for_the_search_and_the_preset(monkeypatch):
     """adamw_prior: K fits on (K-1)/K of the usable rows (one fit on the usable train rows without
     --cv), at most 100 epochs (fewer when head.epochs says so), the hidden units or else the outputs;

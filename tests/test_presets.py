@@ -61,7 +61,8 @@ def test_recipes_of_the_presets():
     heads = {n: r.config(base, by_name).head for n, r in by_name.items() if r.kind in ("frozen", "concat", "finetune")}
     assert heads.pop("lite0 (plain catalens train)").type == "linear"
     assert heads.pop("lite0 last stage fine-tuned").type == "linear"
-    assert {(h.type, h.C, h.label_smoothing) for h in heads.values()} == {("logreg", 0.1, 0.1)} and len(heads) == 6  # TTA: its single's head
+    assert {(h.type, h.C, h.label_smoothing) for h in heads.values()} == {("logreg", 0.1, 0.1)}
+    assert len(heads) == 6  # TTA: its single's head
     concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
     assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
     assert P._rel_cost("efficientnet_lite0") == 1.0
@@ -206,7 +207,8 @@ def test_with_titles_a_search_that_beats_nothing_reuses_the_recipes_cv(data, tmp
     real, real_cv, real_more = S.search, P._PresetRun._cv, P._PresetRun._search_more
     monkeypatch.setattr(S, "search", lambda *a, **k: real(*a, **{**k, "minutes": min(k["minutes"], 0.1)}))
     cvs, seen = [], {}
-    monkeypatch.setattr(P._PresetRun, "_cv", lambda self, s, *a, **k: cvs.append(s.recipe.name) or real_cv(self, s, *a, **k))
+    monkeypatch.setattr(P._PresetRun, "_cv",
+                        lambda self, s, *a, **k: cvs.append(s.recipe.name) or real_cv(self, s, *a, **k))
 
     def more(self):
         s = self.results[P.SEARCHED]

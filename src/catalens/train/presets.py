@@ -57,8 +57,9 @@ PRESETS = ("fast", "medium", "best")
 DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
 #: the head of the frozen recipes but the plain one: logistic regression by L-BFGS (benchmarks/bench_heads.py),
 #: its class tasks' targets smoothed by 0.1. 5-fold CV over train + val, the three backbones' features
-#: (benchmarks/bench_logreg_smoothing.py): clothing-small 0.9229 against 0.9185 unsmoothed; fashion-products articleType 0.9004
-#: against 0.8958 (the mean over its tasks 0.9019 against 0.9022: the pattern tags' L-BFGS stops a little earlier)
+#: (benchmarks/bench_logreg_smoothing.py): clothing-small 0.9229 against 0.9185 unsmoothed; fashion-products
+#: articleType 0.9004 against 0.8958 (the mean over its tasks 0.9019 against 0.9022: the pattern tags' L-BFGS
+#: stops a little earlier)
 LOGREG = {"type": "logreg", "C": 0.1, "label_smoothing": 0.1}
 #: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
 _REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
