@@ -109,6 +109,9 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     preset = desc["preset"]
     assert preset["name"] == "best" and preset["folds"] == 3 and preset["time_limit"] == limit
+    dec = preset["hierarchy_decoding"]  # department > category: decided on the blend's out-of-fold probabilities
+    assert dec["mode"] == "auto" and desc["hierarchy_decoding"] is dec["chosen"]
+    assert preset["cv_score"] == (dec["cv_decoded"] if dec["chosen"] else preset["cv_score"])
     chosen = board.loc[board["status"] == "chosen", "recipe"].str.split(" [(]").str[0]
     assert sorted(c["recipe"] for c in preset["chosen"]) == sorted(chosen)
     # the chosen logreg recipes end fitted on train + val (preset.refit_full); the AdamW ones do not
@@ -427,8 +430,10 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     monkeypatch.setattr(P._PresetRun, "_combine", both)
     cfg = _cfg(tmp_path, 200)
     cfg.preset.titles = "off"  # image heads: their thresholds take out-of-fold photos (with titles val alone)
+    cfg.preset.hierarchy_decoding = "on"
     P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert desc["hierarchy_decoding"] is True and desc["preset"]["hierarchy_decoding"]["chosen"] is True
     assert "ensemble" in desc and len(desc["preset"]["chosen"]) == 2
     assert re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities", desc["accept"]["source"])
     assert set(desc["accept"]["thresholds"]) == {"category", "department"}
@@ -445,8 +450,11 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
         again = load_config(tmp_path / "m" / "members" / str(i) / "config.yaml")  # trains the member again
         assert again.preset.name == "fast" and again.data.refit_full and again.head.type == "logreg"
     got = catalens.load(tmp_path / "m", runtime="eager", progress=False).predict(
-        [str(p) for p in sorted((data.parent / "images").glob("*.jpg"))[:2]])
+        [str(p) for p in sorted((data.parent / "images").glob("*.jpg"))[:12]])
     assert got["category_accept"].notna().all() and got["unknown"].notna().all()
+    from catalens.synthetic import DEPARTMENT_OF   # decoded: every answer is a path seen in training
+
+    assert (got["department"] == got["category"].map(DEPARTMENT_OF)).all()
 
 
 def _bare_run(limit: float = 1200.0):
@@ -538,3 +546,73 @@ def test_the_refit_reserve_counts_shared_features_once():
     embed = 1000 * 0.01 * P._rel_cost(cfg.backbone.name)
     both = sum(run._refit_cost(s) for s in run.results.values())
     assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * P._rel_cost(cfg.backbone.name))
+
+
+def _decoding_run(data, mode: str):
+    """A bare run of 3 folds over the synthetic pool (department > category) with one scored recipe whose
+    out-of-fold probabilities are the labels, confident, for every row."""
+    from catalens.ingest.open import open_catalogue
+    from catalens.train.kfold import Prepared, pool_tasks
+
+    cat = open_catalogue(data)
+    pool = cat.subset(cat.frame["split"].isin(["train", "val"]).to_numpy())
+    tasks = pool_tasks(pool)
+    Y = pool.encode(tasks)
+    prep = Prepared(pool, tasks, Y, np.zeros((len(pool), 1), np.float32), np.ones(len(pool), bool),
+                    np.full(len(pool), None, object))
+    oof = {}
+    for t in tasks:
+        if t.kind == "class":
+            p = np.full((len(pool), t.n_outputs), 0.1 / (t.n_outputs - 1))
+            p[np.arange(len(pool)), Y[t.name]] = 0.9
+        else:
+            p = np.nan_to_num(Y[t.name])
+        oof[t.name] = p
+    run = _bare_run()
+    run.k, run.logged = 3, []
+    run.log = run.logged.append
+    run.base.preset.hierarchy_decoding = mode
+    s = P.Scored(run.recipes["lite2@300 crop 1 multilevel"], oof=oof, prep=prep, cfg=run.base,
+                 scored=np.ones(len(pool), bool))
+    return run, s, tasks
+
+
+def _set_row(s, tasks, row: int, department: dict, category: dict) -> None:
+    """Row ``row``'s department and category probabilities: ``{label: p}``, the rest spread evenly."""
+    for t, want in zip(tasks[:2], (department, category)):
+        p = np.full(t.n_outputs, (1 - sum(want.values())) / (t.n_outputs - len(want)))
+        for label, v in want.items():
+            p[t.classes.index(label)] = v
+        s.oof[t.name][row] = p
+
+
+def test_the_preset_decodes_label_paths_when_that_raises_the_out_of_fold_score(data):
+    """preset.hierarchy_decoding auto: each fold's out-of-fold rows decoded with the paths of that fold's
+    training rows; on when the objective (mean of department and category accuracy and pattern mAP) rises."""
+    run, s, tasks = _decoding_run(data, "auto")
+    n = len(s.scored)
+    dept = s.prep.cat.frame["department"].to_numpy()
+    rows = np.flatnonzero(dept == "bottoms")[:3]
+    for r in rows:  # the category leans to a hat (0.55 against its own 0.45), the department is sure: decoding mends it
+        own = s.prep.cat.frame["category"].iloc[r]
+        _set_row(s, tasks, r, {"bottoms": 0.97}, {own: 0.44, "hat": 0.55})
+    blend = run._decide_decoding([s], [1.0], 0.5)
+    argmax = (1 + (n - 3) / n + 1) / 3
+    assert run.decoding == {"chosen": True, "mode": "auto", "cv_argmax": round(argmax, 6), "cv_decoded": 1.0}
+    assert blend == 1.0 and run._decodes()
+    assert run.logged[-1] == f"  hierarchy decoding on (auto): CV 1.0000 decoded, {argmax:.4f} per-level argmax"
+
+    run, s, tasks = _decoding_run(data, "auto")
+    for r in rows:  # the category is sure of a hat, the department barely of bottoms: decoding spoils the department
+        _set_row(s, tasks, r, {"bottoms": 0.55, "accessories": 0.44}, {"hat": 0.95})
+    assert run._decide_decoding([s], [1.0], 0.5) == 0.5 and not run._decodes()
+    assert run.decoding == {"chosen": False, "mode": "auto", "cv_argmax": round(argmax, 6),
+                            "cv_decoded": round((2 * (n - 3) / n + 1) / 3, 6)}
+    run.base.preset.hierarchy_decoding = "on"   # asked for: on, with the decoded score
+    assert run._decide_decoding([s], [1.0], 0.5) == pytest.approx((2 * (n - 3) / n + 1) / 3)
+    assert run.decoding["chosen"] and run.decoding["mode"] == "on"
+    run.base.preset.hierarchy_decoding = "off"
+    assert run._decide_decoding([s], [1.0], 0.5) == 0.5 and run.decoding == {"chosen": False, "mode": "off"}
+    run.base.preset.hierarchy_decoding, run.base.hierarchy_decoding = "auto", True  # --hierarchical-decoding
+    run._decide_decoding([s], [1.0], 0.5)
+    assert run.decoding["chosen"] and run.decoding["mode"] == "on"

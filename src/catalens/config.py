@@ -229,8 +229,10 @@ class PresetConfig(_Strict):
     finetune: bool = True                                # best: score a last-stage fine-tuned Lite0 when it fits
     finetune_folds: int = Field(2, ge=2)                 # K of the CV that scores the fine-tuned recipe (K fine-tunings)
     refit_full: bool = True                              # the chosen frozen recipes end with data.refit_full
+    # auto: decode label paths (hierarchy_decoding) when it raises the chosen blend's out-of-fold score
+    hierarchy_decoding: Literal["auto", "on", "off"] = "auto"
 
-    @field_validator("titles", mode="before")
+    @field_validator("titles", "hierarchy_decoding", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         """``--set preset.titles=off`` (and ``titles: off`` in YAML) reads as a boolean: take it as meant."""

@@ -263,6 +263,25 @@ def evaluate_rows(prep: Prepared, fitted: Fitted, rows: np.ndarray, probs: dict[
     return m, decoded
 
 
+def decoded_out_of_fold(prep: Prepared, probs: dict[str, np.ndarray],
+                        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Hierarchy decoding of out-of-fold probabilities ``{task: (n, C)}``: each part's held-out rows
+    decoded with the label paths of that part's training rows (what its model would have seen, as
+    :func:`fit_on` records them). Returns ``{class task in a chain: (n,) decided class}`` (-1 on rows
+    no part holds out); empty when the tasks form no chain."""
+    from catalens.model.decode import Decoder
+
+    n = len(prep.cat)
+    out: dict[str, np.ndarray] = {}
+    for train, _, rows in parts:
+        if not rows.any():
+            continue
+        decoder = Decoder(prep.tasks, known_paths_of(prep.cat, prep.tasks, train), True)
+        for name, idx in decoder.decoded_index({k: v[rows] for k, v in probs.items()}).items():
+            out.setdefault(name, np.full(n, -1, np.int64))[rows] = idx
+    return out
+
+
 # ---------------------------------------------------------------- summary helpers
 def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
     """Flatten the headline numbers: ``task.accuracy``, ``task.micro_f1``, ``hierarchy.<chain>.consistent_share``."""

@@ -82,11 +82,13 @@ class SearchResult:
     best_seconds: float | None = None
 
 
-def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean") -> float:
-    """The search objective of validation outputs (higher is better)."""
+def objective_value(tasks, Y: dict, probs: dict, objective: str = "mean", pred_index: dict | None = None) -> float:
+    """The search objective of validation outputs (higher is better). ``pred_index``: decided classes
+    that replace the argmax of some class tasks (hierarchy decoding), as in
+    :func:`catalens.evaluate.metrics.compute_metrics`."""
     from catalens.evaluate.metrics import compute_metrics
 
-    m = compute_metrics(tasks, Y, probs)
+    m = compute_metrics(tasks, Y, probs, pred_index=pred_index)
     scores = {}
     for t in tasks:
         v = m[t.name]["accuracy"] if t.kind == "class" else m[t.name]["mean_average_precision"]
