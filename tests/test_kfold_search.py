@@ -315,7 +315,7 @@ def _stand_in_clock(monkeypatch, seconds) -> list[float]:
     def fake_fold_scorer(prep, cv, base, objective):
         outputs = sum(t.n_outputs for t in prep.tasks)
 
-        def score(c):
+        def score(c, deadline=None):
             clock[0] += seconds(c.head, outputs)
             return (0.6 if c.head.type == "mlp" else 0.5), 1
         score.last_probs, score.scored = {}, np.ones(len(prep.cat), bool)
@@ -384,6 +384,45 @@ def test_a_first_mlp_that_would_overrun_the_minutes_is_not_run(data, tmp_path, m
     # the guess's terms: 3 folds fit on 50 of the 75 usable photos, 1,280 features, the mlp's 256 units,
     # the head's 40 epochs (fewer than MLP_EPOCHS); a head without a hidden layer: its 17 outputs
     assert widths[0] == (50, 1280, 256, 3, 40) and (50, 1280, 17, 3, 40) in widths
+
+
+def test_a_trial_guessed_short_stops_between_its_folds(data, tmp_path, monkeypatch):
+    """--minutes with --cv: a logreg of a larger C than any so far (L-BFGS needs more rounds) is guessed at
+    the slowest trial so far; when its folds prove slower, it stops before the fold that would end past the
+    limit, and its kind is then guessed at what all its folds would have taken. A clock stands in for the
+    fits' time (the real fold scorer, each fold's fit moving the clock by 2 s, or 30 s at C 10)."""
+    pytest.importorskip("optuna")
+    from types import SimpleNamespace
+
+    from catalens.train import search as search_mod
+
+    clock = [0.0]
+    real_fit = search_mod.fit_on
+
+    def fit_on(prep, train, inner, c, **kw):
+        clock[0] += 30.0 if c.head.C >= 10 else 2.0
+        return real_fit(prep, train, inner, c, **kw)
+
+    monkeypatch.setattr(search_mod, "fit_on", fit_on)
+    monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1, "epochs": 5},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    lines = []
+    search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, first=({"type": "logreg", "C": 10.0},),
+                      log=lines.append)
+    rows = pd.read_csv(tmp_path / "s" / "trials.csv")
+    # trial 0 (C 0.1): 3 folds of 2 s; trial 1 (C 10), guessed 6 s, starts at 6: its second fold would end
+    # at 66 > 60, so it stops at 36 (without the stop: 96); then every logreg is guessed at 90 s: no more trials
+    assert rows["seconds"].tolist() == [6.0, 30.0] and np.isnan(rows["value"].iloc[1])
+    assert rows["C"].tolist() == [pytest.approx(0.1), pytest.approx(10.0)]
+    assert clock[0] == 36.0
+    assert "  trial 1: stopped after 30s between its folds: all of them would take ~90s, past the 1-minute limit" \
+        in lines
+    info = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert info["best_value"] == pytest.approx(rows["value"].iloc[0])
+    # resumed, the stopped trial counts at its projected 90 s: a minute more runs only what fits
+    assert search_mod._resumed_trials(search_mod.open_study(tmp_path / "s", search_mod.study_key(
+        data, cfg, "mean", 3, "head"), cfg.seed, {}, lambda *a: None)[0])[1][1] == 90.0
 
 
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):

@@ -206,8 +206,9 @@ def _head_params(h, class_tasks: list[str]) -> dict:
 
 
 def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
-    """``score(config) -> objective`` of the pooled out-of-fold predictions of ``k`` folds; the last
-    scored config's probabilities are kept as ``score.last_probs``."""
+    """``score(config, deadline=None) -> objective`` of the pooled out-of-fold predictions of ``k`` folds; the
+    last scored config's probabilities are kept as ``score.last_probs``. ``deadline`` (a ``time.time()``): the
+    config's folds stop when the next would end past it (:func:`check_deadline`)."""
     from catalens.train.kfold import fold_parts, product_folds
 
     if k < 2:
@@ -217,10 +218,12 @@ def fold_scorer(prep: Prepared, k: int, cfg: Config, objective: str):
     for _, _, rows in parts:
         scored |= rows
 
-    def score(c: Config) -> tuple[float, int]:
+    def score(c: Config, deadline: float | None = None) -> tuple[float, int]:
         probs = {t.name: np.zeros((len(prep.cat), t.n_outputs), np.float32) for t in prep.tasks}
         epochs = []
-        for train, inner, rows in parts:
+        started = time.time()
+        for i, (train, inner, rows) in enumerate(parts):
+            check_deadline(started, i, len(parts), deadline)
             fitted = fit_on(prep, train, inner, c)
             for name, p in predict_rows(prep, fitted, rows).items():
                 probs[name][rows] = p
@@ -317,6 +320,28 @@ def _kind_params(kind: tuple[str, int]) -> dict:
     return {"hidden": 0, "fit": kind[0]}
 
 
+class TrialOverrun(Exception):
+    """A trial stopped between its folds: the next fold would have ended past the deadline. ``seconds``: what
+    all its folds would have taken, at the pace of those done."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the trial's folds would take ~{seconds:.0f}s")
+        self.seconds = seconds
+
+
+def check_deadline(started: float, done: int, folds: int, deadline: float | None) -> None:
+    """Before fold ``done`` (0-based) of ``folds``: raise :class:`TrialOverrun` when, at the mean pace of the
+    ``done`` folds since ``started``, the next one would end past ``deadline`` (the first fold always runs).
+    A trial whose time was guessed short (a ``logreg`` of a larger C than any so far: L-BFGS needs more rounds)
+    so overruns by at most one fold, not by all of them."""
+    if deadline is None or not done:
+        return
+    now = time.time()
+    pace = (now - started) / done
+    if now + pace > deadline:
+        raise TrialOverrun(pace * folds)
+
+
 class _TooSlow(Exception):
     """A proposed trial that would end past ``--minutes``: not run, its sampled settings dropped."""
 
@@ -379,10 +404,15 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     seen: list[tuple[tuple[str, int], float, float]] = []   # (kind, seconds, value) of each finished trial
     skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
 
-    def fits(guess: float | None) -> bool:   # ``keep`` times the longer of it and the best trial (its refit)
+    def after(guess: float | None) -> float:   # ``keep`` times the longer of it and the best trial (its refit)
         done = [(value, sec) for _, sec, value in seen if np.isfinite(value)]
-        after = keep * max(guess or 0.0, max(done, key=lambda d: d[0])[1] if done else 0.0)
-        return next_trial_fits(time.time() - t0, guess, limit, after)
+        return keep * max(guess or 0.0, max(done, key=lambda d: d[0])[1] if done else 0.0)
+
+    def fits(guess: float | None) -> bool:
+        return next_trial_fits(time.time() - t0, guess, limit, after(guess))
+
+    def deadline(guess: float | None) -> float | None:   # when a running trial's folds must end
+        return None if limit is None else t0 + limit - after(guess)
 
     def run(trial) -> float:
         s = time.time()
@@ -409,7 +439,15 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
         elif known:   # the caller's result for it: no fits
             value, cv_score.last_probs, epochs = start_result[0], start_result[1], 0
         else:
-            value, epochs = (cv_score or val_score)(c)
+            try:
+                value, epochs = cv_score(c, deadline(guess)) if cv_score is not None else val_score(c)
+            except TrialOverrun as e:   # its time was guessed short: what it would take is now known
+                seen.append((kind, e.seconds, float("nan")))
+                trial.set_user_attr("seconds", round(time.time() - s, 1))
+                trial.set_user_attr("projected", round(e.seconds, 1))
+                log(f"  trial {trial.number}: stopped after {time.time() - s:.0f}s between its folds: all of them "
+                    f"would take ~{e.seconds:.0f}s, past the {minutes:g}-minute limit")
+                raise _TooSlow from None
         seen.append((kind, start_result[2] if known else time.time() - s, value))
         trial.set_user_attr("seconds", round(seen[-1][1], 1))
         trial.set_user_attr("best_epoch", epochs)
@@ -495,8 +533,8 @@ def study_key(data, cfg: Config, objective: str, cv: int, tuning: str) -> str:
 
 def _resumed_trials(study) -> list[tuple[tuple[str, int], float, float]]:
     """A resumed study's finished trials as ``(kind, seconds, value)`` (NaN for a failed one)."""
-    return [(trial_kind(t.params), t.user_attrs["seconds"], t.value if t.value is not None else float("nan"))
-            for t in study.trials if "seconds" in t.user_attrs]
+    return [(trial_kind(t.params), t.user_attrs.get("projected", t.user_attrs["seconds"]),
+             t.value if t.value is not None else float("nan")) for t in study.trials if "seconds" in t.user_attrs]
 
 
 def open_study(out: Path, name: str, seed: int, start: dict, log, then: list[dict] = ()):
