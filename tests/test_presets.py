@@ -137,6 +137,9 @@ def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_pa
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert ev["category"]["n"] > 0
     assert [r["recipe"] for r in ev["context"]["preset leaderboard"]] == [r["recipe"] for r in preset["leaderboard"]]
+    assert ev["context"]["preset hierarchy decoding"] == (
+        f"{'on' if dec['chosen'] else 'off'} (auto): CV {dec['cv_decoded']:.4f} decoded, "
+        f"{dec['cv_argmax']:.4f} per-level argmax")
     refit = desc.get("refit_full")  # the report says the model learnt from train + val
     assert ev["context"].get("refit_full") == (None if refit is None else f"fitted again on train + val "
                                                f"({refit['rows']} photos)" if "rows" in refit else

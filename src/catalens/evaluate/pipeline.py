@@ -176,6 +176,11 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
         context["preset leaderboard"] = [{k: v for k, v in row.items() if k in ("recipe", "cv_score", "fit_seconds",
                                                                               "predict_img_s", "weight", "status")}
                                          for row in model.meta["preset"].get("leaderboard", [])]
+        dec = model.meta["preset"].get("hierarchy_decoding")
+        if dec:  # whether it decodes label paths, and the out-of-fold scores that decided it
+            context["preset hierarchy decoding"] = f"{'on' if dec['chosen'] else 'off'} ({dec['mode']})" + (
+                f": CV {dec['cv_decoded']:.4f} decoded, {dec['cv_argmax']:.4f} per-level argmax"
+                if "cv_decoded" in dec else "")
     history = _overview(metrics, model, full, model_dir)
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",
