@@ -178,9 +178,9 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
                                          for row in model.meta["preset"].get("leaderboard", [])]
         dec = model.meta["preset"].get("hierarchy_decoding")
         if dec:  # whether it decodes label paths, and the out-of-fold scores that decided it
-            context["preset hierarchy decoding"] = f"{'on' if dec['chosen'] else 'off'} ({dec['mode']})" + (
-                f": CV {dec['cv_decoded']:.4f} decoded, {dec['cv_argmax']:.4f} per-level argmax"
-                if "cv_decoded" in dec else "")
+            from catalens.train.presets import decoding_summary
+
+            context["preset hierarchy decoding"] = decoding_summary(dec)
     history = _overview(metrics, model, full, model_dir)
     report = write_report(report_dir, metrics, model.tasks, y, probs,
                           title=f"catalens report: {Path(model_dir).name} on {Path(data).name}",

@@ -568,10 +568,10 @@ class _PresetRun:
         predicted from, e.g. TTA features; the fit always uses ``prep.features``)."""
         from dataclasses import replace as dc_replace
 
-        from catalens.train.kfold import fold_parts, out_of_fold, product_folds
+        from catalens.train.kfold import out_of_fold
 
         cfg = s.cfg
-        parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
+        parts = self._fold_parts(prep, cfg)
         t = time.time()
         pp = dc_replace(prep, features=pred_features) if pred_features is not None else None
         on_titles = self.titles.seconds
@@ -580,6 +580,12 @@ class _PresetRun:
         s.fit_each = heads / len(parts)
         self.clock.learn_fit(heads, len(parts), len(prep.cat), prep.features.shape[1])
         self._set_score(s, prep)
+
+    def _fold_parts(self, prep, cfg: Config) -> list:
+        """The K folds every recipe is scored on (:func:`catalens.train.kfold.fold_parts`)."""
+        from catalens.train.kfold import fold_parts, product_folds
+
+        return fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
 
     def _finetune_base(self, recipe: Recipe) -> Scored:
         """A scored frozen recipe to start from (its rows, labels, titles): the one on ``recipe``'s backbone
@@ -791,7 +797,7 @@ class _PresetRun:
         on fashion-products, Lite2@300 with titles: subCategory 62 -> 56 wrong of 5,289, masterCategory 7 -> 9,
         articleType 132 either way (on); image only: 746 -> 748 wrong over the three levels (off)."""
         from catalens.tasks import hierarchy_levels
-        from catalens.train.kfold import decoded_out_of_fold, fold_parts, product_folds
+        from catalens.train.kfold import decoded_out_of_fold
         from catalens.train.search import objective_value
 
         mode = self.base.preset.hierarchy_decoding
@@ -805,7 +811,7 @@ class _PresetRun:
         prep, cfg = chosen[0].prep, chosen[0].cfg
         rows = np.logical_and.reduce([s.scored for s in chosen])
         probs = {k: sum(w * s.oof[k] for s, w in zip(chosen, weights)) / sum(weights) for k in chosen[0].oof}
-        parts = fold_parts(prep, product_folds(prep.cat, self.k, cfg.seed), self.k, cfg)
+        parts = self._fold_parts(prep, cfg)
         decided = decoded_out_of_fold(prep, probs, [(tr, inner, held & rows) for tr, inner, held in parts])
         Y, at = prep.select(rows), {k: v[rows] for k, v in probs.items()}
         argmax = objective_value(prep.tasks, Y, at)
@@ -813,8 +819,7 @@ class _PresetRun:
         on = mode == "on" or score > argmax + 1e-12
         self.decoding = {"chosen": on, "mode": mode, "cv_argmax": round(float(argmax), 6),
                          "cv_decoded": round(float(score), 6)}
-        self.log(f"  hierarchy decoding {'on' if on else 'off'} ({mode}): CV {score:.4f} decoded, "
-                 f"{argmax:.4f} per-level argmax")
+        self.log(f"  hierarchy decoding {decoding_summary(self.decoding)}")
         return score if on else blend
 
     def _decodes(self) -> bool:
@@ -941,6 +946,15 @@ class _PresetRun:
             self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
                                                                             "predict_img_s", "status") if c in df]]
                      .to_string(index=False))
+
+
+def decoding_summary(dec: dict) -> str:
+    """One line for the preset's hierarchy decoding record (``model.json`` ``preset.hierarchy_decoding``),
+    as the preset logs it and the evaluation report shows it."""
+    line = f"{'on' if dec['chosen'] else 'off'} ({dec['mode']})"
+    if "cv_decoded" in dec:
+        line += f": CV {dec['cv_decoded']:.4f} decoded, {dec['cv_argmax']:.4f} per-level argmax"
+    return line
 
 
 def _in_class_order(probs: np.ndarray, model_tasks, task) -> np.ndarray:
