@@ -9,6 +9,7 @@ import itertools
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +87,26 @@ def choose_weights(probs: dict, y) -> tuple[dict[str, int], float]:
         if best is None or (acc, -nll) > best[0]:
             best = ((acc, -nll), w)
     return {n: wi for n, wi in zip(names, best[1]) if wi}, best[0][0]
+
+
+def cached_cv_args(doc: str, work: Path, results: Path, flag: str, choices: list[str]):
+    """The command line of a resumable CV benchmark that may read ``bench_presets``' embedding caches:
+    ``--<flag>`` one or more of ``choices`` (default all), ``--presets-cache``, ``--fresh`` (forgets ``work``:
+    results and the benchmark's own cache). Returns ``(args, results so far, the command as run)``."""
+    import argparse
+    import json
+    import shutil
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument(f"--{flag}", nargs="+", choices=choices, default=list(choices))
+    ap.add_argument("--presets-cache", action="store_true", help="read the features from bench_presets' caches")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results (and this benchmark's own cache)")
+    args = ap.parse_args()
+    if args.fresh:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    res = json.loads(results.read_text()) if results.exists() else {}
+    chosen = getattr(args, flag)
+    command = f"python benchmarks/{Path(sys.argv[0]).name}" + (f" --{flag} {' '.join(chosen)}"
+                                                               if chosen != list(choices) else "")
+    return args, res, command + (" --presets-cache" if args.presets_cache else "")

@@ -23,10 +23,8 @@ separately cached features (docs/presets.md). Results go to ``runs/bench_hierarc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, table, write_section  # noqa: E402
+from _report import ROOT, cached_cv_args, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_hierarchy_decoding"
 RESULTS = WORK / "results.json"
@@ -124,17 +122,9 @@ def report(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
-    ap.add_argument("--presets-cache", action="store_true", help="read the features from bench_presets' cache")
-    ap.add_argument("--fresh", action="store_true", help="forget earlier results (and this benchmark's own cache)")
-    args = ap.parse_args()
     from catalens.train.kfold import TitleModels
 
-    if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True, exist_ok=True)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    args, res, command = cached_cv_args(__doc__, WORK, RESULTS, "recipes", list(RECIPES))
     cache = PRESETS_CACHE if args.presets_cache else WORK / "cache"
     title_models = TitleModels()   # one per fold, shared by the recipes (the presets' reuse)
     for recipe in args.recipes:
@@ -145,9 +135,6 @@ def main() -> None:
             res[key] = measure(RECIPES[recipe], cache, titles == "on", title_models)
             RESULTS.write_text(json.dumps(res, indent=1))
             log(f"{key}: {res[key]}")
-    command = "python benchmarks/bench_hierarchy_decoding.py" + (
-        f" --recipes {' '.join(args.recipes)}" if args.recipes != list(RECIPES) else "")
-    command += " --presets-cache" if args.presets_cache else ""
     write_section("bench_hierarchy_decoding", "Hierarchy decoding of the presets' recipes (5-fold CV)",
                   report(res), command)
 

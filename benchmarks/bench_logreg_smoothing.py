@@ -18,10 +18,8 @@ Results go to ``runs/bench_logreg_smoothing/results.json`` (an interrupted run r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, cached_cv_args, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_logreg_smoothing"
 RESULTS = WORK / "results.json"
@@ -115,20 +113,9 @@ def report(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    ap.add_argument("--presets-cache", action="store_true", help="read the features from bench_presets' caches")
-    ap.add_argument("--fresh", action="store_true", help="forget earlier results (and this benchmark's own cache)")
-    args = ap.parse_args()
-    if args.fresh:
-        shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True, exist_ok=True)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    args, res, command = cached_cv_args(__doc__, WORK, RESULTS, "only", list(DATASETS))
     for name in args.only:
         run_dataset(name, PRESETS_CACHE[name] if args.presets_cache else WORK / "cache", res)
-    command = "python benchmarks/bench_logreg_smoothing.py" + (f" --only {' '.join(args.only)}"
-                                                               if args.only != list(DATASETS) else "")
-    command += " --presets-cache" if args.presets_cache else ""
     write_section("bench_logreg_smoothing", "The presets' logreg head: label smoothing and C (5-fold CV)",
                   report(res), command)
 
