@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,20 @@ SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().pa
 def _private_cache(tmp_path_factory):
     os.environ["CATALENS_CACHE"] = str(tmp_path_factory.mktemp("catalens-cache"))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _catalens_logging_restored():
+    """The CLI's ``setup_logging`` (every in-process ``main([...])``) gives the ``catalens`` logger its stderr
+    handler, a level and ``propagate = False``; put them back after each test, so that whether a later
+    test's ``caplog`` sees the library's records does not depend on which tests ran before it. A test of
+    what a command prints reads its stderr (``capsys``)."""
+    log = logging.getLogger("catalens")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)
+    log.propagate = propagate
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_non_finite_features_are_never_cached(tmp_path, caplog):
     assert EmbeddingCache(tmp_path, "fp", 2).keys() == {"a"}
 
 
-def test_embed_recomputes_a_broken_cache_part(tmp_path, caplog):
+def test_embed_recomputes_a_broken_cache_part(tmp_path, capsys):
     """Truncated and NaN parts: the next `catalens embed` warns, re-embeds and writes the same features."""
     data = make_catalogue(tmp_path / "d", n_products=6, size=96, seed=2)
     cache = tmp_path / "cache"
@@ -112,14 +112,14 @@ def test_embed_recomputes_a_broken_cache_part(tmp_path, caplog):
     arr = np.load(parts[0])
     arr[0] = np.nan
     np.save(parts[0], arr)
+    capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "e2")]) == 0
-    assert "row 0 holds non-finite values (NaN or inf)" in caplog.text
+    assert "row 0 holds non-finite values (NaN or inf)" in capsys.readouterr().err  # the CLI's stderr
     np.testing.assert_allclose(np.load(tmp_path / "e2" / "embeddings.npy"), first, atol=1e-5)
-    caplog.clear()
     part = sorted(cache.glob("*/part-*.emb.npy"))[0]
     part.write_bytes(part.read_bytes()[:200])
     assert main([*args, "--out", str(tmp_path / "e3")]) == 0
-    assert f"embedding cache part '{part}' set aside" in caplog.text
+    assert f"embedding cache part '{part}' set aside" in capsys.readouterr().err
     np.testing.assert_allclose(np.load(tmp_path / "e3" / "embeddings.npy"), first, atol=1e-5)
 
 

@@ -234,7 +234,7 @@ def test_ensemble_calibrates_accept_and_unknown_on_val_with_its_own_probabilitie
     assert set(df["conflict"].isna()) == {True}                      # no title model: no conflict flag
 
 
-def test_ensemble_without_its_data_leaves_the_flags_null_and_says_so(models, tmp_path, caplog):
+def test_ensemble_without_its_data_leaves_the_flags_null_and_says_so(models, tmp_path, capsys):
     from catalens.cli import main
 
     _, a, b = models
@@ -242,7 +242,8 @@ def test_ensemble_without_its_data_leaves_the_flags_null_and_says_so(models, tmp
     member = json.loads((a / "model.json").read_text())
     member["data"] = str(tmp_path / "gone")
     (a / "model.json").write_text(json.dumps(member))
+    capsys.readouterr()
     assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "f")]) == 0
     meta = json.loads((tmp_path / "f" / "model.json").read_text())
     assert meta.get("accept") is None and meta.get("unknown") is None
-    assert "accept and unknown thresholds are left null; give it with --data DATA" in caplog.text
+    assert "accept and unknown thresholds are left null; give it with --data DATA" in capsys.readouterr().err
