@@ -79,8 +79,8 @@ def wrong(prep, probs: dict, rows, pred_index: dict | None = None) -> dict[str, 
 def measure(recipe: str, cache: Path, titles: bool, title_models) -> dict:
     """Out-of-fold probabilities of ``recipe`` on the presets' folds; the decision's two numbers."""
     from catalens.tasks import hierarchy_levels
-    from catalens.train.kfold import decoded_out_of_fold, fold_parts, out_of_fold, prepare, product_folds
-    from catalens.train.search import objective_value
+    from catalens.train.kfold import fold_parts, out_of_fold, prepare, product_folds
+    from catalens.train.presets import decoding_scores
 
     cfg = recipe_config(recipe, cache, titles)
     prep = prepare(DATA, cfg, log=lambda *a: None, classes_from="pool")
@@ -88,23 +88,22 @@ def measure(recipe: str, cache: Path, titles: bool, title_models) -> dict:
     t = time.time()
     oof, rows = out_of_fold(prep, parts, cfg, titles=title_models if titles else None)
     seconds = time.time() - t
-    decided = decoded_out_of_fold(prep, oof, [(tr, inner, held & rows) for tr, inner, held in parts])
-    Y, at = prep.select(rows), {k: v[rows] for k, v in oof.items()}
+    argmax, decoded, decided = decoding_scores(prep, oof, rows, parts)
     return {"chain": hierarchy_levels(prep.tasks)[0], "rows": int(rows.sum()), "features": prep.features.shape[1],
             "wrong_argmax": wrong(prep, oof, rows), "wrong_decoded": wrong(prep, oof, rows, decided),
-            "cv_argmax": objective_value(prep.tasks, Y, at),
-            "cv_decoded": objective_value(prep.tasks, Y, at, pred_index={k: v[rows] for k, v in decided.items()}),
-            "seconds": round(seconds, 1)}
+            "cv_argmax": argmax, "cv_decoded": decoded, "seconds": round(seconds, 1)}
 
 
 def report(res: dict) -> str:
+    from catalens.train.presets import decoding_raises
+
     rows = []
     for key, r in res.items():
         recipe, titles = key.split("|")
         a, d = r["wrong_argmax"], r["wrong_decoded"]
-        gain = r["cv_decoded"] - r["cv_argmax"]
         rows.append([RECIPES[recipe], titles, *(f"{a[n]} -> {d[n]}" for n in r["chain"]),
-                     f"{r['cv_argmax']:.5f}", f"{r['cv_decoded']:.5f}", "on" if gain > 1e-12 else "off",
+                     f"{r['cv_argmax']:.5f}", f"{r['cv_decoded']:.5f}",
+                     "on" if decoding_raises(r["cv_argmax"], r["cv_decoded"]) else "off",
                      f"{r['seconds']:.0f}"])
     chain = next(iter(res.values()))["chain"] if res else ["level"]
     n = next(iter(res.values()))["rows"] if res else 0

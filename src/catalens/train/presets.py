@@ -797,8 +797,6 @@ class _PresetRun:
         on fashion-products, Lite2@300 with titles: subCategory 62 -> 56 wrong of 5,289, masterCategory 7 -> 9,
         articleType 132 either way (on); image only: 746 -> 748 wrong over the three levels (off)."""
         from catalens.tasks import hierarchy_levels
-        from catalens.train.kfold import decoded_out_of_fold
-        from catalens.train.search import objective_value
 
         mode = self.base.preset.hierarchy_decoding
         mode = "on" if mode == "auto" and self.base.hierarchy_decoding else mode
@@ -811,12 +809,8 @@ class _PresetRun:
         prep, cfg = chosen[0].prep, chosen[0].cfg
         rows = np.logical_and.reduce([s.scored for s in chosen])
         probs = {k: sum(w * s.oof[k] for s, w in zip(chosen, weights)) / sum(weights) for k in chosen[0].oof}
-        parts = self._fold_parts(prep, cfg)
-        decided = decoded_out_of_fold(prep, probs, [(tr, inner, held & rows) for tr, inner, held in parts])
-        Y, at = prep.select(rows), {k: v[rows] for k, v in probs.items()}
-        argmax = objective_value(prep.tasks, Y, at)
-        score = objective_value(prep.tasks, Y, at, pred_index={k: v[rows] for k, v in decided.items()})
-        on = mode == "on" or score > argmax + 1e-12
+        argmax, score, _ = decoding_scores(prep, probs, rows, self._fold_parts(prep, cfg))
+        on = mode == "on" or decoding_raises(argmax, score)
         self.decoding = {"chosen": on, "mode": mode, "cv_argmax": round(float(argmax), 6),
                          "cv_decoded": round(float(score), 6)}
         self.log(f"  hierarchy decoding {decoding_summary(self.decoding)}")
@@ -946,6 +940,28 @@ class _PresetRun:
             self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
                                                                             "predict_img_s", "status") if c in df]]
                      .to_string(index=False))
+
+
+def decoding_scores(prep, probs: dict[str, np.ndarray], rows: np.ndarray,
+                    parts: list) -> tuple[float, float, dict[str, np.ndarray]]:
+    """The objective (:func:`catalens.train.search.objective_value`) of out-of-fold ``probs`` ``{task: (n, C)}``
+    on ``rows``, by the per-level argmax and hierarchy-decoded (each part's held-out rows with the label paths
+    of that part's training rows, :func:`catalens.train.kfold.decoded_out_of_fold`); and the decoded classes
+    ``{task: (n,)}``. What ``preset.hierarchy_decoding: auto`` decides on (and ``bench_hierarchy_decoding``
+    measures)."""
+    from catalens.train.kfold import decoded_out_of_fold
+    from catalens.train.search import objective_value
+
+    decided = decoded_out_of_fold(prep, probs, [(tr, inner, held & rows) for tr, inner, held in parts])
+    Y, at = prep.select(rows), {k: v[rows] for k, v in probs.items()}
+    argmax = objective_value(prep.tasks, Y, at)
+    decoded = objective_value(prep.tasks, Y, at, pred_index={k: v[rows] for k, v in decided.items()})
+    return argmax, decoded, decided
+
+
+def decoding_raises(argmax: float, decoded: float) -> bool:
+    """``auto``'s rule: decode when that raises the out-of-fold objective (beyond float noise)."""
+    return decoded > argmax + 1e-12
 
 
 def decoding_summary(dec: dict) -> str:
