@@ -276,8 +276,8 @@ def test_the_first_adamw_guess_is_one_function_for_the_search_and_the_preset(mon
     the preset's guess of its search's first mlp is that same number."""
     from types import SimpleNamespace
 
-    from catalens.train import presets as P
-    from catalens.train.presets import _PresetRun
+    from catalens.train.presets import run as P
+    from catalens.train.presets.run import _PresetRun
     from catalens.train.search import adamw_prior
 
     usable = np.arange(1010) < 1000                       # 10 photos without usable features

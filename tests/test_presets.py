@@ -18,6 +18,7 @@ from catalens.cli import build_parser, main
 from catalens.commands._common import config_from_args
 from catalens.config import load_config
 from catalens.train import presets as P
+from catalens.train.presets import run as R
 
 FAST = ["--no-progress", "--runtime", "eager"]
 
@@ -65,8 +66,8 @@ def test_recipes_of_the_presets():
     assert len(heads) == 6  # TTA: its single's head
     concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
     assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
-    assert P._rel_cost("efficientnet_lite0") == 1.0
-    assert P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
+    assert R.rel_cost("efficientnet_lite0") == 1.0
+    assert R.rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
         (256 / 224) ** 2 + 1.5 * (272 / 240) ** 2)
 
 
@@ -91,7 +92,7 @@ def _cfg(tmp, limit, name="best"):
 
 
 def test_best_within_budget_writes_leaderboard_and_a_working_folder(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     limit = 40.0   # the recipes take ~10 s, the searched head continues with the rest
     t = time.time()
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, limit), log=lambda *a: None)
@@ -153,9 +154,9 @@ def test_the_searched_head_tries_its_first_heads_early_and_continues_at_the_end(
     from catalens.train import search as S
 
     recipes = [*SMALL, P.Recipe("after", "efficientnet_lite0@72", head=dict(P.LOGREG))]
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
     first = ({"type": "mlp", "hidden": 256, "lr": 1e-3, "dropout": 0.4},)
-    monkeypatch.setattr(P, "SEARCH_FIRST", first)
+    monkeypatch.setattr(R, "SEARCH_FIRST", first)
     calls, real = [], S.search
 
     def spy(*a, **k):
@@ -188,9 +189,9 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     that is left before the refit: starting head, first heads and the sampler's, in one call."""
     from catalens.train import search as S
 
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     guesses = iter([1e9])
-    monkeypatch.setattr(P._PresetRun, "_trial_guess", lambda self, best: next(guesses, 0.0))
+    monkeypatch.setattr(R._PresetRun, "_trial_guess", lambda self, best: next(guesses, 0.0))
     calls, real = [], S.search
     monkeypatch.setattr(S, "search", lambda *a, **k: calls.append(k) or real(*a, **{**k, "minutes": min(k["minutes"], 0.1)}))
     lines, cfg = [], _cfg(tmp_path, 60.0)
@@ -208,12 +209,12 @@ def test_with_titles_a_search_that_beats_nothing_reuses_the_recipes_cv(data, tmp
     when no trial beat the starting head (the best recipe's own), that CV is the recipe's, known: not run again."""
     from catalens.train import search as S
 
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
-    monkeypatch.setattr(P, "SEARCH_FIRST", ())   # the first part: the starting head alone, so nothing beats it
-    real, real_cv, real_more = S.search, P._PresetRun._cv, P._PresetRun._search_more
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "SEARCH_FIRST", ())   # the first part: the starting head alone, so nothing beats it
+    real, real_cv, real_more = S.search, R._PresetRun._cv, R._PresetRun._search_more
     monkeypatch.setattr(S, "search", lambda *a, **k: real(*a, **{**k, "minutes": min(k["minutes"], 0.1)}))
     cvs, seen = [], {}
-    monkeypatch.setattr(P._PresetRun, "_cv",
+    monkeypatch.setattr(R._PresetRun, "_cv",
                         lambda self, s, *a, **k: cvs.append(s.recipe.name) or real_cv(self, s, *a, **k))
 
     def more(self):
@@ -221,13 +222,13 @@ def test_with_titles_a_search_that_beats_nothing_reuses_the_recipes_cv(data, tmp
         seen.update(searched=s, on=self.results[s.recipe.name_detail])
         real_more(self)
 
-    monkeypatch.setattr(P._PresetRun, "_search_more", more)
+    monkeypatch.setattr(R._PresetRun, "_search_more", more)
     lines = []
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 60.0), log=lines.append)
     assert any("with titles" in m for m in lines[:1]), lines[:1]
     s, on = seen["searched"], seen["on"]
     # the recipes; not the searched head (a better head of the continued search would be: a recipe of its own)
-    assert cvs[:3] == ["lite0@64", "lite0@80 crop 1", "both"] and set(cvs[3:]) <= {P.SEARCHED_MORE}
+    assert cvs[:3] == ["lite0@64", "lite0@80 crop 1", "both"] and set(cvs[3:]) <= {R.SEARCHED_MORE}
     assert s.oof is on.oof and s.score == on.score and s.scores == on.scores
     assert (s.cfg.head.type, s.cfg.head.C, s.cfg.head.label_smoothing) == ("logreg", 0.1, 0.1) == (
         on.cfg.head.type, on.cfg.head.C, on.cfg.head.label_smoothing)
@@ -242,7 +243,7 @@ def test_a_better_head_from_the_continued_search_is_a_recipe_beside_the_first(da
 
     from catalens.train import search as S
 
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     real, seen = S.search, {}
 
     def second_finds_another(*a, **k):
@@ -253,15 +254,15 @@ def test_a_better_head_from_the_continued_search_is_a_recipe_beside_the_first(da
         return res
 
     monkeypatch.setattr(S, "search", second_finds_another)
-    real_more = P._PresetRun._search_more
+    real_more = R._PresetRun._search_more
 
     def more(self):
         seen["before"] = dict(self.results[P.SEARCHED].recipe.head or {})
         real_more(self)
         seen["after"] = dict(self.results[P.SEARCHED].recipe.head or {})
-        seen["new"], seen["detail"] = self.results[P.SEARCHED_MORE], self.results[P.SEARCHED].recipe.name_detail
+        seen["new"], seen["detail"] = self.results[R.SEARCHED_MORE], self.results[P.SEARCHED].recipe.name_detail
 
-    monkeypatch.setattr(P._PresetRun, "_search_more", more)
+    monkeypatch.setattr(R._PresetRun, "_search_more", more)
     cfg, lines = _cfg(tmp_path, 60.0), []
     cfg.preset.titles = "off"
     P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
@@ -276,7 +277,7 @@ def test_a_better_head_from_the_continued_search_is_a_recipe_beside_the_first(da
 
 
 def test_a_budget_too_short_gives_the_plain_model(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     lines = []
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 0.5, "medium"), log=lines.append)
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv")
@@ -301,7 +302,7 @@ def test_runs_list_shows_the_preset_cv():
 
 
 def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe("lite0@64", "efficientnet_lite0@64"),
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe("lite0@64", "efficientnet_lite0@64"),
                                                                  P.Recipe("broken", "no_such_backbone_xyz")])
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "medium"), log=lambda *a: None)
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
@@ -314,7 +315,7 @@ def test_a_failing_recipe_costs_only_itself_and_finetune_is_refused(data, tmp_pa
 
 
 def test_python_train_takes_preset_and_time_limit(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
     model = catalens.train(data, tmp_path / "m", preset="medium", time_limit="0.5s", tracking=False,
                            cache_dir=str(tmp_path / "cache"), backbone={"weights": "random"}, head={"epochs": 5},
                            engine={"progress": False, "runtime": "eager", "workers": 0})
@@ -335,8 +336,8 @@ def test_a_chosen_side_by_side_recipe_is_refitted_through_the_shared_decode(data
 
     recipes = [P.Recipe("a", "efficientnet_lite0@64"), P.Recipe("b", "efficientnet_lite0@80"),
                P.Recipe("a+b", members=("a", "b"), kind="concat")]
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
-    combine, refit = P._PresetRun._combine, P._PresetRun._refit
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: recipes)
+    combine, refit = R._PresetRun._combine, R._PresetRun._refit
     embedded: list[int] = []
 
     def only_concat(self):
@@ -359,8 +360,8 @@ def test_a_chosen_side_by_side_recipe_is_refitted_through_the_shared_decode(data
         monkeypatch.setattr(engine, "engine_runner", counting)
         return refit(self, *args)
 
-    monkeypatch.setattr(P._PresetRun, "_combine", only_concat)
-    monkeypatch.setattr(P._PresetRun, "_refit", refit_counting)
+    monkeypatch.setattr(R._PresetRun, "_combine", only_concat)
+    monkeypatch.setattr(R._PresetRun, "_refit", refit_counting)
     cfg = _cfg(tmp_path, 300, "medium")
     cfg.backbone.weights = None  # the packaged ImageNet weights: random ones differ at every creation
     P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
@@ -380,7 +381,7 @@ def test_a_chosen_side_by_side_recipe_is_refitted_through_the_shared_decode(data
 def test_an_ensemble_keeps_one_crop_mode(data, tmp_path, monkeypatch):
     """Members of an ensemble share one decode: a padded recipe is never combined with centre-cropped ones."""
     recipes = [P.Recipe("centre", "efficientnet_lite0@64"), P.Recipe("padded", "efficientnet_lite0@64", 1.0, "pad")]
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: recipes)
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: recipes)
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "best"), log=lambda *a: None)
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
     assert (board.loc[["centre", "padded"], "status"] == "chosen").sum() == 1
@@ -393,16 +394,16 @@ def test_best_scores_a_finetuned_recipe_out_of_fold_and_can_choose_it(data, tmp_
     refitted when chosen, the folder records the fine-tuning."""
     recipes = [P.Recipe("lite0@64", "efficientnet_lite0@64"),
                P.Recipe("ft", "efficientnet_lite0@64", kind="finetune")]
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
     seen = {}
-    real = P._PresetRun._score_finetune
+    real = R._PresetRun._score_finetune
 
     def spy(self, s):
         real(self, s)
         seen["rows"], seen["scored"] = len(s.prep.cat), int(s.scored.sum())
         seen["oof_sums"] = np.nansum(s.oof["category"], axis=1)
 
-    monkeypatch.setattr(P._PresetRun, "_score_finetune", spy)
+    monkeypatch.setattr(R._PresetRun, "_score_finetune", spy)
     cfg = _cfg(tmp_path, 300)
     cfg.finetune.epochs, cfg.finetune.views = 2, 1
     cfg.preset.finetune_folds = 2
@@ -422,15 +423,15 @@ def test_best_scores_a_finetuned_recipe_out_of_fold_and_can_choose_it(data, tmp_
 def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path, monkeypatch):
     """When the blend picks several recipes, the ensemble folder gets accept and unknown thresholds chosen
     on the val photos with the ensemble's own probabilities (as `catalens ensemble`), not nulls."""
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
-    real = P._PresetRun._combine
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
+    real = R._PresetRun._combine
 
     def both(self):  # force an ensemble of the two recipes
         real(self)
         done = [s for s in self.results.values() if s.oof is not None]
         return done, [1.0] * len(done), 0.5
 
-    monkeypatch.setattr(P._PresetRun, "_combine", both)
+    monkeypatch.setattr(R._PresetRun, "_combine", both)
     cfg = _cfg(tmp_path, 200)
     cfg.preset.titles = "off"  # image heads: their thresholds take out-of-fold photos (with titles val alone)
     cfg.preset.hierarchy_decoding = "on"
@@ -462,11 +463,11 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
 
 def _bare_run(limit: float = 1200.0):
     """A preset run without data: 900 train + 100 val photos, Lite0@224 embedding at 100 img/s."""
-    run = P._PresetRun.__new__(P._PresetRun)
+    run = R._PresetRun.__new__(R._PresetRun)
     run.base, run.recipes = load_config(), {r.name: r for r in P.candidate_recipes("best")}
     run.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 900 + ["val"] * 100}),
                                  "__len__": lambda self: 1000})()
-    run.clock = P._Clock(limit)
+    run.clock = R.Clock(limit)
     run.clock.spi = 0.01
     run.k, run.log, run.results = 5, [].append, {}
     return run
@@ -477,15 +478,15 @@ def test_a_refit_embeds_shared_features_once():
     estimate of both counts that embedding once (the second refit reads it from the cache)."""
     run = _bare_run()
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
-    concat = P.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
+    concat = R.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
-    searched = P.Scored(found, fit_each=20.0, cfg=concat.cfg)
-    embed = 1000 * 0.01 * P._rel_cost("efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300")
+    searched = R.Scored(found, fit_each=20.0, cfg=concat.cfg)
+    embed = 1000 * 0.01 * R.rel_cost("efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300")
     assert run._refit_cost(concat) == pytest.approx(10.0 * 1.3 * 2 + 3.0 + embed)   # logreg: refit_full fit too
     assert run._refit_cost(searched) == pytest.approx(20.0 * 1.3 + 3.0 + embed)     # mlp: fitted once
-    val_pass = 100 * 0.01 * P._rel_cost(concat.cfg.backbone.name)                  # the ensemble's thresholds
+    val_pass = 100 * 0.01 * R.rel_cost(concat.cfg.backbone.name)                  # the ensemble's thresholds
     assert run._refit_total([concat, searched]) == pytest.approx(29.0 + 29.0 + embed + 5.0 + val_pass)
-    lite2 = P.Scored(run.recipes["lite2@300 crop 1 multilevel"], fit_each=4.0)
+    lite2 = R.Scored(run.recipes["lite2@300 crop 1 multilevel"], fit_each=4.0)
     assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding
 
 
@@ -498,17 +499,17 @@ def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, m
     from catalens.synthetic import make_catalogue
 
     recipes = [P.Recipe("centre", "efficientnet_lite0@64", 1.0), P.Recipe("padded", "efficientnet_lite0@64", 1.0, "pad")]
-    monkeypatch.setattr(P, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in recipes])
     P.train_preset(data, tmp_path / "m", _cfg(tmp_path, 120, "best"), log=lambda *a: None)
     board = pd.read_csv(tmp_path / "m" / "leaderboard.csv").set_index("recipe")
     assert board.loc["padded", "status"] == "skipped: the photos are square (a sample of 51): padded, they give " \
                                             "the pixels of centre"
     small = make_catalogue(tmp_path / "small", n_products=8, size=32, seed=1)
     cat = open_catalogue(small)
-    assert P.all_square(cat)
+    assert R.all_square(cat)
     path = small.parent / "images" / f"{cat.frame['id'].iloc[3]}.jpg"
     Image.new("RGB", (40, 32), (200, 10, 10)).save(path)
-    assert not P.all_square(open_catalogue(small))
+    assert not R.all_square(open_catalogue(small))
 
 
 def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_beside_it(monkeypatch):
@@ -519,15 +520,15 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     run = _bare_run()
     for name, score in (("lite1@272 crop 1 multilevel", 0.91), ("lite0@256 crop 1 multilevel", 0.90),
                         ("lite2@300 crop 1 multilevel", 0.905)):
-        run.results[name] = P.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0,  # refit: 29 s each
+        run.results[name] = R.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0,  # refit: 29 s each
                                      cfg=run.recipes[name].config(run.base, run.recipes))
     top = sorted(run.results.values(), key=lambda x: -x.score)
     r2, r3 = run._reserve(2), run._reserve()
     assert r3 == run._refit_total(top) and r2 == run._refit_total(top[:2]) and r3 - r2 > 29.0
-    monkeypatch.setattr(P._PresetRun, "_estimate", lambda self, recipe: 100.0)
-    monkeypatch.setattr(P._PresetRun, "_score", lambda self, s, left, last=False: setattr(s, "score", 0.92))
+    monkeypatch.setattr(R._PresetRun, "_estimate", lambda self, recipe: 100.0)
+    monkeypatch.setattr(R._PresetRun, "_score", lambda self, s, left, last=False: setattr(s, "score", 0.92))
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
-    own = run._refit_cost(P.Scored(three))
+    own = run._refit_cost(R.Scored(three))
     run.clock = _bare_run(100.0 + own + r2 + 10.0).clock   # 10 s to spare beside two refits, short of three
     run._try(three)
     assert run.results[three.name].status == "scored"
@@ -544,11 +545,11 @@ def test_the_refit_reserve_counts_shared_features_once():
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     cfg = three.config(run.base, run.recipes)
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
-    run.results = {three.name: P.Scored(three, score=0.92, oof={}, fit_each=10.0, cfg=cfg),
-                   "searched head": P.Scored(found, score=0.927, oof={}, fit_each=20.0, cfg=cfg)}
-    embed = 1000 * 0.01 * P._rel_cost(cfg.backbone.name)
+    run.results = {three.name: R.Scored(three, score=0.92, oof={}, fit_each=10.0, cfg=cfg),
+                   "searched head": R.Scored(found, score=0.927, oof={}, fit_each=20.0, cfg=cfg)}
+    embed = 1000 * 0.01 * R.rel_cost(cfg.backbone.name)
     both = sum(run._refit_cost(s) for s in run.results.values())
-    assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * P._rel_cost(cfg.backbone.name))
+    assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * R.rel_cost(cfg.backbone.name))
 
 
 def _decoding_run(data, mode: str):
@@ -575,7 +576,7 @@ def _decoding_run(data, mode: str):
     run.k, run.logged = 3, []
     run.log = run.logged.append
     run.base.preset.hierarchy_decoding = mode
-    s = P.Scored(run.recipes["lite2@300 crop 1 multilevel"], oof=oof, prep=prep, cfg=run.base,
+    s = R.Scored(run.recipes["lite2@300 crop 1 multilevel"], oof=oof, prep=prep, cfg=run.base,
                  scored=np.ones(len(pool), bool))
     return run, s, tasks
 

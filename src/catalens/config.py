@@ -220,7 +220,7 @@ class SelectiveConfig(_Strict):
 
 
 class PresetConfig(_Strict):
-    """``catalens train --preset fast|medium|best [--time-limit 20m]`` (catalens/train/presets.py)."""
+    """``catalens train --preset fast|medium|best [--time-limit 20m]`` (catalens/train/presets/)."""
 
     name: Literal["fast", "medium", "best"] = "fast"   # fast: the plain catalens train
     time_limit: float | None = Field(None, gt=0)        # seconds; None = 600 (medium) / 1200 (best)

@@ -1,281 +1,26 @@
-"""``catalens train DATA --out M --preset fast|medium|best [--time-limit 20m]``: the best model in a budget.
-
-``fast`` is the plain ``catalens train``. ``medium`` and ``best`` spend the time limit (default
-10 and 20 minutes) on recipes catalens already has, cheapest and most promising first:
-
-- frozen backbones Lite0/1/2 at their own side and at ~15 % above it with the whole short side
-  (``@256/@272/@300``, crop 1, features pooled ``multilevel``), and for ``best`` the same photos
-  padded whole (``crop pad``);
-- their ``+`` combinations (features side by side, one head);
-- ``best``: a head searched by cross-validation (:mod:`catalens.train.search`) on the best
-  features, and flipped test-time augmentation (``tta hflip``) of the best single backbone;
-- titles, when the data has them (``preset.titles: auto``).
-
-Every recipe is scored by K-fold cross-validation over train + val (split by product, as
-``catalens train --folds``; the test split is never read): its out-of-fold probabilities give the
-objective (mean over class tasks of accuracy, over tags tasks of mean average precision). A
-``+`` recipe is scored on its members' cached features side by side (each at its own
-preprocessing); when chosen it is refitted as ``catalens train --backbone A+B`` (embedded through the
-multi-backbone's shared decode, the features predict computes: a head fitted on the members'
-separately decoded features lost 2 of 341 clothing-small val photos to that skew). The best recipes are then
-combined by greedy forward selection with replacement on the out-of-fold probabilities (Caruana
-et al. 2004: integer weights), each chosen recipe is refitted on train (early stopping on val, as
-``catalens train``) and the result is one model folder: the single model, or a ``catalens
-ensemble`` folder of the chosen ones with those weights. Once val has decided the thresholds (of the
-ensemble, for an ensemble), each chosen ``logreg`` recipe is fitted again on train + val
-(``data.refit_full``, :mod:`catalens.train.refit`; off with ``--set preset.refit_full=false``).
-
-**The time limit is kept.** Before a recipe starts, its cost (embedding the photos not in the
-cache, K head fits, and the refit it would need if chosen) is estimated from what was measured
-so far in this run; a recipe that would not leave time for the final refit is skipped and listed
-as such. A budget too short for anything but the plain model gives the plain model.
-
-``OUT/leaderboard.csv``: every recipe with its CV score, seconds spent, estimated prediction
-speed (images per second on this machine, from the embedding speed measured here), and its
-status (chosen with its weight, scored, skipped and why). The same table is in ``model.json``
-(``preset``) and reaches MLflow with the run (``catalens runs`` lists the preset and its CV score).
-"""
+"""The run of ``--preset medium|best``: score the recipes by K-fold CV within the time limit, blend the
+best, refit, and write one model folder with its leaderboard (the package docstring,
+:mod:`catalens.train.presets`, tells the whole story; docs/presets.md the measurements)."""
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from catalens.config import Config
 from catalens.train.kfold import TitleModels
+from catalens.train.presets.blend import greedy_blend
+from catalens.train.presets.budget import DEFAULT_LIMIT, FIRST_GUESS_TITLE, Clock, uncached_share
+from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
+from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
+from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
+                                            all_square, candidate_recipes, features_key, rel_cost)
 
 _logger = logging.getLogger(__name__)
-
-PRESETS = ("fast", "medium", "best")
-DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
-#: the head of the frozen recipes but the plain one: logistic regression by L-BFGS (benchmarks/bench_heads.py),
-#: its class tasks' targets smoothed by 0.1. 5-fold CV over train + val, the three backbones' features
-#: (benchmarks/bench_logreg_smoothing.py): clothing-small 0.9229 against 0.9185 unsmoothed; fashion-products
-#: articleType 0.9004 against 0.8958 (the mean over its tasks 0.9019 against 0.9022: the pattern tags' L-BFGS
-#: stops a little earlier)
-LOGREG = {"type": "logreg", "C": 0.1, "label_smoothing": 0.1}
-#: relative cost per image of the offline backbones at their own side (Lite0 at 224 = 1)
-_REL_COST = {"efficientnet_lite0": (224, 1.0), "efficientnet_lite1": (240, 1.5), "efficientnet_lite2": (260, 2.1)}
-#: seconds of one title model fit per train + val photo, before one is measured (fashion-products: 20 s / 5,289)
-_FIRST_GUESS_TITLE = 0.005
-#: photos looked at to tell whether a data set's photos are all square (:func:`all_square`)
-SQUARE_SAMPLE = 64
-SEARCHED = "searched head"
-#: a head the search's second part found better than its first part's: a recipe of its own beside it
-SEARCHED_MORE = "searched head, continued"
-#: heads the preset's search tries first, after the best recipe's own; then Optuna's sampler proposes (the search
-#: keeps the better; docs/presets.md). 5-fold CV over train + val on the three backbones' features: ``logreg`` at
-#: a smaller C, seconds on clothing-small (0.9278 against :data:`LOGREG`'s 0.9229; fashion-products 0.8974 against
-#: 0.9019); the mlp, minutes (clothing-small 0.9243 against unsmoothed ``logreg``'s 0.9185, fashion-products 0.8893
-#: against 0.9022)
-SEARCH_FIRST: tuple[dict, ...] = (
-    {"type": "logreg", "C": 0.03, "label_smoothing": 0.1},
-    {"type": "mlp", "hidden": 256, "lr": 3e-4, "weight_decay": 0.0146, "dropout": 0.478, "label_smoothing": 0.174},
-)
-_FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
-_FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
-#: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
-#: about this many Lite0@224 embeddings per training photo, before one is measured in the run
-_FIRST_GUESS_FT_REL = 8.0
-
-
-def parse_duration(text: str | float | int) -> float:
-    """``"20m"``, ``"90s"``, ``"1h"``, ``"1h30m"``, ``"1200"`` → seconds (ValueError naming the form)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        import re
-
-        s = str(text).strip().lower()
-        m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
-        if not s or m is None or not any(m.groups()):
-            raise ValueError(f"--time-limit {text!r}: expected a duration such as 20m, 90s, 1h30m or 1200 (seconds)")
-        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-        value = h * 3600 + mi * 60 + se
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"--time-limit {text!r}: must be more than 0 seconds")
-    return value
-
-
-# ------------------------------------------------------------------------------ recipes
-@dataclass
-class Recipe:
-    """One way to train: a backbone spec, crop, optional TTA, head overrides, or ``+`` of others."""
-
-    name: str
-    backbone: str = "efficientnet_lite0"
-    crop_pct: float | None = None
-    crop: str = "center"
-    pool: str = "avg"                 # backbone.pool (catalens.embed.backbones.POOLS)
-    tta: tuple[str, ...] = ()
-    members: tuple[str, ...] = ()     # names of recipes whose features go side by side
-    head: dict | None = None          # head settings (from a search)
-    kind: str = "frozen"              # frozen | concat | search | tta | finetune
-    name_detail: str | None = None    # search / tta: the recipe it was built on
-
-    def config(self, base: Config, recipes: dict[str, "Recipe"]) -> Config:
-        """The run configuration that trains this recipe as ``catalens train`` does."""
-        c = base.model_copy(deep=True)
-        if self.members:
-            parts = [recipes[m] for m in self.members]
-            c.backbone.name = "+".join(p.backbone for p in parts)
-            c.backbone.crop_pct, c.backbone.crop, c.backbone.pool = parts[0].crop_pct, parts[0].crop, parts[0].pool
-        else:
-            c.backbone.name, c.backbone.crop_pct, c.backbone.crop = self.backbone, self.crop_pct, self.crop
-            c.backbone.pool = self.pool
-        c.backbone.image_size = None
-        c.finetune.tta = list(self.tta)
-        if self.kind == "finetune":  # the measured fast recipe: last stage, 3 views, 6 epochs (docs/finetune.md)
-            c.finetune.mode = "blocks"
-        if self.head:
-            c.head = type(c.head).model_validate({**c.head.model_dump(), **self.head})
-        return c
-
-
-def candidate_recipes(preset: str) -> list[Recipe]:
-    """The recipes a preset tries, in order (cheap and promising first). Every frozen recipe but the
-    plain one pools its features multilevel (measured, docs/recipes.md "Pooling": +0.3 to +1.4
-    points of CV accuracy per backbone at no extra embedding cost) and fits logistic regression
-    (``head.type logreg``; ``bench_heads``); the fine-tuned one trains through the net's own
-    average pooling and the AdamW head, as ``catalens train --finetune blocks`` does."""
-    ml, logreg = "multilevel", dict(LOGREG)
-    out = [Recipe("lite0 (plain catalens train)", "efficientnet_lite0"),
-           Recipe("lite1@272 crop 1 multilevel", "efficientnet_lite1@272", 1.0, pool=ml, head=logreg),
-           Recipe("lite0@256 crop 1 multilevel", "efficientnet_lite0@256", 1.0, pool=ml, head=logreg),
-           Recipe("lite2@300 crop 1 multilevel", "efficientnet_lite2@300", 1.0, pool=ml, head=logreg),
-           Recipe("lite0@256+lite1@272 crop 1 multilevel",
-                  members=("lite0@256 crop 1 multilevel", "lite1@272 crop 1 multilevel"), kind="concat", head=logreg),
-           Recipe("lite0@256+lite1@272+lite2@300 crop 1 multilevel",
-                  members=("lite0@256 crop 1 multilevel", "lite1@272 crop 1 multilevel",
-                           "lite2@300 crop 1 multilevel"), kind="concat", head=logreg)]
-    if preset == "best":
-        out += [Recipe(SEARCHED, kind="search"),   # its first heads now; at the end, more with what is left
-                Recipe("lite0 last stage fine-tuned", "efficientnet_lite0", kind="finetune"),
-                Recipe("best single + tta hflip", tta=("hflip",), kind="tta"),
-                Recipe("lite1@272 padded whole multilevel", "efficientnet_lite1@272", 1.0, "pad", pool=ml, head=logreg)]
-    return out
-
-
-def _features_key(r: Recipe) -> tuple:
-    """What a recipe's predict-time features depend on: recipes with the same key (a searched head
-    and the recipe it was searched on) embed a photo once in an ensemble."""
-    return (r.backbone, tuple(r.members or ()), r.crop_pct, r.crop, r.pool, tuple(r.tta or ()),
-            r.kind == "finetune")   # a fine-tuned backbone has weights of its own
-
-
-def _rel_cost(spec: str, crop_pct: float | None = None) -> float:
-    """Relative embedding cost of a backbone spec (``a@s+b@t``), Lite0 at 224 = 1."""
-    total = 0.0
-    for part in spec.split("+"):
-        name, _, size = part.partition("@")
-        native, rel = _REL_COST.get(name, (224, 2.0))
-        side = int(size) if size else native
-        total += rel * (side / native) ** 2
-    return total
-
-
-# ------------------------------------------------------------------------------ the run
-@dataclass
-class Scored:
-    recipe: Recipe
-    score: float = float("nan")
-    scores: dict = field(default_factory=dict)   # per task
-    seconds: float = 0.0
-    img_s: float | None = None
-    status: str = "not run"
-    oof: dict | None = None
-    prep: object = None
-    cfg: Config | None = None
-    scored: np.ndarray | None = None   # rows with out-of-fold probabilities
-    fit_each: float | None = None      # seconds of one of its head fits, as measured by its CV
-    trials: int = 0                    # the searched head: trials of its search so far
-
-
-class _Clock:
-    """The budget: measured speeds and estimates of what the next step costs."""
-
-    def __init__(self, limit: float) -> None:
-        self.t0 = time.time()
-        self.limit = limit
-        self.spi = _FIRST_GUESS_SPI          # seconds per image of Lite0@224 (uncached)
-        self.fit_unit = _FIRST_GUESS_FIT     # seconds per (row x feature) of one head fit
-        self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
-        self.measured_embed = False
-
-    def left(self) -> float:
-        return self.limit - (time.time() - self.t0)
-
-    def embed_cost(self, n_uncached: int, rel: float) -> float:
-        return n_uncached * self.spi * rel
-
-    def fit_cost(self, rows: int, dim: int) -> float:
-        return rows * dim * self.fit_unit
-
-    def finetune_cost(self, n_train: int, rel: float = 1.0) -> float:
-        """Seconds of one last-stage fine-tuning on ``n_train`` photos (+ embedding its held-out rows) of a
-        backbone ``rel`` times as costly as Lite0@224."""
-        unit = self.ft_unit if self.ft_unit is not None else self.spi * rel * _FIRST_GUESS_FT_REL
-        return n_train * unit
-
-    def learn_finetune(self, seconds: float, n_train: int) -> None:
-        if n_train and seconds > 0:
-            self.ft_unit = seconds / n_train
-
-    def learn_embed(self, seconds: float, n: int, rel: float) -> None:
-        if n >= 8 and seconds > 0:
-            self.spi = seconds / (n * rel)
-            self.measured_embed = True
-
-    def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
-        if fits and rows and dim and seconds > 0:
-            self.fit_unit = seconds / (fits * rows * dim)
-
-
-def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
-    """Share of ``cat``'s photos whose features for ``backbone`` are not in the cache (from a sample)."""
-    from catalens.embed.cache import EmbeddingCache, content_hash
-
-    try:
-        cache = EmbeddingCache(cfg.cache_dir, backbone.fingerprint(), backbone.feature_dim)
-        keys = cache.keys()
-    except Exception:  # no cache yet, unreadable part: count everything as to embed
-        return 1.0
-    if not keys or len(cat) == 0:
-        return 1.0
-    idx = np.linspace(0, len(cat) - 1, min(sample, len(cat))).astype(int)
-    miss = 0
-    for i in idx:
-        try:
-            miss += content_hash(cat.read_bytes(int(i))) not in keys
-        except Exception:
-            miss += 1
-    return miss / len(idx)
-
-
-def all_square(cat, sample: int = SQUARE_SAMPLE) -> bool:
-    """Whether a sample of ``cat``'s photos (spread over its rows) are all square: padding a square
-    photo to a square changes nothing, so a padded recipe would repeat its centre-cropped twin."""
-    import io
-
-    from PIL import Image
-
-    if len(cat) == 0:
-        return False
-    for i in np.unique(np.linspace(0, len(cat) - 1, min(sample, len(cat))).astype(int)):
-        try:
-            w, h = Image.open(io.BytesIO(cat.read_bytes(int(i)))).size   # the header only
-        except Exception:   # unreadable: not known to be square
-            return False
-        if w != h:
-            return False
-    return True
 
 
 def train_preset(data, out: str | Path, cfg: Config, log=None):
@@ -298,7 +43,7 @@ def train_preset(data, out: str | Path, cfg: Config, log=None):
 class _PresetRun:
     def __init__(self, data, out: Path, cfg: Config, limit: float, log) -> None:
         self.data, self.out, self.log = data, out, log
-        self.clock = _Clock(limit)
+        self.clock = Clock(limit)
         self.work = out.parent / f".{out.name}.preset"
         self.base = cfg.model_copy(deep=True)
         self.base.kfold.folds = 0
@@ -372,7 +117,7 @@ class _PresetRun:
         fine-tuning on the train split."""
         n = len(self.pool)
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
-            return self.clock.finetune_cost(int(n * 0.9), _rel_cost(s.recipe.backbone)) + 5.0
+            return self.clock.finetune_cost(int(n * 0.9), rel_cost(s.recipe.backbone)) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         head = s.recipe.head or {}
         refit = self.base.preset.refit_full and head.get("type") == "logreg"
@@ -385,7 +130,7 @@ class _PresetRun:
         """Seconds of one title model fit on a fold's training photos: measured, else a first guess."""
         if self.titles.fits:
             return self.titles.seconds / self.titles.fits
-        return _FIRST_GUESS_TITLE * len(self.pool)
+        return FIRST_GUESS_TITLE * len(self.pool)
 
     def _refit_embed(self, s: Scored) -> tuple[tuple | None, float]:
         """``(features key, seconds)`` of embedding the photos again for ``s``'s refit: a ``+`` recipe goes
@@ -395,7 +140,7 @@ class _PresetRun:
         if not s.recipe.members or s.recipe.kind == "finetune":
             return None, 0.0
         spec = "+".join(self.recipes[m].backbone for m in s.recipe.members)
-        return _features_key(s.recipe), self.clock.embed_cost(len(self.pool), _rel_cost(spec))
+        return features_key(s.recipe), self.clock.embed_cost(len(self.pool), rel_cost(spec))
 
     def _try(self, recipe: Recipe, last: bool = False) -> None:
         """Estimate ``recipe``, score it when it fits in what is left before the refit reserve (``last``:
@@ -450,7 +195,7 @@ class _PresetRun:
         if recipe.kind == "finetune":
             base = self._finetune_base(recipe)
             kf = self.base.preset.finetune_folds
-            return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), _rel_cost(recipe.backbone))
+            return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), rel_cost(recipe.backbone))
         if recipe.kind == "search":
             best = self._best()
             if best is None:
@@ -464,7 +209,7 @@ class _PresetRun:
         from catalens.embed.factory import backbone_from_config
 
         backbone = backbone_from_config(cfg.backbone)
-        rel = _rel_cost(cfg.backbone.name)
+        rel = rel_cost(cfg.backbone.name)
         recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
         embed = self.clock.embed_cost(recipe._uncached, rel)
         if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
@@ -497,7 +242,7 @@ class _PresetRun:
         cost = sum(self._refit_fits(x) for x in chosen) + sum(embeds.values()) + 5.0
         if len(chosen) > 1:
             n_val = int((self.pool.frame["split"] == "val").sum())
-            rel = {_features_key(x.recipe): _rel_cost(x.cfg.backbone.name) * (1 + len(x.recipe.tta or ()))
+            rel = {features_key(x.recipe): rel_cost(x.cfg.backbone.name) * (1 + len(x.recipe.tta or ()))
                    for x in chosen}
             cost += self.clock.embed_cost(n_val, sum(rel.values()))
         return cost
@@ -541,7 +286,7 @@ class _PresetRun:
         t = time.time()
         s.prep = prepare(self.data, plain, log=quiet, classes_from="pool")
         took = time.time() - t
-        rel = _rel_cost(plain.backbone.name)
+        rel = rel_cost(plain.backbone.name)
         fresh = getattr(r, "_uncached", 0)
         if fresh >= max(8, 0.5 * len(s.prep.cat)):  # mostly embedded now, not read from the cache: a speed
             self.clock.learn_embed(took, fresh, rel)
@@ -620,7 +365,7 @@ class _PresetRun:
             held = fold == f
             n_fit = int((~held).sum())
             if f:  # measured on the first fold: does the next one still fit?
-                need = self.clock.finetune_cost(n_fit, _rel_cost(s.recipe.backbone)) + self._reserve()
+                need = self.clock.finetune_cost(n_fit, rel_cost(s.recipe.backbone)) + self._reserve()
                 if need > self.clock.left():
                     raise _Skip(f"fold {f + 1} of {kf} needs ~{need:.0f}s with the refit reserve, "
                                 f"{self.clock.left():.0f}s left")
@@ -752,42 +497,10 @@ class _PresetRun:
         return chosen, weights, best_val
 
     def _pick(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
-        """Greedy forward selection with replacement on the out-of-fold probabilities."""
-        from catalens.train.search import objective_value
-
+        """Greedy forward selection with replacement on the out-of-fold probabilities (:func:`greedy_blend`)
+        among the recipes whose blend can still be refitted in the time left."""
         done = [s for s in self.results.values() if s.oof is not None]
-        if not done:
-            return [], [], float("nan")
-        rows = np.logical_and.reduce([s.scored for s in done])
-        prep = done[0].prep
-        Y = prep.select(rows)
-        counts = {id(s): 0 for s in done}
-        total: dict | None = None
-        best_val, picks = -math.inf, 0
-        history = []
-        for _ in range(rounds):
-            cand = []
-            for s in done:
-                mix = {k: (total[k] if total else 0) + s.oof[k][rows] for k in s.oof}
-                cand.append((objective_value(prep.tasks, Y, {k: v / (picks + 1) for k, v in mix.items()}), -counts[id(s)],
-                             s, mix))
-            left = self.clock.left()  # what the refit may take: members cost their refit once
-            cand = [c for c in cand if not picks or self._refit_total(
-                [x for x in done if counts[id(x)] or x is c[2]]) <= left]
-            # an ensemble decodes each photo once for all members: they must share one crop mode
-            mode = next((_crop_mode(x) for x in done if counts[id(x)]), None)
-            cand = [c for c in cand if mode is None or _crop_mode(c[2]) == mode]
-            if not cand:
-                break
-            val, _, s, mix = max(cand, key=lambda c: (c[0], c[1]))
-            if val <= best_val + 1e-9 and picks:
-                break
-            best_val, total, picks = val, mix, picks + 1
-            counts[id(s)] += 1
-            history.append(s.recipe.name)
-        chosen = [s for s in done if counts[id(s)]]
-        weights = [float(counts[id(s)]) for s in chosen]
-        return chosen, weights, best_val
+        return greedy_blend(done, self._refit_total, self.clock.left, rounds)
 
     def _decide_decoding(self, chosen: list[Scored], weights: list[float], blend: float) -> float:
         """Whether the model decodes label paths (``hierarchy_decoding``), set in ``self.decoding``; returns the
@@ -894,83 +607,18 @@ class _PresetRun:
         return {"name": self.base.preset.name, "time_limit": self.clock.limit, "folds": self.k,
                 "cv_score": None if math.isnan(blend) else round(float(blend), 6),
                 "chosen": [{"recipe": s.recipe.name, "weight": w} for s, w in zip(chosen, weights)],
-                "hierarchy_decoding": self.decoding, "leaderboard": self._rows(chosen, weights)}
+                "hierarchy_decoding": self.decoding,
+                "leaderboard": leaderboard_rows(self.results.values(), chosen, weights)}
 
     def _annotate(self, folder: Path, chosen, weights, blend) -> None:
         """Add the preset's summary to a single model's model.json (atomically)."""
-        path = folder / "model.json"
-        meta = json.loads(path.read_text())
-        meta["preset"] = self._preset_meta(chosen, weights, blend)
-        tmp = path.with_name("model.json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, path)
-
-    def _rows(self, chosen, weights) -> list[dict]:
-        w = {s.recipe.name: wt for s, wt in zip(chosen, weights)}
-        rows = []
-        for s in self.results.values():
-            detail = getattr(s.recipe, "name_detail", None)
-            rows.append({"recipe": s.recipe.name + (f" ({detail})" if detail else ""),
-                         "cv_score": None if math.isnan(s.score) else round(float(s.score), 6),
-                         **{f"cv_{k}": round(float(v), 6) for k, v in s.scores.items() if not math.isnan(v)},
-                         "fit_seconds": s.seconds, "predict_img_s": s.img_s,
-                         "weight": w.get(s.recipe.name, 0.0),
-                         "status": ("chosen" if s.recipe.name in w else s.status)})
-        rows.sort(key=lambda r: -(r["cv_score"] if r["cv_score"] is not None else -1))
-        return rows
+        annotate(folder, self._preset_meta(chosen, weights, blend))
 
     def _write_leaderboard(self, chosen, weights, blend) -> None:
-        import pandas as pd
-
-        rows = self._rows(chosen, weights)
-        if len(chosen) > 1:   # members on the same features share one embedding (catalens.model.ensemble)
-            speeds = list({_features_key(s.recipe): s.img_s for s in chosen}.values())
-            rows.insert(0, {"recipe": "ensemble of the chosen (" + ", ".join(
-                f"{w:g} x {s.recipe.name}" for s, w in zip(chosen, weights)) + ")",
-                "cv_score": round(float(blend), 6), "fit_seconds": round(self.refit_seconds, 1),
-                "predict_img_s": round(1.0 / sum(1.0 / v for v in speeds), 1) if all(speeds) else None,
-                "weight": sum(weights), "status": "the model"})
-        cols = ["recipe", "cv_score", "fit_seconds", "predict_img_s", "weight", "status"]
-        df = pd.DataFrame(rows)
-        df = df[cols + [c for c in df.columns if c not in cols]]
-        tmp = self.out / "leaderboard.csv.tmp"
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, self.out / "leaderboard.csv")
-        with __import__("pandas").option_context("display.width", 160, "display.max_columns", 20):
-            self.log("leaderboard (CV over train+val):\n" + df[[c for c in ("recipe", "cv_score", "fit_seconds",
-                                                                            "predict_img_s", "status") if c in df]]
-                     .to_string(index=False))
-
-
-def decoding_scores(prep, probs: dict[str, np.ndarray], rows: np.ndarray,
-                    parts: list) -> tuple[float, float, dict[str, np.ndarray]]:
-    """The objective (:func:`catalens.train.search.objective_value`) of out-of-fold ``probs`` ``{task: (n, C)}``
-    on ``rows``, by the per-level argmax and hierarchy-decoded (each part's held-out rows with the label paths
-    of that part's training rows, :func:`catalens.train.kfold.decoded_out_of_fold`); and the decoded classes
-    ``{task: (n,)}``. What ``preset.hierarchy_decoding: auto`` decides on (and ``bench_hierarchy_decoding``
-    measures)."""
-    from catalens.train.kfold import decoded_out_of_fold
-    from catalens.train.search import objective_value
-
-    decided = decoded_out_of_fold(prep, probs, [(tr, inner, held & rows) for tr, inner, held in parts])
-    Y, at = prep.select(rows), {k: v[rows] for k, v in probs.items()}
-    argmax = objective_value(prep.tasks, Y, at)
-    decoded = objective_value(prep.tasks, Y, at, pred_index={k: v[rows] for k, v in decided.items()})
-    return argmax, decoded, decided
-
-
-def decoding_raises(argmax: float, decoded: float) -> bool:
-    """``auto``'s rule: decode when that raises the out-of-fold objective (beyond float noise)."""
-    return decoded > argmax + 1e-12
-
-
-def decoding_summary(dec: dict) -> str:
-    """One line for the preset's hierarchy decoding record (``model.json`` ``preset.hierarchy_decoding``),
-    as the preset logs it and the evaluation report shows it."""
-    line = f"{'on' if dec['chosen'] else 'off'} ({dec['mode']})"
-    if "cv_decoded" in dec:
-        line += f": CV {dec['cv_decoded']:.4f} decoded, {dec['cv_argmax']:.4f} per-level argmax"
-    return line
+        rows = leaderboard_rows(self.results.values(), chosen, weights)
+        if len(chosen) > 1:
+            rows.insert(0, ensemble_row(chosen, weights, blend, self.refit_seconds))
+        write_leaderboard(self.out, rows, self.log)
 
 
 def _in_class_order(probs: np.ndarray, model_tasks, task) -> np.ndarray:
@@ -980,11 +628,6 @@ def _in_class_order(probs: np.ndarray, model_tasks, task) -> np.ndarray:
 
     mine = next(t for t in model_tasks if t.name == task.name)
     return in_class_order(probs, list(mine.classes), list(task.classes))
-
-
-def _crop_mode(s: Scored) -> tuple:
-    b = s.cfg.backbone
-    return b.crop, tuple(b.box) if b.box else None
 
 
 #: errors that fail one recipe (listed in the leaderboard) rather than the run

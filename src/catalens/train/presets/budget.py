@@ -1,0 +1,100 @@
+"""The time budget of a preset: ``--time-limit`` parsed, and a :class:`Clock` that learns this machine's
+speeds as the run goes and estimates what the next step costs."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from catalens.config import Config
+
+PRESETS = ("fast", "medium", "best")
+#: seconds of ``--time-limit`` when not given
+DEFAULT_LIMIT = {"medium": 600.0, "best": 1200.0}
+#: seconds of one title model fit per train + val photo, before one is measured (fashion-products: 20 s / 5,289)
+FIRST_GUESS_TITLE = 0.005
+_FIRST_GUESS_SPI = 1 / 40.0     # seconds per image of Lite0@224, decode included, before anything is measured
+_FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature), before anything is measured
+#: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
+#: about this many Lite0@224 embeddings per training photo, before one is measured in the run
+_FIRST_GUESS_FT_REL = 8.0
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``"20m"``, ``"90s"``, ``"1h"``, ``"1h30m"``, ``"1200"`` → seconds (ValueError naming the form)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        import re
+
+        s = str(text).strip().lower()
+        m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?:in)?)?(?:(\d+(?:\.\d+)?)s?)?", s)
+        if not s or m is None or not any(m.groups()):
+            raise ValueError(f"--time-limit {text!r}: expected a duration such as 20m, 90s, 1h30m or 1200 (seconds)")
+        h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+        value = h * 3600 + mi * 60 + se
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--time-limit {text!r}: must be more than 0 seconds")
+    return value
+
+
+class Clock:
+    """The budget: measured speeds and estimates of what the next step costs."""
+
+    def __init__(self, limit: float) -> None:
+        self.t0 = time.time()
+        self.limit = limit
+        self.spi = _FIRST_GUESS_SPI          # seconds per image of Lite0@224 (uncached)
+        self.fit_unit = _FIRST_GUESS_FIT     # seconds per (row x feature) of one head fit
+        self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
+        self.measured_embed = False
+
+    def left(self) -> float:
+        return self.limit - (time.time() - self.t0)
+
+    def embed_cost(self, n_uncached: int, rel: float) -> float:
+        return n_uncached * self.spi * rel
+
+    def fit_cost(self, rows: int, dim: int) -> float:
+        return rows * dim * self.fit_unit
+
+    def finetune_cost(self, n_train: int, rel: float = 1.0) -> float:
+        """Seconds of one last-stage fine-tuning on ``n_train`` photos (+ embedding its held-out rows) of a
+        backbone ``rel`` times as costly as Lite0@224."""
+        unit = self.ft_unit if self.ft_unit is not None else self.spi * rel * _FIRST_GUESS_FT_REL
+        return n_train * unit
+
+    def learn_finetune(self, seconds: float, n_train: int) -> None:
+        if n_train and seconds > 0:
+            self.ft_unit = seconds / n_train
+
+    def learn_embed(self, seconds: float, n: int, rel: float) -> None:
+        if n >= 8 and seconds > 0:
+            self.spi = seconds / (n * rel)
+            self.measured_embed = True
+
+    def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
+        if fits and rows and dim and seconds > 0:
+            self.fit_unit = seconds / (fits * rows * dim)
+
+
+def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
+    """Share of ``cat``'s photos whose features for ``backbone`` are not in the cache (from a sample)."""
+    from catalens.embed.cache import EmbeddingCache, content_hash
+
+    try:
+        cache = EmbeddingCache(cfg.cache_dir, backbone.fingerprint(), backbone.feature_dim)
+        keys = cache.keys()
+    except Exception:  # no cache yet, unreadable part: count everything as to embed
+        return 1.0
+    if not keys or len(cat) == 0:
+        return 1.0
+    idx = np.linspace(0, len(cat) - 1, min(sample, len(cat))).astype(int)
+    miss = 0
+    for i in idx:
+        try:
+            miss += content_hash(cat.read_bytes(int(i))) not in keys
+        except Exception:
+            miss += 1
+    return miss / len(idx)
