@@ -538,6 +538,44 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     assert run.results[tta.name].status.startswith("skipped: needs ~100s, ")
 
 
+def test_the_three_side_by_side_come_before_the_pair_whose_refit_would_crowd_them_out(monkeypatch):
+    """The three backbones side by side are tried right after the singles, the pair after them. Scored
+    first, the pair's refit (its own multi-backbone embedding) joins the refit reserve and the three no
+    longer fit where they would have (fashion-products on a slower machine, 2026-12-02 05:39: skipped,
+    needs ~488 s, 254 s left)."""
+    concat = [r.name for r in P.candidate_recipes("best") if r.kind == "concat"]
+    assert concat == ["lite0@256+lite1@272+lite2@300 crop 1 multilevel", "lite0@256+lite1@272 crop 1 multilevel"]
+    singles = {"lite1@272 crop 1 multilevel": 0.89, "lite0@256 crop 1 multilevel": 0.891,
+               "lite2@300 crop 1 multilevel": 0.889}
+
+    def scored_singles():
+        run = _bare_run()
+        for name, score in singles.items():
+            run.results[name] = R.Scored(run.recipes[name], score=score, oof={}, fit_each=10.0,
+                                         cfg=run.recipes[name].config(run.base, run.recipes))
+        return run
+
+    def score(self, s, left, last=False):
+        s.score, s.oof, s.fit_each = 0.902 if len(s.recipe.members) == 3 else 0.899, {}, 10.0
+        s.cfg = s.recipe.config(self.base, self.recipes)
+
+    monkeypatch.setattr(R._PresetRun, "_estimate", lambda self, recipe: 100.0)
+    monkeypatch.setattr(R._PresetRun, "_score", score)
+    run = scored_singles()
+    three, pair = (run.recipes[n] for n in concat)
+    limit = 100.0 + run._refit_cost(R.Scored(three)) + run._reserve(2) + 10.0   # 10 s to spare after the singles
+    for order in ((three, pair), (pair, three)):
+        run = scored_singles()
+        run.clock = _bare_run(limit).clock
+        for recipe in order:
+            run._try(recipe)
+        status = {r.name: run.results[r.name].status for r in order}
+        if order[0] is three:
+            assert status[three.name] == "scored"
+        else:   # the old order: the pair's refit embedding (~32 s here) in the reserve leaves the three out
+            assert status[pair.name] == "scored" and status[three.name].startswith("skipped: needs ~")
+
+
 def test_the_refit_reserve_counts_shared_features_once():
     """The searched head and the `+` recipe it was searched on share one embedding in the refit: the
     reserve kept while recipes are scored counts it once, as the refit's own estimate does."""
