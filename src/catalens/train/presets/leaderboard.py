@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 
+from catalens.files import atomic_write_text
 from catalens.train.presets.recipes import Scored, features_key
 
 #: the leaderboard's first columns (per-task ``cv_<task>`` columns follow)
@@ -46,9 +46,7 @@ def write_leaderboard(out: Path, rows: list[dict], log) -> None:
 
     df = pd.DataFrame(rows)
     df = df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
-    tmp = out / "leaderboard.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out / "leaderboard.csv")
+    atomic_write_text(out / "leaderboard.csv", df.to_csv(index=False))
     shown = [c for c in ("recipe", "cv_score", "fit_seconds", "predict_img_s", "status") if c in df]
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         log("leaderboard (CV over train+val):\n" + df[shown].to_string(index=False))
@@ -59,6 +57,4 @@ def annotate(folder: Path, preset: dict) -> None:
     path = folder / "model.json"
     meta = json.loads(path.read_text())
     meta["preset"] = preset
-    tmp = path.with_name("model.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(meta, indent=1, default=str))

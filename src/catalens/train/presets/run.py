@@ -41,6 +41,9 @@ def train_preset(data, out: str | Path, cfg: Config, log=None):
 
 
 class _PresetRun:
+    """One ``--preset medium|best`` run: :meth:`run` tries the recipes in order within the clock, continues the
+    search, blends, decides hierarchy decoding, refits the chosen and writes the folder and its leaderboard."""
+
     def __init__(self, data, out: Path, cfg: Config, limit: float, log) -> None:
         self.data, self.out, self.log = data, out, log
         self.clock = Clock(limit)
