@@ -425,6 +425,33 @@ def test_a_trial_guessed_short_stops_between_its_folds(data, tmp_path, monkeypat
         data, cfg, "mean", 3, "head"), cfg.seed, {}, lambda *a: None)[0])[1][1] == 90.0
 
 
+def test_a_search_whose_trials_all_overrun_says_the_time_limit_not_divergence(data, tmp_path, monkeypatch):
+    """When no trial finishes because each would end past --minutes, the error names the limit and the fix
+    (it used to blame diverged fine-tuning, which a head search never runs)."""
+    from types import SimpleNamespace
+
+    from catalens.train import search as search_mod
+
+    clock = [0.0]
+    real_fit = search_mod.fit_on
+
+    def fit_on(prep, train, inner, c, **kw):
+        clock[0] += 30.0   # every fold 30 s: the first trial's 3 folds would take 90 s of the 60
+        return real_fit(prep, train, inner, c, **kw)
+
+    monkeypatch.setattr(search_mod, "fit_on", fit_on)
+    monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
+    cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1, "epochs": 5},
+                                  "engine": {"runtime": "eager", "progress": False}}])
+    with pytest.raises(ValueError) as e:
+        search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, log=lambda *a: None)
+    assert str(e.value) == ("catalens search: no trial finished within the 1-minute limit (1 of the 1 trials "
+                            "stopped or not run: each would have ended past it): give it more --minutes")
+    assert search_mod._nothing_finished(2, 0, None) == (
+        "catalens search: none of the 2 trials finished with a score (fine-tuning diverged in each, see above): "
+        "lower finetune.lr and search again")
+
+
 def test_search_over_finetune_settings_reuses_the_views(data, tmp_path, capsys):
     """--finetune: each trial fine-tunes from one linear probe with its own optimisation settings;
     the pixels and views are made by trial 0 and reused, then removed; the best finetune section

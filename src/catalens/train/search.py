@@ -342,6 +342,18 @@ def check_deadline(started: float, done: int, folds: int, deadline: float | None
         raise TrialOverrun(pace * folds)
 
 
+def _nothing_finished(trials: int, for_time: int, minutes: float | None) -> str:
+    """Why no trial has a score: the time limit (``for_time`` trials stopped or not run for it, or none
+    could start), else each trial's fine-tuning diverged."""
+    if minutes and (for_time or not trials):
+        why = (f"{for_time} of the {trials} trials stopped or not run: each would have ended past it" if trials
+               else "not even the first trial would have ended within it")
+        return (f"catalens search: no trial finished within the {minutes:g}-minute limit ({why}): give it more "
+                f"--minutes")
+    return (f"catalens search: none of the {trials} trials finished with a score (fine-tuning diverged in each, "
+            f"see above): lower finetune.lr and search again")
+
+
 class _TooSlow(Exception):
     """A proposed trial that would end past ``--minutes``: not run, its sampled settings dropped."""
 
@@ -403,6 +415,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     best_oof: dict = {}   # the best finished trial's out-of-fold probabilities (with --cv)
     seen: list[tuple[tuple[str, int], float, float]] = []   # (kind, seconds, value) of each finished trial
     skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
+    overran = [0]          # trials stopped between their folds (would overrun)
 
     def after(guess: float | None) -> float:   # ``keep`` times the longer of it and the best trial (its refit)
         done = [(value, sec) for _, sec, value in seen if np.isfinite(value)]
@@ -442,6 +455,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
             try:
                 value, epochs = cv_score(c, deadline(guess)) if cv_score is not None else val_score(c)
             except TrialOverrun as e:   # its time was guessed short: what it would take is now known
+                overran[0] += 1
                 seen.append((kind, e.seconds, float("nan")))
                 trial.set_user_attr("seconds", round(time.time() - s, 1))
                 trial.set_user_attr("projected", round(e.seconds, 1))
@@ -486,8 +500,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise ValueError(f"catalens search: none of the {len(study.trials)} trials finished with a score "
-                         f"(fine-tuning diverged in each, see above): lower finetune.lr and search again")
+        raise ValueError(_nothing_finished(len(study.trials), overran[0] + skipped[0], minutes))
     best = study.best_trial
     best_cfg = cfg.model_copy(deep=True)
     fixed = optuna.trial.FixedTrial(best.params)
