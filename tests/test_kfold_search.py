@@ -443,11 +443,11 @@ def test_a_search_whose_trials_all_overrun_says_the_time_limit_not_divergence(da
     monkeypatch.setattr(search_mod, "time", SimpleNamespace(time=lambda: clock[0]))
     cfg = load_config(overrides=[{"head": {"type": "logreg", "C": 0.1, "epochs": 5},
                                   "engine": {"runtime": "eager", "progress": False}}])
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(search_mod.OutOfTime) as e:   # a ValueError, as before, for callers that catch those
         search_mod.search(data, tmp_path / "s", cfg, minutes=1.0, cv=3, log=lambda *a: None)
     assert str(e.value) == ("catalens search: no trial finished within the 1-minute limit (1 of the 1 trials "
                             "stopped or not run: each would have ended past it): give it more --minutes")
-    assert search_mod._nothing_finished(2, 0, None) == (
+    assert str(search_mod._nothing_finished(2, 0, None)) == (
         "catalens search: none of the 2 trials finished with a score (fine-tuning diverged in each, see above): "
         "lower finetune.lr and search again")
 

@@ -210,6 +210,39 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
 
 
+def test_a_search_that_runs_out_of_time_is_a_skip_and_its_first_part_is_tried_again_at_the_end(
+        data, tmp_path, monkeypatch):
+    """No trial of the search finished in its seconds (a loaded machine): a budget skip like the others, not
+    a failure. The first part's is tried again last with all that is left; the continued part's leaves the
+    first part's head in place."""
+    from catalens.train import search as S
+
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL])
+    real = S.search
+
+    def out_of_time_at(n: int):
+        calls = []
+
+        def fake(*a, **k):
+            calls.append(k)
+            if len(calls) == n:
+                raise S.OutOfTime("catalens search: no trial finished within the 0.1-minute limit (...)")
+            return real(*a, **{**k, "minutes": min(k["minutes"], 0.1)})
+        return fake
+
+    for n, name in ((1, "searched head"), (2, "searched head, continued")):
+        monkeypatch.setattr(S, "search", out_of_time_at(n))
+        lines, cfg = [], _cfg(tmp_path / str(n), SLACK)
+        cfg.preset.titles = "off"
+        P.train_preset(data, tmp_path / str(n) / "m", cfg, log=lines.append)
+        assert any(re.fullmatch(rf"  {name}: skipped: no trial finished within its \d+s", m) for m in lines), lines
+        board = pd.read_csv(tmp_path / str(n) / "m" / "leaderboard.csv")
+        searched = board.loc[board["recipe"].str.startswith("searched head"), "status"].tolist()
+        assert searched[0] in ("chosen", "scored"), searched   # tried again at the end / the first part stands
+        if n == 1:
+            assert any(m.startswith("  searched head, at the end: CV ") for m in lines), lines
+
+
 def test_with_titles_a_search_that_beats_nothing_reuses_the_recipes_cv(data, tmp_path, monkeypatch):
     """With titles the trials leave the title model out, so a better head is cross-validated again with it;
     when no trial beat the starting head (the best recipe's own), that CV is the recipe's, known: not run again."""

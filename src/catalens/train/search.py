@@ -342,16 +342,20 @@ def check_deadline(started: float, done: int, folds: int, deadline: float | None
         raise TrialOverrun(pace * folds)
 
 
-def _nothing_finished(trials: int, for_time: int, minutes: float | None) -> str:
+class OutOfTime(ValueError):
+    """No trial finished within ``--minutes``: each would have ended past it."""
+
+
+def _nothing_finished(trials: int, for_time: int, minutes: float | None) -> ValueError:
     """Why no trial has a score: the time limit (``for_time`` trials stopped or not run for it, or none
-    could start), else each trial's fine-tuning diverged."""
+    could start: :class:`OutOfTime`), else each trial's fine-tuning diverged."""
     if minutes and (for_time or not trials):
         why = (f"{for_time} of the {trials} trials stopped or not run: each would have ended past it" if trials
                else "not even the first trial would have ended within it")
-        return (f"catalens search: no trial finished within the {minutes:g}-minute limit ({why}): give it more "
-                f"--minutes")
-    return (f"catalens search: none of the {trials} trials finished with a score (fine-tuning diverged in each, "
-            f"see above): lower finetune.lr and search again")
+        return OutOfTime(f"catalens search: no trial finished within the {minutes:g}-minute limit ({why}): give "
+                         f"it more --minutes")
+    return ValueError(f"catalens search: none of the {trials} trials finished with a score (fine-tuning diverged "
+                      f"in each, see above): lower finetune.lr and search again")
 
 
 class _TooSlow(Exception):
@@ -500,7 +504,7 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise ValueError(_nothing_finished(len(study.trials), overran[0] + skipped[0], minutes))
+        raise _nothing_finished(len(study.trials), overran[0] + skipped[0], minutes)
     best = study.best_trial
     best_cfg = cfg.model_copy(deep=True)
     fixed = optuna.trial.FixedTrial(best.params)

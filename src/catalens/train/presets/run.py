@@ -419,7 +419,7 @@ class _PresetRun:
         of :data:`SEARCH_FIRST` (``first_only``: no more), then the sampler's. ``more``: continue the study
         of an earlier call with the sampler's heads: when one of them beats ``s``'s head it becomes a recipe of
         its own (:data:`SEARCHED_MORE`, returned), ``s`` stays, and the blend may take both."""
-        from catalens.train.search import search
+        from catalens.train.search import OutOfTime, search
 
         best = self.results[s.recipe.name_detail] if more else self._best()
         base = best.cfg.model_copy(deep=True)
@@ -435,6 +435,8 @@ class _PresetRun:
                          first=SEARCH_FIRST, start_result=known)
         except RuntimeError as e:  # Optuna not installed
             raise _Skip(str(e)) from None
+        except OutOfTime:   # a budget skip like the others (a first part's is tried again at the end)
+            raise _Skip(f"no trial finished within its {spend:.0f}s") from None
         s.trials = res.trials
         if more:
             if res.best_head == s.recipe.head:   # the study's best trial is still the first part's (compared by
@@ -477,7 +479,10 @@ class _PresetRun:
         t = time.time()
         try:
             found = self._search(s, budget, first_only=False, more=True)
-        except _FAILURES as e:   # the first part's result stands
+        except _Skip as e:   # the first part's result stands
+            self.log(f"  {SEARCHED_MORE}: skipped: {e}")
+            return
+        except _FAILURES as e:
             self.log(f"  {SEARCHED_MORE}: failed: {type(e).__name__}: {str(e)[:300]}")
             return
         took = time.time() - t
