@@ -210,6 +210,33 @@ def test_a_search_with_no_time_after_the_frozen_recipes_runs_whole_at_the_end(da
     assert board.loc[board["recipe"].str.startswith("searched head"), "status"].iloc[0] in ("chosen", "scored")
 
 
+def test_catalens_runs_shows_a_preset_runs_leaderboard(data, tmp_path, monkeypatch, capsys):
+    """The leaderboard goes into MLflow with the model folder: `catalens runs --leaderboard RUN` prints it; a
+    run without a preset says why it has none."""
+    pytest.importorskip("mlflow")
+    from catalens.track import log_training
+
+    monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
+    monkeypatch.chdir(tmp_path)   # the default store: ./runs/mlflow.db
+    for k in ("MLFLOW_TRACKING_URI", "CATALENS_TRACKING", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(k, raising=False)
+    ids = {}
+    for name in ("medium", "fast"):
+        cfg = _cfg(tmp_path, SLACK, name)
+        cfg.tracking = True
+        res = P.train_preset(data, tmp_path / name, cfg, log=lambda *a: None)
+        ids[name] = log_training(res, cfg, data=data, log=lambda *a: None)
+    assert main(["runs", "--leaderboard", ids["medium"][:8]]) == 0
+    board = pd.read_csv(tmp_path / "medium" / "leaderboard.csv")
+    assert capsys.readouterr().out == board.to_string(index=False) + "\n"
+    assert {"lite0@64", "lite0@80 crop 1"} <= set(board["recipe"])
+    assert main(["runs", "--leaderboard", ids["fast"][:8]]) == 2
+    assert capsys.readouterr().err == (
+        f"error: run {ids['fast'][:8]} (fast) has no leaderboard: it was trained with preset 'fast', and only "
+        "'catalens train --preset medium' or '--preset best' writes one (runs with a preset show it in the "
+        "'preset' column of 'catalens runs')\n")
+
+
 def test_a_search_that_runs_out_of_time_is_a_skip_and_its_first_part_is_tried_again_at_the_end(
         data, tmp_path, monkeypatch):
     """No trial of the search finished in its seconds (a loaded machine): a budget skip like the others, not

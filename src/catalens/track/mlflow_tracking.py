@@ -322,5 +322,27 @@ def compare_runs(run_ids: list[str], experiment: str | None = None, uri: str | N
     return pd.DataFrame(rows, index=index, columns=cols)
 
 
+#: where a preset run's leaderboard sits among the run's artifacts (the model folder's leaderboard.csv)
+LEADERBOARD = "model/leaderboard.csv"
+
+
+def run_leaderboard(run_id: str, experiment: str | None = None, uri: str | None = None):
+    """The leaderboard of a ``catalens train --preset medium|best`` run (its model folder's
+    ``leaderboard.csv``, logged with the folder), as a DataFrame."""
+    import tempfile
+
+    import pandas as pd
+
+    cl = client(uri)
+    run = cl.get_run(resolve_run(cl, experiment, run_id))
+    if LEADERBOARD not in {a.path for a in cl.list_artifacts(run.info.run_id, "model")}:
+        preset = run.data.params.get("preset.name") or "fast"
+        raise ValueError(f"run {run.info.run_id[:8]} ({run.info.run_name}) has no leaderboard: it was trained with "
+                         f"preset '{preset}', and only 'catalens train --preset medium' or '--preset best' writes "
+                         f"one (runs with a preset show it in the 'preset' column of 'catalens runs')")
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(cl.download_artifacts(run.info.run_id, LEADERBOARD, tmp))
+
+
 def _round(v):
     return None if v is None else round(float(v), 5)
