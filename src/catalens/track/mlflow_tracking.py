@@ -340,8 +340,18 @@ def run_leaderboard(run_id: str, experiment: str | None = None, uri: str | None 
         raise ValueError(f"run {run.info.run_id[:8]} ({run.info.run_name}) has no leaderboard: it was trained with "
                          f"preset '{preset}', and only 'catalens train --preset medium' or '--preset best' writes "
                          f"one (runs with a preset show it in the 'preset' column of 'catalens runs')")
-    with tempfile.TemporaryDirectory() as tmp:
-        return pd.read_csv(cl.download_artifacts(run.info.run_id, LEADERBOARD, tmp))
+    quiet = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}   # one small file: no progress bar on stderr
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return pd.read_csv(cl.download_artifacts(run.info.run_id, LEADERBOARD, tmp))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def _round(v):
