@@ -606,6 +606,67 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
     assert run.results[tta.name].status.startswith("skipped: needs ~100s, ")
 
 
+def test_calibrate_embed_times_a_sample_after_the_runtimes_start(monkeypatch):
+    """The embedding speed is measured on 96 photos spread over the pool, after 32 that start the runtime
+    (untimed: the first call builds it); the clock then estimates from it."""
+    from catalens.embed import features as F
+    from catalens.train.presets import budget as B
+
+    calls = []
+
+    def fake(cat, backbone, cfg):
+        calls.append(list(cat.rows))
+        time.sleep(1.0 if len(calls) == 1 else 0.004 * len(cat.rows))   # the first: the runtime's start
+
+    class Pool:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def subset(self, mask):
+            return Pool([r for r, m in zip(self.rows, mask) if m])
+
+    monkeypatch.setattr(F, "catalogue_features", fake)
+    clock = B.Clock(600.0)
+    speed = B.calibrate_embed(clock, Pool(list(range(1000))), None, None, rel=2.0)
+    assert [len(c) for c in calls] == [32, 96] and not set(calls[0]) & set(calls[1])
+    assert calls[0][0] == 0 and calls[1][-1] == 999   # spread over the whole pool
+    assert clock.measured_embed and clock.spi == pytest.approx(0.004 / 2.0, rel=0.25)
+    assert speed == pytest.approx(250, rel=0.25)
+
+
+def test_the_first_estimate_with_many_photos_to_embed_calibrates_once(monkeypatch):
+    """Before anything is measured, a recipe with at least CALIBRATE_FROM photos to embed measures the speed
+    first (the first guess, 40 img/s, is about half this machine's); later estimates use what was measured."""
+    run = _bare_run(180.0)
+    lines = []
+    run.log = lines.append
+    calls = []
+
+    def calibrate(clock, pool, backbone, cfg, rel):
+        calls.append(rel)
+        clock.learn_embed(1.0, 96, rel)   # 96 photos a second at rel
+        return 96.0
+
+    monkeypatch.setattr(R, "uncached_share", lambda *a: 1.0)
+    monkeypatch.setattr(R, "calibrate_embed", calibrate)
+    plain = run.recipes["lite0 (plain catalens train)"]
+    first = run._estimate(plain)
+    assert calls == [1.0] and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 96 photos, "
+                                        "after 32 to start)"]
+    fits = run.clock.fit_cost(1000, 1280) * 5
+    assert first == pytest.approx(1000 / 96 + fits)   # not 1000 / 40 + fits
+    run._estimate(run.recipes["lite1@272 crop 1 multilevel"])
+    assert calls == [1.0]   # measured once
+    few = _bare_run(180.0)
+    few.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 300}), "__len__": lambda self: 300})()
+    few.log = lines.append
+    few._estimate(plain)
+    assert calls == [1.0] and not few.clock.measured_embed   # 300 photos: the first guess is a few seconds off
+
+
 def test_the_three_side_by_side_come_before_the_pair_whose_refit_would_crowd_them_out(monkeypatch):
     """The three backbones side by side are tried right after the singles, the pair after them. Scored
     first, the pair's refit (its own multi-backbone embedding) joins the refit reserve and the three no

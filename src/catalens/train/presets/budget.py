@@ -79,6 +79,33 @@ class Clock:
             self.fit_unit = seconds / (fits * rows * dim)
 
 
+#: photos of a calibration (:func:`calibrate_embed`): embedded first, untimed (the runtime's start), then timed
+CALIBRATION = (32, 96)
+
+
+def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float) -> float:
+    """Learn this machine's embedding speed before the first estimate that needs it: embed an evenly spread
+    sample of ``pool`` through ``backbone`` (into the cache: the recipe reads them from there) and time the
+    second part. ``_FIRST_GUESS_SPI`` is about twice as slow as this 2-core machine, which under a short
+    ``--time-limit`` skipped even the plain recipe (clothing-small, 3 minutes: needs ~198 s, 167 s left; it
+    took 55 s). A few seconds, the runtime's start included. Returns the images per second measured."""
+    from catalens.embed.features import catalogue_features
+
+    warm, timed = CALIBRATION
+    n = min(len(pool), warm + timed)
+    rows = np.linspace(0, len(pool) - 1, n).astype(int)
+    first = np.zeros(len(pool), bool)
+    first[rows[:warm]] = True
+    second = np.zeros(len(pool), bool)
+    second[rows[warm:]] = True
+    catalogue_features(pool.subset(first), backbone, cfg)
+    t = time.time()
+    catalogue_features(pool.subset(second), backbone, cfg)
+    took = time.time() - t
+    clock.learn_embed(took, int(second.sum()), rel)
+    return int(second.sum()) / took if took > 0 else float("inf")
+
+
 def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:
     """Share of ``cat``'s photos whose features for ``backbone`` are not in the cache (from a sample)."""
     from catalens.embed.cache import EmbeddingCache, content_hash

@@ -14,7 +14,8 @@ import numpy as np
 from catalens.config import Config
 from catalens.train.kfold import TitleModels
 from catalens.train.presets.blend import greedy_blend
-from catalens.train.presets.budget import DEFAULT_LIMIT, FIRST_GUESS_TITLE, Clock, uncached_share
+from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, Clock, calibrate_embed,
+                                            uncached_share)
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
@@ -38,6 +39,11 @@ def train_preset(data, out: str | Path, cfg: Config, log=None):
     limit = float(p.time_limit or DEFAULT_LIMIT[p.name])
     runner = _PresetRun(data, Path(out), cfg, limit, log)
     return runner.run(TrainResult)
+
+
+#: photos to embed from which the first such recipe's estimate measures the embedding speed first
+#: (:func:`~catalens.train.presets.budget.calibrate_embed`); fewer: the first guess, a few seconds off at most
+CALIBRATE_FROM = 400
 
 
 class _PresetRun:
@@ -214,6 +220,10 @@ class _PresetRun:
         backbone = backbone_from_config(cfg.backbone)
         rel = rel_cost(cfg.backbone.name)
         recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
+        if not self.clock.measured_embed and recipe._uncached >= CALIBRATE_FROM:
+            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, rel)
+            self.log(f"  embedding speed: {speed:.0f} img/s for {recipe.backbone} (a sample of "
+                     f"{sum(CALIBRATION) - CALIBRATION[0]} photos, after {CALIBRATION[0]} to start)")
         embed = self.clock.embed_cost(recipe._uncached, rel)
         if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
             from catalens.model.tta import with_tta
