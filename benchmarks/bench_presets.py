@@ -71,9 +71,15 @@ def run_one(name: str, limit: str, warm: bool) -> dict:
     meta = desc.get("preset", {})
     return {"name": name, "wall_s": round(wall, 1), "load": f"{load0:.1f}/{load1:.1f}",
             "test": {t: metrics[t]["accuracy"] for t in tasks if t in metrics},
+            "accepted": accepted(metrics, tasks),
             "test_without_refit": without_refit(out, data, WORK / name, tasks, [] if warm else ["--cache-dir", str(cache)]),
             "cv": meta.get("cv_score"), "chosen": meta.get("chosen"), "limit": limit, "preset": preset,
             "ran": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))}
+
+
+def accepted(metrics: dict, tasks: list[str]) -> dict:
+    """Per task the test photos' auto-accept share and precision (``catalens evaluate``'s ``selective``)."""
+    return {t: metrics[t]["selective"] for t in tasks if "selective" in metrics.get(t, {})}
 
 
 def without_refit(out: Path, data: str, work: Path, tasks: list[str], cache: list[str]) -> dict | None:
@@ -117,18 +123,26 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=1))
     rows = []
     for name, r in results.items():
+        report = WORK / name / "report" / "metrics.json"   # rows run before the column: that run's own report
+        if "accepted" not in r and report.exists():
+            r["accepted"] = accepted(json.loads(report.read_text()), RUNS[name][2])
         chosen = " + ".join(f"{c['weight']:g} x {c['recipe']}" for c in r["chosen"] or []) or "plain model"
         before = r.get("test_without_refit")
+        accepted = ", ".join(f"{t} {a['coverage']:.0%}" + (f" at {a['precision']:.4f}" if a["precision"] is not None else "")
+                             for t, a in r.get("accepted", {}).items())
         rows.append([name, f"{r.get('preset', 'best')} {r.get('limit', '20m')}", ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
                      ", ".join(f"{t} {v:.4f}" for t, v in before.items()) if before else "the same: nothing refitted",
-                     r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"],
+                     accepted or "(not recorded)", r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"],
                      r.get("ran", "")])
-    body = table(["run", "--preset, --time-limit", "test accuracy", "test, without refit_full", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after",
+    body = table(["run", "--preset, --time-limit", "test accuracy", "test, without refit_full",
+                  "test auto-accepted (precision)", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after",
                   "started"],
                  rows)
     body += ("\n\nTest accuracy is reported only; every choice was made by k-fold CV on train+val. The chosen "
              "frozen recipes end fitted on train + val (`preset.refit_full`); *without refit_full* is the same "
              "model trained again from its members' config.yaml with `data.refit_full=false` (after the timed run). "
+             "*Auto-accepted*: the share of test photos whose answer passes the model's auto-accept threshold (target "
+             "precision 0.98, chosen at training) and the precision of those. "
              "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else ".")
              + " Runs named by `--only` are run again; the others' rows are kept from `runs/bench_presets/results.json`"
              " (column *started*).")

@@ -490,7 +490,8 @@ def test_best_scores_a_finetuned_recipe_out_of_fold_and_can_choose_it(data, tmp_
 
 def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path, monkeypatch):
     """When the blend picks several recipes, the ensemble folder gets accept and unknown thresholds chosen
-    on the val photos with the ensemble's own probabilities (as `catalens ensemble`), not nulls."""
+    on the val photos with the ensemble's own probabilities (as `catalens ensemble`), not nulls; the accept
+    thresholds also on the train photos' out-of-fold probabilities of the blend (as a single recipe's)."""
     monkeypatch.setattr(R, "candidate_recipes", lambda preset: [P.Recipe(**r.__dict__) for r in SMALL[:2]])
     real = R._PresetRun._combine
 
@@ -507,7 +508,10 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     assert desc["hierarchy_decoding"] is True and desc["preset"]["hierarchy_decoding"]["chosen"] is True
     assert "ensemble" in desc and len(desc["preset"]["chosen"]) == 2
-    assert re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities", desc["accept"]["source"])
+    source = re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities \+ out-of-fold train \((\d+) "
+                          r"photos, the preset's 3-fold CV of the blend\)", desc["accept"]["source"])
+    member0 = json.loads((tmp_path / "m" / "members" / "0" / "model.json").read_text())
+    assert source and int(source.group(1)) == member0["train_images"] == 42, desc["accept"]["source"]
     assert set(desc["accept"]["thresholds"]) == {"category", "department"}
     assert desc["unknown"] is not None
     # chosen on val with the members as fitted on train; then each member learnt from train + val

@@ -162,12 +162,14 @@ def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, i
             "unknown": unknown_description(tasks, probs_val, cfg)}
 
 
-def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None) -> dict:
+def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None, heldout: HeldOut | None = None) -> dict:
     """``{"accept": ..., "unknown": ...}`` of an ensemble (``catalens ensemble``): chosen like a
     single model's (:func:`accept_description`, :func:`unknown_description`) with the ensemble's
     own probabilities of the val photos of ``data`` (its ``split`` column, or ``split_csv``: a
     member's ``ingest/split.csv`` when catalens made the split). Both None, with a warning, when
-    ``data`` has no val photo. No out-of-fold rows: the members were fit on the training rows."""
+    ``data`` has no val photo. The members were fit on the training rows, so those are held out only
+    as ``heldout`` gives them (``--preset``: the blend's out-of-fold probabilities), for the accept
+    thresholds when val has fewer than ``selective.oof_below`` photos, as a single model's."""
     import pandas as pd
 
     from catalens.ingest.open import open_catalogue
@@ -190,6 +192,14 @@ def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None) -> dict:
     probs = {t.name: np.concatenate([b.probs[t.name] for b in parts])[ok] for t in model.tasks}
     y = {n: v[ok] for n, v in val.encode(model.tasks).items()}
     source = f"val ({int(ok.sum())} photos of {data}), the ensemble's probabilities"
+    probs_val, y_accept = probs, y
+    if heldout is not None and int(ok.sum()) < cfg.selective.oof_below:
+        train = cat.subset((split == "train").to_numpy())
+        oof, found = heldout.for_rows(train.frame["id"].to_numpy(), model.tasks)
+        y_train = {n: v[found] for n, v in train.encode(model.tasks).items()}
+        probs = {n: np.concatenate([probs[n], oof[n]]) for n in probs}
+        y_accept = {n: np.concatenate([y[n], y_train[n]]) for n in y}
+        source += f" + out-of-fold train ({int(found.sum())} photos, {heldout.source})"
     log(f"ensemble: auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
-    return {"accept": accept_description(model.tasks, model.decoder, y, probs, cfg, source, log),
-            "unknown": unknown_description(model.tasks, probs, cfg)}
+    return {"accept": accept_description(model.tasks, model.decoder, y_accept, probs, cfg, source, log),
+            "unknown": unknown_description(model.tasks, probs_val, cfg)}
