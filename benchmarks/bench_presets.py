@@ -128,11 +128,11 @@ def main() -> None:
             r["accepted"] = accepted(json.loads(report.read_text()), RUNS[name][2])
         chosen = " + ".join(f"{c['weight']:g} x {c['recipe']}" for c in r["chosen"] or []) or "plain model"
         before = r.get("test_without_refit")
-        accepted = ", ".join(f"{t} {a['coverage']:.0%}" + (f" at {a['precision']:.4f}" if a["precision"] is not None else "")
+        auto = ", ".join(f"{t} {a['coverage']:.0%}" + (f" at {a['precision']:.4f}" if a["precision"] is not None else "")
                              for t, a in r.get("accepted", {}).items())
         rows.append([name, f"{r.get('preset', 'best')} {r.get('limit', '20m')}", ", ".join(f"{t} {v:.4f}" for t, v in r["test"].items()),
                      ", ".join(f"{t} {v:.4f}" for t, v in before.items()) if before else "the same: nothing refitted",
-                     accepted or "(not recorded)", r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"],
+                     auto or "(not recorded)", r["cv"] if r["cv"] is not None else "", chosen, f"{r['wall_s'] / 60:.1f} min", r["load"],
                      r.get("ran", "")])
     body = table(["run", "--preset, --time-limit", "test accuracy", "test, without refit_full",
                   "test auto-accepted (precision)", "CV (train+val, blend)", "chosen recipes", "train wall", "load before/after",
