@@ -1,4 +1,4 @@
-"""``catalens train --preset best --time-limit 20m`` on clothing-small and fashion-products (issue 16).
+"""``catalens train --preset best --time-limit 20m`` (and one short ``--preset medium``) on clothing-small and fashion-products (issue 16).
 
 Each run is exactly the command a user types, then ``catalens evaluate`` on the test split
 (reported only: the preset chooses everything on train + val by k-fold CV). Runs:
@@ -146,7 +146,7 @@ def main() -> None:
              "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else ".")
              + " Runs named by `--only` are run again; the others' rows are kept from `runs/bench_presets/results.json`"
              " (column *started*).")
-    write_section("bench_presets", "Presets: --preset best --time-limit", body,
+    write_section("bench_presets", "Presets: --preset best | medium --time-limit", body,
                   f"python benchmarks/bench_presets.py --only {' '.join(args.only)} --limit {args.limit}")
 
 
