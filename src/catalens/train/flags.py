@@ -133,6 +133,14 @@ def unknown_description(tasks: list[TaskInfo], probs_val: dict, cfg: Config) -> 
     return describe(probs_val, names, cfg.selective.unknown_method, cfg.selective.unknown_keep)
 
 
+def _plus_out_of_fold(probs: dict, y: dict, oof: dict, y_oof: dict, how: str) -> tuple[dict, dict, str]:
+    """Held-out probabilities and labels with the out-of-fold training rows appended, and the words for
+    ``accept.source``: `` + out-of-fold train (N photos, how)``."""
+    n = len(next(iter(y_oof.values()))) if y_oof else 0
+    return ({k: np.concatenate([probs[k], oof[k]]) for k in probs}, {k: np.concatenate([y[k], y_oof[k]]) for k in y},
+            f" + out-of-fold train ({n} photos, {how})")
+
+
 def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, is_train: np.ndarray,
                    is_val: np.ndarray, probs_val: dict, cfg: Config, oof_allowed: bool, log=None,
                    heldout: HeldOut | None = None) -> dict:
@@ -154,9 +162,8 @@ def decision_flags(cat, tasks: list[TaskInfo], paths: dict, Y: dict, features, i
         else:
             oof, rows = out_of_fold(cat, tasks, Y, features, is_train, is_val, cfg)
             how = f"{cfg.selective.folds} folds"
-        probs = {n: np.concatenate([probs_val[n], oof[n]]) for n in probs_val}
-        y = {n: np.concatenate([y[n], Y[n][rows]]) for n in y}
-        source = f"val ({n_val} photos) + out-of-fold train ({len(rows)} photos, {how})"
+        probs, y, more = _plus_out_of_fold(probs_val, y, oof, {n: v[rows] for n, v in Y.items()}, how)
+        source = f"val ({n_val} photos){more}"
     log(f"auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
     return {"accept": accept_description(tasks, decoder, y, probs, cfg, source, log),
             "unknown": unknown_description(tasks, probs_val, cfg)}
@@ -197,9 +204,8 @@ def ensemble_flags(model, data, cfg: Config, split_csv=None, log=None, heldout: 
         train = cat.subset((split == "train").to_numpy())
         oof, found = heldout.for_rows(train.frame["id"].to_numpy(), model.tasks)
         y_train = {n: v[found] for n, v in train.encode(model.tasks).items()}
-        probs = {n: np.concatenate([probs[n], oof[n]]) for n in probs}
-        y_accept = {n: np.concatenate([y[n], y_train[n]]) for n in y}
-        source += f" + out-of-fold train ({int(found.sum())} photos, {heldout.source})"
+        probs, y_accept, more = _plus_out_of_fold(probs, y, oof, y_train, heldout.source)
+        source += more
     log(f"ensemble: auto-accept thresholds for precision {cfg.selective.target_precision} on {source}")
     return {"accept": accept_description(model.tasks, model.decoder, y_accept, probs, cfg, source, log),
             "unknown": unknown_description(model.tasks, probs_val, cfg)}

@@ -419,7 +419,6 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     best_oof: dict = {}   # the best finished trial's out-of-fold probabilities (with --cv)
     seen: list[tuple[tuple[str, int], float, float]] = []   # (kind, seconds, value) of each finished trial
     skipped = [0, 0]       # proposals dropped (would overrun): in all, in a row
-    overran = [0]          # trials stopped between their folds (would overrun)
 
     def after(guess: float | None) -> float:   # ``keep`` times the longer of it and the best trial (its refit)
         done = [(value, sec) for _, sec, value in seen if np.isfinite(value)]
@@ -459,7 +458,6 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
             try:
                 value, epochs = cv_score(c, deadline(guess)) if cv_score is not None else val_score(c)
             except TrialOverrun as e:   # its time was guessed short: what it would take is now known
-                overran[0] += 1
                 seen.append((kind, e.seconds, float("nan")))
                 trial.set_user_attr("seconds", round(time.time() - s, 1))
                 trial.set_user_attr("projected", round(e.seconds, 1))
@@ -504,7 +502,8 @@ def search(data: str | Path, out: str | Path, cfg: Config, trials: int | None = 
     if ft_score is not None and not cfg.finetune.keep_work:  # GBs of pixels and views: kept on request only
         shutil.rmtree(out / "finetune-views", ignore_errors=True)
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-        raise _nothing_finished(len(study.trials), overran[0] + skipped[0], minutes)
+        for_time = sum("projected" in t.user_attrs or "skipped" in t.user_attrs for t in study.trials)  # see run()
+        raise _nothing_finished(len(study.trials), for_time, minutes)
     best = study.best_trial
     best_cfg = cfg.model_copy(deep=True)
     fixed = optuna.trial.FixedTrial(best.params)

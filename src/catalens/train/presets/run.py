@@ -605,26 +605,19 @@ class _PresetRun:
     def _heldout(self, s: Scored):
         """``s``'s out-of-fold probabilities for the auto-accept thresholds of its refit (instead of
         ``selective.folds`` more head fits: an AdamW mlp's five took 200 s on clothing-small)."""
-        from catalens.train.flags import HeldOut
-
         if s.oof is None or s.recipe.kind == "finetune":   # its fold models had backbones of their own
             return None
-        prep = s.prep   # s.oof is NaN outside s.scored (kfold.out_of_fold, SearchResult.best_oof)
-        return HeldOut(prep.cat.frame["id"].to_numpy(), s.oof, {t.name: list(t.classes) for t in prep.tasks},
-                       f"the preset's {self.k}-fold CV of this recipe")
+        # s.oof is NaN outside s.scored (kfold.out_of_fold, SearchResult.best_oof)
+        return _held_out(s.prep, s.oof, f"the preset's {self.k}-fold CV of this recipe")
 
     def _blend_heldout(self, chosen: list[Scored], weights: list[float]):
         """The blend's out-of-fold probabilities for the ensemble's auto-accept thresholds, as :meth:`_heldout`
         gives a single recipe's (on clothing-small, val alone, 341 photos, left a 3-minute ensemble no threshold
         reaching precision 0.98 at 95% confidence). None when a member's fold models differ from what it
         answers with: a fine-tuned backbone, or a title model (a single model then uses val alone too)."""
-        from catalens.train.flags import HeldOut
-
         if any(s.oof is None or s.recipe.kind == "finetune" for s in chosen) or self.base.text.enabled:
             return None
-        prep = chosen[0].prep
-        return HeldOut(prep.cat.frame["id"].to_numpy(), _blended(chosen, weights),
-                       {t.name: list(t.classes) for t in prep.tasks}, f"the preset's {self.k}-fold CV of the blend")
+        return _held_out(chosen[0].prep, _blended(chosen, weights), f"the preset's {self.k}-fold CV of the blend")
 
     def _refits(self, s: Scored) -> bool:
         """Whether the chosen ``s`` ends with ``data.refit_full``: with ``preset.refit_full``, a frozen recipe
@@ -649,6 +642,14 @@ class _PresetRun:
         if len(chosen) > 1:
             rows.insert(0, ensemble_row(chosen, weights, blend, self.refit_seconds))
         write_leaderboard(self.out, rows, self.log)
+
+
+def _held_out(prep, probs: dict[str, np.ndarray], source: str):
+    """Out-of-fold ``probs`` of the pool's photos (``prep``'s rows and class order) as a
+    :class:`catalens.train.flags.HeldOut` for a refit's auto-accept thresholds."""
+    from catalens.train.flags import HeldOut
+
+    return HeldOut(prep.cat.frame["id"].to_numpy(), probs, {t.name: list(t.classes) for t in prep.tasks}, source)
 
 
 def _blended(chosen: list[Scored], weights: list[float]) -> dict[str, np.ndarray]:
