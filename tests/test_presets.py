@@ -562,6 +562,30 @@ def test_a_refit_embeds_shared_features_once():
     assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding
 
 
+def test_embedding_estimates_use_each_backbones_measured_speed():
+    """The clock keeps each backbone's measured seconds per image: a `+` refit costs the sum of its parts'
+    (each with its own decode: an upper bound, the multi-backbone decodes once), where scaling the last
+    measured speed by ``rel_cost`` counted the decode in every part (clothing-small: Lite2@300 14 ms per
+    photo against Lite0's 8 ms, rel 3.8). A part not measured yet: the scaled speed. A TTA pass costs
+    ``TTA_VIEW_COST`` plain passes per view."""
+    from catalens.train.presets import budget as B
+
+    run = _bare_run()
+    three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
+    concat = R.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
+    spec = concat.cfg.backbone.name
+    run.clock.learn_embed(8.0, 1000, R.rel_cost("efficientnet_lite0@256"), "efficientnet_lite0@256")
+    run.clock.learn_embed(11.0, 1000, R.rel_cost("efficientnet_lite1@272"), "efficientnet_lite1@272")
+    scaled = run.clock.spi * R.rel_cost(spec)
+    assert run._refit_embed(concat)[1] == pytest.approx(1000 * scaled)   # Lite2@300 not measured yet
+    run.clock.learn_embed(14.0, 1000, R.rel_cost("efficientnet_lite2@300"), "efficientnet_lite2@300")
+    assert run.clock.per_image(R.rel_cost(spec), spec) == pytest.approx(0.033)
+    assert run._refit_embed(concat)[1] == pytest.approx(33.0)
+    assert run._pass_cost("efficientnet_lite2@300", ("hflip",)) == pytest.approx(0.014 * 2 * B.TTA_VIEW_COST)
+    assert run._pass_cost("efficientnet_lite2@300") == pytest.approx(0.014)
+    assert run.clock.per_image(2.0, "efficientnet_lite9") == pytest.approx(run.clock.spi * 2.0)   # never measured
+
+
 def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, monkeypatch):
     """Padding a square photo to a square changes nothing: the padded twin of a scored centre-cropped
     recipe is skipped with the reason, not scored again; one photo that is not square keeps it."""
@@ -649,26 +673,26 @@ def test_the_first_estimate_with_many_photos_to_embed_calibrates_once(monkeypatc
     run.log = lines.append
     calls = []
 
-    def calibrate(clock, pool, backbone, cfg, rel):
-        calls.append(rel)
-        clock.learn_embed(1.0, 96, rel)   # 96 photos a second at rel
+    def calibrate(clock, pool, backbone, cfg, rel, spec=None):
+        calls.append((rel, spec))
+        clock.learn_embed(1.0, 96, rel, spec)   # 96 photos a second at rel
         return 96.0
 
     monkeypatch.setattr(R, "uncached_share", lambda *a: 1.0)
     monkeypatch.setattr(R, "calibrate_embed", calibrate)
     plain = run.recipes["lite0 (plain catalens train)"]
     first = run._estimate(plain)
-    assert calls == [1.0] and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 96 photos, "
+    assert calls == [(1.0, "efficientnet_lite0")] and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 96 photos, "
                                         "after 32 to start)"]
     fits = run.clock.fit_cost(1000, 1280) * 5
     assert first == pytest.approx(1000 / 96 + fits)   # not 1000 / 40 + fits
     run._estimate(run.recipes["lite1@272 crop 1 multilevel"])
-    assert calls == [1.0]   # measured once
+    assert len(calls) == 1   # measured once
     few = _bare_run(180.0)
     few.pool = type("Pool", (), {"frame": pd.DataFrame({"split": ["train"] * 300}), "__len__": lambda self: 300})()
     few.log = lines.append
     few._estimate(plain)
-    assert calls == [1.0] and not few.clock.measured_embed   # 300 photos: the first guess is a few seconds off
+    assert len(calls) == 1 and not few.clock.measured_embed   # 300 photos: the first guess is a few seconds off
 
 
 def test_the_three_side_by_side_come_before_the_pair_whose_refit_would_crowd_them_out(monkeypatch):

@@ -19,6 +19,9 @@ _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature),
 #: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
 #: about this many Lite0@224 embeddings per training photo, before one is measured in the run
 _FIRST_GUESS_FT_REL = 8.0
+#: a TTA pass costs this many plain passes per view, the identity included (clothing-small, Lite2@300 hflip on
+#: 2 cores: 26.9 img/s against 67.4 plain, 2.5x for two views; the preset estimated it at 2x: 108 s, took 134 s)
+TTA_VIEW_COST = 1.25
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -49,12 +52,25 @@ class Clock:
         self.fit_unit = _FIRST_GUESS_FIT     # seconds per (row x feature) of one head fit
         self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
         self.measured_embed = False
+        self.spec_spi: dict[str, float] = {}  # seconds per image of each backbone spec embedded in this run
 
     def left(self) -> float:
         return self.limit - (time.time() - self.t0)
 
-    def embed_cost(self, n_uncached: int, rel: float) -> float:
-        return n_uncached * self.spi * rel
+    def per_image(self, rel: float, spec: str | None = None) -> float:
+        """Seconds per image of embedding with backbone ``spec`` (``a@s+b@t``: the multi-backbone), ``rel`` times
+        as costly as Lite0@224 by :func:`~catalens.train.presets.recipes.rel_cost`. Measured in this run when
+        every part of ``spec`` was (a multi-backbone: the sum of its parts, each with its own decode, an upper
+        bound: it decodes once), else from the last measured speed scaled by ``rel``. ``rel`` alone misplaces
+        the decode, which does not grow with the net: on clothing-small Lite2@300 took 14 ms per photo
+        against 8 ms for Lite0@224 (rel 3.8), and the three backbones' refit was estimated at twice its time."""
+        parts = spec.split("+") if spec else []
+        if parts and all(p in self.spec_spi for p in parts):
+            return sum(self.spec_spi[p] for p in parts)
+        return self.spi * rel
+
+    def embed_cost(self, n_uncached: int, rel: float, spec: str | None = None) -> float:
+        return n_uncached * self.per_image(rel, spec)
 
     def fit_cost(self, rows: int, dim: int) -> float:
         return rows * dim * self.fit_unit
@@ -69,10 +85,13 @@ class Clock:
         if n_train and seconds > 0:
             self.ft_unit = seconds / n_train
 
-    def learn_embed(self, seconds: float, n: int, rel: float) -> None:
+    def learn_embed(self, seconds: float, n: int, rel: float, spec: str | None = None) -> None:
+        """``n`` photos embedded in ``seconds`` by backbone ``spec`` (``rel`` times Lite0@224's cost)."""
         if n >= 8 and seconds > 0:
             self.spi = seconds / (n * rel)
             self.measured_embed = True
+            if spec:
+                self.spec_spi[spec] = seconds / n
 
     def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
         if fits and rows and dim and seconds > 0:
@@ -83,7 +102,7 @@ class Clock:
 CALIBRATION = (32, 96)
 
 
-def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float) -> float:
+def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float, spec: str | None = None) -> float:
     """Learn this machine's embedding speed before the first estimate that needs it: embed an evenly spread
     sample of ``pool`` through ``backbone`` (into the cache: the recipe reads them from there) and time the
     second part. ``_FIRST_GUESS_SPI`` is about twice as slow as this 2-core machine, which under a short
@@ -102,7 +121,7 @@ def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float) -> fl
     t = time.time()
     catalogue_features(pool.subset(second), backbone, cfg)
     took = time.time() - t
-    clock.learn_embed(took, int(second.sum()), rel)
+    clock.learn_embed(took, int(second.sum()), rel, spec)
     return int(second.sum()) / took if took > 0 else float("inf")
 
 

@@ -14,8 +14,8 @@ import numpy as np
 from catalens.config import Config
 from catalens.train.kfold import TitleModels
 from catalens.train.presets.blend import greedy_blend
-from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, Clock, calibrate_embed,
-                                            uncached_share)
+from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA_VIEW_COST, Clock,
+                                            calibrate_embed, uncached_share)
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
@@ -87,7 +87,9 @@ class _PresetRun:
         self._search_more()
         chosen, weights, blend = self._combine()
         blend = self._decide_decoding(chosen, weights, blend)
+        t = time.time()
         model_result = self._refit(chosen, weights, blend)
+        self.log(f"  refit: {time.time() - t:.0f}s")
         self._write_leaderboard(chosen, weights, blend)
         shutil.rmtree(self.work, ignore_errors=True)
         seconds = time.time() - t0
@@ -149,7 +151,7 @@ class _PresetRun:
         if not s.recipe.members or s.recipe.kind == "finetune":
             return None, 0.0
         spec = "+".join(self.recipes[m].backbone for m in s.recipe.members)
-        return features_key(s.recipe), self.clock.embed_cost(len(self.pool), rel_cost(spec))
+        return features_key(s.recipe), self.clock.embed_cost(len(self.pool), rel_cost(spec), spec)
 
     def _try(self, recipe: Recipe, last: bool = False) -> None:
         """Estimate ``recipe``, score it when it fits in what is left before the refit reserve (``last``:
@@ -221,15 +223,15 @@ class _PresetRun:
         rel = rel_cost(cfg.backbone.name)
         recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
         if not self.clock.measured_embed and recipe._uncached >= CALIBRATE_FROM:
-            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, rel)
+            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, rel, cfg.backbone.name)
             self.log(f"  embedding speed: {speed:.0f} img/s for {recipe.backbone} (a sample of "
                      f"{sum(CALIBRATION) - CALIBRATION[0]} photos, after {CALIBRATION[0]} to start)")
-        embed = self.clock.embed_cost(recipe._uncached, rel)
+        embed = self.clock.embed_cost(recipe._uncached, rel, cfg.backbone.name)
         if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
             from catalens.model.tta import with_tta
 
             recipe._uncached_tta = int(round(n * uncached_share(self.pool, with_tta(backbone, list(recipe.tta)), cfg)))
-            embed += self.clock.embed_cost(recipe._uncached_tta, rel * (1 + len(recipe.tta)))
+            embed += recipe._uncached_tta * self._pass_cost(cfg.backbone.name, recipe.tta)
         titles = fits * self._title_fit() if self.base.text.enabled and not self.titles.fits else 0.0
         return embed + self.clock.fit_cost(n, backbone.feature_dim) * fits + titles   # the folds' title models once
 
@@ -255,10 +257,14 @@ class _PresetRun:
         cost = sum(self._refit_fits(x) for x in chosen) + sum(embeds.values()) + 5.0
         if len(chosen) > 1:
             n_val = int((self.pool.frame["split"] == "val").sum())
-            rel = {features_key(x.recipe): rel_cost(x.cfg.backbone.name) * (1 + len(x.recipe.tta or ()))
-                   for x in chosen}
-            cost += self.clock.embed_cost(n_val, sum(rel.values()))
+            per_image = {features_key(x.recipe): self._pass_cost(x.cfg.backbone.name, x.recipe.tta) for x in chosen}
+            cost += n_val * sum(per_image.values())
         return cost
+
+    def _pass_cost(self, spec: str, tta=()) -> float:
+        """Seconds per image of one predict-time pass through backbone ``spec`` with ``tta`` views."""
+        views = (1 + len(tta)) * TTA_VIEW_COST if tta else 1.0
+        return self.clock.per_image(rel_cost(spec), spec) * views
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
@@ -302,7 +308,7 @@ class _PresetRun:
         rel = rel_cost(plain.backbone.name)
         fresh = getattr(r, "_uncached", 0)
         if fresh >= max(8, 0.5 * len(s.prep.cat)):  # mostly embedded now, not read from the cache: a speed
-            self.clock.learn_embed(took, fresh, rel)
+            self.clock.learn_embed(took, fresh, rel, plain.backbone.name)
             s.img_s = round(fresh / took, 1)
         s.img_s = None if r.tta else s.img_s  # with TTA: the TTA pass's speed, below
         pred = None
@@ -318,7 +324,7 @@ class _PresetRun:
             if fresh >= max(8, 0.5 * len(s.prep.cat)):
                 s.img_s = round(fresh / (time.time() - t), 1)
         if s.img_s is None:
-            s.img_s = round(1.0 / (self.clock.spi * rel * (1 + len(r.tta))), 1)
+            s.img_s = round(1.0 / self._pass_cost(plain.backbone.name, r.tta), 1)
         self._cv(s, s.prep, pred)
 
     def _cv(self, s: Scored, prep, pred_features=None) -> None:
@@ -511,7 +517,8 @@ class _PresetRun:
         chosen, weights, best_val = self._pick()
         if chosen:
             self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
-                     f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions)")
+                     f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions); its refit "
+                     f"estimated {self._refit_total(chosen):.0f}s, {self.clock.left():.0f}s left")
         return chosen, weights, best_val
 
     def _pick(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
