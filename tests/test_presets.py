@@ -565,9 +565,10 @@ def test_a_refit_embeds_shared_features_once():
 def test_embedding_estimates_use_each_backbones_measured_speed():
     """The clock keeps each backbone's measured seconds per image: a `+` refit costs the sum of its parts'
     (each with its own decode: an upper bound, the multi-backbone decodes once), where scaling the last
-    measured speed by ``rel_cost`` counted the decode in every part (clothing-small: Lite2@300 14 ms per
-    photo against Lite0's 8 ms, rel 3.8). A part not measured yet: the scaled speed. A TTA pass costs
-    ``TTA_VIEW_COST`` plain passes per view."""
+    measured speed by ``rel_cost`` counted the decode in every part (clothing-small: Lite2@300 12.4 ms per
+    photo against Lite0's 6.4 ms, rel 2.8). A part not measured yet: the scaled speed. A TTA pass costs
+    ``TTA_VIEW_COST`` plain passes per view (the engine runs the plain network once per pixel view), with a
+    view that needs the TTA graph ``TTA_GRAPH_VIEW_COST``."""
     from catalens.train.presets import budget as B
 
     run = _bare_run()
@@ -582,6 +583,8 @@ def test_embedding_estimates_use_each_backbones_measured_speed():
     assert run.clock.per_image(R.rel_cost(spec), spec) == pytest.approx(0.033)
     assert run._refit_embed(concat)[1] == pytest.approx(33.0)
     assert run._pass_cost("efficientnet_lite2@300", ("hflip",)) == pytest.approx(0.014 * 2 * B.TTA_VIEW_COST)
+    zoom = run._pass_cost("efficientnet_lite2@300", ("hflip", "zoom"))   # the TTA graph
+    assert zoom == pytest.approx(0.014 * 3 * B.TTA_GRAPH_VIEW_COST)
     assert run._pass_cost("efficientnet_lite2@300") == pytest.approx(0.014)
     assert run.clock.per_image(2.0, "efficientnet_lite9") == pytest.approx(run.clock.spi * 2.0)   # never measured
 

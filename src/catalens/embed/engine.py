@@ -22,7 +22,7 @@ import torch
 from catalens.embed.backbones import Backbone
 from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
-from catalens.embed.runtimes import cuda_available, make_runner
+from catalens.embed.runtimes import Runner, cuda_available, make_runner
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.images import DEFAULT_MAX_PIXELS, jpeg_decoder
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
@@ -192,17 +192,46 @@ OUTSIDE_TORCH = ("onnx", "openvino", "openvino-int8")
 _RUNNER_CACHE: dict = {}
 
 
+def _hflip(batch):
+    """The mirror image of pixels ``(b, H, W, 3)`` (NumPy, or a torch tensor decoded on the GPU)."""
+    return torch.flip(batch, dims=[2]) if isinstance(batch, torch.Tensor) else np.ascontiguousarray(batch[:, :, ::-1])
+
+
+#: TTA views that are exact on the decoded uint8 pixels ``(b, H, W, 3)`` (:mod:`catalens.model.tta` defines the
+#: views; the mirror of the pixels is the mirror of the float tensor its module flips). A TTA backbone of only
+#: these runs its plain network through the runtime once per view and averages: on OpenVINO, Lite2@300 with
+#: ``hflip`` ran at 56 img/s that way against 38 to 48 for the graph with the view inside it (plain: 120;
+#: AMD EPYC, 2 cores, batches of 8 and 16), to the same features bit for bit.
+PIXEL_VIEWS = {"hflip": _hflip}
+
+
+def _views_runner(inner: Runner, views: tuple[str, ...]) -> Runner:
+    """``inner`` (the plain network's runner) averaged over the identity and the pixel ``views``."""
+    def run(batch):                                            # (b, H, W, 3) uint8 -> (b, dim) float32
+        feats = inner(batch)
+        for v in views:
+            feats = feats + inner(PIXEL_VIEWS[v](batch))
+        return feats / (1 + len(views))
+    return Runner(inner.name, run, {**inner.info, "views": list(views)})
+
+
 def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = None,
                   fingerprint: str | None = None):
-    """The inference runner ``cfg.runtime`` gives for ``backbone`` (cached for the last key)."""
+    """The inference runner ``cfg.runtime`` gives for ``backbone`` (cached for the last key). A TTA backbone
+    whose views are all :data:`PIXEL_VIEWS` runs its plain network once per view (its runtime's own graph)."""
     threads = threads or plan(cfg).threads
     fingerprint = fingerprint or backbone.fingerprint()
     key = (id(backbone.module), fingerprint, cfg.runtime, backbone.preprocess.input_size, threads, cfg.runtime_dir)
     hit = _RUNNER_CACHE.get(key)
     if hit is not None and hit[0]() is backbone.module:
         return hit[1]
-    runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.input_size, threads=threads,
-                         cache_dir=cfg.runtime_dir, fingerprint=fingerprint)
+    views, plain = tuple(getattr(backbone, "views", ()) or ()), getattr(backbone, "plain", None)
+    if views and plain is not None and all(v in PIXEL_VIEWS for v in views):
+        runner = _views_runner(make_runner(cfg.runtime, plain.module, plain.preprocess.input_size, threads=threads,
+                                           cache_dir=cfg.runtime_dir, fingerprint=plain.fingerprint()), views)
+    else:
+        runner = make_runner(cfg.runtime, backbone.module, backbone.preprocess.input_size, threads=threads,
+                             cache_dir=cfg.runtime_dir, fingerprint=fingerprint)
     if getattr(runner, "name", "") in OUTSIDE_TORCH:   # keep RSS flat (catalens.runtime)
         streaming_malloc()
     _RUNNER_CACHE.clear()

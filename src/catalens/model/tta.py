@@ -43,7 +43,7 @@ def view(x: torch.Tensor, name: str) -> torch.Tensor:
     if name == "hflip":
         return x.flip(-1)
     if name == "zoom":
-        h, w = x.shape[-2], x.shape[-1]
+        h, w = int(x.shape[-2]), int(x.shape[-1])   # plain ints when traced for ONNX too (a runner's size is fixed)
         ch, cw = int(round(h * ZOOM)), int(round(w * ZOOM))
         oy, ox = (h - ch) // 2, (w - cw) // 2
         crop = x[..., oy:oy + ch, ox:ox + cw]

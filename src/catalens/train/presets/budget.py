@@ -19,9 +19,13 @@ _FIRST_GUESS_FIT = 4e-6         # seconds of one head fit per (image x feature),
 #: a last-stage fine-tuning (probe, 3 precomputed views, 6 epochs, on the fold's training photos) costs
 #: about this many Lite0@224 embeddings per training photo, before one is measured in the run
 _FIRST_GUESS_FT_REL = 8.0
-#: a TTA pass costs this many plain passes per view, the identity included (clothing-small, Lite2@300 hflip on
-#: 2 cores: 26.9 img/s against 67.4 plain, 2.5x for two views; the preset estimated it at 2x: 108 s, took 134 s)
-TTA_VIEW_COST = 1.25
+#: a TTA pass costs this many plain passes per view, the identity included, when its views are all pixel
+#: views (``catalens.embed.engine.PIXEL_VIEWS``: the plain network once per view; ``bench_tta``: 1.85x and
+#: 1.97x for ``hflip``, Lite2@300 on clothing-small, decode included); with another view (``zoom``), the
+#: graph with the views inside it: :data:`TTA_GRAPH_VIEW_COST` (3.17x and 3.36x there for ``hflip``; the
+#: preset's TTA recipe, estimated at 2x, took 134 s against 108 s before the engine ran a pass per view)
+TTA_VIEW_COST = 1.0
+TTA_GRAPH_VIEW_COST = 1.7
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -62,8 +66,10 @@ class Clock:
         as costly as Lite0@224 by :func:`~catalens.train.presets.recipes.rel_cost`. Measured in this run when
         every part of ``spec`` was (a multi-backbone: the sum of its parts, each with its own decode, an upper
         bound: it decodes once), else from the last measured speed scaled by ``rel``. ``rel`` alone misplaces
-        the decode, which does not grow with the net: on clothing-small Lite2@300 took 14 ms per photo
-        against 8 ms for Lite0@224 (rel 3.8), and the three backbones' refit was estimated at twice its time."""
+        the decode, which does not grow with the net, so the estimate moved with whichever backbone was measured
+        last: on clothing-small Lite2@300 took 12.4 ms per photo against 6.4 ms for Lite0@224 (1.9x; rel 2.8),
+        and scaled from the one or the other the three backbones' refit embedding came to 27 or 39 ms per
+        photo (measured per part: 30)."""
         parts = spec.split("+") if spec else []
         if parts and all(p in self.spec_spi for p in parts):
             return sum(self.spec_spi[p] for p in parts)

@@ -14,8 +14,8 @@ import numpy as np
 from catalens.config import Config
 from catalens.train.kfold import TitleModels
 from catalens.train.presets.blend import greedy_blend
-from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA_VIEW_COST, Clock,
-                                            calibrate_embed, uncached_share)
+from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA_GRAPH_VIEW_COST,
+                                            TTA_VIEW_COST, Clock, calibrate_embed, uncached_share)
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
@@ -263,8 +263,10 @@ class _PresetRun:
 
     def _pass_cost(self, spec: str, tta=()) -> float:
         """Seconds per image of one predict-time pass through backbone ``spec`` with ``tta`` views."""
-        views = (1 + len(tta)) * TTA_VIEW_COST if tta else 1.0
-        return self.clock.per_image(rel_cost(spec), spec) * views
+        from catalens.embed.engine import PIXEL_VIEWS
+
+        each = TTA_VIEW_COST if all(v in PIXEL_VIEWS for v in tta) else TTA_GRAPH_VIEW_COST
+        return self.clock.per_image(rel_cost(spec), spec) * ((1 + len(tta)) * each if tta else 1.0)
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
