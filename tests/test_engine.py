@@ -319,7 +319,7 @@ def test_openvino_engine_on_real_photos(lite0, tmp_path):
 @pytest.mark.parametrize("runtime", ["eager", "onnx"])
 def test_a_tta_backbone_of_pixel_views_runs_its_plain_network_once_per_view(tiny, tmp_path, runtime):
     """hflip mirrors the decoded pixels, so the engine runs the plain network's own graph twice and averages:
-    the TTA module's features (OpenVINO ran Lite2@300 that way at 56 img/s against 38-48 for the graph with
+    the TTA module's features (bench_tta: Lite2@300 that way at 40.0 img/s against 23.4 for the graph with
     the view inside it). A view that is not exact on uint8 pixels (zoom interpolates) keeps the module."""
     from catalens.model.tta import with_tta
 

@@ -199,9 +199,9 @@ def _hflip(batch):
 
 #: TTA views that are exact on the decoded uint8 pixels ``(b, H, W, 3)`` (:mod:`catalens.model.tta` defines the
 #: views; the mirror of the pixels is the mirror of the float tensor its module flips). A TTA backbone of only
-#: these runs its plain network through the runtime once per view and averages: on OpenVINO, Lite2@300 with
-#: ``hflip`` ran at 56 img/s that way against 38 to 48 for the graph with the view inside it (plain: 120;
-#: AMD EPYC, 2 cores, batches of 8 and 16), to the same features bit for bit.
+#: these runs its plain network through the runtime once per view and averages, to the same features bit for
+#: bit: Lite2@300 with ``hflip`` on clothing-small, end to end, 40.0 img/s against 23.4 for the graph with the
+#: view inside it (plain: 74.1; ``benchmarks/bench_tta.py``, AMD EPYC, 2 cores).
 PIXEL_VIEWS = {"hflip": _hflip}
 
 
