@@ -43,8 +43,8 @@ The package, in the order a run goes: :mod:`~catalens.train.presets.recipes` (wh
 """
 from catalens.train.presets.budget import DEFAULT_LIMIT, PRESETS, parse_duration
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
-from catalens.train.presets.recipes import LOGREG, SEARCH_FIRST, SEARCHED, Recipe, candidate_recipes
+from catalens.train.presets.recipes import LOGREG, PLAIN, SEARCH_FIRST, SEARCHED, Recipe, candidate_recipes
 from catalens.train.presets.run import train_preset
 
-__all__ = ["DEFAULT_LIMIT", "LOGREG", "PRESETS", "SEARCHED", "SEARCH_FIRST", "Recipe", "candidate_recipes",
+__all__ = ["DEFAULT_LIMIT", "LOGREG", "PLAIN", "PRESETS", "SEARCHED", "SEARCH_FIRST", "Recipe", "candidate_recipes",
            "decoding_raises", "decoding_scores", "decoding_summary", "parse_duration", "train_preset"]
