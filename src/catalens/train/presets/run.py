@@ -63,6 +63,7 @@ class _PresetRun:
         self.results: dict[str, Scored] = {}
         self.pool = None
         self.refit_seconds = 0.0
+        self.refit_parts: dict[str, float] = {}   # seconds of the refit's steps, logged
         self.decoding: dict | None = None   # the hierarchy decoding decision (:meth:`_decide_decoding`)
         self.titles = TitleModels()   # each fold's title model, fitted once for all recipes
 
@@ -89,7 +90,8 @@ class _PresetRun:
         blend = self._decide_decoding(chosen, weights, blend)
         t = time.time()
         model_result = self._refit(chosen, weights, blend)
-        self.log(f"  refit: {time.time() - t:.0f}s")
+        parts = "; ".join(f"{k} {v:.0f}s" for k, v in self.refit_parts.items())
+        self.log(f"  refit: {time.time() - t:.0f}s" + (f" ({parts})" if parts else ""))
         self._write_leaderboard(chosen, weights, blend)
         shutil.rmtree(self.work, ignore_errors=True)
         seconds = time.time() - t0
@@ -579,6 +581,7 @@ class _PresetRun:
             results.append(train(self.data, target, cfg, log=lambda *a: None, heldout=self._heldout(s)))
             dirs.append(target)
             cfgs.append(cfg)
+        self.refit_parts["members trained"] = time.time() - t
         if len(chosen) == 1:
             self.refit_seconds = time.time() - t
             self._annotate(self.out, chosen, weights, blend)
@@ -594,8 +597,11 @@ class _PresetRun:
                 "hierarchy_decoding": self._decodes()}
         ens = EnsembleModel(models, weights, meta, names=[str(d) for d in dirs])
         split_csv = dirs[0] / "ingest" / "split.csv"  # when catalens made the split
+        step = time.time()
         meta.update(ensemble_flags(ens, self.data, self.base, split_csv if split_csv.exists() else None,
                                    log=self.log, heldout=self._blend_heldout(chosen, weights)))  # of the ensemble itself
+        self.refit_parts["the ensemble's thresholds"] = time.time() - step
+        step = time.time()
         refit = [i for i, s in enumerate(chosen) if self._refits(s)]
         for i in refit:  # then the members learn from train + val (data.refit_full)
             refit_folder(dirs[i], self.data, cfgs[i], log=lambda *a: None)
@@ -605,8 +611,11 @@ class _PresetRun:
             meta["refit_full"] = {"members": refit, "note": NOTE}
             ens = EnsembleModel([CatalensModel.load(d) for d in dirs], weights, meta, names=[str(d) for d in dirs])
             self.log(f"  refit_full: {len(refit)} of {len(chosen)} members fitted again on train + val")
+            self.refit_parts["refit_full"] = time.time() - step
+        step = time.time()
         self.refit_seconds = time.time() - t
         ens.save(self.out, sources=dirs)
+        self.refit_parts["written"] = time.time() - step
         results[0].model = ens
         results[0].metrics = {}
         return results[0]
