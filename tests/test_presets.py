@@ -568,7 +568,8 @@ def test_embedding_estimates_use_each_backbones_measured_speed():
     """The clock keeps each backbone's measured seconds per image: a `+` refit costs the sum of its parts'
     (each with its own decode: an upper bound, the multi-backbone decodes once), where scaling the last
     measured speed by ``rel_cost`` counted the decode in every part (clothing-small: Lite2@300 12.4 ms per
-    photo against Lite0's 6.4 ms, rel 2.8). A part not measured yet: the scaled speed. A TTA pass costs
+    photo against Lite0's 6.4 ms, rel 2.8). A part not measured yet: the line decode + net x rel through the
+    measured backbones (one measured: its speed scaled by rel). A TTA pass costs
     ``TTA_VIEW_COST`` plain passes per view (the engine runs the plain network once per pixel view), with a
     view that needs the TTA graph ``TTA_GRAPH_VIEW_COST``."""
     from catalens.train.presets import budget as B
@@ -579,8 +580,11 @@ def test_embedding_estimates_use_each_backbones_measured_speed():
     spec = concat.cfg.backbone.name
     run.clock.learn_embed(8.0, 1000, R.rel_cost("efficientnet_lite0@256"), "efficientnet_lite0@256")
     run.clock.learn_embed(11.0, 1000, R.rel_cost("efficientnet_lite1@272"), "efficientnet_lite1@272")
-    scaled = run.clock.spi * R.rel_cost(spec)
-    assert run._refit_embed(concat)[1] == pytest.approx(1000 * scaled)   # Lite2@300 not measured yet
+    # Lite2@300 not measured yet: the line through the two measured, decode + net x rel (decode once)
+    decode, net = run.clock.speed_line()
+    assert net == pytest.approx(0.003 / (R.rel_cost("efficientnet_lite1@272") - R.rel_cost("efficientnet_lite0@256")))
+    assert decode == pytest.approx(0.008 - net * R.rel_cost("efficientnet_lite0@256")) and 0.0016 < decode < 0.0018
+    assert run._refit_embed(concat)[1] == pytest.approx(1000 * (decode + net * R.rel_cost(spec)))
     run.clock.learn_embed(14.0, 1000, R.rel_cost("efficientnet_lite2@300"), "efficientnet_lite2@300")
     assert run.clock.per_image(R.rel_cost(spec), spec) == pytest.approx(0.033)
     assert run._refit_embed(concat)[1] == pytest.approx(33.0)
@@ -588,7 +592,15 @@ def test_embedding_estimates_use_each_backbones_measured_speed():
     zoom = run._pass_cost("efficientnet_lite2@300", ("hflip", "zoom"))   # the TTA graph
     assert zoom == pytest.approx(0.014 * 3 * B.TTA_GRAPH_VIEW_COST)
     assert run._pass_cost("efficientnet_lite2@300") == pytest.approx(0.014)
-    assert run.clock.per_image(2.0, "efficientnet_lite9") == pytest.approx(run.clock.spi * 2.0)   # never measured
+    decode, net = run.clock.speed_line()   # through the three now
+    assert run.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(decode + net)   # never measured
+    one = _bare_run()
+    one.clock.learn_embed(14.0, 1000, R.rel_cost("efficientnet_lite2@300"), "efficientnet_lite2@300")
+    assert one.clock.speed_line() is None   # one point: its speed scaled by rel
+    assert one.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(0.014 / R.rel_cost("efficientnet_lite2@300"))
+    one.clock.learn_embed(15.0, 1000, R.rel_cost("efficientnet_lite0@256"), "efficientnet_lite0@256")
+    assert one.clock.speed_line() is None   # slower at a smaller rel: no line, scaled from the last measured
+    assert one.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(0.015 / R.rel_cost("efficientnet_lite0@256"))
 
 
 def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, monkeypatch):

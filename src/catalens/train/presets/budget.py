@@ -61,6 +61,7 @@ class Clock:
         self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
         self.measured_embed = False
         self.spec_spi: dict[str, float] = {}  # seconds per image of each backbone spec embedded in this run
+        self.spec_rel: dict[str, float] = {}  # and its rel_cost
 
     def left(self) -> float:
         return self.limit - (time.time() - self.t0)
@@ -69,15 +70,32 @@ class Clock:
         """Seconds per image of embedding with backbone ``spec`` (``a@s+b@t``: the multi-backbone), ``rel`` times
         as costly as Lite0@224 by :func:`~catalens.train.presets.recipes.rel_cost`. Measured in this run when
         every part of ``spec`` was (a multi-backbone: the sum of its parts, each with its own decode, an upper
-        bound: it decodes once), else from the last measured speed scaled by ``rel``. ``rel`` alone misplaces
-        the decode, which does not grow with the net, so the estimate moved with whichever backbone was measured
-        last: on clothing-small Lite2@300 took 12.4 ms per photo against 6.4 ms for Lite0@224 (1.9x; rel 2.8),
-        and scaled from the one or the other the three backbones' refit embedding came to 27 or 39 ms per
-        photo (measured per part: 30)."""
+        bound: it decodes once). Else, with two single backbones of different ``rel`` measured, the line
+        ``decode + net x rel`` through this run's measured ones (:meth:`speed_line`); with one, that speed scaled
+        by ``rel``, which misplaces the decode (it does not grow with the net): on clothing-small Lite2@300 took
+        12.4 ms per photo against 6.4 ms for Lite0@224 (1.9x; rel 2.8), and the plain Lite0@224 scaled down
+        from Lite2@300 was estimated at 4.2 ms per photo (21 s for its recipe, which took 28 s)."""
         parts = spec.split("+") if spec else []
         if parts and all(p in self.spec_spi for p in parts):
             return sum(self.spec_spi[p] for p in parts)
+        line = self.speed_line()
+        if line is not None:
+            decode, net = line
+            return decode + net * rel
         return self.spi * rel
+
+    def speed_line(self) -> tuple[float, float] | None:
+        """``(decode, net)``: seconds per image = ``decode + net x rel``, least squares through the single
+        backbones measured in this run; None with fewer than two distinct ``rel`` or a line that does not
+        rise with ``rel`` or starts below 0 (then the speed is scaled by ``rel``)."""
+        pts = [(self.spec_rel[k], v) for k, v in self.spec_spi.items() if "+" not in k and k in self.spec_rel]
+        if len({r for r, _ in pts}) < 2:
+            return None
+        rels, secs = np.array([r for r, _ in pts]), np.array([v for _, v in pts])
+        net, decode = np.polyfit(rels, secs, 1)
+        if net <= 0 or decode < 0:
+            return None
+        return float(decode), float(net)
 
     def embed_cost(self, n_uncached: int, rel: float, spec: str | None = None) -> float:
         return n_uncached * self.per_image(rel, spec)
@@ -102,6 +120,7 @@ class Clock:
             self.measured_embed = True
             if spec:
                 self.spec_spi[spec] = seconds / n
+                self.spec_rel[spec] = rel
 
     def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
         if fits and rows and dim and seconds > 0:
