@@ -506,9 +506,13 @@ def test_a_preset_ensemble_calibrates_its_own_accept_and_unknown(data, tmp_path,
     cfg = _cfg(tmp_path, 200)
     cfg.preset.titles = "off"  # image heads: their thresholds take out-of-fold photos (with titles val alone)
     cfg.preset.hierarchy_decoding = "on"
-    P.train_preset(data, tmp_path / "m", cfg, log=lambda *a: None)
+    lines = []
+    P.train_preset(data, tmp_path / "m", cfg, log=lines.append)
     desc = json.loads((tmp_path / "m" / "model.json").read_text())
     assert desc["hierarchy_decoding"] is True and desc["preset"]["hierarchy_decoding"]["chosen"] is True
+    # the refit's steps, logged (a 3-minute run's refit was estimated at 23 s and took 35 s)
+    assert [m for m in lines if re.fullmatch(r"  refit: \d+s \(members trained \d+s; the ensemble's thresholds \d+s; "
+                                             r"refit_full \d+s; written \d+s\)", m)], lines
     assert "ensemble" in desc and len(desc["preset"]["chosen"]) == 2
     source = re.fullmatch(r"val \(9 photos of .*\), the ensemble's probabilities \+ out-of-fold train \((\d+) "
                           r"photos, the preset's 3-fold CV of the blend\)", desc["accept"]["source"])

@@ -76,10 +76,9 @@ class Recipe:
 def candidate_recipes(preset: str) -> list[Recipe]:
     """The recipes a preset tries, in order (cheap and promising first; the three backbones side by side
     before the cheaper pair, which is there for when the three do not fit; the plain model after them).
-    Every frozen recipe but the
-    plain one pools its features multilevel (measured, docs/recipes.md "Pooling": +0.3 to +1.4
-    points of CV accuracy per backbone at no extra embedding cost) and fits logistic regression
-    (``head.type logreg``; ``bench_heads``); the fine-tuned one trains through the net's own
+    Every frozen recipe but the plain one pools its features multilevel (measured, docs/recipes.md
+    "Pooling": +0.3 to +1.4 points of CV accuracy per backbone at no extra embedding cost) and fits
+    logistic regression (``head.type logreg``; ``bench_heads``); the fine-tuned one trains through the net's own
     average pooling and the AdamW head, as ``catalens train --finetune blocks`` does."""
     ml, logreg = "multilevel", dict(LOGREG)
     out = [Recipe("lite1@272 crop 1 multilevel", "efficientnet_lite1@272", 1.0, pool=ml, head=logreg),

@@ -90,8 +90,8 @@ class _PresetRun:
         blend = self._decide_decoding(chosen, weights, blend)
         t = time.time()
         model_result = self._refit(chosen, weights, blend)
-        parts = "; ".join(f"{k} {v:.0f}s" for k, v in self.refit_parts.items())
-        self.log(f"  refit: {time.time() - t:.0f}s" + (f" ({parts})" if parts else ""))
+        parts = "; ".join(f"{k} {v:.0f}s" for k, v in self.refit_parts.items())   # an ensemble's steps
+        self.log(f"  refit: {time.time() - t:.0f}s" + (f" ({parts})" if len(self.refit_parts) > 1 else ""))
         self._write_leaderboard(chosen, weights, blend)
         shutil.rmtree(self.work, ignore_errors=True)
         seconds = time.time() - t0
