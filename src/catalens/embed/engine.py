@@ -205,6 +205,11 @@ def _hflip(batch):
 PIXEL_VIEWS = {"hflip": _hflip}
 
 
+def per_view(views) -> bool:
+    """Whether a TTA backbone of ``views`` runs its plain network once per view (all are :data:`PIXEL_VIEWS`)."""
+    return all(v in PIXEL_VIEWS for v in views)
+
+
 def _views_runner(inner: Runner, views: tuple[str, ...]) -> Runner:
     """``inner`` (the plain network's runner) averaged over the identity and the pixel ``views``."""
     def run(batch):                                            # (b, H, W, 3) uint8 -> (b, dim) float32
@@ -226,7 +231,7 @@ def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = N
     if hit is not None and hit[0]() is backbone.module:
         return hit[1]
     views, plain = tuple(getattr(backbone, "views", ()) or ()), getattr(backbone, "plain", None)
-    if views and plain is not None and all(v in PIXEL_VIEWS for v in views):
+    if views and plain is not None and per_view(views):
         runner = _views_runner(make_runner(cfg.runtime, plain.module, plain.preprocess.input_size, threads=threads,
                                            cache_dir=cfg.runtime_dir, fingerprint=plain.fingerprint()), views)
     else:

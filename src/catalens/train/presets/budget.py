@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from catalens.config import Config
+from catalens.train.presets.recipes import rel_cost
 
 PRESETS = ("fast", "medium", "best")
 #: seconds of ``--time-limit`` when not given
@@ -61,7 +62,6 @@ class Clock:
         self.ft_unit: float | None = None    # seconds of a fine-tuning per training photo, once measured
         self.measured_embed = False
         self.spec_spi: dict[str, float] = {}  # seconds per image of each backbone spec embedded in this run
-        self.spec_rel: dict[str, float] = {}  # and its rel_cost
 
     def left(self) -> float:
         return self.limit - (time.time() - self.t0)
@@ -88,7 +88,7 @@ class Clock:
         """``(decode, net)``: seconds per image = ``decode + net x rel``, least squares through the single
         backbones measured in this run; None with fewer than two distinct ``rel`` or a line that does not
         rise with ``rel`` or starts below 0 (then the speed is scaled by ``rel``)."""
-        pts = [(self.spec_rel[k], v) for k, v in self.spec_spi.items() if "+" not in k and k in self.spec_rel]
+        pts = [(rel_cost(k), v) for k, v in self.spec_spi.items() if "+" not in k]
         if len({r for r, _ in pts}) < 2:
             return None
         rels, secs = np.array([r for r, _ in pts]), np.array([v for _, v in pts])
@@ -120,7 +120,6 @@ class Clock:
             self.measured_embed = True
             if spec:
                 self.spec_spi[spec] = seconds / n
-                self.spec_rel[spec] = rel
 
     def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
         if fits and rows and dim and seconds > 0:

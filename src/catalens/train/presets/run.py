@@ -63,7 +63,7 @@ class _PresetRun:
         self.results: dict[str, Scored] = {}
         self.pool = None
         self.refit_seconds = 0.0
-        self.refit_parts: dict[str, float] = {}   # seconds of the refit's steps, logged
+        self.refit_parts: dict[str, float] = {}   # seconds of an ensemble's refit steps, logged
         self.decoding: dict | None = None   # the hierarchy decoding decision (:meth:`_decide_decoding`)
         self.titles = TitleModels()   # each fold's title model, fitted once for all recipes
 
@@ -90,8 +90,8 @@ class _PresetRun:
         blend = self._decide_decoding(chosen, weights, blend)
         t = time.time()
         model_result = self._refit(chosen, weights, blend)
-        parts = "; ".join(f"{k} {v:.0f}s" for k, v in self.refit_parts.items())   # an ensemble's steps
-        self.log(f"  refit: {time.time() - t:.0f}s" + (f" ({parts})" if len(self.refit_parts) > 1 else ""))
+        parts = "; ".join(f"{k} {v:.0f}s" for k, v in self.refit_parts.items())
+        self.log(f"  refit: {time.time() - t:.0f}s" + (f" ({parts})" if parts else ""))
         self._write_leaderboard(chosen, weights, blend)
         shutil.rmtree(self.work, ignore_errors=True)
         seconds = time.time() - t0
@@ -265,9 +265,9 @@ class _PresetRun:
 
     def _pass_cost(self, spec: str, tta=()) -> float:
         """Seconds per image of one predict-time pass through backbone ``spec`` with ``tta`` views."""
-        from catalens.embed.engine import PIXEL_VIEWS
+        from catalens.embed.engine import per_view
 
-        each = TTA_VIEW_COST if all(v in PIXEL_VIEWS for v in tta) else TTA_GRAPH_VIEW_COST
+        each = TTA_VIEW_COST if per_view(tta) else TTA_GRAPH_VIEW_COST
         return self.clock.per_image(rel_cost(spec), spec) * ((1 + len(tta)) * each if tta else 1.0)
 
     def _recipe_config(self, recipe: Recipe) -> Config:
@@ -581,12 +581,12 @@ class _PresetRun:
             results.append(train(self.data, target, cfg, log=lambda *a: None, heldout=self._heldout(s)))
             dirs.append(target)
             cfgs.append(cfg)
-        self.refit_parts["members trained"] = time.time() - t
         if len(chosen) == 1:
             self.refit_seconds = time.time() - t
             self._annotate(self.out, chosen, weights, blend)
             results[0].model.meta["preset"] = self._preset_meta(chosen, weights, blend)
             return results[0]
+        self.refit_parts["members trained"] = time.time() - t
         from catalens.model.ensemble import EnsembleModel
         from catalens.model.single import CatalensModel
         from catalens.train.flags import ensemble_flags
