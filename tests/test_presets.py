@@ -19,6 +19,7 @@ from catalens.commands._common import config_from_args
 from catalens.config import load_config
 from catalens.train import presets as P
 from catalens.train.presets import run as R
+from catalens.train.presets.recipes import rel_cost
 
 FAST = ["--no-progress", "--runtime", "eager"]
 
@@ -68,8 +69,8 @@ def test_recipes_of_the_presets():
     assert len(heads) == 6  # TTA: its single's head
     concat = by_name["lite0@256+lite1@272+lite2@300 crop 1 multilevel"].config(base, by_name).backbone
     assert concat.name == "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300" and concat.crop_pct == 1.0
-    assert R.rel_cost("efficientnet_lite0") == 1.0
-    assert R.rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
+    assert rel_cost("efficientnet_lite0") == 1.0
+    assert rel_cost("efficientnet_lite0@256+efficientnet_lite1@272") == pytest.approx(
         (256 / 224) ** 2 + 1.5 * (272 / 240) ** 2)
 
 
@@ -559,10 +560,10 @@ def test_a_refit_embeds_shared_features_once():
     concat = R.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
     searched = R.Scored(found, fit_each=20.0, cfg=concat.cfg)
-    embed = 1000 * 0.01 * R.rel_cost("efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300")
+    embed = 1000 * 0.01 * rel_cost("efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300")
     assert run._refit_cost(concat) == pytest.approx(10.0 * 1.3 * 2 + 3.0 + embed)   # logreg: refit_full fit too
     assert run._refit_cost(searched) == pytest.approx(20.0 * 1.3 + 3.0 + embed)     # mlp: fitted once
-    val_pass = 100 * 0.01 * R.rel_cost(concat.cfg.backbone.name)                  # the ensemble's thresholds
+    val_pass = 100 * 0.01 * rel_cost(concat.cfg.backbone.name)                  # the ensemble's thresholds
     assert run._refit_total([concat, searched]) == pytest.approx(29.0 + 29.0 + embed + 5.0 + val_pass)
     lite2 = R.Scored(run.recipes["lite2@300 crop 1 multilevel"], fit_each=4.0)
     assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding
@@ -582,29 +583,29 @@ def test_embedding_estimates_use_each_backbones_measured_speed():
     three = run.recipes["lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
     concat = R.Scored(three, fit_each=10.0, cfg=three.config(run.base, run.recipes))
     spec = concat.cfg.backbone.name
-    run.clock.learn_embed(8.0, 1000, R.rel_cost("efficientnet_lite0@256"), "efficientnet_lite0@256")
-    run.clock.learn_embed(11.0, 1000, R.rel_cost("efficientnet_lite1@272"), "efficientnet_lite1@272")
+    run.clock.learn_embed(8.0, 1000, "efficientnet_lite0@256")
+    run.clock.learn_embed(11.0, 1000, "efficientnet_lite1@272")
     # Lite2@300 not measured yet: the line through the two measured, decode + net x rel (decode once)
     decode, net = run.clock.speed_line()
-    assert net == pytest.approx(0.003 / (R.rel_cost("efficientnet_lite1@272") - R.rel_cost("efficientnet_lite0@256")))
-    assert decode == pytest.approx(0.008 - net * R.rel_cost("efficientnet_lite0@256")) and 0.0016 < decode < 0.0018
-    assert run._refit_embed(concat)[1] == pytest.approx(1000 * (decode + net * R.rel_cost(spec)))
-    run.clock.learn_embed(14.0, 1000, R.rel_cost("efficientnet_lite2@300"), "efficientnet_lite2@300")
-    assert run.clock.per_image(R.rel_cost(spec), spec) == pytest.approx(0.033)
+    assert net == pytest.approx(0.003 / (rel_cost("efficientnet_lite1@272") - rel_cost("efficientnet_lite0@256")))
+    assert decode == pytest.approx(0.008 - net * rel_cost("efficientnet_lite0@256")) and 0.0016 < decode < 0.0018
+    assert run._refit_embed(concat)[1] == pytest.approx(1000 * (decode + net * rel_cost(spec)))
+    run.clock.learn_embed(14.0, 1000, "efficientnet_lite2@300")
+    assert run.clock.per_image(spec) == pytest.approx(0.033)
     assert run._refit_embed(concat)[1] == pytest.approx(33.0)
     assert run._pass_cost("efficientnet_lite2@300", ("hflip",)) == pytest.approx(0.014 * 2 * B.TTA_VIEW_COST)
     zoom = run._pass_cost("efficientnet_lite2@300", ("hflip", "zoom"))   # the TTA graph
     assert zoom == pytest.approx(0.014 * 3 * B.TTA_GRAPH_VIEW_COST)
     assert run._pass_cost("efficientnet_lite2@300") == pytest.approx(0.014)
     decode, net = run.clock.speed_line()   # through the three now
-    assert run.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(decode + net)   # never measured
+    assert run.clock.per_image("efficientnet_lite0") == pytest.approx(decode + net)   # never measured
     one = _bare_run()
-    one.clock.learn_embed(14.0, 1000, R.rel_cost("efficientnet_lite2@300"), "efficientnet_lite2@300")
+    one.clock.learn_embed(14.0, 1000, "efficientnet_lite2@300")
     assert one.clock.speed_line() is None   # one point: its speed scaled by rel
-    assert one.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(0.014 / R.rel_cost("efficientnet_lite2@300"))
-    one.clock.learn_embed(15.0, 1000, R.rel_cost("efficientnet_lite0@256"), "efficientnet_lite0@256")
+    assert one.clock.per_image("efficientnet_lite0") == pytest.approx(0.014 / rel_cost("efficientnet_lite2@300"))
+    one.clock.learn_embed(15.0, 1000, "efficientnet_lite0@256")
     assert one.clock.speed_line() is None   # slower at a smaller rel: no line, scaled from the last measured
-    assert one.clock.per_image(1.0, "efficientnet_lite0") == pytest.approx(0.015 / R.rel_cost("efficientnet_lite0@256"))
+    assert one.clock.per_image("efficientnet_lite0") == pytest.approx(0.015 / rel_cost("efficientnet_lite0@256"))
 
 
 def test_a_padded_recipe_is_skipped_when_the_photos_are_square(data, tmp_path, monkeypatch):
@@ -679,10 +680,11 @@ def test_calibrate_embed_times_a_sample_after_the_runtimes_start(monkeypatch):
 
     monkeypatch.setattr(F, "catalogue_features", fake)
     clock = B.Clock(600.0)
-    speed = B.calibrate_embed(clock, Pool(list(range(1000))), None, None, rel=2.0)
+    speed = B.calibrate_embed(clock, Pool(list(range(1000))), None, None, "efficientnet_lite2@300")
     assert [len(c) for c in calls] == [32, 96] and not set(calls[0]) & set(calls[1])
     assert calls[0][0] == 0 and calls[1][-1] == 999   # spread over the whole pool
-    assert clock.measured_embed and clock.spi == pytest.approx(0.004 / 2.0, rel=0.25)
+    assert clock.measured_embed and clock.spi == pytest.approx(0.004 / rel_cost("efficientnet_lite2@300"), rel=0.25)
+    assert clock.spec_spi == {"efficientnet_lite2@300": pytest.approx(0.004, rel=0.25)}   # the speed of that backbone
     assert speed == pytest.approx(250, rel=0.25)
 
 
@@ -694,16 +696,16 @@ def test_the_first_estimate_with_many_photos_to_embed_calibrates_once(monkeypatc
     run.log = lines.append
     calls = []
 
-    def calibrate(clock, pool, backbone, cfg, rel, spec=None):
-        calls.append((rel, spec))
-        clock.learn_embed(1.0, 96, rel, spec)   # 96 photos a second at rel
+    def calibrate(clock, pool, backbone, cfg, spec):
+        calls.append(spec)
+        clock.learn_embed(1.0, 96, spec)   # 96 photos a second
         return 96.0
 
     monkeypatch.setattr(R, "uncached_share", lambda *a: 1.0)
     monkeypatch.setattr(R, "calibrate_embed", calibrate)
     plain = run.recipes["lite0 (plain catalens train)"]
     first = run._estimate(plain)
-    once = [(1.0, "efficientnet_lite0")]   # Lite0@224's rel, and its spec: the speed kept for that backbone
+    once = ["efficientnet_lite0"]   # the plain recipe's spec: the speed kept for that backbone
     assert calls == once and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 96 photos, "
                                        "after 32 to start)"]
     fits = run.clock.fit_cost(1000, 1280) * 5
@@ -764,9 +766,9 @@ def test_the_refit_reserve_counts_shared_features_once():
     found = P.Recipe("searched head", kind="search", members=three.members, head={"type": "mlp"})
     run.results = {three.name: R.Scored(three, score=0.92, oof={}, fit_each=10.0, cfg=cfg),
                    "searched head": R.Scored(found, score=0.927, oof={}, fit_each=20.0, cfg=cfg)}
-    embed = 1000 * 0.01 * R.rel_cost(cfg.backbone.name)
+    embed = 1000 * 0.01 * rel_cost(cfg.backbone.name)
     both = sum(run._refit_cost(s) for s in run.results.values())
-    assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * R.rel_cost(cfg.backbone.name))
+    assert run._reserve() == pytest.approx(both - embed + 5.0 + 100 * 0.01 * rel_cost(cfg.backbone.name))
 
 
 def _decoding_run(data, mode: str):

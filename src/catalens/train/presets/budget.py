@@ -66,18 +66,19 @@ class Clock:
     def left(self) -> float:
         return self.limit - (time.time() - self.t0)
 
-    def per_image(self, rel: float, spec: str | None = None) -> float:
-        """Seconds per image of embedding with backbone ``spec`` (``a@s+b@t``: the multi-backbone), ``rel`` times
-        as costly as Lite0@224 by :func:`~catalens.train.presets.recipes.rel_cost`. Measured in this run when
+    def per_image(self, spec: str) -> float:
+        """Seconds per image of embedding with backbone ``spec`` (``a@s+b@t``: the multi-backbone), ``rel``
+        (:func:`~catalens.train.presets.recipes.rel_cost` of ``spec``) times as costly as Lite0@224. Measured in this run when
         every part of ``spec`` was (a multi-backbone: the sum of its parts, each with its own decode, an upper
         bound: it decodes once). Else, with two single backbones of different ``rel`` measured, the line
         ``decode + net x rel`` through this run's measured ones (:meth:`speed_line`); with one, that speed scaled
         by ``rel``, which misplaces the decode (it does not grow with the net): on clothing-small Lite2@300 took
         12.4 ms per photo against 6.4 ms for Lite0@224 (1.9x; rel 2.8), and the plain Lite0@224 scaled down
         from Lite2@300 was estimated at 4.2 ms per photo (21 s for its recipe, which took 28 s)."""
-        parts = spec.split("+") if spec else []
-        if parts and all(p in self.spec_spi for p in parts):
+        parts = spec.split("+")
+        if all(p in self.spec_spi for p in parts):
             return sum(self.spec_spi[p] for p in parts)
+        rel = rel_cost(spec)
         line = self.speed_line()
         if line is not None:
             decode, net = line
@@ -97,29 +98,29 @@ class Clock:
             return None
         return float(decode), float(net)
 
-    def embed_cost(self, n_uncached: int, rel: float, spec: str | None = None) -> float:
-        return n_uncached * self.per_image(rel, spec)
+    def embed_cost(self, n_uncached: int, spec: str) -> float:
+        """Seconds of embedding ``n_uncached`` photos with backbone ``spec`` (:meth:`per_image`)."""
+        return n_uncached * self.per_image(spec)
 
     def fit_cost(self, rows: int, dim: int) -> float:
         return rows * dim * self.fit_unit
 
-    def finetune_cost(self, n_train: int, rel: float = 1.0) -> float:
-        """Seconds of one last-stage fine-tuning on ``n_train`` photos (+ embedding its held-out rows) of a
-        backbone ``rel`` times as costly as Lite0@224."""
-        unit = self.ft_unit if self.ft_unit is not None else self.spi * rel * _FIRST_GUESS_FT_REL
+    def finetune_cost(self, n_train: int, spec: str) -> float:
+        """Seconds of one last-stage fine-tuning of backbone ``spec`` on ``n_train`` photos (+ embedding its
+        held-out rows): measured once one ran, else a first guess from the embedding speed."""
+        unit = self.ft_unit if self.ft_unit is not None else self.spi * rel_cost(spec) * _FIRST_GUESS_FT_REL
         return n_train * unit
 
     def learn_finetune(self, seconds: float, n_train: int) -> None:
         if n_train and seconds > 0:
             self.ft_unit = seconds / n_train
 
-    def learn_embed(self, seconds: float, n: int, rel: float, spec: str | None = None) -> None:
-        """``n`` photos embedded in ``seconds`` by backbone ``spec`` (``rel`` times Lite0@224's cost)."""
+    def learn_embed(self, seconds: float, n: int, spec: str) -> None:
+        """``n`` photos embedded in ``seconds`` by backbone ``spec``."""
         if n >= 8 and seconds > 0:
-            self.spi = seconds / (n * rel)
+            self.spi = seconds / (n * rel_cost(spec))
             self.measured_embed = True
-            if spec:
-                self.spec_spi[spec] = seconds / n
+            self.spec_spi[spec] = seconds / n
 
     def learn_fit(self, seconds: float, fits: int, rows: int, dim: int) -> None:
         if fits and rows and dim and seconds > 0:
@@ -130,7 +131,7 @@ class Clock:
 CALIBRATION = (32, 96)
 
 
-def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float, spec: str | None = None) -> float:
+def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, spec: str) -> float:
     """Learn this machine's embedding speed before the first estimate that needs it: embed an evenly spread
     sample of ``pool`` through ``backbone`` (into the cache: the recipe reads them from there) and time the
     second part. ``_FIRST_GUESS_SPI`` is about twice as slow as this 2-core machine, which under a short
@@ -149,7 +150,7 @@ def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, rel: float, spec:
     t = time.time()
     catalogue_features(pool.subset(second), backbone, cfg)
     took = time.time() - t
-    clock.learn_embed(took, int(second.sum()), rel, spec)
+    clock.learn_embed(took, int(second.sum()), spec)
     return int(second.sum()) / took if took > 0 else float("inf")
 
 

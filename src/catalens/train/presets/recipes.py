@@ -110,7 +110,7 @@ def features_key(r: Recipe) -> tuple:
             r.kind == "finetune")   # a fine-tuned backbone has weights of its own
 
 
-def rel_cost(spec: str, crop_pct: float | None = None) -> float:
+def rel_cost(spec: str) -> float:
     """Relative embedding cost of a backbone spec (``a@s+b@t``), Lite0 at 224 = 1."""
     total = 0.0
     for part in spec.split("+"):

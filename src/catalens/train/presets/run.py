@@ -19,7 +19,7 @@ from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUE
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
-                                            all_square, candidate_recipes, features_key, rel_cost)
+                                            all_square, candidate_recipes, features_key)
 
 _logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class _PresetRun:
         fine-tuning on the train split."""
         n = len(self.pool)
         if s.recipe.kind == "finetune":  # catalens train --finetune blocks on the train split
-            return self.clock.finetune_cost(int(n * 0.9), rel_cost(s.recipe.backbone)) + 5.0
+            return self.clock.finetune_cost(int(n * 0.9), s.recipe.backbone) + 5.0
         dim = s.prep.features.shape[1] if s.prep is not None else 1280 * max(1, len(s.recipe.members))
         head = s.recipe.head or {}
         refit = self.base.preset.refit_full and head.get("type") == "logreg"
@@ -153,7 +153,7 @@ class _PresetRun:
         if not s.recipe.members or s.recipe.kind == "finetune":
             return None, 0.0
         spec = "+".join(self.recipes[m].backbone for m in s.recipe.members)
-        return features_key(s.recipe), self.clock.embed_cost(len(self.pool), rel_cost(spec), spec)
+        return features_key(s.recipe), self.clock.embed_cost(len(self.pool), spec)
 
     def _try(self, recipe: Recipe, last: bool = False) -> None:
         """Estimate ``recipe``, score it when it fits in what is left before the refit reserve (``last``:
@@ -208,7 +208,7 @@ class _PresetRun:
         if recipe.kind == "finetune":
             base = self._finetune_base(recipe)
             kf = self.base.preset.finetune_folds
-            return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), rel_cost(recipe.backbone))
+            return kf * self.clock.finetune_cost(int(len(base.prep.cat) * (kf - 1) / kf), recipe.backbone)
         if recipe.kind == "search":
             best = self._best()
             if best is None:
@@ -222,13 +222,12 @@ class _PresetRun:
         from catalens.embed.factory import backbone_from_config
 
         backbone = backbone_from_config(cfg.backbone)
-        rel = rel_cost(cfg.backbone.name)
         recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
         if not self.clock.measured_embed and recipe._uncached >= CALIBRATE_FROM:
-            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, rel, cfg.backbone.name)
+            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, cfg.backbone.name)
             self.log(f"  embedding speed: {speed:.0f} img/s for {recipe.backbone} (a sample of "
                      f"{sum(CALIBRATION) - CALIBRATION[0]} photos, after {CALIBRATION[0]} to start)")
-        embed = self.clock.embed_cost(recipe._uncached, rel, cfg.backbone.name)
+        embed = self.clock.embed_cost(recipe._uncached, cfg.backbone.name)
         if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
             from catalens.model.tta import with_tta
 
@@ -268,7 +267,7 @@ class _PresetRun:
         from catalens.embed.engine import per_view
 
         each = TTA_VIEW_COST if per_view(tta) else TTA_GRAPH_VIEW_COST
-        return self.clock.per_image(rel_cost(spec), spec) * ((1 + len(tta)) * each if tta else 1.0)
+        return self.clock.per_image(spec) * ((1 + len(tta)) * each if tta else 1.0)
 
     def _recipe_config(self, recipe: Recipe) -> Config:
         if recipe.kind == "tta":  # the best single backbone so far, with flipped views at predict time
@@ -309,10 +308,9 @@ class _PresetRun:
         t = time.time()
         s.prep = prepare(self.data, plain, log=quiet, classes_from="pool")
         took = time.time() - t
-        rel = rel_cost(plain.backbone.name)
         fresh = getattr(r, "_uncached", 0)
         if fresh >= max(8, 0.5 * len(s.prep.cat)):  # mostly embedded now, not read from the cache: a speed
-            self.clock.learn_embed(took, fresh, rel, plain.backbone.name)
+            self.clock.learn_embed(took, fresh, plain.backbone.name)
             s.img_s = round(fresh / took, 1)
         s.img_s = None if r.tta else s.img_s  # with TTA: the TTA pass's speed, below
         pred = None
@@ -388,7 +386,7 @@ class _PresetRun:
             held = fold == f
             n_fit = int((~held).sum())
             if f:  # measured on the first fold: does the next one still fit?
-                need = self.clock.finetune_cost(n_fit, rel_cost(s.recipe.backbone)) + self._reserve()
+                need = self.clock.finetune_cost(n_fit, s.recipe.backbone) + self._reserve()
                 if need > self.clock.left():
                     raise _Skip(f"fold {f + 1} of {kf} needs ~{need:.0f}s with the refit reserve, "
                                 f"{self.clock.left():.0f}s left")
