@@ -657,8 +657,9 @@ def test_a_recipe_counted_with_its_own_refit_keeps_the_refits_of_two_others_besi
 
 
 def test_calibrate_embed_times_a_sample_after_the_runtimes_start(monkeypatch):
-    """The embedding speed is measured on 96 photos spread over the pool, after 32 that start the runtime
-    (untimed: the first call builds it); the clock then estimates from it."""
+    """The embedding speed is measured on two of the engine's batches spread over the pool, after one batch
+    that starts the runtime (untimed: the first call builds it, and a runtime prepares each new batch shape on
+    its first call); the clock then estimates from it."""
     from catalens.embed import features as F
     from catalens.train.presets import budget as B
 
@@ -680,8 +681,10 @@ def test_calibrate_embed_times_a_sample_after_the_runtimes_start(monkeypatch):
 
     monkeypatch.setattr(F, "catalogue_features", fake)
     clock = B.Clock(600.0)
-    speed = B.calibrate_embed(clock, Pool(list(range(1000))), None, None, "efficientnet_lite2@300")
-    assert [len(c) for c in calls] == [32, 96] and not set(calls[0]) & set(calls[1])
+    cfg = load_config(None)
+    assert cfg.engine.batch_size == 64 and B.calibration_sizes(64) == (64, 128)
+    speed, timed, warm = B.calibrate_embed(clock, Pool(list(range(1000))), None, cfg, "efficientnet_lite2@300")
+    assert [len(c) for c in calls] == [64, 128] and (timed, warm) == (128, 64) and not set(calls[0]) & set(calls[1])
     assert calls[0][0] == 0 and calls[1][-1] == 999   # spread over the whole pool
     assert clock.measured_embed and clock.spi == pytest.approx(0.004 / rel_cost("efficientnet_lite2@300"), rel=0.25)
     assert clock.spec_spi == {"efficientnet_lite2@300": pytest.approx(0.004, rel=0.25)}   # the speed of that backbone
@@ -699,15 +702,15 @@ def test_the_first_estimate_with_many_photos_to_embed_calibrates_once(monkeypatc
     def calibrate(clock, pool, backbone, cfg, spec):
         calls.append(spec)
         clock.learn_embed(1.0, 96, spec)   # 96 photos a second
-        return 96.0
+        return 96.0, 128, 64
 
     monkeypatch.setattr(R, "uncached_share", lambda *a: 1.0)
     monkeypatch.setattr(R, "calibrate_embed", calibrate)
     plain = run.recipes["lite0 (plain catalens train)"]
     first = run._estimate(plain)
     once = ["efficientnet_lite0"]   # the plain recipe's spec: the speed kept for that backbone
-    assert calls == once and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 96 photos, "
-                                       "after 32 to start)"]
+    assert calls == once and lines == ["  embedding speed: 96 img/s for efficientnet_lite0 (a sample of 128 photos, "
+                                       "after 64 to start)"]
     fits = run.clock.fit_cost(1000, 1280) * 5
     assert first == pytest.approx(1000 / 96 + fits)   # not 1000 / 40 + fits
     run._estimate(run.recipes["lite1@272 crop 1 multilevel"])

@@ -127,19 +127,26 @@ class Clock:
             self.fit_unit = seconds / (fits * rows * dim)
 
 
-#: photos of a calibration (:func:`calibrate_embed`): embedded first, untimed (the runtime's start), then timed
-CALIBRATION = (32, 96)
+def calibration_sizes(batch_size: int) -> tuple[int, int]:
+    """Photos of a calibration (:func:`calibrate_embed`): one batch embedded first, untimed (the runtime's
+    start and its first full batch), then two full batches timed. A runtime prepares each new batch shape
+    on its first call: started on 32 photos and timed on 96 (a batch of 64, a new shape, and one of 32),
+    Lite1@272 measured 32 img/s on one core of this machine against 52 for the next 96 photos; started on a
+    full batch of 64, the two timed ones measured 47 against 51."""
+    batch = max(1, int(batch_size))
+    return batch, 2 * batch
 
 
-def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, spec: str) -> float:
+def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, spec: str) -> tuple[float, int, int]:
     """Learn this machine's embedding speed before the first estimate that needs it: embed an evenly spread
     sample of ``pool`` through ``backbone`` (into the cache: the recipe reads them from there) and time the
-    second part. ``_FIRST_GUESS_SPI`` is about twice as slow as this 2-core machine, which under a short
-    ``--time-limit`` skipped even the plain recipe (clothing-small, 3 minutes: needs ~198 s, 167 s left; it
-    took 55 s). A few seconds, the runtime's start included. Returns the images per second measured."""
+    second part (:func:`calibration_sizes`). ``_FIRST_GUESS_SPI`` is about twice as slow as this 2-core
+    machine, which under a short ``--time-limit`` skipped even the plain recipe (clothing-small, 3 minutes:
+    needs ~198 s, 167 s left; it took 55 s). A few seconds, the runtime's start included. Returns
+    ``(images per second measured, photos timed, photos embedded before)``."""
     from catalens.embed.features import catalogue_features
 
-    warm, timed = CALIBRATION
+    warm, timed = calibration_sizes(cfg.engine.batch_size)
     n = min(len(pool), warm + timed)
     rows = np.linspace(0, len(pool) - 1, n).astype(int)
     first = np.zeros(len(pool), bool)
@@ -151,7 +158,7 @@ def calibrate_embed(clock: Clock, pool, backbone, cfg: Config, spec: str) -> flo
     catalogue_features(pool.subset(second), backbone, cfg)
     took = time.time() - t
     clock.learn_embed(took, int(second.sum()), spec)
-    return int(second.sum()) / took if took > 0 else float("inf")
+    return (int(second.sum()) / took if took > 0 else float("inf")), int(second.sum()), int(first.sum())
 
 
 def uncached_share(cat, backbone, cfg: Config, sample: int = 24) -> float:

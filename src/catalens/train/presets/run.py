@@ -14,7 +14,7 @@ import numpy as np
 from catalens.config import Config
 from catalens.train.kfold import TitleModels
 from catalens.train.presets.blend import greedy_blend
-from catalens.train.presets.budget import (CALIBRATION, DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA_GRAPH_VIEW_COST,
+from catalens.train.presets.budget import (DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA_GRAPH_VIEW_COST,
                                             TTA_VIEW_COST, Clock, calibrate_embed, uncached_share)
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
@@ -224,9 +224,9 @@ class _PresetRun:
         backbone = backbone_from_config(cfg.backbone)
         recipe._uncached = int(round(n * uncached_share(self.pool, backbone, cfg)))  # the plain features
         if not self.clock.measured_embed and recipe._uncached >= CALIBRATE_FROM:
-            speed = calibrate_embed(self.clock, self.pool, backbone, cfg, cfg.backbone.name)
+            speed, timed, warm = calibrate_embed(self.clock, self.pool, backbone, cfg, cfg.backbone.name)
             self.log(f"  embedding speed: {speed:.0f} img/s for {recipe.backbone} (a sample of "
-                     f"{sum(CALIBRATION) - CALIBRATION[0]} photos, after {CALIBRATION[0]} to start)")
+                     f"{timed} photos, after {warm} to start)")
         embed = self.clock.embed_cost(recipe._uncached, cfg.backbone.name)
         if recipe.tta:  # the TTA features: one pass per view more, cached under their own key
             from catalens.model.tta import with_tta
