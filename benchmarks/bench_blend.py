@@ -92,30 +92,16 @@ def _acc(p: np.ndarray, y: np.ndarray, rows: np.ndarray) -> float:
     return float((p[rows].argmax(1) == y[rows]).mean())
 
 
-def _nll(p: np.ndarray, y: np.ndarray, rows: np.ndarray) -> float:
-    return float(-np.log(np.clip(p[rows][np.arange(rows.sum()), y[rows]], 1e-7, 1)).mean())
+def _neg_log_loss(tasks, Y: dict, probs: dict) -> float:
+    """``greedy_blend``'s objective by log-loss instead of accuracy (higher is better)."""
+    from sklearn.metrics import log_loss
+
+    return -float(log_loss(Y["label"], probs["label"], labels=range(probs["label"].shape[1])))
 
 
-def greedy(P: dict, y: np.ndarray, rows: np.ndarray, by: str, rounds: int = 10) -> np.ndarray:
-    """The greedy forward selection with replacement of ``greedy_blend``, by accuracy or log-loss:
+def library_blend(P: dict, y: np.ndarray, rows: np.ndarray, objective=None) -> np.ndarray:
+    """The preset's :func:`greedy_blend` chosen on ``rows`` (``objective``: its own, accuracy, by default),
     the blend's averaged probabilities over every row."""
-    total, picks, best, counts = None, 0, -np.inf, dict.fromkeys(P, 0)
-    for _ in range(rounds):
-        cand = []
-        for k, p in P.items():
-            mix = (0 if total is None else total) + p
-            val = _acc(mix / (picks + 1), y, rows) if by == "accuracy" else -_nll(mix / (picks + 1), y, rows)
-            cand.append((val, -counts[k], k, mix))
-        val, _, k, mix = max(cand, key=lambda c: (c[0], c[1]))
-        if picks and val <= best + 1e-9:
-            break
-        best, total, picks = val, mix, picks + 1
-        counts[k] += 1
-    return total / picks
-
-
-def library_blend(P: dict, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The preset's own :func:`greedy_blend` on ``rows`` (its objective: accuracy), averaged over every row."""
     from catalens.tasks import TaskInfo
     from catalens.train.presets.blend import greedy_blend
     from catalens.train.presets.recipes import Recipe, Scored
@@ -129,7 +115,7 @@ def library_blend(P: dict, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
     cfg = config(WORK, THREE, {})
     done = [Scored(Recipe(k), oof={"label": p}, prep=_Prep(), cfg=cfg, scored=rows) for k, p in P.items()]
-    chosen, weights, _ = greedy_blend(done, lambda members: 0.0, lambda: float("inf"))
+    chosen, weights, _ = greedy_blend(done, lambda members: 0.0, lambda: float("inf"), objective=objective)
     return sum(w * s.oof["label"] for s, w in zip(chosen, weights)) / sum(weights)
 
 
@@ -142,7 +128,7 @@ def nested(oofs: dict) -> dict:
     ways = {
         "best single": lambda r: P[max(P, key=lambda k: _acc(P[k], y, r))],
         "greedy blend, accuracy (the preset's)": lambda r: library_blend(P, y, r),
-        "greedy blend, log-loss": lambda r: greedy(P, y, r, "log-loss"),
+        "greedy blend, log-loss": lambda r: library_blend(P, y, r, _neg_log_loss),
         "all recipes, equal weights": lambda r: sum(P.values()) / len(P),
     }
     out = {}

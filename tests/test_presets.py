@@ -842,3 +842,39 @@ def test_the_preset_decodes_label_paths_when_that_raises_the_out_of_fold_score(d
     run.base.preset.hierarchy_decoding, run.base.hierarchy_decoding = "auto", True  # --hierarchical-decoding
     run._decide_decoding([s], [1.0], 0.5)
     assert run.decoding["chosen"] and run.decoding["mode"] == "on"
+
+
+def test_greedy_blend_picks_by_the_preset_objective_unless_given_another():
+    """greedy_blend: by default the preset's objective (accuracy) picks the recipe that is right on every row
+    at 0.51; an objective by log-loss picks the one sure and right on three rows, unsure and wrong on one.
+    Adding the other to either would lower that objective, so each blend is one recipe."""
+    from types import SimpleNamespace
+
+    from catalens.tasks import TaskInfo
+    from catalens.train.presets.blend import greedy_blend
+    from catalens.train.search import objective_value
+
+    y = np.array([0, 0, 1, 1])
+    task = TaskInfo("label", "class", ["a", "b"])
+    prep = SimpleNamespace(tasks=[task], select=lambda mask: {"label": y[mask]})
+
+    def probs(p_true):  # (4, 2): p_true on each row's own class
+        p = np.empty((4, 2))
+        p[np.arange(4), y], p[np.arange(4), 1 - y] = p_true, 1 - np.asarray(p_true)
+        return p
+
+    cfg = load_config()
+    sure = R.Scored(R.Recipe("sure"), oof={"label": probs([0.9, 0.9, 0.9, 0.4])}, prep=prep, cfg=cfg,
+                    scored=np.ones(4, bool))
+    even = R.Scored(R.Recipe("even"), oof={"label": probs([0.51] * 4)}, prep=prep, cfg=cfg, scored=np.ones(4, bool))
+
+    def neg_log_loss(tasks, Y, p):
+        return -float(np.mean(-np.log(p["label"][np.arange(len(Y["label"])), Y["label"]])))
+
+    never = (lambda members: 0.0, lambda: float("inf"))
+    chosen, weights, value = greedy_blend([sure, even], *never)
+    assert ([s.recipe.name for s in chosen], weights, value) == (["even"], [1.0], 1.0)
+    assert value == objective_value([task], {"label": y}, even.oof)
+    chosen, weights, value = greedy_blend([sure, even], *never, objective=neg_log_loss)
+    assert [s.recipe.name for s in chosen] == ["sure"] and weights == [1.0]
+    assert value == pytest.approx(-(3 * -np.log(0.9) - np.log(0.4)) / 4)
