@@ -19,6 +19,11 @@ SHARED_DATA = Path(os.environ.get("CATALENS_SHARED_DATA", ROOT.parent / "shared"
 HEADER = "# Benchmarks\n\nProduced by the scripts in `benchmarks/` (each writes its own section).\n"
 
 
+def log(msg: str) -> None:
+    """A progress line with the time of day (the benchmarks' own log, beside their tables)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     """A markdown table; floats get 3 significant decimals."""
     def fmt(v):

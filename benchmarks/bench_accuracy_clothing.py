@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from _report import ROOT, SHARED_DATA, choose_weights, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, choose_weights, log, table, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "clothing-small"
 WORK = ROOT / "runs" / "bench_accuracy_clothing"
@@ -68,10 +68,6 @@ RECIPES: dict[str, dict] = {
                               "search": {"minutes": 12, "cv": 5}},
     "ensemble-multi": {"members": ["frozen-multi", "finetune-blocks-lite0", "finetune-blocks-lite1"]},
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def load_results() -> dict:

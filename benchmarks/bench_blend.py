@@ -29,7 +29,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, cached_cv_args, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, cached_cv_args, log, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_blend"
 RESULTS = WORK / "results.json"
@@ -41,10 +41,6 @@ PRESETS_CACHE = {"clothing": ROOT / "runs" / "bench_presets" / "clothing" / "cac
 THREE = "efficientnet_lite0@256+efficientnet_lite1@272+efficientnet_lite2@300"
 BACKBONES = ("efficientnet_lite1@272", "efficientnet_lite0@256", "efficientnet_lite2@300", THREE,
              "efficientnet_lite0@256+efficientnet_lite1@272")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def recipes() -> dict[str, tuple[str, dict]]:

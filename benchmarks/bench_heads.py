@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, table, write_section  # noqa: E402
+from _report import ROOT, log, table, write_section  # noqa: E402
 from bench_pooling import (BACKBONES, DATASETS, _save, compare_rows, config, cv_scores,  # noqa: E402
                            resumable_main)
 
@@ -36,10 +36,6 @@ HEADS = {"linear (AdamW, default)": {},
          "linear (AdamW), refit_full": {"refit": True},
          "logreg C=0.1, refit_full": {"type": "logreg", "C": 0.1, "refit": True}}
 BASE = "linear (AdamW, default)"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def with_head(cfg, head: dict):

@@ -32,7 +32,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, cached_cv_args, table, write_section  # noqa: E402
+from _report import ROOT, cached_cv_args, log, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_hierarchy_decoding"
 RESULTS = WORK / "results.json"
@@ -42,10 +42,6 @@ FOLDS = 5
 #: short name -> the presets' recipe
 RECIPES = {"lite2": "lite2@300 crop 1 multilevel",
            "three": "lite0@256+lite1@272+lite2@300 crop 1 multilevel"}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def recipe_config(recipe: str, cache: Path, titles: bool):

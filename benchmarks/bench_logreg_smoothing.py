@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, cached_cv_args, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, cached_cv_args, log, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_logreg_smoothing"
 RESULTS = WORK / "results.json"
@@ -42,10 +42,6 @@ SETTINGS = {
                  (0.0056, 0.19)],
     "fashion": [(0.1, 0.0), (0.1, 0.1), (0.03, 0.1), (0.01, 0.1)],
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def config(cache: Path, C: float = 0.1, smoothing: float = 0.0):

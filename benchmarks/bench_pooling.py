@@ -30,7 +30,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, log, table, write_section  # noqa: E402
 
 WORK = ROOT / "runs" / "bench_pooling"
 RESULTS = WORK / "results.json"
@@ -39,10 +39,6 @@ DATASETS = {"clothing": (SHARED_DATA / "clothing-small", ["label"]),
 BACKBONES = ["efficientnet_lite0@256", "efficientnet_lite1@272", "efficientnet_lite2@300"]
 POOLS = ["avg", "gem", "multilevel"]
 FOLDS = 5
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def config(spec: str, pool: str):

@@ -33,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, log, table, write_section  # noqa: E402
 
 DATA = SHARED_DATA / "clothing-small"
 WORK = ROOT / "runs" / "bench_train_options"
@@ -47,10 +47,6 @@ RECIPES: dict[str, dict] = {
     "progressive": {"finetune": {"progressive": 0.5}},
     "nonsquare": {"backbone": {"name": "efficientnet_lite0@256x192"}},
 }
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def config(overrides: dict):
