@@ -1,11 +1,11 @@
 """Is the presets' blend worth it out of sample? Nested CV of the greedy blend over train + val.
 
 The preset (``--preset best``) picks its blend by greedy forward selection with replacement
-(:func:`catalens.train.presets.blend.greedy_blend`) on the recipes' out-of-fold probabilities, and
-reports the blend's accuracy on the same predictions: an optimistic number. Here the choice is made
+(:func:`catalens.train.presets.blend.greedy_blend`, by log-loss) on the recipes' out-of-fold
+probabilities, and reports the blend's accuracy on the same predictions: an optimistic number. Here the choice is made
 one level deeper: for each of the 5 folds, the blend (or the best single recipe) is chosen on the
 out-of-fold rows of the other four and counted on this fold's rows. Compared: the best single
-recipe, the preset's greedy blend (accuracy), the same selection by log-loss, and every recipe
+recipe, the preset's greedy blend (selected by log-loss), the same selection by accuracy, and every recipe
 averaged with equal weights. The recipes are the preset's frozen ones (``LOGREG`` head) and the
 search's first heads (``SEARCH_FIRST``) on the three backbones side by side; folds by product as in
 the presets. The test split is never read.
@@ -88,19 +88,13 @@ def _acc(p: np.ndarray, y: np.ndarray, rows: np.ndarray) -> float:
     return float((p[rows].argmax(1) == y[rows]).mean())
 
 
-def _neg_log_loss(tasks, Y: dict, probs: dict) -> float:
-    """``greedy_blend``'s objective by log-loss instead of accuracy (higher is better)."""
-    from sklearn.metrics import log_loss
-
-    return -float(log_loss(Y["label"], probs["label"], labels=range(probs["label"].shape[1])))
-
-
-def library_blend(P: dict, y: np.ndarray, rows: np.ndarray, objective=None) -> np.ndarray:
-    """The preset's :func:`greedy_blend` chosen on ``rows`` (``objective``: its own, accuracy, by default),
-    the blend's averaged probabilities over every row."""
+def library_blend(P: dict, y: np.ndarray, rows: np.ndarray, by_accuracy: bool = False) -> np.ndarray:
+    """The preset's :func:`greedy_blend` chosen on ``rows`` (by its own criterion, log-loss, or by the accuracy
+    it reports), the blend's averaged probabilities over every row."""
     from catalens.tasks import TaskInfo
     from catalens.train.presets.blend import greedy_blend
     from catalens.train.presets.recipes import Recipe, Scored
+    from catalens.train.search import objective_value
 
     class _Prep:  # what greedy_blend reads of a prepared data set
         tasks = [TaskInfo("label", "class", [str(i) for i in range(next(iter(P.values())).shape[1])])]
@@ -111,7 +105,8 @@ def library_blend(P: dict, y: np.ndarray, rows: np.ndarray, objective=None) -> n
 
     cfg = config(WORK, THREE, {})
     done = [Scored(Recipe(k), oof={"label": p}, prep=_Prep(), cfg=cfg, scored=rows) for k, p in P.items()]
-    chosen, weights, _ = greedy_blend(done, lambda members: 0.0, lambda: float("inf"), objective=objective)
+    kw = {"select_by": objective_value} if by_accuracy else {}
+    chosen, weights, _ = greedy_blend(done, lambda members: 0.0, lambda: float("inf"), **kw)
     return sum(w * s.oof["label"] for s, w in zip(chosen, weights)) / sum(weights)
 
 
@@ -123,8 +118,8 @@ def nested(oofs: dict) -> dict:
     P = {k: np.nan_to_num(o["p"]) for k, o in oofs.items()}
     ways = {
         "best single": lambda r: P[max(P, key=lambda k: _acc(P[k], y, r))],
-        "greedy blend, accuracy (the preset's)": lambda r: library_blend(P, y, r),
-        "greedy blend, log-loss": lambda r: library_blend(P, y, r, _neg_log_loss),
+        "greedy blend, accuracy": lambda r: library_blend(P, y, r, by_accuracy=True),
+        "greedy blend, log-loss (the preset's)": lambda r: library_blend(P, y, r),
         "all recipes, equal weights": lambda r: sum(P.values()) / len(P),
     }
     out = {}

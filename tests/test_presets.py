@@ -844,10 +844,11 @@ def test_the_preset_decodes_label_paths_when_that_raises_the_out_of_fold_score(d
     assert run.decoding["chosen"] and run.decoding["mode"] == "on"
 
 
-def test_greedy_blend_picks_by_the_preset_objective_unless_given_another():
-    """greedy_blend: by default the preset's objective (accuracy) picks the recipe that is right on every row
-    at 0.51; an objective by log-loss picks the one sure and right on three rows, unsure and wrong on one.
-    Adding the other to either would lower that objective, so each blend is one recipe."""
+def test_greedy_blend_selects_by_log_loss_and_reports_the_preset_objective():
+    """greedy_blend selects by log-loss by default: the recipe sure and right on three rows, unsure and wrong
+    on one (log-loss 0.308 against 0.673), where the preset's objective (accuracy) would pick the one right on
+    every row at 0.51. Adding the other to either lowers its criterion, so each blend is one recipe. The value
+    returned is the chosen blend's accuracy either way."""
     from types import SimpleNamespace
 
     from catalens.tasks import TaskInfo
@@ -868,13 +869,22 @@ def test_greedy_blend_picks_by_the_preset_objective_unless_given_another():
                     scored=np.ones(4, bool))
     even = R.Scored(R.Recipe("even"), oof={"label": probs([0.51] * 4)}, prep=prep, cfg=cfg, scored=np.ones(4, bool))
 
-    def neg_log_loss(tasks, Y, p):
-        return -float(np.mean(-np.log(p["label"][np.arange(len(Y["label"])), Y["label"]])))
-
     never = (lambda members: 0.0, lambda: float("inf"))
     chosen, weights, value = greedy_blend([sure, even], *never)
+    assert ([s.recipe.name for s in chosen], weights, value) == (["sure"], [1.0], 0.75)
+    chosen, weights, value = greedy_blend([sure, even], *never, select_by=objective_value)
     assert ([s.recipe.name for s in chosen], weights, value) == (["even"], [1.0], 1.0)
-    assert value == objective_value([task], {"label": y}, even.oof)
-    chosen, weights, value = greedy_blend([sure, even], *never, objective=neg_log_loss)
-    assert [s.recipe.name for s in chosen] == ["sure"] and weights == [1.0]
-    assert value == pytest.approx(-(3 * -np.log(0.9) - np.log(0.4)) / 4)
+
+
+def test_neg_log_loss_leaves_out_missing_labels_and_averages_the_tasks():
+    """neg_log_loss: class rows labelled MISSING and NaN tags are left out; the tasks weigh the same."""
+    from catalens.tasks import MISSING, TaskInfo
+    from catalens.train.presets.blend import neg_log_loss
+
+    tasks = [TaskInfo("cat", "class", ["a", "b"]), TaskInfo("tags", "tags", ["x", "y"])]
+    Y = {"cat": np.array([0, MISSING, 1]), "tags": np.array([[1.0, np.nan], [0.0, 1.0], [np.nan, np.nan]])}
+    P = {"cat": np.array([[0.8, 0.2], [0.0, 1.0], [0.5, 0.5]]), "tags": np.array([[0.9, 0.0], [0.2, 0.6], [0.0, 1.0]])}
+    cat = -(np.log(0.8) + np.log(0.5)) / 2
+    tags = -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3
+    assert neg_log_loss(tasks, Y, P) == pytest.approx(-(cat + tags) / 2)
+    assert neg_log_loss(tasks[:1], {"cat": np.array([0])}, {"cat": np.array([[0.0, 1.0]])}) == pytest.approx(np.log(1e-7))

@@ -519,13 +519,14 @@ class _PresetRun:
         chosen, weights, best_val = self._pick()
         if chosen:
             self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
-                     f"CV {best_val:.4f} (out-of-fold, weights chosen on the same predictions); its refit "
+                     f"CV {best_val:.4f} (out-of-fold; members and weights chosen by log-loss on the same "
+                     f"predictions); its refit "
                      f"estimated {self._refit_total(chosen):.0f}s, {self.clock.left():.0f}s left")
         return chosen, weights, best_val
 
     def _pick(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
-        """Greedy forward selection with replacement on the out-of-fold probabilities (:func:`greedy_blend`)
-        among the recipes whose blend can still be refitted in the time left."""
+        """Greedy forward selection with replacement by log-loss on the out-of-fold probabilities
+        (:func:`greedy_blend`) among the recipes whose blend can still be refitted in the time left."""
         done = [s for s in self.results.values() if s.oof is not None]
         return greedy_blend(done, self._refit_total, self.clock.left, rounds)
 
