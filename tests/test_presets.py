@@ -883,7 +883,8 @@ def test_neg_log_loss_leaves_out_missing_labels_and_averages_the_tasks():
 
     tasks = [TaskInfo("cat", "class", ["a", "b"]), TaskInfo("tags", "tags", ["x", "y"])]
     Y = {"cat": np.array([0, MISSING, 1]), "tags": np.array([[1.0, np.nan], [0.0, 1.0], [np.nan, np.nan]])}
-    P = {"cat": np.array([[0.8, 0.2], [0.0, 1.0], [0.5, 0.5]]), "tags": np.array([[0.9, 0.0], [0.2, 0.6], [0.0, 1.0]])}
+    P = {"cat": np.array([[0.8, 0.2], [0.0, 1.0], [0.5, 0.5]]),
+         "tags": np.array([[0.9, 0.0], [0.2, 0.6], [0.0, 1.0]])}
     cat = -(np.log(0.8) + np.log(0.5)) / 2
     tags = -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3
     assert neg_log_loss(tasks, Y, P) == pytest.approx(-(cat + tags) / 2)

@@ -19,7 +19,8 @@ preprocessing); when chosen it is refitted as ``catalens train --backbone A+B`` 
 multi-backbone's shared decode, the features predict computes: a head fitted on the members'
 separately decoded features lost 2 of 341 clothing-small val photos to that skew). The best recipes are then
 combined by greedy forward selection with replacement on the out-of-fold probabilities (Caruana
-et al. 2004: integer weights; selected by log-loss, which over-fits those rows less than accuracy), each chosen recipe is refitted on train (early stopping on val, as
+et al. 2004: integer weights; selected by log-loss, which over-fits those rows less than accuracy),
+each chosen recipe is refitted on train (early stopping on val, as
 ``catalens train``) and the result is one model folder: the single model, or a ``catalens
 ensemble`` folder of the chosen ones with those weights. Once val has decided the thresholds (of the
 ensemble, for an ensemble), each chosen ``logreg`` recipe is fitted again on train + val

@@ -520,8 +520,8 @@ class _PresetRun:
         if chosen:
             self.log(f"  combined: {' + '.join(f'{w:g} x {s.recipe.name}' for s, w in zip(chosen, weights))}: "
                      f"CV {best_val:.4f} (out-of-fold; members and weights chosen by log-loss on the same "
-                     f"predictions); its refit "
-                     f"estimated {self._refit_total(chosen):.0f}s, {self.clock.left():.0f}s left")
+                     f"predictions); its refit estimated {self._refit_total(chosen):.0f}s, "
+                     f"{self.clock.left():.0f}s left")
         return chosen, weights, best_val
 
     def _pick(self, rounds: int = 10) -> tuple[list[Scored], list[float], float]:
