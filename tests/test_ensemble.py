@@ -66,7 +66,7 @@ def test_ensemble_is_the_weighted_mean_of_member_probabilities(models, tmp_path,
     assert ens.backbone.fingerprint() != ma.backbone.fingerprint()
     # both members are Lite0 with the same weights: one embedding serves both (features, graph)
     assert ma.backbone.fingerprint() == mb.backbone.fingerprint()
-    assert ens.backbone.member_index == (0, 0) and ens.backbone.module.dims == [ma.backbone.feature_dim]
+    assert ens.backbone.member_parts == ((0,), (0,)) and ens.backbone.module.dims == [ma.backbone.feature_dim]
     assert feats.shape == (3, ma.backbone.feature_dim) and len(ens.pixel_module().backbones) == 1
 
 
@@ -115,9 +115,45 @@ def test_members_of_different_input_sizes(models, tmp_path):
     build_ensemble([a, c], tmp_path / "e", log=lambda m: None)
     ens = load_model(tmp_path / "e")
     assert ens.preprocess.size == 240  # decoded once at the largest member's preprocessing
-    assert ens.backbone.member_index == (0, 1) and len(ens.backbone.module.dims) == 2
+    assert ens.backbone.member_parts == ((0,), (1,)) and len(ens.backbone.module.dims) == 2
     p = ens.predict_proba_images(_px(2, 240))
     np.testing.assert_allclose(p["label"].sum(1), 1.0, atol=1e-5)
+
+
+def test_a_side_by_side_member_shares_the_backbones_of_single_members(models, tmp_path):
+    """Lite0, Lite1 and Lite0+Lite1 (a preset's blend of singles and the backbones side by side): each
+    backbone runs once, and every member gets the features it gets alone."""
+    from catalens.embed.multi import MemberInput
+
+    data = models[0]
+    rnd = {"weights": "random"}
+    folders = [train(data, tmp_path / n, _cfg(seed=i, backbone={"name": name, **rnd}), log=lambda m: None).folder
+               for i, (n, name) in enumerate([("a", "efficientnet_lite0"), ("b", "efficientnet_lite1"),
+                                               ("c", "efficientnet_lite0+efficientnet_lite1")])]
+    build_ensemble(folders, tmp_path / "e", [1.0, 1.0, 2.0], log=lambda m: None)
+    ens = load_model(tmp_path / "e")
+    ma, mb, mc = (CatalensModel.load(f) for f in folders)
+    assert ens.backbone.member_parts == ((0,), (1,), (0, 1)) and len(ens.backbone.module.dims) == 2
+    assert ens.backbone.member_fingerprints == (ma.backbone.fingerprint(), mb.backbone.fingerprint())
+    assert ens.preprocess.size == 240 and ens.preprocess == mc.preprocess
+    x = torch.from_numpy(_px(3, 240, seed=5)).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        feats = ens.backbone.module(x).numpy()
+        fc = mc.backbone.module(x).numpy()                                   # the pair alone, same decode
+        fa = ma.backbone.module(MemberInput(1.0, 224)(x)).numpy()          # Lite0 alone at its side
+        fb = mb.backbone.module(x).numpy()
+        pix = ens.pixel_module()(x)
+    np.testing.assert_allclose(feats, fc, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(feats, np.hstack([fa, fb]), rtol=1e-5, atol=1e-5)
+    got = ens.predict_proba_features(feats)
+    for t in ens.tasks:
+        want = (0.25 * ma.head.predict_proba(fa)[t.name] + 0.25 * mb.head.predict_proba(fb)[t.name]
+                + 0.5 * mc.head.predict_proba(fc)[t.name])
+        np.testing.assert_allclose(got[t.name], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(pix[t.name].numpy(), got[t.name], atol=1e-5)
+    assert len(ens.pixel_module().backbones) == 2
+    meta = json.loads((tmp_path / "e" / "model.json").read_text())
+    assert meta["backbone"]["member_parts"] == [[0], [1], [0, 1]]
 
 
 def test_tta_hflip_on_a_symmetric_image_equals_no_tta():
@@ -175,7 +211,7 @@ def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float()
     with torch.inference_mode():
         feats = ens.backbone.module(x).numpy()
-    assert ens.backbone.member_index == (0, 0, 0)   # one Lite0 embedding serves the three members
+    assert ens.backbone.member_parts == ((0,), (0,), (0,))   # one Lite0 embedding serves the three members
     parts = [feats] * 3
     for part in ens.head.split(feats):
         np.testing.assert_array_equal(part, feats)

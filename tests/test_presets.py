@@ -569,6 +569,31 @@ def test_a_refit_embeds_shared_features_once():
     assert run._refit_total([lite2]) == pytest.approx(4.0 * 1.3 * 2 + 3.0 + 5.0)  # cached: no embedding
 
 
+def test_a_blend_of_the_three_and_their_singles_runs_each_backbone_once():
+    """Lite1, Lite0, Lite2 and the three side by side (fashion-products' blend): the ensemble runs each backbone
+    once (catalens.model.ensemble), so the leaderboard's predict speed is the three's, and the refit's estimate
+    of predicting the val photos through the ensemble counts each backbone once."""
+    from catalens.train.presets.leaderboard import ensemble_row
+
+    run = _bare_run()
+    names = ["lite1@272 crop 1 multilevel", "lite0@256 crop 1 multilevel", "lite2@300 crop 1 multilevel",
+             "lite0@256+lite1@272+lite2@300 crop 1 multilevel"]
+    speeds = {names[0]: 110.0, names[1]: 160.0, names[2]: 86.6}
+    for n in names:
+        r = run.recipes[n]
+        run.results[n] = R.Scored(r, fit_each=4.0, cfg=r.config(run.base, run.recipes), img_s=speeds.get(n))
+    three = run.results[names[3]]
+    three.img_s = round(1.0 / sum(1.0 / v for v in speeds.values()), 1)
+    chosen = [run.results[n] for n in names]
+    row = ensemble_row(chosen, [1.0] * 4, 0.9, 12.0, run.results)
+    assert three.img_s == 37.2 and row["predict_img_s"] == 37.2
+    assert row["recipe"].startswith("ensemble of the chosen (1 x lite1@272 crop 1 multilevel, ")
+    val_pass = 100 * 0.01 * rel_cost(three.cfg.backbone.name)   # not twice: the singles are parts of the three
+    embed = 1000 * 0.01 * rel_cost(three.cfg.backbone.name)     # the three's refit embeds through its own decode
+    fits = sum(run._refit_fits(s) for s in chosen)
+    assert run._refit_total(chosen) == pytest.approx(fits + embed + 5.0 + val_pass)
+
+
 def test_embedding_estimates_use_each_backbones_measured_speed():
     """The clock keeps each backbone's measured seconds per image: a `+` refit costs the sum of its parts'
     (each with its own decode: an upper bound, the multi-backbone decodes once), where scaling the last

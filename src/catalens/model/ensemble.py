@@ -12,11 +12,15 @@
 ``feature_dim``), ``predict_proba_features``, ``pixel_module`` — so none of them needs to
 know about ensembles:
 
-- ``backbone.module`` runs every distinct member backbone on the same decoded pixels and returns
-  their features side by side: members with the same backbone (the same fingerprint: weights,
-  input handling, pooling, TTA), e.g. a preset's searched head next to the recipe it was searched
-  on, share one embedding, so such an ensemble costs what one of them costs;
-- ``predict_proba_features`` splits that row back per member, runs each member's heads and
+- ``backbone.module`` runs every distinct backbone of the members on the same decoded pixels and
+  returns their features side by side: members with the same backbone (the same fingerprint:
+  weights, input handling, pooling, TTA), e.g. a preset's searched head next to the recipe it was
+  searched on, share one embedding, so such an ensemble costs what one of them costs. A member
+  whose backbone is several side by side (``a+b+c``, :mod:`catalens.embed.multi`) counts as its
+  parts: next to single members on the same backbones (a preset's blend of Lite0, Lite1, Lite2
+  and the three side by side) each backbone still runs once;
+- ``predict_proba_features`` splits that row back per member (its parts' blocks side by side),
+  runs each member's heads and
   returns the weighted mean of the member probabilities; given titles (``texts``), members
   trained with ``--text`` fuse them with their own image probabilities first (predict and
   evaluate do this; the server's one-graph ensemble is image-only and says so).
@@ -41,7 +45,7 @@ import torch
 from torch import nn
 
 from catalens.embed.backbones import Backbone
-from catalens.embed.multi import MemberInput, multi_backbone
+from catalens.embed.multi import MemberInput, MultiBackbone, multi_backbone
 from catalens.ingest.images import Preprocess
 from catalens.model.decode import Decoder
 from catalens.model.format import (FORMAT, MEMBERS_DIR, ModelDescription, ModelError, package_versions,
@@ -97,10 +101,10 @@ def normalise_weights(weights, n: int) -> list[float]:
 # ------------------------------------------------------------------ composite backbone
 @dataclass
 class EnsembleBackbone(Backbone):
-    """The composite backbone; its cache key combines the members' keys and input handling."""
+    """The composite backbone; its cache key combines the distinct backbones' keys and input handling."""
 
-    member_fingerprints: tuple[str, ...] = ()   # the distinct member backbones', in feature order
-    member_index: tuple[int, ...] = ()          # member i reads the features of distinct backbone [i]
+    member_fingerprints: tuple[str, ...] = ()      # the distinct backbones', in feature order
+    member_parts: tuple[tuple[int, ...], ...] = ()  # member i reads the blocks member_parts[i], side by side
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(repr((self.member_fingerprints, sorted(self.preprocess.to_dict(decoder=False).items()))).encode())
@@ -109,53 +113,64 @@ class EnsembleBackbone(Backbone):
     def describe(self) -> dict:
         return {"name": self.name, "arch": "ensemble", "feature_dim": self.feature_dim,
                 "weights_origin": self.weights_origin, "preprocess": self.preprocess.pinned().to_dict(),
-                "member_fingerprints": list(self.member_fingerprints), "member_index": list(self.member_index)}
+                "member_fingerprints": list(self.member_fingerprints),
+                "member_parts": [list(p) for p in self.member_parts]}
 
 
-def distinct_backbones(members: list) -> tuple[list[Backbone], list[int]]:
-    """The members' distinct backbones (by fingerprint, in order of first use) and, per member,
-    the index of its own among them."""
+def backbone_parts(backbone: Backbone) -> list[Backbone]:
+    """The backbones a member's features are made of: the parts of several side by side (whose
+    features are the parts' features concatenated), else the backbone itself (TTA included)."""
+    return list(backbone.members) if type(backbone) is MultiBackbone else [backbone]
+
+
+def distinct_backbones(members: list) -> tuple[list[Backbone], list[tuple[int, ...]]]:
+    """The members' distinct backbones (by fingerprint, in order of first use; a side-by-side
+    backbone counts as its parts) and, per member, the indices of the ones its features are made of."""
     first: dict[str, int] = {}
-    distinct, index = [], []
+    distinct, parts = [], []
     for m in members:
-        fp = m.backbone.fingerprint()
-        if fp not in first:
-            first[fp] = len(distinct)
-            distinct.append(m.backbone)
-        index.append(first[fp])
-    return distinct, index
+        own = []
+        for b in backbone_parts(m.backbone):
+            fp = b.fingerprint()
+            if fp not in first:
+                first[fp] = len(distinct)
+                distinct.append(b)
+            own.append(first[fp])
+        parts.append(tuple(own))
+    return distinct, parts
 
 
 def composite_backbone(members: list) -> EnsembleBackbone:
     """One backbone over the members' distinct backbones: decode once, each its own crop
     (catalens.embed.multi), each computed once however many members use it."""
-    distinct, index = distinct_backbones(members)
+    distinct, parts = distinct_backbones(members)
     joint = multi_backbone(distinct)
     name = "ensemble(" + "+".join(b.name for b in distinct) + ")"
     return EnsembleBackbone(name, "ensemble", joint.module, joint.preprocess, "members",
-                            tuple(b.fingerprint() for b in distinct), tuple(index))
+                            tuple(b.fingerprint() for b in distinct), tuple(parts))
 
 
 # ----------------------------------------------------------------------------- heads
 class EnsembleHead:
     """Weighted mean of the member heads' probabilities over side-by-side features: ``dims`` the
-    widths of the distinct backbones' blocks, ``index`` each member's block (default: its own)."""
+    widths of the distinct backbones' blocks, ``parts`` the blocks each member reads (default: its own)."""
 
     def __init__(self, heads: list, dims: list[int], weights: list[float], tasks: list[TaskInfo],
-                 index: list[int] | None = None) -> None:
+                 parts: list[tuple[int, ...]] | None = None) -> None:
         self.heads, self.dims, self.weights, self.tasks = heads, dims, weights, tasks
-        self.index = list(range(len(heads))) if index is None else list(index)
+        self.parts = [(i,) for i in range(len(heads))] if parts is None else [tuple(p) for p in parts]
 
     @property
     def classes_(self) -> dict[str, list[str]]:
         return {t.name: list(t.classes) for t in self.tasks}
 
     def split(self, X: np.ndarray) -> list[np.ndarray]:
+        """Per member, its features ``(n, D_member)`` out of the side-by-side row ``(n, sum dims)``."""
         if X.shape[1] != sum(self.dims):
             raise ValueError(f"ensemble features have {X.shape[1]} columns, expected {sum(self.dims)} "
                              f"({' + '.join(map(str, self.dims))})")
         blocks = np.split(X, np.cumsum(self.dims)[:-1], axis=1)
-        return [blocks[i] for i in self.index]
+        return [blocks[p[0]] if len(p) == 1 else np.hstack([blocks[i] for i in p]) for p in self.parts]
 
     def predict_proba(self, X: np.ndarray) -> dict[str, np.ndarray]:
         parts = [h.predict_proba(x) for h, x in zip(self.heads, self.split(X))]
@@ -182,22 +197,23 @@ def average_probabilities(parts: list[dict[str, np.ndarray]], weights: list[floa
 
 class EnsemblePixelModule(nn.Module):
     """Pixels → ``{task: weighted mean probabilities}`` in one graph (export, serving): each distinct
-    backbone runs once on its input, each member's heads read their backbone's features."""
+    backbone runs once on its input, each member's heads read its parts' features side by side."""
 
     def __init__(self, inputs: list[MemberInput], backbones: list[nn.Module], heads: list[nn.Module],
-                 index: list[int], weights: list[float]) -> None:
+                 parts: list[tuple[int, ...]], weights: list[float]) -> None:
         super().__init__()
         self.inputs = nn.ModuleList(inputs)         # per distinct backbone
         self.backbones = nn.ModuleList(backbones)   # per distinct backbone
         self.heads = nn.ModuleList(heads)           # per member: features -> {task: probabilities}
-        self.index = [int(i) for i in index]
+        self.parts = [tuple(int(i) for i in p) for p in parts]
         self.weights = [float(w) for w in weights]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = [b(f(x)) for f, b in zip(self.inputs, self.backbones)]   # [(n, D_j)]
         out: dict[str, torch.Tensor] = {}
-        for w, i, h in zip(self.weights, self.index, self.heads):
-            for k, v in h(feats[i]).items():
+        for w, p, h in zip(self.weights, self.parts, self.heads):
+            x_m = feats[p[0]] if len(p) == 1 else torch.cat([feats[i] for i in p], dim=1)   # (n, D_member)
+            for k, v in h(x_m).items():
                 out[k] = out[k] + w * v if k in out else w * v
         return out
 
@@ -216,7 +232,7 @@ class EnsembleModel:
         self.tasks = _shared_tasks(members)
         self.backbone = composite_backbone(members)
         self.head = EnsembleHead([m.head for m in members], self.backbone.module.dims, self.weights, self.tasks,
-                                 list(self.backbone.member_index))
+                                 list(self.backbone.member_parts))
         self.meta = dict(meta or {})
         self.meta.setdefault("backbone", self.backbone.describe())
         self.meta.setdefault("tasks", [t.to_dict() for t in self.tasks])
@@ -255,11 +271,10 @@ class EnsembleModel:
         return self.predict_proba_features(feats)
 
     def pixel_module(self) -> EnsemblePixelModule:
-        pixel = [m.pixel_module() for m in self.members]   # PixelModel: backbone + heads
-        index = list(self.backbone.member_index)
-        owner = [index.index(j) for j in range(len(self.backbone.module.dims))]   # a member of each distinct backbone
-        return EnsemblePixelModule(list(self.backbone.module.inputs), [pixel[i].backbone for i in owner],
-                                   [p.head for p in pixel], index, self.weights).eval()
+        joint = self.backbone.module   # ConcatExtractor over the distinct backbones (materialised)
+        heads = [m.pixel_module().head for m in self.members]   # per member: ProbabilityNet
+        return EnsemblePixelModule(list(joint.inputs), list(joint.members), heads, list(self.backbone.member_parts),
+                                   self.weights).eval()
 
     # ------------------------------------------------------------ persistence
     def save(self, folder: str | Path, sources: list[str | Path] | None = None) -> Path:

@@ -110,6 +110,16 @@ def features_key(r: Recipe) -> tuple:
             r.kind == "finetune")   # a fine-tuned backbone has weights of its own
 
 
+def embedding_units(s: "Scored", results: dict[str, "Scored"]) -> list["Scored"]:
+    """The recipes whose backbones an ensemble runs for ``s`` at predict time: a ``+`` recipe's (or a head
+    searched on one) members, each run once however many members use it (:mod:`catalens.model.ensemble`
+    shares a backbone between a side-by-side member and single ones), else ``s`` itself."""
+    r = s.recipe
+    if r.members and r.kind != "finetune" and all(m in results for m in r.members):
+        return [results[m] for m in r.members]
+    return [s]
+
+
 def rel_cost(spec: str) -> float:
     """Relative embedding cost of a backbone spec (``a@s+b@t``), Lite0 at 224 = 1."""
     total = 0.0

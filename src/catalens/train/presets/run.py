@@ -19,7 +19,7 @@ from catalens.train.presets.budget import (DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
-                                            all_square, candidate_recipes, features_key)
+                                            all_square, candidate_recipes, embedding_units, features_key)
 
 _logger = logging.getLogger(__name__)
 
@@ -258,7 +258,8 @@ class _PresetRun:
         cost = sum(self._refit_fits(x) for x in chosen) + sum(embeds.values()) + 5.0
         if len(chosen) > 1:
             n_val = int((self.pool.frame["split"] == "val").sum())
-            per_image = {features_key(x.recipe): self._pass_cost(x.cfg.backbone.name, x.recipe.tta) for x in chosen}
+            per_image = {features_key(u.recipe): self._pass_cost(u.cfg.backbone.name, u.recipe.tta)
+                         for x in chosen for u in embedding_units(x, self.results)}   # each backbone once
             cost += n_val * sum(per_image.values())
         return cost
 
@@ -657,7 +658,7 @@ class _PresetRun:
     def _write_leaderboard(self, chosen, weights, blend) -> None:
         rows = leaderboard_rows(self.results.values(), chosen, weights)
         if len(chosen) > 1:
-            rows.insert(0, ensemble_row(chosen, weights, blend, self.refit_seconds))
+            rows.insert(0, ensemble_row(chosen, weights, blend, self.refit_seconds, self.results))
         write_leaderboard(self.out, rows, self.log)
 
 
