@@ -15,7 +15,7 @@ exported runtime does) on the first ``--eager-photos``:
     its parts: how the blend predicted before);
 (c) the three side by side alone (the blend's member 3, a single model);
 
-with the test accuracy of each (photos that decoded, with a label) and the largest difference of a probability between
+with the test accuracy of each (as ``catalens evaluate`` counts it) and the largest difference of a probability between
 (a) and (b). Each is warmed on 8 photos first (its runtime exported and chosen, once per model).
 
     python benchmarks/bench_ensemble_share.py [--model runs/bench_presets/fashion-image/model]
@@ -55,8 +55,10 @@ def predict(model, cat, work: Path, runtime: str) -> tuple[float, dict, "object"
     res = predict_catalogue(model, cat, work / "pred.parquet", cfg, log=lambda *_: None)
     took = time.time() - t
     frame = pd.read_parquet(res.path)
-    answered = frame["problem"].isna()   # as catalens evaluate counts: photos that decoded, with a label
-    acc = {k: float((frame[k] == frame[f"true_{k}"])[answered & frame[f"true_{k}"].notna()].mean()) for k in TASKS}
+    classes = {t.name: list(t.classes) for t in model.tasks}
+    # as catalens evaluate counts: photos that decoded, labelled with one of the model's classes
+    counted = {k: frame["problem"].isna() & frame[f"true_{k}"].isin(classes[k]) for k in TASKS}
+    acc = {k: float((frame[k] == frame[f"true_{k}"])[counted[k]].mean()) for k in TASKS}
     return took, acc, frame
 
 

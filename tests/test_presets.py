@@ -913,4 +913,10 @@ def test_neg_log_loss_leaves_out_missing_labels_and_averages_the_tasks():
     cat = -(np.log(0.8) + np.log(0.5)) / 2
     tags = -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3
     assert neg_log_loss(tasks, Y, P) == pytest.approx(-(cat + tags) / 2)
-    assert neg_log_loss(tasks[:1], {"cat": np.array([0])}, {"cat": np.array([[0.0, 1.0]])}) == pytest.approx(np.log(1e-7))
+    # the class part is the report's log-loss (catalens.evaluate.metrics.log_loss): rows renormalised, clipped at 1e-15
+    one = tasks[:1]
+    assert neg_log_loss(one, {"cat": np.array([0])}, {"cat": np.array([[0.0, 1.0]])}) == pytest.approx(np.log(1e-15))
+    assert neg_log_loss(one, {"cat": np.array([0])}, {"cat": np.array([[0.2, 0.6]])}) == pytest.approx(np.log(0.25))
+    # the tags part clips at the blend's EPS (1e-7) on both sides
+    assert neg_log_loss(tasks[1:], {"tags": np.array([[1.0, 0.0]])}, {"tags": np.array([[0.0, 0.0]])}) \
+        == pytest.approx(np.log(1e-7) / 2)

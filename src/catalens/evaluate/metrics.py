@@ -111,8 +111,10 @@ def _topk_accuracy(y: np.ndarray, p: np.ndarray, k: int) -> float | None:
     return float((top == y[:, None]).any(axis=1).mean())
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float | None:
-    """Mean negative log probability of the true class (rows renormalised to sum to 1)."""
+def log_loss(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Mean negative log probability of the true class: ``y`` (n,) class indices, ``p`` (n, C) rows
+    renormalised to sum to 1, clipped at 1e-15; None without rows. The report's ``log_loss`` and the
+    preset blend's selection (:func:`catalens.train.presets.blend.neg_log_loss`) both use it."""
     if y.size == 0:
         return None
     p = np.asarray(p, dtype=np.float64)
@@ -171,7 +173,7 @@ def class_metrics(task: TaskInfo, y: np.ndarray, probs: np.ndarray, pred_index: 
         "top5_accuracy": _topk_accuracy(yt, p, 5), "top3_accuracy": _topk_accuracy(yt, p, 3),
         "macro_f1": _f(f1[seen].mean()) if n else None,
         "weighted_f1": _f(np.sum(f1 * support) / n) if n else None,
-        "log_loss": _log_loss(yt, p),
+        "log_loss": log_loss(yt, p),
         "ece": expected_calibration_error(confidence, yt == yp),
         **agreement_metrics(yt, yp, p),
         "per_class": _per_label(task.classes, precision, recall, f1, support, predicted),

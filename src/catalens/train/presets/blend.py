@@ -10,24 +10,27 @@ import numpy as np
 from catalens.train.presets.recipes import Scored, crop_mode
 
 
-#: probabilities are clipped to [EPS, 1 - EPS] before their log
+#: tags probabilities are clipped to [EPS, 1 - EPS] before their log (class tasks: the report's log-loss,
+#: :func:`catalens.evaluate.metrics.log_loss`)
 EPS = 1e-7
 
 
 def neg_log_loss(tasks, Y: dict, probs: dict) -> float:
-    """Minus the mean over tasks of their log-loss (higher is better): class tasks ``-log p`` of each
-    labelled row's class (rows labelled ``MISSING`` left out), tags tasks the binary cross-entropy of each
-    labelled (not NaN) tag. :func:`greedy_blend` selects by it."""
+    """Minus the mean over tasks of their log-loss (higher is better): class tasks the report's log-loss
+    (:func:`catalens.evaluate.metrics.log_loss`, rows labelled ``MISSING`` left out), tags tasks the binary
+    cross-entropy of each labelled (not NaN) tag. :func:`greedy_blend` selects by it."""
+    from catalens.evaluate.metrics import log_loss
     from catalens.tasks import MISSING
 
     losses = []
     for t in tasks:
-        y, p = np.asarray(Y[t.name]), np.clip(np.asarray(probs[t.name], dtype=np.float64), EPS, 1 - EPS)
+        y = np.asarray(Y[t.name])
         if t.kind == "class":
-            keep = y != MISSING
-            if keep.any():  # p (n, C), y (n,)
-                losses.append(-np.log(p[keep, y[keep]]).mean())
+            keep = y != MISSING   # p (n, C), y (n,): the report's log-loss
+            if keep.any():
+                losses.append(log_loss(y[keep], np.asarray(probs[t.name])[keep]))
         else:
+            p = np.clip(np.asarray(probs[t.name], dtype=np.float64), EPS, 1 - EPS)
             lab = ~np.isnan(y)  # p, y (n, T)
             if lab.any():
                 losses.append(-(y[lab] * np.log(p[lab]) + (1 - y[lab]) * np.log(1 - p[lab])).mean())
