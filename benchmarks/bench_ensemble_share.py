@@ -43,7 +43,7 @@ TASKS = ("articleType", "subCategory")
 
 def predict(model, cat, work: Path, runtime: str) -> tuple[float, dict, "object"]:
     """Seconds of ``predict_catalogue`` on ``cat`` from an empty cache with ``runtime``, test accuracy per task
-    (rows with a label), the table."""
+    (as ``catalens evaluate`` counts it), the table."""
     import pandas as pd
 
     from catalens.config import load_config

@@ -272,7 +272,7 @@ class EnsembleModel:
 
     def pixel_module(self) -> EnsemblePixelModule:
         joint = self.backbone.module   # ConcatExtractor over the distinct backbones (materialised)
-        heads = [m.pixel_module().head for m in self.members]   # per member: ProbabilityNet
+        heads = [m.probability_net() for m in self.members]   # per member: its features -> probabilities
         return EnsemblePixelModule(list(joint.inputs), list(joint.members), heads, list(self.backbone.member_parts),
                                    self.weights).eval()
 

@@ -86,10 +86,13 @@ class CatalensModel:
         (one title or None per row), fused with the titles (rows without one: image only)."""
         return self.decoder.fuse(self.head.predict_proba(features), texts)
 
+    def probability_net(self) -> ProbabilityNet:
+        """The heads as one torch module: backbone features ``(n, D)`` → ``{task: probabilities}``."""
+        return ProbabilityNet(self.head._check_fitted(), {t.name: t.kind for t in self.tasks})
+
     def pixel_module(self) -> PixelModel:
         """One torch module from pixels to probabilities (for export and serving)."""
-        kinds = {t.name: t.kind for t in self.tasks}
-        return PixelModel(materialize(self.backbone.module), ProbabilityNet(self.head._check_fitted(), kinds)).eval()
+        return PixelModel(materialize(self.backbone.module), self.probability_net()).eval()
 
     def save(self, folder: str | Path) -> Path:
         """Write the folder atomically (into a temporary sibling, then renamed)."""

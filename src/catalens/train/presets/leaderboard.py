@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from catalens.files import atomic_write_text
-from catalens.train.presets.recipes import Scored, embedding_units, features_key
+from catalens.train.presets.recipes import Scored, ensemble_units
 
 #: the leaderboard's first columns (per-task ``cv_<task>`` columns follow)
 COLUMNS = ["recipe", "cv_score", "fit_seconds", "predict_img_s", "weight", "status"]
@@ -35,7 +35,7 @@ def ensemble_row(chosen: list[Scored], weights: list[float], blend: float, refit
     """The leaderboard's first row for an ensemble of the chosen: members on the same backbone share
     one embedding (:mod:`catalens.model.ensemble`; a ``+`` recipe counts as its members, ``results``),
     so its speed counts each backbone once."""
-    speeds = list({features_key(u.recipe): u.img_s for s in chosen for u in embedding_units(s, results)}.values())
+    speeds = [u.img_s for u in ensemble_units(chosen, results)]
     return {"recipe": "ensemble of the chosen (" + ", ".join(f"{w:g} x {s.recipe.name}" for s, w in zip(chosen, weights))
             + ")", "cv_score": round(float(blend), 6), "fit_seconds": round(refit_seconds, 1),
             "predict_img_s": round(1.0 / sum(1.0 / v for v in speeds), 1) if all(speeds) else None,

@@ -110,14 +110,18 @@ def features_key(r: Recipe) -> tuple:
             r.kind == "finetune")   # a fine-tuned backbone has weights of its own
 
 
-def embedding_units(s: "Scored", results: dict[str, "Scored"]) -> list["Scored"]:
-    """The recipes whose backbones an ensemble runs for ``s`` at predict time: a ``+`` recipe's (or a head
-    searched on one) members, each run once however many members use it (:mod:`catalens.model.ensemble`
-    shares a backbone between a side-by-side member and single ones), else ``s`` itself."""
-    r = s.recipe
-    if r.members and r.kind != "finetune" and all(m in results for m in r.members):
-        return [results[m] for m in r.members]
-    return [s]
+def ensemble_units(chosen: list["Scored"], results: dict[str, "Scored"]) -> list["Scored"]:
+    """The recipes whose backbones an ensemble of ``chosen`` runs at predict time, each once (by
+    :func:`features_key`): a ``+`` recipe (or a head searched on one) counts as its members, whose backbones
+    :mod:`catalens.model.ensemble` shares with single members on the same ones."""
+    units: dict[tuple, "Scored"] = {}
+    for s in chosen:
+        r = s.recipe
+        parts = [results[m] for m in r.members] if r.members and r.kind != "finetune" and all(
+            m in results for m in r.members) else [s]
+        for u in parts:
+            units.setdefault(features_key(u.recipe), u)
+    return list(units.values())
 
 
 def rel_cost(spec: str) -> float:

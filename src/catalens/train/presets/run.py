@@ -19,7 +19,7 @@ from catalens.train.presets.budget import (DEFAULT_LIMIT, FIRST_GUESS_TITLE, TTA
 from catalens.train.presets.decoding import decoding_raises, decoding_scores, decoding_summary
 from catalens.train.presets.leaderboard import annotate, ensemble_row, leaderboard_rows, write_leaderboard
 from catalens.train.presets.recipes import (SEARCH_FIRST, SEARCHED, SEARCHED_MORE, SQUARE_SAMPLE, Recipe, Scored,
-                                            all_square, candidate_recipes, embedding_units, features_key)
+                                            all_square, candidate_recipes, ensemble_units, features_key)
 
 _logger = logging.getLogger(__name__)
 
@@ -258,9 +258,8 @@ class _PresetRun:
         cost = sum(self._refit_fits(x) for x in chosen) + sum(embeds.values()) + 5.0
         if len(chosen) > 1:
             n_val = int((self.pool.frame["split"] == "val").sum())
-            per_image = {features_key(u.recipe): self._pass_cost(u.cfg.backbone.name, u.recipe.tta)
-                         for x in chosen for u in embedding_units(x, self.results)}   # each backbone once
-            cost += n_val * sum(per_image.values())
+            units = ensemble_units(chosen, self.results)   # each backbone once
+            cost += n_val * sum(self._pass_cost(u.cfg.backbone.name, u.recipe.tta) for u in units)
         return cost
 
     def _pass_cost(self, spec: str, tta=()) -> float:
