@@ -108,7 +108,9 @@ def test_openvino_int8_calibrated_on_real_photos(lite0, tmp_path):
     px = _pixels(_real_photos(48), lite0.preprocess)
     fp, mod = lite0.fingerprint(), lite0.module
     with pytest.raises(RuntimeError, match=r"runtime 'openvino-int8' needs a model calibrated on real photos, and "
-                                           r".*-s224-int8.xml does not exist: run catalens.embed.runtimes"):
+                                           r".*-s224-int8.xml does not exist: run 'catalens export MODEL --openvino-int8' "
+                                           r"\(calibrates on the model's training photos; in Python "
+                                           r"catalens.embed.runtimes.quantize_openvino\(module, 224, pixels\)"):
         rt.make_runner("openvino-int8", mod, 224, cache_dir=tmp_path, fingerprint=fp)
     with pytest.raises(ValueError, match=r"calibration pixels must be uint8 \(n, 224, 224, 3\), got float32"):
         rt.quantize_openvino(mod, 224, px[:4].astype(np.float32), cache_dir=tmp_path, fingerprint=fp)
@@ -379,3 +381,68 @@ def test_auto_needs_a_clear_win_to_pick_a_lossy_runtime(tiny, tmp_path, monkeypa
     runner, entry = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint=f"fp-{picked}",
                                       candidates=["eager", "bf16"], budget_s=0.1)
     assert runner.name == entry["runtime"] == picked
+
+
+# ------------------------------------------------------------------ lossy runtimes and the embedding cache
+
+def test_runtime_precision_names_the_lossy_runtimes(tmp_path):
+    assert {n: rt.runtime_precision(n) for n in ("eager", "onnx", "openvino", "compile", "cuda", "bf16", "cuda-bf16",
+                                                 "openvino-int8", None)} == {
+        "eager": "fp32", "onnx": "fp32", "openvino": "fp32", "compile": "fp32", "cuda": "fp32", "bf16": "bf16",
+        "cuda-bf16": "bf16", "openvino-int8": "int8", None: "fp32"}
+    assert rt.planned_precision("openvino-int8", "fp", 224, 2, tmp_path) == "int8"
+    assert rt.planned_precision("auto", "fp", 224, 2, tmp_path) == "fp32"        # nothing remembered yet
+    rt._remember("fp", 224, 2, tmp_path, {"runtime": "bf16"})
+    assert rt.planned_precision("auto", "fp", 224, 2, tmp_path) == "bf16"        # auto's remembered choice
+    assert rt.planned_precision("auto", "fp", 224, 1, tmp_path) == "fp32"        # another thread count: not known
+
+
+def test_cache_folders_per_precision(tmp_path):
+    fp32 = EmbeddingCache(tmp_path, "fp", 4, jpeg="pillow")
+    assert fp32.precision == "fp32" and fp32.with_precision("fp32") is fp32 and fp32.dir == tmp_path / "fp"
+    bf16 = fp32.with_precision("bf16")
+    assert (bf16.dir, bf16.precision, bf16.decoder, bf16.dim) == (tmp_path / "fp+bf16", "bf16", "pillow", 4)
+    fp32.add(["a"], np.ones((1, 4), np.float32))
+    fp32.flush()
+    assert "a" in EmbeddingCache(tmp_path, "fp", 4, jpeg="pillow") and "a" not in bf16.with_precision("int8")
+
+
+def test_a_lossy_runtime_keeps_its_features_apart_in_the_cache(tiny, mixed, tmp_path):
+    """A bf16 run neither reads the fp32 features nor hands its own to an fp32 run; it reads its own back."""
+    cat, root, fp, dim = _catalogue(mixed), tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim
+
+    def run(runtime):
+        cfg = EngineConfig(workers=0, block_rows=8, batch_size=5, runtime=runtime, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # bf16 emulated on CPUs without native bf16
+            return embed_catalogue(cat, tiny, EmbeddingCache(root, fp, dim), cfg)
+
+    fp32 = run("eager")
+    bf16 = run("bf16")
+    ok = fp32.ok
+    assert ok.sum() == 22 and (bf16.ok == ok).all()
+    rel = np.abs(bf16.features[ok] - fp32.features[ok]).max() / np.abs(fp32.features[ok]).max()
+    assert rel > 1e-3, rel   # computed in bf16 (about 1% apart here), not read from the fp32 folder
+    base = EmbeddingCache(root, fp, dim).dir.name   # fp, or fp+simplejpeg where simplejpeg decodes
+    assert sorted(p.name for p in root.iterdir()) == [base, base + "+bf16"]
+    assert len(EmbeddingCache(root, fp, dim)) == 22 and len(EmbeddingCache(root, fp, dim, precision="bf16")) == 22
+    np.testing.assert_array_equal(run("bf16").features, bf16.features)   # read back from its own folder
+    np.testing.assert_array_equal(run("eager").features, fp32.features)  # the fp32 features untouched
+
+
+def test_a_first_auto_that_picks_a_lossy_runtime_writes_to_that_precision(tiny, mixed, tmp_path, monkeypatch):
+    """Before its first measurement auto is taken as fp32 (rows already cached are read from there); when it
+    picks bf16, the new features go to the bf16 folder, never to the fp32 one."""
+    cat, root, fp, dim = _catalogue(mixed), tmp_path / "cache", tiny.fingerprint(), tiny.feature_dim
+    cfg = EngineConfig(workers=0, block_rows=8, batch_size=5, runtime="auto", progress=False,
+                       runtime_dir=str(tmp_path / "rt"))
+    first = embed_catalogue(cat.subset(np.arange(10)), tiny, EmbeddingCache(root, fp, dim),
+                            EngineConfig(**{**cfg.__dict__, "runtime": "eager"}))
+    assert len(EmbeddingCache(root, fp, dim)) == 9   # rows 0-9, one of them empty
+    monkeypatch.setattr(engine_mod, "engine_runner",
+                        lambda *a, **k: rt.Runner("bf16", lambda b: np.full((len(b), dim), 7.0, np.float32)))
+    out = embed_catalogue(cat, tiny, EmbeddingCache(root, fp, dim), cfg)
+    assert (out.features[:10][first.ok] == first.features[first.ok]).all()   # cached fp32 rows, read
+    assert (out.features[10:][out.ok[10:]] == 7.0).all()                       # new rows from the bf16 runner
+    assert len(EmbeddingCache(root, fp, dim)) == 9                             # fp32 folder: nothing added
+    assert len(EmbeddingCache(root, fp, dim, precision="bf16")) == 13   # the 22 good photos less those 9

@@ -185,6 +185,46 @@ def test_cli_export_int8_measures_agreement_accuracy_and_speed(model_copy, capsy
     assert [t.name for t in m.tasks] == ["department", "category", "pattern"]
 
 
+def test_cli_export_openvino_int8_calibrates_the_runtime_predict_runs(model_copy, tmp_path, monkeypatch, capsys):
+    """`--runtime openvino-int8` refuses an uncalibrated model and names the command; `catalens export
+    --openvino-int8` calibrates it, measures it, and predict then runs it, its features cached apart (+int8)."""
+    import pandas as pd
+
+    from catalens.embed.runtimes import openvino_available
+
+    if not openvino_available():
+        pytest.skip("openvino not installed")
+    monkeypatch.setenv("CATALENS_CACHE", str(tmp_path / "runtime"))   # ONNX exports, int8 models
+    data = Path(json.loads((model_copy / "model.json").read_text())["data"]).parent
+    table = pd.read_csv(data / "products.csv", dtype=str)
+    photos = [str(p) for i in table.loc[table["split"] == "test", "id"] for p in (data / "images").glob(f"{i}*.jpg")]
+    assert len(photos) >= 20   # held-out photos: answers less sure than 1.0, so int8 moves them
+    cache = tmp_path / "cache"
+
+    def predict(runtime, out):
+        return main(["predict", str(model_copy), *photos, "--out", str(out), "--runtime", runtime, "--cache-dir",
+                     str(cache), "--no-progress"])
+
+    assert predict("openvino-int8", tmp_path / "refused.csv") == 2
+    assert "does not exist: run 'catalens export MODEL --openvino-int8'" in capsys.readouterr().err
+    assert main(["export", str(model_copy), "--openvino-int8", "--calibration-images", "32", "--eval-limit", "40"]) == 0
+    report = json.loads((model_copy / "onnx.json").read_text())["openvino_int8"]
+    assert report["images"] == 22   # the session model's whole test split (fewer than --eval-limit)
+    err = capsys.readouterr().err
+    assert "openvino-int8 vs openvino fp32 on 22 photos (test):\n  department: top-1 agreement" in err
+    assert report["calibration_images"] == 32 and report["runtime"] == "openvino-int8"
+    assert Path(report["file"]).exists() and Path(report["file"]).parent == tmp_path / "runtime" / "onnx"
+    cat_ = report["tasks"]["category"]
+    assert cat_["labelled"] == 22 and cat_["top1_agreement"] >= 0.6 and 1e-3 < cat_["max_abs_diff"] < 1, report
+    assert predict("eager", tmp_path / "fp32.csv") == 0
+    assert predict("openvino-int8", tmp_path / "int8.csv") == 0
+    fp32, int8 = pd.read_csv(tmp_path / "fp32.csv"), pd.read_csv(tmp_path / "int8.csv")
+    assert (fp32["path"] == int8["path"]).all() and int8["problem"].isna().all()
+    assert (fp32["category_prob"] - int8["category_prob"]).abs().max() > 1e-4   # int8's own features
+    fp32_dir, int8_dir = sorted(p.name for p in cache.iterdir())
+    assert int8_dir == fp32_dir + "+int8"   # int8 features cached apart from the fp32 ones
+
+
 def test_int8_without_calibration_data_says_what_to_do(model_copy, tmp_path):
     from catalens.export.quantize import quantize_int8
 

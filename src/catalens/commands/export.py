@@ -11,12 +11,16 @@ def register(sub) -> None:
                                    "class order. Writes MODEL/model.onnx and MODEL/onnx.json (tasks, class order, "
                                    "thresholds, preprocess, parity with torch). --int8 also writes "
                                    "MODEL/model.int8.onnx (static QDQ quantisation calibrated on training photos) "
-                                   "and reports its accuracy drop and speed-up.")
+                                   "and reports its accuracy drop and speed-up; --openvino-int8 calibrates the "
+                                   "openvino-int8 runtime of predict and evaluate the same way.")
     p.add_argument("model", help="model folder (from 'catalens train')")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
     p.add_argument("--out", metavar="FILE", help="graph to write (default MODEL/model.onnx, with --int8 "
                                                  "MODEL/model.int8.onnx); its description goes beside it as .json")
     p.add_argument("--int8", action="store_true", help="also quantise to int8 (static, QDQ)")
+    p.add_argument("--openvino-int8", action="store_true",
+                   help="also calibrate the openvino-int8 runtime for this model (what 'catalens predict / evaluate "
+                        "--runtime openvino-int8' run) on the calibration photos, and measure it against fp32")
     p.add_argument("--calibration", metavar="DATA", help="photos to calibrate int8 on (default: the model's "
                                                           "training data, train split)")
     p.add_argument("--calibration-images", type=positive_int, default=128, help="photos used for calibration (default 128)")
@@ -47,4 +51,9 @@ def run(args) -> int:
 
         quantize_int8(model, args.out, calibration=args.calibration, n_calibration=args.calibration_images,
                       eval_limit=args.eval_limit)
+    if args.openvino_int8:
+        from catalens.export.quantize import calibrate_openvino_int8
+
+        calibrate_openvino_int8(model, calibration=args.calibration, n_calibration=args.calibration_images,
+                                eval_limit=args.eval_limit)
     return rc

@@ -1,7 +1,7 @@
 """On-disk embedding cache: features computed once per (image content, backbone, preprocessing).
 
-Layout: ``CACHE_ROOT/<backbone fingerprint>[+simplejpeg]/part-NNNNN.keys.npy`` (content hashes, ``S32``) and
-``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is written atomically, embeddings first
+Layout: ``CACHE_ROOT/<backbone fingerprint>[+simplejpeg][+bf16|+int8]/part-NNNNN.keys.npy`` (content
+hashes, ``S32``) and ``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is written atomically, embeddings first
 and keys last, so an interrupted run leaves only complete parts and resumes from them.
 Reads memory-map the parts: opening a cache of millions of features costs only its keys.
 
@@ -13,7 +13,10 @@ warning naming the file and why, and its rows are recomputed by the run that ope
 
 Features decoded by libjpeg-turbo (simplejpeg) differ slightly from Pillow's (docs/engine.md), so
 they live in their own folder (``+simplejpeg``): a cache filled before simplejpeg was installed is
-never mixed with them.
+never mixed with them. Features computed by a lossy runtime (``bf16``, ``cuda-bf16``, ``openvino-int8``;
+:func:`catalens.embed.runtimes.runtime_precision`) live in a folder of their precision (``+bf16``,
+``+int8``): a run with such a runtime computes and reads its own features, and never hands them to an
+fp32 run (training, evaluation) as fp32 ones.
 """
 from __future__ import annotations
 
@@ -53,11 +56,14 @@ class EmbeddingCache:
     """Append-only store of ``hash -> feature vector`` for one backbone fingerprint."""
 
     def __init__(self, root: str | Path, fingerprint: str, dim: int, flush_every: int = 1024,
-                 jpeg: str = "auto") -> None:
+                 jpeg: str = "auto", precision: str = "fp32") -> None:
         from catalens.ingest.images import jpeg_decoder
 
         self.decoder = jpeg_decoder(jpeg)   # the JPEG decoder whose features this cache holds
-        self.dir = Path(root) / (fingerprint + ("+simplejpeg" if self.decoder == "simplejpeg" else ""))
+        self.precision = precision          # the runtime precision whose features it holds (fp32, bf16, int8)
+        self.root, self.fingerprint = Path(root), fingerprint
+        self.dir = self.root / (fingerprint + ("+simplejpeg" if self.decoder == "simplejpeg" else "")
+                                + ("" if precision == "fp32" else f"+{precision}"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.flush_every = flush_every
@@ -66,6 +72,14 @@ class EmbeddingCache:
         self._pending_keys: list[str] = []
         self._pending_emb: list[np.ndarray] = []
         self._load_index()
+
+    def with_precision(self, precision: str) -> "EmbeddingCache":
+        """This cache when it holds ``precision``'s features, else the sibling cache that does (same
+        root, backbone and decoder)."""
+        if precision == self.precision:
+            return self
+        return EmbeddingCache(self.root, self.fingerprint, self.dim, self.flush_every, jpeg=self.decoder,
+                              precision=precision)
 
     def _part_ids(self) -> list[int]:
         return sorted(int(p.name.split("-")[1].split(".")[0]) for p in self.dir.glob("part-*.keys.npy"))

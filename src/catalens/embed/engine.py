@@ -22,7 +22,7 @@ import torch
 from catalens.embed.backbones import Backbone
 from catalens.embed.cache import EmbeddingCache
 from catalens.embed.decode import Decoded, DecodeJob, decode_block, decode_one, init_worker
-from catalens.embed.runtimes import Runner, cuda_available, make_runner
+from catalens.embed.runtimes import Runner, cuda_available, make_runner, planned_precision, runtime_precision
 from catalens.ingest.catalogue import Catalogue
 from catalens.ingest.images import DEFAULT_MAX_PIXELS, jpeg_decoder
 from catalens.runtime import available_cpus, set_threads, streaming_malloc
@@ -220,6 +220,27 @@ def _views_runner(inner: Runner, views: tuple[str, ...]) -> Runner:
     return Runner(inner.name, run, {**inner.info, "views": list(views)})
 
 
+def _per_view(backbone: Backbone) -> tuple[tuple[str, ...], Backbone | None]:
+    """``(views, plain)`` when the engine runs ``backbone``'s plain network once per TTA view, else ``((), None)``."""
+    views, plain = tuple(getattr(backbone, "views", ()) or ()), getattr(backbone, "plain", None)
+    return (views, plain) if views and plain is not None and per_view(views) else ((), None)
+
+
+def runner_net(backbone: Backbone) -> Backbone:
+    """The backbone whose network :func:`engine_runner`'s runtime runs for ``backbone``: the plain one of a TTA
+    backbone of pixel views (run once per view), else ``backbone`` itself. Its fingerprint and input size name
+    the runtime's files (ONNX export, ``auto`` choice, ``openvino-int8`` calibration)."""
+    _, plain = _per_view(backbone)
+    return plain or backbone
+
+
+def cache_precision(backbone: Backbone, cfg: EngineConfig, threads: int) -> str:
+    """The precision of the features :func:`engine_runner` will compute for ``backbone`` (fp32, bf16, int8),
+    known before it is built (:func:`catalens.embed.runtimes.planned_precision`)."""
+    net = runner_net(backbone)
+    return planned_precision(cfg.runtime, net.fingerprint(), net.preprocess.input_size, threads, cfg.runtime_dir)
+
+
 def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = None,
                   fingerprint: str | None = None):
     """The inference runner ``cfg.runtime`` gives for ``backbone`` (cached for the last key). A TTA backbone
@@ -230,8 +251,8 @@ def engine_runner(backbone: Backbone, cfg: EngineConfig, threads: int | None = N
     hit = _RUNNER_CACHE.get(key)
     if hit is not None and hit[0]() is backbone.module:
         return hit[1]
-    views, plain = tuple(getattr(backbone, "views", ()) or ()), getattr(backbone, "plain", None)
-    if views and plain is not None and per_view(views):
+    views, plain = _per_view(backbone)
+    if views:
         runner = _views_runner(make_runner(cfg.runtime, plain.module, plain.preprocess.input_size, threads=threads,
                                            cache_dir=cfg.runtime_dir, fingerprint=plain.fingerprint()), views)
     else:
@@ -267,15 +288,21 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
     paths = cat.frame["path"]
     pl = plan(cfg, len(paths))
     set_threads(pl.threads)
+    if cache is not None:   # a lossy runtime's features are kept apart from the fp32 ones (catalens.embed.cache)
+        cache = cache.with_precision(cache_precision(backbone, cfg, pl.threads))
     known = frozenset(cache.keys()) if cache is not None and not keep_pixels else frozenset()
     device = _device_decode(cfg, backbone.preprocess, jpeg)
     job = DecodeJob(reader=cat.reader, pre=backbone.preprocess, known=known,
                     hash_content=cache is not None, max_pixels=cfg.max_pixels, jpeg=jpeg,
                     device_jpeg=device is not None)
     pool = _Pool(job, pl.workers, pl.decode)  # processes fork before the runtime starts its threads
-    bar = None
+    bar, store = None, cache   # store: where new features go (a first 'auto' may choose a lossy runtime)
     try:
         runner = engine_runner(backbone, cfg, pl.threads)
+        if cache is not None and runtime_precision(getattr(runner, "name", None)) != cache.precision:
+            store = cache.with_precision(runtime_precision(runner.name))
+            logger.info("runtime auto chose %s (%s features): new features go to %s; rows already in %s are "
+                        "read from it", runner.name, store.precision, store.dir, cache.dir)
         bar = _progress(len(paths), cfg.progress, f"embed {backbone.name} [{getattr(runner, 'name', cfg.runtime)}]")
         queue: deque = deque()
         pending = _blocks(paths, cfg.block_rows)
@@ -288,7 +315,8 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
             nxt = next(pending, None)
             if nxt is not None:
                 queue.append(pool.submit(nxt))
-            block = _features_for(decoded, runner, cache, backbone.feature_dim, cfg.batch_size, keep_pixels, device)
+            block = _features_for(decoded, runner, cache, backbone.feature_dim, cfg.batch_size, keep_pixels, device,
+                                  store=store)
             del decoded
             bar.update(len(block.rows))
             yield block
@@ -296,8 +324,8 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
         if bar is not None:
             bar.close()
         pool.close()
-        if cache is not None:
-            cache.flush()
+        for c in {id(c): c for c in (cache, store) if c is not None}.values():
+            c.flush()
 
 
 class _DeviceDecode:
@@ -357,9 +385,12 @@ def _refuse(datas, device):
 
 
 def _features_for(decoded: list[Decoded], runner, cache: EmbeddingCache | None, dim: int,
-                  batch_size: int, keep_pixels: bool, device: _DeviceDecode | None = None) -> Block:
-    """Run the backbone on decoded rows, fill cached rows from the cache; with ``device``, rows
-    left as JPEG bytes are decoded on the GPU first and their batches stay there."""
+                  batch_size: int, keep_pixels: bool, device: _DeviceDecode | None = None,
+                  store: EmbeddingCache | None = None) -> Block:
+    """Run the backbone on decoded rows, fill cached rows from ``cache`` and add the new ones to ``store``
+    (default ``cache``); with ``device``, rows left as JPEG bytes are decoded on the GPU first and their
+    batches stay there."""
+    store = store if store is not None else cache
     m = len(decoded)
     rows = np.array([d.row for d in decoded], dtype=np.int64)
     feats = np.zeros((m, dim), dtype=np.float32)
@@ -376,8 +407,8 @@ def _features_for(decoded: list[Decoded], runner, cache: EmbeddingCache | None, 
         out = runner(batch)                                           # (b, dim) float32
         feats[idx] = out
         ok[idx] = True
-        if cache is not None:
-            cache.add([decoded[i].key for i in idx], out)
+        if store is not None:
+            store.add([decoded[i].key for i in idx], out)
     hits = [i for i, d in enumerate(decoded) if d.cached]
     if hits:
         feats[hits] = cache.get([decoded[i].key for i in hits])

@@ -80,6 +80,25 @@ LOSSY_MIN_COSINE = {"bf16": 0.95, "cuda-bf16": 0.95}
 #: (bf16: -0.3 points on clothing-small), and ``auto``'s short measurement is noisy (bf16 measured
 #: 1.19x ONNX Runtime in ``auto`` but 0.73x sustained on the AMX machine of bench_precision)
 LOSSY_MARGIN = 1.3
+#: the precision of the features each lossy runtime computes; every other runtime computes fp32 ones
+#: (within ~1e-5 of eager, ~1e-3 for cuda's TF32). The embedding cache keeps each precision apart.
+LOSSY_PRECISION = {"bf16": "bf16", "cuda-bf16": "bf16", "openvino-int8": "int8"}
+
+
+def runtime_precision(name: str | None) -> str:
+    """``fp32``, ``bf16`` or ``int8``: the precision of the features runtime ``name`` computes."""
+    return LOSSY_PRECISION.get(name or "", "fp32")
+
+
+def planned_precision(runtime: str, fingerprint: str, size: int, threads: int, cache_dir=None) -> str:
+    """The precision runtime ``runtime`` will compute at, known before it is built: a named runtime's own;
+    ``auto``'s remembered choice for this backbone, size and thread count (:func:`remembered_choice`), else
+    ``fp32`` (a first ``auto`` measures after the decode workers started; the engine then writes the
+    features where the chosen runtime's precision says, :func:`catalens.embed.engine.stream_features`)."""
+    if runtime != "auto":
+        return runtime_precision(runtime)
+    entry = remembered_choice(fingerprint, size, threads, cache_dir) or {}
+    return runtime_precision(entry.get("runtime"))
 
 
 class Runner:
@@ -470,7 +489,7 @@ def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_di
     path, _ = _onnx_file(module, size, cache_dir, fingerprint)
     model = ov.Core().read_model(str(path))
     batches = [pixels[s:s + 8] for s in range(0, len(pixels), 8)]
-    q = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(pixels),
+    q = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),  # samples = batches of 8
                       fast_bias_correction=fast_bias_correction)
     out = openvino_int8_path(fingerprint, size, cache_dir)
     tmp = out.with_name(f"tmp{os.getpid()}-{out.name}")
@@ -493,8 +512,9 @@ def openvino_int8_runner(module: nn.Module, size: int, threads: int | None = Non
     path = openvino_int8_path(fingerprint, size, cache_dir)
     if not path.exists():
         raise RuntimeError(f"runtime 'openvino-int8' needs a model calibrated on real photos, and {path} does not "
-                           f"exist: run catalens.embed.runtimes.quantize_openvino(module, {size}, pixels) on a few "
-                           f"hundred decoded photos first (or use runtime 'openvino')")
+                           f"exist: run 'catalens export MODEL --openvino-int8' (calibrates on the model's training "
+                           f"photos; in Python catalens.embed.runtimes.quantize_openvino(module, {size}, pixels) on "
+                           f"a few hundred decoded photos), or use runtime 'openvino'")
     t0 = time.perf_counter()
     compiled = _ov_core(cache_dir).compile_model(str(path), "CPU", _ov_config(threads, streams, precision=None))
     return _ov_runner("openvino-int8", compiled, streams, {"path": str(path), "threads": threads, "streams": streams,

@@ -179,9 +179,92 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
 
 
 def format_report(r: dict) -> str:
-    lines = [f"int8 vs fp32 on {r['images']} photos ({r['split']}): speed {r['throughput_fp32_ips']:.1f} -> "
-             f"{r['throughput_int8_ips']:.1f} img/s (x{r['speedup']:.2f}, batch {r['speed_batch']}, "
-             f"{r['threads']} threads); size {r['fp32_bytes'] / 1e6:.1f} -> {r['bytes'] / 1e6:.1f} MB"]
+    head = (f"int8 vs fp32 on {r['images']} photos ({r['split']}): speed {r['throughput_fp32_ips']:.1f} -> "
+            f"{r['throughput_int8_ips']:.1f} img/s (x{r['speedup']:.2f}, batch {r['speed_batch']}, "
+            f"{r['threads']} threads); size {r['fp32_bytes'] / 1e6:.1f} -> {r['bytes'] / 1e6:.1f} MB")
+    return "\n".join([head] + _task_lines(r))
+
+
+# ----------------------------------------------------------------------------- the openvino-int8 runtime
+
+class _RuntimeProbs:
+    """``model``'s probabilities with its backbone run by the engine's ``runtime`` (what ``catalens predict
+    --runtime RUNTIME`` computes, TTA views included): the shape :func:`compare` reads."""
+
+    def __init__(self, model, runtime: str, runtime_dir=None) -> None:
+        from catalens.embed.engine import EngineConfig, engine_runner
+
+        self.model, self.tasks = model, model.tasks
+        self.runner = engine_runner(model.backbone, EngineConfig(runtime=runtime, runtime_dir=runtime_dir,
+                                                                 progress=False))
+
+    def run_hwc(self, pixels_hwc: np.ndarray) -> dict[str, np.ndarray]:   # (n, S, S, 3) uint8 -> {task: (n, C)}
+        feats = np.concatenate([self.runner(pixels_hwc[s:s + 32]) for s in range(0, len(pixels_hwc), 32)]) \
+            if len(pixels_hwc) else np.zeros((0, self.model.backbone.feature_dim), np.float32)
+        return self.model.predict_proba_features(feats)
+
+
+def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | None = None, n_calibration: int = 128,
+                            eval_data: str | Path | None = None, eval_limit: int | None = 400, seed: int = 0,
+                            runtime_dir: str | Path | None = None, log=None) -> dict:
+    """Make ``--runtime openvino-int8`` usable for MODEL: NNCF post-training quantisation of the network the engine
+    runs for its backbone (:func:`catalens.embed.runtimes.quantize_openvino`, into the runtime cache where predict,
+    evaluate and serve look), calibrated on up to ``n_calibration`` photos of the training split; then measured
+    against ``openvino`` fp32 on held-out photos (test split, else val) as :func:`compare` does. The report is
+    returned, logged, and stored under ``openvino_int8`` in ``MODEL/onnx.json`` when that file exists."""
+    log = log or _logger.info
+    from catalens.embed.engine import runner_net
+    from catalens.embed.runtimes import openvino_available, quantize_openvino
+    from catalens.model.load import load_model
+
+    if not openvino_available():
+        raise RuntimeError("the openvino-int8 runtime needs the openvino and nncf packages: pip install "
+                           "'catalens[fast]'")
+    t0 = time.time()
+    model_dir = Path(model_dir)
+    model = load_model(model_dir)
+    cat = _data_catalogue(calibration, model)
+    if cat is None:
+        raise ValueError(f"int8 calibration needs real photos: the model's training data "
+                         f"'{model.meta.get('data')}' cannot be opened; give --calibration DATA "
+                         f"(a photo folder or dataset file like the training data)")
+    calib, _, _ = decode_rows(cat, model.preprocess, ("train", None), n_calibration, seed=seed)
+    if len(calib) == 0:
+        raise ValueError(f"no decodable photos in '{calibration or model.meta.get('data')}' for calibration")
+    net = runner_net(model.backbone)   # (S, S, 3) uint8 pixels -> features, as the engine runs it
+    log(f"calibrating openvino-int8 for {net.name} on {len(calib)} photos of "
+        f"'{calibration or model.meta.get('data')}' (train split)")
+    path = quantize_openvino(net.module, net.preprocess.input_size, calib, cache_dir=runtime_dir,
+                             fingerprint=net.fingerprint())
+    ev_cat = _data_catalogue(eval_data, model) if eval_data is not None else cat
+    pixels, _, labels = decode_rows(ev_cat, model.preprocess, ("test", "val"), eval_limit, seed=seed + 1,
+                                    with_labels=model.tasks)
+    split_used = "test" if ev_cat.has_split("test") else "val"
+    if len(pixels) == 0:
+        pixels, labels, split_used = calib, None, "train (calibration photos; no test/val split)"
+    fp32 = _RuntimeProbs(model, "openvino", runtime_dir)
+    int8 = _RuntimeProbs(model, "openvino-int8", runtime_dir)
+    report = compare(fp32, int8, pixels, labels)
+    report.update(split=split_used, runtime="openvino-int8", file=str(path),
+                  calibration_images=int(len(calib)), calibration_data=str(calibration or model.meta.get("data")),
+                  seconds=round(time.time() - t0, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  versions=_versions())
+    side = sidecar_path(default_onnx_path(model_dir))
+    if side.exists():
+        info = json.loads(side.read_text())
+        info["openvino_int8"] = report
+        _write_json(side, info)
+    log(format_agreement(report, "openvino-int8 vs openvino fp32") + f"\n  wrote {path}")
+    return report
+
+
+def format_agreement(r: dict, title: str) -> str:
+    """A :func:`compare` report under ``title``: one line per task."""
+    return "\n".join([f"{title} on {r['images']} photos ({r['split']}):"] + _task_lines(r))
+
+
+def _task_lines(r: dict) -> list[str]:
+    lines = []
     for name, t in r["tasks"].items():
         if "top1_agreement" in t:
             s = f"  {name}: top-1 agreement {t['top1_agreement']:.3f}"
@@ -191,4 +274,4 @@ def format_report(r: dict) -> str:
         else:
             s = f"  {name}: tag decision agreement {t['decision_agreement']:.3f}"
         lines.append(s + f", max |diff| {t['max_abs_diff']:.3f}")
-    return "\n".join(lines)
+    return lines

@@ -220,6 +220,7 @@ class InferStage:
         import ray
 
         from catalens.embed.cache import EmbeddingCache
+        from catalens.embed.runtimes import runtime_precision
         from catalens.embed.engine import EngineConfig, engine_runner
         from catalens.runtime import set_threads
 
@@ -251,9 +252,12 @@ class InferStage:
         self.top_k = top_k
         self.return_features = return_features
         self.cache = None
+        # the driver's cache holds the requested runtime's precision; a lossy one chosen here by 'auto' keeps its own
+        own = runtime_precision(getattr(self.runner, "name", runtime))
+        self.share_new = own == runtime_precision(runtime)
         if cache_dir:
             try:  # read-only here: the driver is the cache's only writer
-                self.cache = EmbeddingCache(cache_dir, self.fingerprint, self.backbone.feature_dim)
+                self.cache = EmbeddingCache(cache_dir, self.fingerprint, self.backbone.feature_dim, precision=own)
             except OSError:
                 self.cache = None
         self.dim = self.backbone.feature_dim
@@ -288,7 +292,7 @@ class InferStage:
                 idx = todo[s:s + self.batch_size]
                 feats[idx] = self.runner(np.ascontiguousarray(pixels[idx]))
                 ok[idx] = True
-                new[idx] = True
+                new[idx] = self.share_new
         return feats, ok, new
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -381,6 +385,7 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     import ray
 
     from catalens.embed.cache import EmbeddingCache
+    from catalens.embed.runtimes import runtime_precision
     from catalens.model.load import load_model
     from catalens.model.predictor import output_schema, true_label_tasks
     from catalens.predict.predictor import PredictResult, write_product_predictions
@@ -393,8 +398,9 @@ def ray_predict_catalogue(model_folder: str | Path, cat, out: str | Path, cfg, o
     true_tasks = true_label_tasks(model.tasks, cat)
     schema = output_schema(model.tasks, true_tasks)
     fingerprint = model.backbone.fingerprint()
-    cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim,
-                           jpeg=model.backbone.preprocess.decoder()) if use_cache else None  # model.json's decoder
+    cache = EmbeddingCache(cfg.cache_dir, fingerprint, model.backbone.feature_dim,  # model.json's decoder
+                           jpeg=model.backbone.preprocess.decoder(),
+                           precision=runtime_precision(cfg.engine.runtime)) if use_cache else None
     files = _folder_files(folder)
     started, plan = _start(opts, log)
     parts = out.with_name(out.name + f".ray-parts{os.getpid()}")
@@ -475,6 +481,7 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
 
     from catalens.embed.factory import backbone_from_config
     from catalens.embed.cache import EmbeddingCache
+    from catalens.embed.runtimes import runtime_precision
     from catalens.ingest.open import open_catalogue
 
     opts = opts or RayOptions()
@@ -485,7 +492,8 @@ def ray_embed_to_folder(data, out: str | Path, cfg, opts: RayOptions | None = No
     backbone = backbone_from_config(cfg.backbone)
     fingerprint = backbone.fingerprint()
     dim = backbone.feature_dim
-    cache = EmbeddingCache(cfg.cache_dir, fingerprint, dim) if use_cache else None
+    cache = EmbeddingCache(cfg.cache_dir, fingerprint, dim, precision=runtime_precision(cfg.engine.runtime)) \
+        if use_cache else None
     state = save_tensors({k: v.contiguous() for k, v in backbone.module.net.state_dict().items()})
     started, plan = _start(opts, log)
     tmp = out / f"embeddings.npy.tmp{os.getpid()}"
