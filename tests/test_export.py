@@ -225,6 +225,34 @@ def test_cli_export_openvino_int8_calibrates_the_runtime_predict_runs(model_copy
     assert int8_dir == fp32_dir + "+int8"   # int8 features cached apart from the fp32 ones
 
 
+def test_compare_counts_the_answers_the_decoder_gives():
+    """With ``decode`` (the model's hierarchy decoding) agreement and accuracy count the decided answers;
+    the other class tasks their argmax."""
+    from catalens.export.quantize import compare
+    from catalens.tasks import TaskInfo
+
+    tasks = [TaskInfo("sub", "class", ["a", "b"]), TaskInfo("art", "class", ["x", "y", "z"])]
+
+    class Fixed:
+        def __init__(self, sub, art):
+            self.tasks, self.out = tasks, {"sub": np.array(sub, np.float32), "art": np.array(art, np.float32)}
+
+        def run_hwc(self, pixels):
+            return self.out
+
+    fp32 = Fixed([[0.9, 0.1], [0.4, 0.6]], [[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    int8 = Fixed([[0.8, 0.2], [0.6, 0.4]], [[0.3, 0.5, 0.2], [0.1, 0.2, 0.7]])
+    labels = {"sub": np.array([0, 1]), "art": np.array([1, 2])}
+    px = np.zeros((2, 4, 4, 3), np.uint8)
+    plain = compare(fp32, int8, px, labels)["tasks"]
+    assert (plain["sub"]["top1_agreement"], plain["art"]["top1_agreement"]) == (0.5, 0.5)
+    assert (plain["art"]["accuracy_fp32"], plain["art"]["accuracy_int8"]) == (0.5, 1.0)
+    decided = compare(fp32, int8, px, labels, decode=lambda p: {"art": np.array([1, 2])})["tasks"]   # decoder: y, z
+    assert decided["art"]["top1_agreement"] == 1.0 and decided["art"]["accuracy_fp32"] == 1.0
+    assert decided["sub"] == plain["sub"]   # not decided by the decoder: argmax
+    assert decided["art"]["max_abs_diff"] == pytest.approx(0.2)
+
+
 def test_int8_without_calibration_data_says_what_to_do(model_copy, tmp_path):
     from catalens.export.quantize import quantize_int8
 

@@ -77,22 +77,30 @@ def throughput(m: OnnxModel, pixels_hwc: np.ndarray, batch: int = 32, seconds: f
             return n / (time.perf_counter() - t0)
 
 
-def compare(fp32: OnnxModel, int8: OnnxModel, pixels_hwc: np.ndarray, labels: dict | None) -> dict:
-    """Agreement and accuracy of the int8 graph against the fp32 graph on the same photos."""
+def compare(fp32: OnnxModel, int8: OnnxModel, pixels_hwc: np.ndarray, labels: dict | None, decode=None) -> dict:
+    """Agreement and accuracy of the int8 graph against the fp32 graph on the same photos; ``decode``:
+    probabilities -> ``{class task: (n,) answer index}`` for the tasks it decides (e.g. the model's
+    ``decoder.decoded_index``: hierarchy decoding); each other class task's answer is its argmax."""
     a = fp32.run_hwc(pixels_hwc)
     b = int8.run_hwc(pixels_hwc)
+    classes = [t.name for t in fp32.tasks if t.kind == "class"]
+
+    def answers(p):
+        return {**{k: p[k].argmax(1) for k in classes}, **(decode(p) if decode is not None else {})}
+
+    ia, ib = (answers(a), answers(b)) if len(pixels_hwc) else ({}, {})
     out: dict = {"images": int(len(pixels_hwc)), "tasks": {}}
     for t in fp32.tasks:
         r: dict = {"max_abs_diff": float(np.abs(a[t.name] - b[t.name]).max()) if len(pixels_hwc) else 0.0}
         if t.kind == "class":
-            r["top1_agreement"] = float((a[t.name].argmax(1) == b[t.name].argmax(1)).mean())
+            r["top1_agreement"] = float((ia[t.name] == ib[t.name]).mean()) if len(pixels_hwc) else 1.0
             if labels is not None and t.name in labels:
                 y = labels[t.name]
                 known = y >= 0
                 if known.any():
                     r["labelled"] = int(known.sum())
-                    r["accuracy_fp32"] = float((a[t.name].argmax(1)[known] == y[known]).mean())
-                    r["accuracy_int8"] = float((b[t.name].argmax(1)[known] == y[known]).mean())
+                    r["accuracy_fp32"] = float((ia[t.name][known] == y[known]).mean())
+                    r["accuracy_int8"] = float((ib[t.name][known] == y[known]).mean())
                     r["accuracy_drop"] = r["accuracy_fp32"] - r["accuracy_int8"]
         else:
             thr = t.threshold_array()[None, :]
@@ -244,7 +252,7 @@ def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | 
         pixels, labels, split_used = calib, None, "train (calibration photos; no test/val split)"
     fp32 = _RuntimeProbs(model, "openvino", runtime_dir)
     int8 = _RuntimeProbs(model, "openvino-int8", runtime_dir)
-    report = compare(fp32, int8, pixels, labels)
+    report = compare(fp32, int8, pixels, labels, decode=model.decoder.decoded_index)   # the answers predict gives
     report.update(split=split_used, runtime="openvino-int8", file=str(path),
                   calibration_images=int(len(calib)), calibration_data=str(calibration or model.meta.get("data")),
                   seconds=round(time.time() - t0, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
