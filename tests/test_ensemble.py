@@ -188,6 +188,8 @@ def test_model_folder_tta_is_honoured_on_load(models, tmp_path):
     px = _px(2)
     p_tta, p_plain = _member_probs(m, px), _member_probs(plain, px)
     assert not np.allclose(p_tta["label"], p_plain["label"])
+    name = m.backbone.name   # beside its plain self in an ensemble, the TTA member is named apart
+    assert EnsembleModel([plain, m]).backbone.name == f"ensemble({name}+{name} tta:hflip,zoom)"
 
 
 def test_ensemble_of_title_models_fuses_each_members_titles(tmp_path_factory):

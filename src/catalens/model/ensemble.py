@@ -145,7 +145,8 @@ def composite_backbone(members: list) -> EnsembleBackbone:
     (catalens.embed.multi), each computed once however many members use it."""
     distinct, parts = distinct_backbones(members)
     joint = multi_backbone(distinct)
-    name = "ensemble(" + "+".join(b.name for b in distinct) + ")"
+    name = "ensemble(" + "+".join(b.name + (f" tta:{','.join(b.views)}" if getattr(b, "views", None) else "")
+                                  for b in distinct) + ")"   # a TTA member is named apart from its plain backbone
     return EnsembleBackbone(name, "ensemble", joint.module, joint.preprocess, "members",
                             tuple(b.fingerprint() for b in distinct), tuple(parts))
 
