@@ -109,6 +109,31 @@ def compare(fp32: OnnxModel, int8: OnnxModel, pixels_hwc: np.ndarray, labels: di
     return out
 
 
+def _calibration(model, calibration, n: int, seed: int):
+    """``(catalogue, pixels)``: up to ``n`` decoded photos of the train split of ``calibration`` (default: the
+    data the model was trained on); a clear error when there are none."""
+    cat = _data_catalogue(calibration, model)
+    if cat is None:
+        raise ValueError(f"int8 calibration needs real photos: the model's training data "
+                         f"'{model.meta.get('data')}' cannot be opened; give --calibration DATA "
+                         f"(a photo folder or dataset file like the training data)")
+    calib, _, _ = decode_rows(cat, model.preprocess, ("train", None), n, seed=seed)
+    if len(calib) == 0:
+        raise ValueError(f"no decodable photos in '{calibration or model.meta.get('data')}' for calibration")
+    return cat, calib
+
+
+def _held_out(model, eval_data, cat, calib: np.ndarray, limit: int | None, seed: int):
+    """``(pixels, labels, split)`` to measure int8 on: up to ``limit`` photos of the test split of ``eval_data``
+    (default ``cat``), else its val split; without either, the calibration photos (the report says so)."""
+    ev_cat = _data_catalogue(eval_data, model) if eval_data is not None else cat
+    pixels, _, labels = decode_rows(ev_cat, model.preprocess, ("test", "val"), limit, seed=seed + 1,
+                                    with_labels=model.tasks)
+    if len(pixels) == 0:
+        return calib, None, "train (calibration photos; no test/val split)"
+    return pixels, labels, "test" if ev_cat.has_split("test") else "val"
+
+
 def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calibration: str | Path | None = None,
                   n_calibration: int = 128, eval_data: str | Path | None = None, eval_limit: int | None = 400,
                   speed_seconds: float = 3.0, reduce_range: bool | None = None, per_channel: bool = True,
@@ -126,14 +151,7 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
     model = load_model(model_dir)
     out = Path(out) if out is not None else default_onnx_path(model_dir, int8=True)
     pre = model.preprocess
-    cat = _data_catalogue(calibration, model)
-    if cat is None:
-        raise ValueError(f"int8 calibration needs real photos: the model's training data "
-                         f"'{model.meta.get('data')}' cannot be opened; give --calibration DATA "
-                         f"(a photo folder or dataset file like the training data)")
-    calib, _, _ = decode_rows(cat, pre, ("train", None), n_calibration, seed=seed)
-    if len(calib) == 0:
-        raise ValueError(f"no decodable photos in '{calibration or model.meta.get('data')}' for calibration")
+    cat, calib = _calibration(model, calibration, n_calibration, seed)
     log(f"calibrating on {len(calib)} photos of '{calibration or model.meta.get('data')}' (train split)")
     if reduce_range is None:
         reduce_range = not cpu_has_vnni()
@@ -160,11 +178,7 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
     fp32, int8 = OnnxModel(fp32_path), OnnxModel(out)
-    ev_cat = _data_catalogue(eval_data, model) if eval_data is not None else cat
-    pixels, _, labels = decode_rows(ev_cat, pre, ("test", "val"), eval_limit, seed=seed + 1, with_labels=model.tasks)
-    split_used = "test" if ev_cat.has_split("test") else "val"
-    if len(pixels) == 0:  # no held-out split: compare on calibration photos (said so in the report)
-        pixels, labels, split_used = calib, None, "train (calibration photos; no test/val split)"
+    pixels, labels, split_used = _held_out(model, eval_data, cat, calib, eval_limit, seed)
     report = compare(fp32, int8, pixels, labels)
     report["split"] = split_used
     speed_px = pixels if len(pixels) else calib
@@ -231,25 +245,13 @@ def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | 
     t0 = time.time()
     model_dir = Path(model_dir)
     model = load_model(model_dir)
-    cat = _data_catalogue(calibration, model)
-    if cat is None:
-        raise ValueError(f"int8 calibration needs real photos: the model's training data "
-                         f"'{model.meta.get('data')}' cannot be opened; give --calibration DATA "
-                         f"(a photo folder or dataset file like the training data)")
-    calib, _, _ = decode_rows(cat, model.preprocess, ("train", None), n_calibration, seed=seed)
-    if len(calib) == 0:
-        raise ValueError(f"no decodable photos in '{calibration or model.meta.get('data')}' for calibration")
+    cat, calib = _calibration(model, calibration, n_calibration, seed)
     net = runner_net(model.backbone)   # (S, S, 3) uint8 pixels -> features, as the engine runs it
     log(f"calibrating openvino-int8 for {net.name} on {len(calib)} photos of "
         f"'{calibration or model.meta.get('data')}' (train split)")
     path = quantize_openvino(net.module, net.preprocess.input_size, calib, cache_dir=runtime_dir,
                              fingerprint=net.fingerprint())
-    ev_cat = _data_catalogue(eval_data, model) if eval_data is not None else cat
-    pixels, _, labels = decode_rows(ev_cat, model.preprocess, ("test", "val"), eval_limit, seed=seed + 1,
-                                    with_labels=model.tasks)
-    split_used = "test" if ev_cat.has_split("test") else "val"
-    if len(pixels) == 0:
-        pixels, labels, split_used = calib, None, "train (calibration photos; no test/val split)"
+    pixels, labels, split_used = _held_out(model, eval_data, cat, calib, eval_limit, seed)
     fp32 = _RuntimeProbs(model, "openvino", runtime_dir)
     int8 = _RuntimeProbs(model, "openvino-int8", runtime_dir)
     report = compare(fp32, int8, pixels, labels, decode=model.decoder.decoded_index)   # the answers predict gives
