@@ -150,7 +150,6 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
     fp32_path = ensure_onnx(model_dir, log=log)
     model = load_model(model_dir)
     out = Path(out) if out is not None else default_onnx_path(model_dir, int8=True)
-    pre = model.preprocess
     cat, calib = _calibration(model, calibration, n_calibration, seed)
     log(f"calibrating on {len(calib)} photos of '{calibration or model.meta.get('data')}' (train split)")
     if reduce_range is None:
