@@ -223,6 +223,13 @@ def test_cli_export_openvino_int8_calibrates_the_runtime_predict_runs(model_copy
     assert (fp32["category_prob"] - int8["category_prob"]).abs().max() > 1e-4   # int8's own features
     fp32_dir, int8_dir = sorted(p.name for p in cache.iterdir())
     assert int8_dir == fp32_dir + "+int8"   # int8 features cached apart from the fp32 ones
+    # catalens evaluate through the runtime: the test photos' int8 answers, and its report says so
+    assert main(["evaluate", str(model_copy), str(data / "dataset.yaml"), "--report", str(tmp_path / "ev"),
+                 "--runtime", "openvino-int8", "--cache-dir", str(cache), "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["context"]["runtime"] == ("openvino-int8 (int8 features: answers can differ from fp32's; catalens "
+                                        "export --openvino-int8 measures by how much)")
+    assert ev["category"]["n"] == 22 and ev["category"]["accuracy"] == pytest.approx(cat_["accuracy_int8"], abs=0.05)
 
 
 def test_compare_counts_the_answers_the_decoder_gives():

@@ -123,6 +123,16 @@ def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarr
     return {r: overlay(p, h) for r, p, h in zip(keep, pix, heat)}
 
 
+def _runtime_note(runtime: str) -> str:
+    """The runtime that computed the features, and when it is lossy that the answers are its own."""
+    from catalens.embed.runtimes import runtime_precision
+
+    precision = runtime_precision(runtime)
+    return runtime if precision == "fp32" else (f"{runtime} ({precision} features: answers can differ from fp32's; "
+                                                 f"catalens export --openvino-int8 measures by how much)"
+                                                 if precision == "int8" else f"{runtime} ({precision} features)")
+
+
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,
                    log=None) -> EvalResult:
     """Evaluate the model folder on ``data`` and write the report folder."""
@@ -167,7 +177,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Pa
     context = {"model": str(model_dir), "data": str(data), "rows": which, "images": len(cat),
                "excluded": int((~ok).sum()), "problems": problems[:100],
                "unknown_labels": cat.meta.get("unknown_labels", {}),
-               "backbone": model.meta["backbone"]["name"], "seconds": round(time.time() - t0, 1)}
+               "backbone": model.meta["backbone"]["name"], "runtime": _runtime_note(cfg.engine.runtime),
+               "seconds": round(time.time() - t0, 1)}
     refit = model.meta.get("refit_full")
     if refit:  # data.refit_full: photos of its train and val splits are in-sample
         context["refit_full"] = (f"fitted again on train + val ({refit['rows']} photos)" if "rows" in refit else
