@@ -64,8 +64,8 @@ def measure(name: str, cache: Path) -> dict:
     from catalens.train.presets import LOGREG
 
     quiet = lambda *a: None  # noqa: E731
-    three = K.prepare(DATASETS[name], config(cache, THREE, dict(LOGREG)), log=quiet, classes_from="pool")
     cfg = config(cache, THREE, dict(LOGREG))
+    three = K.prepare(DATASETS[name], cfg, log=quiet, classes_from="pool")
     parts = K.fold_parts(three, K.product_folds(three.cat, FOLDS, cfg.seed), FOLDS, cfg)
     task, y = MAIN_TASK[name], three.Y[MAIN_TASK[name]]
     out, probs, start = {"n": 0, "singles": {}}, {w: [] for w in WAYS}, 0

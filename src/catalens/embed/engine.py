@@ -324,8 +324,10 @@ def stream_features(cat: Catalogue, backbone: Backbone, cache: EmbeddingCache | 
         if bar is not None:
             bar.close()
         pool.close()
-        for c in {id(c): c for c in (cache, store) if c is not None}.values():
-            c.flush()
+        if cache is not None:
+            cache.flush()
+        if store is not cache:   # a first 'auto' that chose a lossy runtime wrote to its own folder
+            store.flush()
 
 
 class _DeviceDecode:

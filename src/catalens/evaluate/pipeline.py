@@ -128,9 +128,12 @@ def _runtime_note(runtime: str) -> str:
     from catalens.embed.runtimes import runtime_precision
 
     precision = runtime_precision(runtime)
-    return runtime if precision == "fp32" else (f"{runtime} ({precision} features: answers can differ from fp32's; "
-                                                 f"catalens export --openvino-int8 measures by how much)"
-                                                 if precision == "int8" else f"{runtime} ({precision} features)")
+    if precision == "fp32":
+        return runtime
+    if precision == "int8":
+        return (f"{runtime} (int8 features: answers can differ from fp32's; catalens export --openvino-int8 "
+                f"measures by how much)")
+    return f"{runtime} ({precision} features)"
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, report_dir: str | Path, cfg: Config,

@@ -134,6 +134,15 @@ def _held_out(model, eval_data, cat, calib: np.ndarray, limit: int | None, seed:
     return pixels, labels, "test" if ev_cat.has_split("test") else "val"
 
 
+def _add_to_sidecar(graph: Path, key: str, report: dict) -> None:
+    """Store ``report`` under ``key`` in the description beside ``graph`` (``onnx.json``), when there is one."""
+    side = sidecar_path(graph)
+    if side.exists():
+        info = json.loads(side.read_text())
+        info[key] = report
+        _write_json(side, info)
+
+
 def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calibration: str | Path | None = None,
                   n_calibration: int = 128, eval_data: str | Path | None = None, eval_limit: int | None = 400,
                   speed_seconds: float = 3.0, reduce_range: bool | None = None, per_channel: bool = True,
@@ -190,11 +199,7 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
                   speed_batch=32, threads=fp32.threads, seconds=round(time.time() - t0, 1),
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), versions=_versions())
     _write_json(sidecar_path(out), {"description": read_description(out), "int8": report})
-    side = sidecar_path(fp32_path)
-    if side.exists():
-        info = json.loads(side.read_text())
-        info["int8"] = report
-        _write_json(side, info)
+    _add_to_sidecar(fp32_path, "int8", report)
     log(format_report(report))
     return report
 
@@ -258,11 +263,7 @@ def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | 
                   calibration_images=int(len(calib)), calibration_data=str(calibration or model.meta.get("data")),
                   seconds=round(time.time() - t0, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   versions=_versions())
-    side = sidecar_path(default_onnx_path(model_dir))
-    if side.exists():
-        info = json.loads(side.read_text())
-        info["openvino_int8"] = report
-        _write_json(side, info)
+    _add_to_sidecar(default_onnx_path(model_dir), "openvino_int8", report)
     log(format_agreement(report, "openvino-int8 vs openvino fp32") + f"\n  wrote {path}")
     return report
 
