@@ -79,6 +79,23 @@ def test_truncated_cache_part_is_set_aside_with_a_warning(tmp_path, caplog):
     assert not emb.exists() and len(list((d / "bad").glob("part-00001.*"))) == 2  # kept, not deleted
 
 
+def test_a_cache_is_read_on_first_use_not_when_opened(tmp_path, caplog):
+    """Opening a cache reads and creates nothing (a lossy run opens the fp32 one only to find its sibling)."""
+    d = _cache_with_two_parts(tmp_path)
+    emb = d / "part-00001.emb.npy"
+    emb.write_bytes(emb.read_bytes()[:-5])
+    with caplog.at_level(logging.WARNING, "catalens.embed.cache"):
+        c = EmbeddingCache(tmp_path, "fp", 4)
+        other = EmbeddingCache(tmp_path, "other", 4)
+        assert emb.exists() and not caplog.records and not other.dir.exists()
+        assert "c" not in c and "a" in c                          # first use: checked, the bad part set aside
+        assert not emb.exists() and "set aside" in caplog.text
+    assert len(other) == 0 and not other.dir.exists()
+    other.add(["x"], np.ones((1, 4), np.float32))
+    other.flush()
+    assert EmbeddingCache(tmp_path, "other", 4).keys() == {"x"}
+
+
 def test_nan_rows_in_a_cache_part_are_found_even_after_verification(tmp_path, caplog):
     d = _cache_with_two_parts(tmp_path)
     assert EmbeddingCache(tmp_path, "fp", 4).keys() == {"a", "b", "c", "d"}  # verified once

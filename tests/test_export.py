@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from catalens.cli import main
+from catalens.embed.runtimes import has_vnni
 
 SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -213,6 +214,7 @@ def test_cli_export_openvino_int8_calibrates_the_runtime_predict_runs(model_copy
     err = capsys.readouterr().err
     assert "openvino-int8 vs openvino fp32 on 22 photos (test):\n  department: top-1 agreement" in err
     assert report["calibration_images"] == 32 and report["runtime"] == "openvino-int8"
+    assert report["overflow_fix"] is (not has_vnni())   # 7-bit weights where int8 sums saturate (no VNNI)
     assert Path(report["file"]).exists() and Path(report["file"]).parent == tmp_path / "runtime" / "onnx"
     cat_ = report["tasks"]["category"]
     assert cat_["labelled"] == 22 and cat_["top1_agreement"] >= 0.6 and 1e-3 < cat_["max_abs_diff"] < 1, report

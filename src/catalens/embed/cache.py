@@ -5,8 +5,8 @@ hashes, ``S32``) and ``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is wr
 and keys last, so an interrupted run leaves only complete parts and resumes from them.
 Reads memory-map the parts: opening a cache of millions of features costs only its keys.
 
-Parts are checked when the cache is opened: both files readable, the feature file exactly as long
-as its header says, one row per key, ``dim`` columns, every value finite. The finite-value scan
+Parts are checked when the cache is first used (opening it reads nothing): both files readable, the
+feature file exactly as long as its header says, one row per key, ``dim`` columns, every value finite. The finite-value scan
 runs once per part: ``verified.json`` records each checked part's size and modification time, so a
 part changed afterwards (or never checked) is scanned again. A bad part is moved to ``bad/`` with a
 warning naming the file and why, and its rows are recomputed by the run that opened the cache.
@@ -64,14 +64,21 @@ class EmbeddingCache:
         self.root, self.fingerprint = Path(root), fingerprint
         self.dir = self.root / (fingerprint + ("+simplejpeg" if self.decoder == "simplejpeg" else "")
                                 + ("" if precision == "fp32" else f"+{precision}"))
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.flush_every = flush_every
-        self._index: dict[str, tuple[int, int]] = {}
+        self._loaded: dict[str, tuple[int, int]] | None = None   # the index, read (and checked) on first use
         self._parts: dict[int, np.ndarray] = {}
         self._pending_keys: list[str] = []
         self._pending_emb: list[np.ndarray] = []
-        self._load_index()
+
+    @property
+    def _index(self) -> dict[str, tuple[int, int]]:
+        """``key -> (part, row)`` of the parts on disk. Read on first use, so a cache that is opened and never
+        used (the fp32 sibling of a lossy run's, :meth:`with_precision`) costs nothing and creates no folder."""
+        if self._loaded is None:
+            self._loaded = {}
+            self._load_index()
+        return self._loaded
 
     def with_precision(self, precision: str) -> "EmbeddingCache":
         """This cache when it holds ``precision``'s features, else the sibling cache that does (same
@@ -192,6 +199,7 @@ class EmbeddingCache:
         """Write queued embeddings as a new part (atomic: embeddings, then keys)."""
         if not self._pending_keys:
             return
+        index = self._index   # read before the new part is on disk
         pid = (self._part_ids() or [-1])[-1] + 1
         while (self.dir / f"part-{pid:05d}.keys.npy").exists():
             pid += 1
@@ -206,10 +214,11 @@ class EmbeddingCache:
                 self._pending_emb = []
                 return
         keys = np.array([k.encode() for k in self._pending_keys], dtype="S32")
+        self.dir.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.dir / f"part-{pid:05d}.emb.npy", emb)
         _atomic_save(self.dir / f"part-{pid:05d}.keys.npy", keys)
         for row, k in enumerate(self._pending_keys):
-            self._index[k] = (pid, row)
+            index[k] = (pid, row)
         self._stamp(pid)
         self._pending_keys, self._pending_emb = [], []
 

@@ -14,7 +14,8 @@ batch-32 throughput of both graphs on this machine. The report is stored in
 ``model.int8.json`` and under ``int8`` in ``onnx.json``.
 
 CPUs with AVX2 but no VNNI compute u8 x s8 products with saturating 16-bit sums; weights use
-``reduce_range`` (7 bits) there to stay exact, as ONNX Runtime recommends.
+``reduce_range`` (7 bits) there to stay exact, as ONNX Runtime recommends (the openvino-int8 runtime likewise
+calibrates with NNCF's overflow fix on every layer there: ``overflow_fix`` in its report).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import numpy as np
 from catalens.export.onnx import (INPUT_NAME, OnnxModel, _data_catalogue, _set_metadata, _versions, _write_json,
                                   decode_rows, default_onnx_path, ensure_onnx, file_sha256, read_description,
                                   sidecar_path, to_nchw)
+from catalens.embed.runtimes import has_vnni
 from catalens.files import apply_umask_mode
 
 _logger = logging.getLogger(__name__)
@@ -38,14 +40,6 @@ _logger = logging.getLogger(__name__)
 # the backbone's ops; the heads (Gemm after the pooled features) and softmax/sigmoid stay float:
 # they are a tiny part of the compute and carry the calibrated probabilities
 QUANTIZED_OPS = ("Conv", "Add", "Clip", "Relu", "GlobalAveragePool")
-
-
-def cpu_has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 class _Reader:
@@ -162,7 +156,7 @@ def quantize_int8(model_dir: str | Path, out: str | Path | None = None, *, calib
     cat, calib = _calibration(model, calibration, n_calibration, seed)
     log(f"calibrating on {len(calib)} photos of '{calibration or model.meta.get('data')}' (train split)")
     if reduce_range is None:
-        reduce_range = not cpu_has_vnni()
+        reduce_range = not has_vnni()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
         prep = Path(tmpdir) / "prep.onnx"
         try:
@@ -253,15 +247,17 @@ def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | 
     net = runner_net(model.backbone)   # (S, S, 3) uint8 pixels -> features, as the engine runs it
     log(f"calibrating openvino-int8 for {net.name} on {len(calib)} photos of "
         f"'{calibration or model.meta.get('data')}' (train split)")
+    fix = not has_vnni()   # 7-bit weights in every layer where int8 sums saturate (no VNNI)
     path = quantize_openvino(net.module, net.preprocess.input_size, calib, cache_dir=runtime_dir,
-                             fingerprint=net.fingerprint())
+                             fingerprint=net.fingerprint(), overflow_fix=fix)
     pixels, labels, split_used = _held_out(model, eval_data, cat, calib, eval_limit, seed)
     fp32 = _RuntimeProbs(model, "openvino", runtime_dir)
     int8 = _RuntimeProbs(model, "openvino-int8", runtime_dir)
     report = compare(fp32, int8, pixels, labels, decode=model.decoder.decoded_index)   # the answers predict gives
     report.update(split=split_used, runtime="openvino-int8", file=str(path),
                   calibration_images=int(len(calib)), calibration_data=str(calibration or model.meta.get("data")),
-                  seconds=round(time.time() - t0, 1), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  overflow_fix=fix, seconds=round(time.time() - t0, 1),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   versions=_versions())
     _add_to_sidecar(default_onnx_path(model_dir), "openvino_int8", report)
     log(format_agreement(report, "openvino-int8 vs openvino fp32") + f"\n  wrote {path}")

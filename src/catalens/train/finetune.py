@@ -55,6 +55,7 @@ from torch import nn
 
 from catalens.config import Config
 from catalens.embed.backbones import Backbone
+from catalens.embed.runtimes import has_native_bf16
 from catalens.heads.estimator import AccuracyCounter, MultiTaskHead
 from catalens.heads.losses import class_weights, multitask_loss
 from catalens.heads.schedules import plateau_drops, schedule_factor, schedule_params
@@ -105,12 +106,8 @@ class FinetuneResult:
 
 # --------------------------------------------------------------------------- devices
 def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (bf16 autocast is slow otherwise)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """True when the CPU has avx512_bf16 or amx_bf16 (bf16 autocast is slow otherwise)."""
+    return has_native_bf16()
 
 
 def pick_device() -> torch.device:
