@@ -49,6 +49,14 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def cpu_kind() -> tuple[str, str]:
+    """``("", "")`` on a CPU with AVX-512, else a section-name suffix and a title note (``"_avx2"``, ``" (AVX2-only
+    CPU)"``): a benchmark whose numbers depend on the instruction sets keeps one section per kind of CPU."""
+    from catalens.embed.runtimes import cpu_flags
+
+    return ("", "") if "avx512f" in cpu_flags() else ("_avx2", " (AVX2-only CPU)")
+
+
 def write_section(name: str, title: str, body: str, command: str | None = None) -> None:
     """Replace (or append) section ``name`` of docs/benchmarks.md and print it; ``command`` is the
     command line that produced it (default ``python benchmarks/NAME.py``)."""

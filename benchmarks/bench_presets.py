@@ -14,7 +14,9 @@ after it, the chosen model is trained again without ``data.refit_full`` (from th
 to show what fitting the final weights on train + val gave;
 the load average around each run is printed because the machine is shared. Each run starts
 from an empty embedding cache (``runs/bench_presets/<run>/cache``), as a new user's would,
-unless ``--warm-cache`` (the default cache, possibly filled by earlier runs).
+unless ``--warm-cache`` (the default cache, possibly filled by earlier runs). On a CPU without AVX-512 (AMD
+Zen 3, about half the inference speed) the rows go to ``runs/bench_presets_avx2`` and section
+``bench_presets_avx2``: the same budget buys fewer recipes there.
 
     python benchmarks/bench_presets.py [--only clothing fashion-image fashion-text] [--limit 20m]
 """
@@ -31,9 +33,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import ROOT, SHARED_DATA, table, write_section  # noqa: E402
+from _report import ROOT, SHARED_DATA, cpu_kind, table, write_section  # noqa: E402
 
-WORK = ROOT / "runs" / "bench_presets"
+SUFFIX, KIND_NOTE = cpu_kind()   # a time budget buys different recipes on another kind of CPU: its own rows
+WORK = ROOT / "runs" / ("bench_presets" + SUFFIX)
 RUNS = {
     "clothing": (str(SHARED_DATA / "clothing-small"), [], ["label"]),
     "fashion-image": (str(ROOT / "examples" / "fashion-products.yaml"), ["--set", "preset.titles=off"],
@@ -144,9 +147,9 @@ def main() -> None:
              "*Auto-accepted*: the share of test photos whose answer passes the model's auto-accept threshold (target "
              "precision 0.98, chosen at training) and the precision of those. "
              "Empty embedding cache at the start of each run" + (" (no: --warm-cache)." if args.warm_cache else ".")
-             + " Runs named by `--only` are run again; the others' rows are kept from `runs/bench_presets/results.json`"
+             + f" Runs named by `--only` are run again; the others' rows are kept from `{WORK.relative_to(ROOT)}/results.json`"
              " (column *started*).")
-    write_section("bench_presets", "Presets: --preset best | medium --time-limit", body,
+    write_section("bench_presets" + SUFFIX, "Presets: --preset best | medium --time-limit" + KIND_NOTE, body,
                   f"python benchmarks/bench_presets.py --only {' '.join(args.only)} --limit {args.limit}")
 
 
