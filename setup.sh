@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 # pip's byte-compilation runs on one core; compileall on every core does the same in about half the time.
 # (It exits 1 for files no Python 3.11 compiles, e.g. torch's py312_intrinsics.py; pip skips those too.)
 .venv/bin/python -m pip install -q --no-compile -c constraints.txt -e ".[all]"
-.venv/bin/python -m compileall -qq -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')   # fails loudly
+.venv/bin/python -m compileall -qq -j 0 "$SITE" || true
 if ! .venv/bin/python -c "import torch,sys; sys.exit(0 if torch.version.cuda is None else 1)"; then
   echo "error: a CUDA torch build was installed; expected the CPU wheel torch==2.13.0" >&2; exit 1
 fi

@@ -16,6 +16,7 @@ import pytest
 
 from catalens.cli import main
 from catalens.embed.runtimes import has_vnni
+from catalens.export import quantize
 
 SHARED = Path(os.environ.get("CATALENS_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -208,11 +209,23 @@ def test_cli_export_openvino_int8_calibrates_the_runtime_predict_runs(model_copy
 
     assert predict("openvino-int8", tmp_path / "refused.csv") == 2
     assert "does not exist: run 'catalens export MODEL --openvino-int8'" in capsys.readouterr().err
+    measured, real = [], quantize.runner_throughput
+
+    def speed(runner, pixels, batch=32, seconds=3.0):   # each runtime really run; its speed set (this CPU's varies)
+        measured.append((runner.name, pixels.shape, real(runner, pixels, seconds=0.05) > 0))
+        return {"openvino": 100.0, "openvino-int8": 104.0}[runner.name]
+
+    monkeypatch.setattr(quantize, "runner_throughput", speed)
     assert main(["export", str(model_copy), "--openvino-int8", "--calibration-images", "32", "--eval-limit", "40"]) == 0
     report = json.loads((model_copy / "onnx.json").read_text())["openvino_int8"]
     assert report["images"] == 22   # the session model's whole test split (fewer than --eval-limit)
     err = capsys.readouterr().err
     assert "openvino-int8 vs openvino fp32 on 22 photos (test):\n  department: top-1 agreement" in err
+    size = (22, 224, 224, 3)   # the held-out photos, decoded for the model's Lite0 at 224 px
+    assert measured == [("openvino", size, True), ("openvino-int8", size, True)]
+    assert (report["throughput_fp32_ips"], report["throughput_int8_ips"], report["speedup"]) == (100.0, 104.0, 1.04)
+    assert "backbone speed 100.0 -> 104.0 img/s (x1.04, batch 32)" in err
+    assert quantize.slow_int8_message(1.04, report["overflow_fix"]) in err   # below INT8_WORTH: said so
     assert report["calibration_images"] == 32 and report["runtime"] == "openvino-int8"
     assert report["overflow_fix"] is (not has_vnni())   # 7-bit weights where int8 sums saturate (no VNNI)
     assert Path(report["file"]).exists() and Path(report["file"]).parent == tmp_path / "runtime" / "onnx"
@@ -389,3 +402,13 @@ def test_mlflow_models_serve_answers_invocations(serve_model, logged, tmp_path):
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_slow_int8_message_says_why_and_what_instead():
+    assert quantize.slow_int8_message(0.95, overflow_fix=True) == (
+        "openvino-int8 runs x0.95 the speed of openvino fp32 on this CPU (this CPU has no VNNI: int8 products are "
+        "summed in saturating 16-bit lanes, so the weights keep 7 bits and int8 saves little); its answers move "
+        "without a gain here: keep --runtime auto (or openvino) on this machine")
+    assert quantize.slow_int8_message(1.04, overflow_fix=False) == (
+        "openvino-int8 runs x1.04 the speed of openvino fp32 on this CPU; its answers move without a gain here: "
+        "keep --runtime auto (or openvino) on this machine")

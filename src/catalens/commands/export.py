@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also quantise to int8 (static, QDQ)")
     p.add_argument("--openvino-int8", action="store_true",
                    help="also calibrate the openvino-int8 runtime for this model (what 'catalens predict / evaluate "
-                        "--runtime openvino-int8' run) on the calibration photos, and measure it against fp32")
+                        "--runtime openvino-int8' run) on the calibration photos, and measure it against fp32 "
+                        "(answers, and speed on this CPU)")
     p.add_argument("--calibration", metavar="DATA", help="photos to calibrate int8 on (default: the model's "
                                                           "training data, train split)")
     p.add_argument("--calibration-images", type=positive_int, default=128, help="photos used for calibration (default 128)")

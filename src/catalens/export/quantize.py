@@ -62,11 +62,20 @@ class _Reader:
 def throughput(m: OnnxModel, pixels_hwc: np.ndarray, batch: int = 32, seconds: float = 3.0) -> float:
     """Images per second of ``m`` on batches of ``batch`` photos (after one warm-up run)."""
     x = to_nchw(np.resize(pixels_hwc, (batch,) + pixels_hwc.shape[1:]))
-    m.run(x)
+    return _rate(m.run, x, seconds)
+
+
+def runner_throughput(runner, pixels_hwc: np.ndarray, batch: int = 32, seconds: float = 3.0) -> float:
+    """Images per second of an engine runner (``(b, S, S, 3)`` uint8 -> features) on batches of ``batch``."""
+    return _rate(runner, np.ascontiguousarray(np.resize(pixels_hwc, (batch,) + pixels_hwc.shape[1:])), seconds)
+
+
+def _rate(fn, x: np.ndarray, seconds: float) -> float:
+    fn(x)   # warm-up
     n, t0 = 0, time.perf_counter()
     while True:
-        m.run(x)
-        n += batch
+        fn(x)
+        n += len(x)
         if time.perf_counter() - t0 >= seconds:
             return n / (time.perf_counter() - t0)
 
@@ -226,12 +235,14 @@ class _RuntimeProbs:
 
 def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | None = None, n_calibration: int = 128,
                             eval_data: str | Path | None = None, eval_limit: int | None = 400, seed: int = 0,
-                            runtime_dir: str | Path | None = None, log=None) -> dict:
+                            runtime_dir: str | Path | None = None, speed_seconds: float = 3.0, log=None) -> dict:
     """Make ``--runtime openvino-int8`` usable for MODEL: NNCF post-training quantisation of the network the engine
     runs for its backbone (:func:`catalens.embed.runtimes.quantize_openvino`, into the runtime cache where predict,
     evaluate and serve look), calibrated on up to ``n_calibration`` photos of the training split; then measured
-    against ``openvino`` fp32 on held-out photos (test split, else val) as :func:`compare` does. The report is
-    returned, logged, and stored under ``openvino_int8`` in ``MODEL/onnx.json`` when that file exists."""
+    against ``openvino`` fp32 on held-out photos (test split, else val) as :func:`compare` does, and for speed
+    (the backbone's images per second, both runtimes on this CPU, ``speed_seconds`` each). The report is returned,
+    logged, and stored under ``openvino_int8`` in ``MODEL/onnx.json`` when that file exists. A warning says so
+    when int8 is not clearly faster here (:data:`INT8_WORTH`): on a CPU without VNNI it may not be."""
     log = log or _logger.info
     from catalens.embed.engine import runner_net
     from catalens.embed.runtimes import openvino_available, quantize_openvino
@@ -254,14 +265,33 @@ def calibrate_openvino_int8(model_dir: str | Path, *, calibration: str | Path | 
     fp32 = _RuntimeProbs(model, "openvino", runtime_dir)
     int8 = _RuntimeProbs(model, "openvino-int8", runtime_dir)
     report = compare(fp32, int8, pixels, labels, decode=model.decoder.decoded_index)   # the answers predict gives
+    speed_px = pixels if len(pixels) else calib
+    ips32 = runner_throughput(fp32.runner, speed_px, seconds=speed_seconds)
+    ips8 = runner_throughput(int8.runner, speed_px, seconds=speed_seconds)
     report.update(split=split_used, runtime="openvino-int8", file=str(path),
                   calibration_images=int(len(calib)), calibration_data=str(calibration or model.meta.get("data")),
-                  overflow_fix=fix, seconds=round(time.time() - t0, 1),
+                  overflow_fix=fix, throughput_fp32_ips=ips32, throughput_int8_ips=ips8, speedup=ips8 / ips32,
+                  speed_batch=32, seconds=round(time.time() - t0, 1),
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   versions=_versions())
     _add_to_sidecar(default_onnx_path(model_dir), "openvino_int8", report)
-    log(format_agreement(report, "openvino-int8 vs openvino fp32") + f"\n  wrote {path}")
+    log(format_agreement(report, "openvino-int8 vs openvino fp32")
+        + f"\n  backbone speed {ips32:.1f} -> {ips8:.1f} img/s (x{ips8 / ips32:.2f}, batch 32)\n  wrote {path}")
+    if ips8 / ips32 < INT8_WORTH:
+        _logger.warning(slow_int8_message(ips8 / ips32, fix))
     return report
+
+
+#: the speed-up under which the openvino-int8 runtime is not worth its answers moving (calibrate_openvino_int8 warns)
+INT8_WORTH = 1.1
+
+
+def slow_int8_message(speedup: float, overflow_fix: bool) -> str:
+    """Why and what instead, when openvino-int8 is hardly faster than fp32 on this CPU."""
+    why = (" (this CPU has no VNNI: int8 products are summed in saturating 16-bit lanes, so the weights keep 7 bits "
+           "and int8 saves little)" if overflow_fix else "")
+    return (f"openvino-int8 runs x{speedup:.2f} the speed of openvino fp32 on this CPU{why}; its answers move "
+            f"without a gain here: keep --runtime auto (or openvino) on this machine")
 
 
 def format_agreement(r: dict, title: str) -> str:
