@@ -158,6 +158,10 @@ def test_auto_picks_a_runtime_and_remembers_it(tiny, tmp_path, monkeypatch):
     monkeypatch.undo()
     other, e2 = rt.choose_runtime(tiny.module, 160, threads=2, cache_dir=tmp_path, fingerprint="fp-tiny")
     assert e2["remembered"] is False and len(json.loads((tmp_path / "auto-choices.json").read_text())) == 2
+    assert key.endswith(f"|export={rt.EXPORT_REVISION}")
+    monkeypatch.setattr(rt, "EXPORT_REVISION", rt.EXPORT_REVISION + 1)   # catalens changed what exports: measured again
+    _, e3 = rt.choose_runtime(tiny.module, 160, threads=1, cache_dir=tmp_path, fingerprint="fp-tiny")
+    assert e3["remembered"] is False
 
 
 def test_bf16_only_a_candidate_with_native_support():

@@ -105,3 +105,19 @@ def test_train_save_load_predict_with_a_multi_backbone(tmp_path):
     onnx = OnnxModel(exp.path)
     assert onnx.preprocess == model.preprocess
     np.testing.assert_allclose(onnx.run_hwc(px)["label"], got, atol=1e-4)
+
+
+def test_a_member_cropped_from_the_shared_decode_exports_to_onnx(tmp_path):
+    """A member whose crop is narrower than the shared decode's (Lite0 at crop 0.875 beside crop-1 members) is traced
+    into the runtimes' ONNX graph, and ONNX Runtime computes what torch does (round() of a traced shape failed)."""
+    import catalens.embed.runtimes as rt
+    from catalens.embed.multi import MemberInput
+
+    module = torch.nn.Sequential(MemberInput(0.875, 24), torch.nn.Flatten()).eval()   # 32 px -> centre 28 -> 24
+    path = rt.export_onnx(module, 32, tmp_path / "m.onnx")
+    px = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+    got = rt.ort_session(path, 1).run(None, {"pixels": px})[0]
+    with torch.inference_mode():
+        want = module(torch.from_numpy(px).permute(0, 3, 1, 2).float()).numpy()
+    assert got.shape == (3, 3 * 24 * 24)
+    np.testing.assert_allclose(got, want, atol=1e-3)

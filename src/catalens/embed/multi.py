@@ -33,12 +33,15 @@ class MemberInput(nn.Module):
         self.keep, self.size = float(keep), int(size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n,3,S,S) -> (n,3,size,size)
-        s = x.shape[-1]
-        if self.keep < 0.999:
-            c = int(round(s * self.keep))
+        # plain ints: while torch.onnx traces, a shape is a tensor, and round() of it failed, so an ensemble or
+        # side-by-side model whose members crop differently (Lite0 at crop 0.875 beside crop-1 members) had no
+        # ONNX / OpenVINO graph and 'auto' fell back to eager (3.7 against ~10 img/s, AMD Zen 3); S is fixed
+        s = int(x.shape[-1])
+        c = int(round(s * self.keep)) if self.keep < 0.999 else s
+        if c != s:
             o = (s - c) // 2
             x = x[..., o:o + c, o:o + c]
-        if x.shape[-1] != self.size:
+        if c != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return x
 

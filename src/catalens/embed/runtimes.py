@@ -35,8 +35,8 @@ Registered runtimes (factories ``(module, size, **opts) -> runner``):
   the host's cores on these networks). Otherwise it measures the candidates that make sense on this CPU on a few batches of
   random pixels (well under 3 s once the ONNX file exists) and keeps the fastest; the
   choice is remembered in ``<cache>/onnx/auto-choices.json`` per backbone fingerprint,
-  input size, CPU model, thread count and library versions, so later runs skip the
-  measurement.
+  input size, CPU model, thread count, library versions and catalens's ``EXPORT_REVISION``, so later runs
+  skip the measurement.
 
 :func:`runtime_parity` checks any runtime against eager on real pixels.
 """
@@ -560,6 +560,11 @@ def measure_runner(runner, size: int, batch: int = 8, budget_s: float = 0.6, see
             return best
 
 
+#: bumped when catalens changes which candidates can run (the export): a choice remembered before is measured again.
+#: 2: a member cropped from an ensemble's shared decode is traced into ONNX (it failed, and 'auto' remembered eager)
+EXPORT_REVISION = 2
+
+
 def _auto_key(fingerprint: str, size: int, threads: int) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -569,7 +574,7 @@ def _auto_key(fingerprint: str, size: int, threads: int) -> str:
             vers.append(f"{pkg}={version(pkg)}")
         except PackageNotFoundError:
             pass
-    return f"{fingerprint}|s{size_tag(size)}|{cpu_model()}|threads={threads}|{','.join(vers)}"
+    return f"{fingerprint}|s{size_tag(size)}|{cpu_model()}|threads={threads}|{','.join(vers)}|export={EXPORT_REVISION}"
 
 
 def _choices_file(cache_dir) -> Path:
