@@ -506,7 +506,9 @@ def quantize_openvino(module: nn.Module, size: int, pixels: np.ndarray, cache_di
     path, _ = _onnx_file(module, size, cache_dir, fingerprint)
     model = ov.Core().read_model(str(path))
     batches = [pixels[s:s + 8] for s in range(0, len(pixels), 8)]
-    fix = OverflowFix.ENABLE if (not has_vnni() if overflow_fix is None else overflow_fix) else OverflowFix.FIRST_LAYER
+    if overflow_fix is None:
+        overflow_fix = not has_vnni()
+    fix = OverflowFix.ENABLE if overflow_fix else OverflowFix.FIRST_LAYER
     q = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),  # samples = batches of 8
                       fast_bias_correction=fast_bias_correction,
                       advanced_parameters=AdvancedQuantizationParameters(overflow_fix=fix))
