@@ -8,8 +8,8 @@ Reads memory-map the parts: opening a cache of millions of features costs only i
 Parts are checked when the cache is first used (opening it reads nothing): both files readable, the
 feature file exactly as long as its header says, one row per key, ``dim`` columns, every value finite.
 The finite-value scan runs once per part: ``verified.json`` records each checked part's size and
-modification time, so a part changed afterwards (or never checked) is scanned again. A bad part is moved to ``bad/`` with a
-warning naming the file and why, and its rows are recomputed by the run that opened the cache.
+modification time, so a part changed afterwards (or never checked) is scanned again. A bad part is moved
+to ``bad/`` with a warning naming the file and why, and its rows are recomputed by the run that opened the cache.
 
 Features decoded by libjpeg-turbo (simplejpeg) differ slightly from Pillow's (docs/engine.md), so
 they live in their own folder (``+simplejpeg``): a cache filled before simplejpeg was installed is
