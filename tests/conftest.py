@@ -1,14 +1,67 @@
 """Shared fixtures: offline mode, a private cache, real data when present, small image sets."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+
+def _pin_xdist_worker() -> None:
+    """Under ``pytest -n N`` give each worker its own share of the CPUs, before numpy or torch
+    size their thread pools from them: N workers of 2 threads each on 2 cores would spin on each other."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker.startswith("gw") and 1 < count <= len(cpus):
+        os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+
+
+_pin_xdist_worker()
+
+import numpy as np  # noqa: E402  (after the pinning)
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+#: tests that embed the same clothing-small photos with the default Lite0: one xdist worker runs them in turn, so
+#: all but the first read the features from that worker's embedding cache (each worker has its own)
+SAME_EMBEDDINGS = ("test_audit.py::test_flipped_labels_of_real_photos_are_found",
+                   "test_decisions.py::test_real_photos_auto_accept_holds_on_test_and_unknown_keeps_95_percent",
+                   "test_shared_data.py::test_real_photos_train_and_evaluate")
+#: the test files that took longest on one worker, longest first (`pytest --durations=0`): xdist hands them
+#: out first, so that no long one starts last and runs alone at the end
+LONGEST_FIRST = ("clothing-small-lite0", "test_presets.py", "test_ray.py", "test_kfold_search.py", "test_export.py",
+                 "test_parity.py", "test_decisions.py", "test_ensemble.py", "test_finetune.py", "test_web_page.py")
+
+
+def _group(nodeid: str) -> str:
+    """The xdist work unit of a test: its file, or ``clothing-small-lite0`` for :data:`SAME_EMBEDDINGS`."""
+    file, _, name = nodeid.partition("::")
+    file = file.rsplit("/", 1)[-1]
+    return "clothing-small-lite0" if f"{file}::{name.split('[')[0]}" in SAME_EMBEDDINGS else file
+
+
+if importlib.util.find_spec("xdist"):
+    def pytest_xdist_make_scheduler(config, log):
+        """``pytest -n N`` (pyproject's addopts): a test file runs in one worker, as ``--dist loadfile`` (its
+        module fixtures are built once), and :data:`SAME_EMBEDDINGS` in one worker too. (xdist's own
+        ``loadgroup`` renames node ids, which pytest 9.2 no longer reads.)"""
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByFile(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return _group(nodeid)
+
+        return ByFile(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker: the units of :data:`LONGEST_FIRST` first, in that order (every worker collects
+    alike; with ``--no-loadscope-reorder`` xdist hands units out in this order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # stable: collection order otherwise
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CATALENS_NO_MALLOC_TUNING", "1")
