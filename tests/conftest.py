@@ -14,7 +14,10 @@ def _pin_xdist_worker() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if worker.startswith("gw") and 1 < count <= len(cpus):
-        os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+        try:
+            os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+        except OSError:  # not permitted here: the workers share the CPUs
+            pass
 
 
 _pin_xdist_worker()
@@ -42,6 +45,16 @@ def _group(nodeid: str) -> str:
 
 
 if importlib.util.find_spec("xdist"):
+    def pytest_xdist_auto_num_workers(config):
+        """``-n auto``: one worker per CPU this process may use, at most one per 3 GiB of memory (the
+        heaviest tests hold ~2 GiB: a trained model, Ray, a browser)."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        try:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return cpus
+        return max(1, min(cpus, memory // (3 << 30)))
+
     def pytest_xdist_make_scheduler(config, log):
         """``pytest -n N`` (pyproject's addopts): a test file runs in one worker, as ``--dist loadfile`` (its
         module fixtures are built once), and :data:`SAME_EMBEDDINGS` in one worker too. (xdist's own
