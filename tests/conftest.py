@@ -46,14 +46,14 @@ def _group(nodeid: str) -> str:
 
 if importlib.util.find_spec("xdist"):
     def pytest_xdist_auto_num_workers(config):
-        """``-n auto``: one worker per CPU this process may use, at most one per 3 GiB of memory (the
-        heaviest tests hold ~2 GiB: a trained model, Ray, a browser)."""
+        """``-n auto``: one worker per CPU this process may use, at most one per 4 GiB of memory (the largest
+        process of a whole run, CLI and Ray children included, held 3.4 GiB: /usr/bin/time, 2026-12-03)."""
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return cpus
-        return max(1, min(cpus, memory // (3 << 30)))
+        return max(1, min(cpus, memory // (4 << 30)))
 
     def pytest_xdist_make_scheduler(config, log):
         """``pytest -n N`` (pyproject's addopts): a test file runs in one worker, as ``--dist loadfile`` (its
