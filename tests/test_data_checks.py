@@ -89,6 +89,30 @@ def test_a_cache_creates_its_folder_on_first_write(tmp_path):
     assert EmbeddingCache(tmp_path, "other", 4).keys() == {"x"}
 
 
+def test_two_processes_flushing_one_cache_at_once_keep_their_own_parts(tmp_path, monkeypatch):
+    """Two runs filling one cache folder: the second flushes while the first is between its feature file
+    and its keys file. Both picked the next free part number from the files on disk, so the first's keys
+    landed beside the second's features (the check passes: same length). Each now claims its number."""
+    import catalens.embed.cache as cache_mod
+
+    first, second = EmbeddingCache(tmp_path, "fp", 4), EmbeddingCache(tmp_path, "fp", 4)
+    first.add(["a", "b"], np.ones((2, 4), np.float32))
+    second.add(["c", "d"], np.full((2, 4), 2, np.float32))
+    save, calls = cache_mod._atomic_save, []
+
+    def between(path, arr):   # the second run flushes right after the first one's feature file
+        save(path, arr)
+        calls.append(path.name)
+        if len(calls) == 1:
+            second.flush()
+    monkeypatch.setattr(cache_mod, "_atomic_save", between)
+    first.flush()
+    assert calls == ["part-00000.emb.npy", "part-00001.emb.npy", "part-00001.keys.npy", "part-00000.keys.npy"]
+    fresh = EmbeddingCache(tmp_path, "fp", 4)
+    np.testing.assert_array_equal(fresh.get(["a", "b", "c", "d"]), [[1] * 4, [1] * 4, [2] * 4, [2] * 4])
+    assert sorted(p.name for p in fresh.dir.iterdir() if p.suffix == ".lock") == []
+
+
 def test_nan_rows_in_a_cache_part_are_found_even_after_verification(tmp_path, caplog):
     d = _cache_with_two_parts(tmp_path)
     assert EmbeddingCache(tmp_path, "fp", 4).keys() == {"a", "b", "c", "d"}  # verified once

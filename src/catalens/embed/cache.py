@@ -2,7 +2,8 @@
 
 Layout: ``CACHE_ROOT/<backbone fingerprint>[+simplejpeg][+bf16|+int8]/part-NNNNN.keys.npy`` (content
 hashes, ``S32``) and ``part-NNNNN.emb.npy`` (float32 ``(n, dim)``). A part is written atomically, embeddings first
-and keys last, so an interrupted run leaves only complete parts and resumes from them.
+and keys last, so an interrupted run leaves only complete parts and resumes from them. Each part's number is
+claimed first (``part-NNNNN.lock``, created exclusively), so two runs may fill one cache at once.
 Reads memory-map the parts: opening a cache of millions of features costs only its keys.
 
 Parts are checked when the cache is first used (opening it reads nothing): both files readable, the
@@ -200,9 +201,6 @@ class EmbeddingCache:
         if not self._pending_keys:
             return
         index = self._index   # read before the new part is on disk
-        pid = (self._part_ids() or [-1])[-1] + 1
-        while (self.dir / f"part-{pid:05d}.keys.npy").exists():
-            pid += 1
         emb = np.concatenate(self._pending_emb)
         finite = np.isfinite(emb).all(axis=1)
         if not finite.all():  # never persist NaN/inf features: those images are embedded again next time
@@ -215,12 +213,29 @@ class EmbeddingCache:
                 return
         keys = np.array([k.encode() for k in self._pending_keys], dtype="S32")
         self.dir.mkdir(parents=True, exist_ok=True)
+        pid = self._claim_part()
         _atomic_save(self.dir / f"part-{pid:05d}.emb.npy", emb)
         _atomic_save(self.dir / f"part-{pid:05d}.keys.npy", keys)
+        (self.dir / f"part-{pid:05d}.lock").unlink()
         for row, k in enumerate(self._pending_keys):
             index[k] = (pid, row)
         self._stamp(pid)
         self._pending_keys, self._pending_emb = [], []
+
+    def _claim_part(self) -> int:
+        """The next part number no other process writes: claimed by creating ``part-NNNNN.lock`` exclusively
+        (removed once the part is written). Two runs filling one cache at once both took the next number free
+        on disk, and one's keys could land beside the other's features. A lock left by a crash only makes
+        its number skipped."""
+        pid = (self._part_ids() or [-1])[-1] + 1
+        while True:
+            if not (self.dir / f"part-{pid:05d}.keys.npy").exists():
+                try:
+                    os.close(os.open(self.dir / f"part-{pid:05d}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    return pid
+                except FileExistsError:
+                    pass
+            pid += 1
 
     def _stamp(self, pid: int) -> None:
         """Mark a part this process wrote from finite values as verified."""
