@@ -48,7 +48,9 @@ if importlib.util.find_spec("xdist"):
     def pytest_xdist_auto_num_workers(config):
         """``-n auto``: one worker per CPU this process may use, at most one per 4 GiB of memory (the largest
         process of a whole run, CLI and Ray children included, held 3.4 GiB: /usr/bin/time, 2026-12-03)."""
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        from catalens.runtime import available_cpus
+
+        cpus = available_cpus()
         try:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):

@@ -214,9 +214,9 @@ class EmbeddingCache:
         keys = np.array([k.encode() for k in self._pending_keys], dtype="S32")
         self.dir.mkdir(parents=True, exist_ok=True)
         pid = self._claim_part()
-        _atomic_save(self.dir / f"part-{pid:05d}.emb.npy", emb)
-        _atomic_save(self.dir / f"part-{pid:05d}.keys.npy", keys)
-        (self.dir / f"part-{pid:05d}.lock").unlink()
+        _atomic_save(self.dir / f"{self._name(pid)}.emb.npy", emb)
+        _atomic_save(self.dir / f"{self._name(pid)}.keys.npy", keys)
+        (self.dir / f"{self._name(pid)}.lock").unlink()
         for row, k in enumerate(self._pending_keys):
             index[k] = (pid, row)
         self._stamp(pid)
@@ -225,16 +225,20 @@ class EmbeddingCache:
     def _claim_part(self) -> int:
         """The next part number no other process writes: claimed by creating ``part-NNNNN.lock`` exclusively
         (removed once the part is written). Two runs filling one cache at once both took the next number free
-        on disk, and one's keys could land beside the other's features. A lock left by a crash only makes
-        its number skipped."""
+        on disk, and one's keys could land beside the other's features. The keys file is looked for after the
+        claim, so a number another run finished writing in the meantime is never taken again. A lock left by a
+        crash only makes its number skipped."""
         pid = (self._part_ids() or [-1])[-1] + 1
         while True:
-            if not (self.dir / f"part-{pid:05d}.keys.npy").exists():
-                try:
-                    os.close(os.open(self.dir / f"part-{pid:05d}.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                    return pid
-                except FileExistsError:
-                    pass
+            lock = self.dir / f"{self._name(pid)}.lock"
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pid += 1
+                continue
+            if not (self.dir / f"{self._name(pid)}.keys.npy").exists():
+                return pid
+            lock.unlink()
             pid += 1
 
     def _stamp(self, pid: int) -> None:
