@@ -88,6 +88,11 @@ class TitleModel:
             from sklearn.naive_bayes import MultinomialNB
 
             m = MultinomialNB(alpha=self.params["alpha"]).fit(Xk, yk)
+            # a class without training titles scores below every seen class on any title: its word
+            # log-probabilities are the lowest any seen class has, its bias _ABSENT below the lowest prior
+            # (with W = 0 a long title's log-likelihood, ~-8 per word, fell below the bias and it won)
+            W[:] = m.feature_log_prob_.min(axis=0)
+            b[:] = m.class_log_prior_.min() + _ABSENT
             W[m.classes_] = m.feature_log_prob_
             b[m.classes_] = m.class_log_prior_
             return W, b
