@@ -278,16 +278,21 @@ def test_real_photos_auto_accept_holds_on_test_and_unknown_keeps_95_percent(tmp_
 
 # ----------------------------------------------------------------------------- explanations (Grad-CAM)
 
-def test_grad_cam_heat_lies_on_the_drawn_garment(trained):
+@pytest.mark.parametrize("kind", ["model", "ensemble with its hflip TTA twin"])
+def test_grad_cam_heat_lies_on_the_drawn_garment(trained, kind):
+    from catalens.model.ensemble import EnsembleModel
     from catalens.model.explain import grad_cam
     from catalens.model.load import load_model
+    from catalens.model.tta import apply_model_tta
     from catalens.synthetic import CATEGORIES, _random_look, render_photo
 
     import torch
 
     model = load_model(trained[0] / "model")
+    if kind != "model":
+        model = EnsembleModel([model, apply_model_tta(load_model(trained[0] / "model"), ["hflip"])], [1.0, 2.0])
     with torch.inference_mode():  # as the engine's runtime set-up may leave them: not usable by autograd
-        fe = model.backbone.module
+        fe = model.backbone.module if kind == "model" else model.backbone.module.members[0]
         fe.mean = fe.mean.clone()
         first = next(fe.net.parameters())
         first.data = first.data.clone()

@@ -99,7 +99,7 @@ def _examples(model, cat: Catalogue, y: dict, probs: dict, ok: np.ndarray, limit
 
 def _heatmaps(model, cat: Catalogue, rows: np.ndarray, task: str, pred: np.ndarray) -> dict[int, np.ndarray]:
     """Grad-CAM overlays (``{row: uint8 image}``) of the decided label of ``rows``; empty for a
-    model Grad-CAM cannot explain (not a single CNN backbone)."""
+    model Grad-CAM cannot explain (a backbone without a CNN feature map)."""
     from catalens.ingest.images import ImageProblem, load_rgb
     from catalens.model.explain import ExplainError, grad_cam, overlay
 

@@ -5,7 +5,9 @@ EfficientNet-Lite family included) the map of the last stage is kept, the score 
 class (its logit, before softmax) is back-propagated to it, each channel is weighted by its mean
 gradient, and the positive part of the weighted sum, upsampled to the photo, is the heat
 (Selvaraju et al. 2017). Plain torch autograd: no extra package. Vision transformers and
-side-by-side multi-backbones are refused with a clear error.
+anything without a CNN feature map is refused with a clear error. Several backbones side by side, an
+ensemble's members and TTA views each add their own pass's map, put back where that pass's input came
+from in the model's input (:func:`evidence`).
 
 Used by ``catalens predict MODEL SOURCE --explain DIR`` (one overlay PNG per photo), by the
 evaluation report (the most confident mistakes) and by the server (``explain=true``:
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,54 +29,163 @@ _logger = logging.getLogger(__name__)
 
 
 class ExplainError(ValueError):
-    """The model cannot be explained with Grad-CAM (not a single CNN backbone)."""
+    """The model cannot be explained with Grad-CAM (no CNN feature map, or no such class task)."""
 
 
-def _net(model):
-    fe = getattr(model.backbone, "module", None)
-    net = getattr(fe, "net", None)
-    if net is None or not hasattr(net, "forward_features") or not hasattr(net, "forward_head"):
-        raise ExplainError(f"Grad-CAM needs a single timm CNN backbone; '{model.backbone.name}' is not one "
-                           f"(multi-backbones and ensembles cannot be explained)")
-    return fe, net
+@dataclass
+class _Pass:
+    """One backbone pass of a model's features: what it reads of the model's input and where that lies."""
+
+    extractor: object       # a FeatureExtractor: map_and_features, mean, inv_std
+    member_input: object    # catalens.embed.multi.MemberInput, or None (the model's input itself)
+    view: str | None        # a TTA view of the member input (catalens.model.tta), None for the input itself
+    block: int              # the feature block (distinct backbone) it computes
+    region: tuple[float, float, float, float]   # (top, left, height, width) in model-input pixels
+
+    def pixels(self, x):    # (n,3,S,S) model input -> (n,3,h,w) this pass's input
+        from catalens.model.tta import view
+
+        x = x if self.member_input is None else self.member_input(x)
+        return x if self.view is None else view(x, self.view)
 
 
-def grad_cam(model, pixels: np.ndarray, task: str | None = None, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(heat, classes)``: ``(n, S, S)`` heat in [0, 1] for ``pixels`` ``(n, S, S, 3)`` uint8 (the
-    model's preprocessed input) and the class explained per row (``classes``, default the most
-    probable) of class task ``task`` (default the first class task)."""
+def _blocks(module) -> list[tuple[object, object]]:
+    """``[(member input or None, extractor)]`` of a backbone module: the members of several side by side
+    (an ensemble's distinct backbones too), else the module itself."""
+    from catalens.embed.backbones import materialize
+    from catalens.embed.multi import ConcatExtractor
+
+    module = materialize(module)
+    if isinstance(module, ConcatExtractor):
+        return [(inp, materialize(m)) for inp, m in zip(module.inputs, module.members)]
+    return [(None, module)]
+
+
+def _passes(model, height: int, width: int) -> tuple[list[_Pass], list[int]]:
+    """The passes of ``model``'s features for an input of ``height`` x ``width`` and, per block, how many
+    passes it averages (its TTA views + 1)."""
+    from catalens.model.tta import TTAExtractor, ZOOM
+
+    passes, counts = [], []
+    for j, (inp, ext) in enumerate(_blocks(model.backbone.module)):
+        views = [None] + list(ext.views) if isinstance(ext, TTAExtractor) else [None]
+        inner = ext.inner if isinstance(ext, TTAExtractor) else ext
+        if not hasattr(inner, "map_and_features") or not hasattr(getattr(inner, "net", None), "forward_features"):
+            raise ExplainError(f"Grad-CAM needs timm CNN backbones; '{model.backbone.name}' has a part that is not "
+                               f"one ({type(inner).__name__})")
+        if inp is None:
+            top, left, h, w, side_h, side_w = 0.0, 0.0, float(height), float(width), height, width
+        else:   # the centre crop of the shared input that the member resizes to its own side (MemberInput)
+            c = int(round(width * inp.keep)) if inp.keep < 0.999 else width
+            top = left = (width - c) // 2
+            h = w = float(c)
+            side_h = side_w = inp.size
+        for v in views:
+            region = (top, left, h, w)
+            if v == "zoom":          # the view's centre crop of the member input, in model-input pixels
+                ch, cw = int(round(side_h * ZOOM)), int(round(side_w * ZOOM))
+                sy, sx = h / side_h, w / side_w
+                region = (top + (side_h - ch) // 2 * sy, left + (side_w - cw) // 2 * sx, ch * sy, cw * sx)
+            passes.append(_Pass(inner, inp, v, j, region))
+        counts.append(len(views))
+    return passes, counts
+
+
+def _heads(model) -> list[tuple[float, tuple[int, ...], object]]:
+    """``[(weight, feature blocks read, logits net)]``: one for a model, one per member for an ensemble."""
+    members = getattr(model, "members", None)
+    if members is None:
+        n = len(_blocks(model.backbone.module))
+        return [(1.0, tuple(range(n)), model.head._check_fitted())]
+    return [(float(w), tuple(p), m.head._check_fitted())
+            for w, p, m in zip(model.weights, model.backbone.member_parts, members)]
+
+
+def _paste(cam, p: _Pass, height: int, width: int):
+    """A pass's Grad-CAM ``(n, h, w)`` as evidence per model-input pixel ``(n, height, width)``: upsampled to
+    the region it covers, divided by the pixels a map cell covers there (so each pass's sum is kept whatever
+    its resolution and crop), mirrored back for ``hflip``, zero outside the region."""
+    import torch
+    import torch.nn.functional as F
+
+    top, left, h, w = p.region
+    rh, rw = max(1, int(round(h))), max(1, int(round(w)))
+    up = F.interpolate(cam[:, None], size=(rh, rw), mode="bilinear", align_corners=False)[:, 0]
+    up = up * (cam.shape[1] * cam.shape[2] / float(rh * rw))
+    if p.view == "hflip":
+        up = up.flip(-1)
+    out = torch.zeros((cam.shape[0], height, width), dtype=up.dtype)
+    y0, x0 = int(round(top)), int(round(left))
+    y1, x1 = min(height, y0 + rh), min(width, x0 + rw)
+    out[:, y0:y1, x0:x1] = up[:, :y1 - y0, :x1 - x0]
+    return out
+
+
+def evidence(model, pixels: np.ndarray, task: str | None = None, classes: np.ndarray | None = None,
+             positive: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(evidence, classes)``: per model-input pixel ``(n, S, S)`` float64, the Grad-CAM evidence for the
+    class explained per row (``classes``, default the most probable) of class task ``task`` (default the
+    first), summed over every backbone pass of the model: the members of several backbones side by side, an
+    ensemble's members (each head's logit by its weight), TTA views (by their share of the features). Each
+    pass's map is put back where its input came from in the model's input, per pixel (see :func:`_paste`).
+    ``positive``: each pass's positive part, as Grad-CAM draws it; ``False``: signed (with average pooling
+    and a linear head a pass's sum is then its share of the logit, less the bias)."""
     import torch
 
-    fe, net = _net(model)
     tasks = [t for t in model.tasks if t.kind == "class"]
     if not tasks:
         raise ExplainError("Grad-CAM explains a class task; this model has none")
     task = task or tasks[0].name
     if task not in {t.name for t in tasks}:
         raise ExplainError(f"'{task}' is not a class task of the model; class tasks: {[t.name for t in tasks]}")
-    head = model.head._check_fitted()
-    for module in (fe, head):
+    n, height, width = pixels.shape[:3]
+    passes, counts = _passes(model, height, width)
+    heads = _heads(model)
+    nets = list({id(m): m for m in [p.extractor.net for p in passes] + [h for _, _, h in heads]}.values())
+    for module in [p.extractor for p in passes] + [h for _, _, h in heads]:
         _normal_tensors(module)
-    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()
-    was_training = net.training
-    net.eval()
+    x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()   # (n,3,S,S)
+    was_training = [net.training for net in nets]
+    for net in nets:
+        net.eval()
     try:
         with torch.enable_grad():
-            fmap, feats = fe.map_and_features((x - fe.mean) * fe.inv_std)  # (n,C,h,w), (n,D)
-            if fmap.ndim != 4:
-                raise ExplainError(f"Grad-CAM needs a CNN feature map; backbone '{model.backbone.name}' gives "
-                                   f"shape {tuple(fmap.shape)}")
-            logits = head(feats)[task]
-            chosen = logits.argmax(1) if classes is None else torch.as_tensor(np.asarray(classes), dtype=torch.long)
-            score = logits.gather(1, chosen[:, None]).sum()
-            grads = torch.autograd.grad(score, fmap)[0]
-        cam = torch.relu((grads.mean((2, 3), keepdim=True) * fmap).sum(1, keepdim=True)).detach()
+            fmaps, blocks = [], [0.0] * len(counts)
+            for p in passes:
+                fe = p.extractor
+                fmap, feats = fe.map_and_features((p.pixels(x) - fe.mean) * fe.inv_std)   # (n,C,h,w), (n,D)
+                if fmap.ndim != 4:
+                    raise ExplainError(f"Grad-CAM needs a CNN feature map; backbone '{model.backbone.name}' gives "
+                                       f"shape {tuple(fmap.shape)}")
+                fmaps.append(fmap)
+                blocks[p.block] = blocks[p.block] + feats / counts[p.block]                 # TTA: the mean of views
+            logits = [(w, net(torch.cat([blocks[i] for i in part], 1))[task]) for w, part, net in heads]   # (n,K)
+            if classes is None:
+                prob = sum(w * torch.softmax(z, 1) for w, z in logits)
+                chosen = prob.argmax(1)
+            else:
+                chosen = torch.as_tensor(np.asarray(classes), dtype=torch.long)
+            score = sum(w * z.gather(1, chosen[:, None]).sum() for w, z in logits)
+            grads = torch.autograd.grad(score, fmaps)
+        out = torch.zeros((n, height, width), dtype=torch.float64)
+        for p, fmap, g in zip(passes, fmaps, grads):
+            cam = (g.mean((2, 3), keepdim=True) * fmap).sum(1).detach().double()           # (n,h,w)
+            out += _paste(torch.relu(cam) if positive else cam, p, height, width)
     finally:
-        net.train(was_training)
-    cam = torch.nn.functional.interpolate(cam, size=pixels.shape[1:3], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.amax((1, 2), keepdim=True)
-    heat = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam))
-    return heat.numpy().astype(np.float32), chosen.numpy()
+        for net, mode in zip(nets, was_training):
+            net.train(mode)
+    return out.numpy(), chosen.numpy()
+
+
+def grad_cam(model, pixels: np.ndarray, task: str | None = None, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(heat, classes)``: ``(n, S, S)`` heat in [0, 1] for ``pixels`` ``(n, S, S, 3)`` uint8 (the
+    model's preprocessed input) and the class explained per row (``classes``, default the most
+    probable) of class task ``task`` (default the first class task): :func:`evidence`, scaled to its peak
+    per photo. Any model of timm CNN backbones: one, several side by side, an ensemble, with TTA."""
+    ev, chosen = evidence(model, pixels, task, classes)
+    peak = ev.max(axis=(1, 2), keepdims=True)
+    heat = np.where(peak > 0, ev / np.maximum(peak, 1e-300), 0.0)
+    return heat.astype(np.float32), chosen
 
 
 def _normal_tensors(module) -> None:
