@@ -60,9 +60,11 @@ KINDS = {
     "one backbone": lambda: _model("test_efficientnet", 0),
     "side by side, two sizes": lambda: _model("test_efficientnet+test_efficientnet@128", 1),
     "TTA hflip + zoom": lambda: _model("test_efficientnet", 2, tta=("hflip", "zoom")),
-    "ensemble of a single, a side-by-side and a TTA model": lambda: EnsembleModel(
+    "TTA over two side by side": lambda: _model("test_efficientnet+test_efficientnet@128", 8, tta=("hflip", "zoom")),
+    "ensemble of a single, a side-by-side and two TTA models": lambda: EnsembleModel(
         [_model("test_efficientnet", 0), _model("test_efficientnet+test_efficientnet@128", 1),
-         _model("test_efficientnet@128", 3, tta=("zoom",))], weights=[3.0, 1.0, 2.0]),
+         _model("test_efficientnet@128", 3, tta=("zoom",)),
+         _model("test_efficientnet+test_efficientnet@128", 8, tta=("hflip",))], weights=[3.0, 1.0, 2.0, 1.0]),
 }
 
 

@@ -34,77 +34,103 @@ class ExplainError(ValueError):
 
 @dataclass
 class _Pass:
-    """One backbone pass of a model's features: what it reads of the model's input and where that lies."""
+    """One backbone pass of a model's features: its feature map and where its input lies in the model's input."""
 
-    extractor: object       # a FeatureExtractor: map_and_features, mean, inv_std
-    member_input: object    # catalens.embed.multi.MemberInput, or None (the model's input itself)
-    view: str | None        # a TTA view of the member input (catalens.model.tta), None for the input itself
-    block: int              # the feature block (distinct backbone) it computes
+    fmap: object            # (n, C, h, w) torch tensor
     region: tuple[float, float, float, float]   # (top, left, height, width) in model-input pixels
+    flip: bool              # the pass's input is the mirror image of that region
 
-    def pixels(self, x):    # (n,3,S,S) model input -> (n,3,h,w) this pass's input
-        from catalens.model.tta import view
 
-        x = x if self.member_input is None else self.member_input(x)
-        return x if self.view is None else view(x, self.view)
+def _frame(steps: list, height: int, width: int) -> tuple[tuple[float, float, float, float], bool]:
+    """Where a pass's input lies in the model's ``height`` x ``width`` input after ``steps`` (in order:
+    ``("member", MemberInput)`` a centre crop resized to the member's side, ``("view", name)`` a TTA view).
+    Every crop is centred, so a mirror commutes with the crops after it and only its parity is kept."""
+    from catalens.model.tta import ZOOM
+
+    top, left, h, w = 0.0, 0.0, float(height), float(width)
+    side_h, side_w, flip = height, width, False
+    for kind, what in steps:
+        if kind == "member":
+            c = int(round(side_w * what.keep)) if what.keep < 0.999 else side_w   # as MemberInput crops
+            o = (side_w - c) // 2
+            top, left = top + o * h / side_h, left + o * w / side_w
+            h, w = h * c / side_h, w * c / side_w
+            side_h = side_w = what.size
+        elif what == "zoom":                                                        # as tta.view crops
+            ch, cw = int(round(side_h * ZOOM)), int(round(side_w * ZOOM))
+            top, left = top + (side_h - ch) // 2 * h / side_h, left + (side_w - cw) // 2 * w / side_w
+            h, w = h * ch / side_h, w * cw / side_w
+        elif what == "hflip":
+            flip = not flip
+    return (top, left, h, w), flip
+
+
+def _features(module, x, steps: list, passes: list, size: tuple[int, int], name: str):
+    """``module``'s features of ``x`` ``(n, 3, h, w)`` computed as its own forward computes them (several
+    side by side: the members' features concatenated; TTA: the mean over the views), keeping each CNN pass's
+    feature map and the frame of its input (:func:`_frame`) in ``passes``."""
+    from catalens.embed.backbones import materialize
+    from catalens.embed.multi import ConcatExtractor
+    from catalens.model.tta import TTAExtractor, view
+
+    import torch
+
+    module = materialize(module)
+    if isinstance(module, ConcatExtractor):          # (n, sum D_i)
+        return torch.cat([_features(m, inp(x), steps + [("member", inp)], passes, size, name)
+                          for inp, m in zip(module.inputs, module.members)], 1)
+    if isinstance(module, TTAExtractor):             # (n, D): the mean over the identity + views
+        feats = [_features(module.inner, x, steps, passes, size, name)]
+        feats += [_features(module.inner, view(x, v), steps + [("view", v)], passes, size, name) for v in module.views]
+        return sum(feats) / len(feats)
+    net = getattr(module, "net", None)
+    if not hasattr(module, "map_and_features") or not hasattr(net, "forward_features") \
+            or not hasattr(net, "forward_head"):
+        raise ExplainError(f"Grad-CAM needs timm CNN backbones; '{name}' has a part that is not one "
+                           f"({type(net if net is not None else module).__name__})")
+    fmap, feats = module.map_and_features((x - module.mean) * module.inv_std)      # (n,C,h,w), (n,D)
+    if fmap.ndim != 4:
+        raise ExplainError(f"Grad-CAM needs a CNN feature map; backbone '{name}' gives shape {tuple(fmap.shape)}")
+    passes.append(_Pass(fmap, *_frame(steps, *size)))
+    return feats
 
 
 def _blocks(module) -> list[tuple[object, object]]:
-    """``[(member input or None, extractor)]`` of a backbone module: the members of several side by side
-    (an ensemble's distinct backbones too), else the module itself."""
+    """``[(member input, backbone module)]`` of several backbones side by side (an ensemble's distinct backbones)."""
+    from catalens.embed.backbones import materialize
+
+    module = materialize(module)
+    return list(zip(module.inputs, module.members))
+
+
+def _modules(module) -> list:
+    """The feature extractors (normalisation buffers, networks) under a backbone module."""
     from catalens.embed.backbones import materialize
     from catalens.embed.multi import ConcatExtractor
+    from catalens.model.tta import TTAExtractor
 
     module = materialize(module)
     if isinstance(module, ConcatExtractor):
-        return [(inp, materialize(m)) for inp, m in zip(module.inputs, module.members)]
-    return [(None, module)]
-
-
-def _passes(model, height: int, width: int) -> tuple[list[_Pass], list[int]]:
-    """The passes of ``model``'s features for an input of ``height`` x ``width`` and, per block, how many
-    passes it averages (its TTA views + 1)."""
-    from catalens.model.tta import TTAExtractor, ZOOM
-
-    passes, counts = [], []
-    for j, (inp, ext) in enumerate(_blocks(model.backbone.module)):
-        views = [None] + list(ext.views) if isinstance(ext, TTAExtractor) else [None]
-        inner = ext.inner if isinstance(ext, TTAExtractor) else ext
-        if not hasattr(inner, "map_and_features") or not hasattr(getattr(inner, "net", None), "forward_features"):
-            raise ExplainError(f"Grad-CAM needs timm CNN backbones; '{model.backbone.name}' has a part that is not "
-                               f"one ({type(inner).__name__})")
-        if inp is None:
-            top, left, h, w, side_h, side_w = 0.0, 0.0, float(height), float(width), height, width
-        else:   # the centre crop of the shared input that the member resizes to its own side (MemberInput)
-            c = int(round(width * inp.keep)) if inp.keep < 0.999 else width
-            top = left = (width - c) // 2
-            h = w = float(c)
-            side_h = side_w = inp.size
-        for v in views:
-            region = (top, left, h, w)
-            if v == "zoom":          # the view's centre crop of the member input, in model-input pixels
-                ch, cw = int(round(side_h * ZOOM)), int(round(side_w * ZOOM))
-                sy, sx = h / side_h, w / side_w
-                region = (top + (side_h - ch) // 2 * sy, left + (side_w - cw) // 2 * sx, ch * sy, cw * sx)
-            passes.append(_Pass(inner, inp, v, j, region))
-        counts.append(len(views))
-    return passes, counts
+        return [e for m in module.members for e in _modules(m)]
+    if isinstance(module, TTAExtractor):
+        return _modules(module.inner)
+    return [module]
 
 
 def _heads(model) -> list[tuple[float, tuple[int, ...], object]]:
-    """``[(weight, feature blocks read, logits net)]``: one for a model, one per member for an ensemble."""
+    """``[(weight, feature blocks read, logits net)]``: one for a model (its one block of features), one per
+    member for an ensemble (its blocks: the distinct backbones it reads, side by side)."""
     members = getattr(model, "members", None)
     if members is None:
-        n = len(_blocks(model.backbone.module))
-        return [(1.0, tuple(range(n)), model.head._check_fitted())]
+        return [(1.0, (0,), model.head._check_fitted())]
     return [(float(w), tuple(p), m.head._check_fitted())
             for w, p, m in zip(model.weights, model.backbone.member_parts, members)]
 
 
 def _paste(cam, p: _Pass, height: int, width: int):
     """A pass's Grad-CAM ``(n, h, w)`` as evidence per model-input pixel ``(n, height, width)``: upsampled to
-    the region it covers, divided by the pixels a map cell covers there (so each pass's sum is kept whatever
-    its resolution and crop), mirrored back for ``hflip``, zero outside the region."""
+    the region its input covers, divided by the pixels a map cell covers there (so each pass's sum is kept
+    whatever its resolution and crop), mirrored back where its input was mirrored, zero outside the region."""
     import torch
     import torch.nn.functional as F
 
@@ -112,7 +138,7 @@ def _paste(cam, p: _Pass, height: int, width: int):
     rh, rw = max(1, int(round(h))), max(1, int(round(w)))
     up = F.interpolate(cam[:, None], size=(rh, rw), mode="bilinear", align_corners=False)[:, 0]
     up = up * (cam.shape[1] * cam.shape[2] / float(rh * rw))
-    if p.view == "hflip":
+    if p.flip:
         up = up.flip(-1)
     out = torch.zeros((cam.shape[0], height, width), dtype=up.dtype)
     y0, x0 = int(round(top)), int(round(left))
@@ -139,26 +165,23 @@ def evidence(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
     if task not in {t.name for t in tasks}:
         raise ExplainError(f"'{task}' is not a class task of the model; class tasks: {[t.name for t in tasks]}")
     n, height, width = pixels.shape[:3]
-    passes, counts = _passes(model, height, width)
     heads = _heads(model)
-    nets = list({id(m): m for m in [p.extractor.net for p in passes] + [h for _, _, h in heads]}.values())
-    for module in [p.extractor for p in passes] + [h for _, _, h in heads]:
-        _normal_tensors(module)
+    module = model.backbone.module
+    ensemble = getattr(model, "members", None) is not None
+    tops = _blocks(module) if ensemble else [(None, module)]   # an ensemble's heads read its distinct backbones
+    extractors = [e for _, m in tops for e in _modules(m)]
+    nets = list({id(m): m for m in [e.net for e in extractors] + [h for _, _, h in heads]}.values())
+    for m in extractors + [h for _, _, h in heads]:
+        _normal_tensors(m)
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()   # (n,3,S,S)
     was_training = [net.training for net in nets]
     for net in nets:
         net.eval()
     try:
         with torch.enable_grad():
-            fmaps, blocks = [], [0.0] * len(counts)
-            for p in passes:
-                fe = p.extractor
-                fmap, feats = fe.map_and_features((p.pixels(x) - fe.mean) * fe.inv_std)   # (n,C,h,w), (n,D)
-                if fmap.ndim != 4:
-                    raise ExplainError(f"Grad-CAM needs a CNN feature map; backbone '{model.backbone.name}' gives "
-                                       f"shape {tuple(fmap.shape)}")
-                fmaps.append(fmap)
-                blocks[p.block] = blocks[p.block] + feats / counts[p.block]                 # TTA: the mean of views
+            passes: list[_Pass] = []
+            blocks = [_features(m, x if inp is None else inp(x), [] if inp is None else [("member", inp)], passes,
+                                (height, width), model.backbone.name) for inp, m in tops]          # [(n, D_j)]
             logits = [(w, net(torch.cat([blocks[i] for i in part], 1))[task]) for w, part, net in heads]   # (n,K)
             if classes is None:
                 prob = sum(w * torch.softmax(z, 1) for w, z in logits)
@@ -166,10 +189,10 @@ def evidence(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
             else:
                 chosen = torch.as_tensor(np.asarray(classes), dtype=torch.long)
             score = sum(w * z.gather(1, chosen[:, None]).sum() for w, z in logits)
-            grads = torch.autograd.grad(score, fmaps)
+            grads = torch.autograd.grad(score, [p.fmap for p in passes])
         out = torch.zeros((n, height, width), dtype=torch.float64)
-        for p, fmap, g in zip(passes, fmaps, grads):
-            cam = (g.mean((2, 3), keepdim=True) * fmap).sum(1).detach().double()           # (n,h,w)
+        for p, g in zip(passes, grads):
+            cam = (g.mean((2, 3), keepdim=True) * p.fmap).sum(1).detach().double()        # (n,h,w)
             out += _paste(torch.relu(cam) if positive else cam, p, height, width)
     finally:
         for net, mode in zip(nets, was_training):
