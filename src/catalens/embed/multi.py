@@ -32,14 +32,18 @@ class MemberInput(nn.Module):
         super().__init__()
         self.keep, self.size = float(keep), int(size)
 
+    def crop(self, s: int) -> tuple[int, int]:
+        """``(offset, side)`` of the centre square this member keeps of a shared input of side ``s``."""
+        c = int(round(s * self.keep)) if self.keep < 0.999 else s
+        return (s - c) // 2, c
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n,3,S,S) -> (n,3,size,size)
         # plain ints: while torch.onnx traces, a shape is a tensor, and round() of it failed, so an ensemble or
         # side-by-side model whose members crop differently (Lite0 at crop 0.875 beside crop-1 members) had no
         # ONNX / OpenVINO graph and 'auto' fell back to eager (3.7 against ~10 img/s, AMD Zen 3); S is fixed
         s = int(x.shape[-1])
-        c = int(round(s * self.keep)) if self.keep < 0.999 else s
+        o, c = self.crop(s)
         if c != s:
-            o = (s - c) // 2
             x = x[..., o:o + c, o:o + c]
         if c != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)

@@ -45,23 +45,23 @@ def _frame(steps: list, height: int, width: int) -> tuple[tuple[float, float, fl
     """Where a pass's input lies in the model's ``height`` x ``width`` input after ``steps`` (in order:
     ``("member", MemberInput)`` a centre crop resized to the member's side, ``("view", name)`` a TTA view).
     Every crop is centred, so a mirror commutes with the crops after it and only its parity is kept."""
-    from catalens.model.tta import ZOOM
+    from catalens.model.tta import zoom_box
 
     top, left, h, w = 0.0, 0.0, float(height), float(width)
     side_h, side_w, flip = height, width, False
     for kind, what in steps:
-        if kind == "member":
-            c = int(round(side_w * what.keep)) if what.keep < 0.999 else side_w   # as MemberInput crops
-            o = (side_w - c) // 2
-            top, left = top + o * h / side_h, left + o * w / side_w
-            h, w = h * c / side_h, w * c / side_w
-            side_h = side_w = what.size
-        elif what == "zoom":                                                        # as tta.view crops
-            ch, cw = int(round(side_h * ZOOM)), int(round(side_w * ZOOM))
-            top, left = top + (side_h - ch) // 2 * h / side_h, left + (side_w - cw) // 2 * w / side_w
-            h, w = h * ch / side_h, w * cw / side_w
-        elif what == "hflip":
+        if what == "hflip":
             flip = not flip
+            continue
+        if kind == "member":                         # the centre square MemberInput keeps
+            o, c = what.crop(side_w)
+            oy, ox, ch, cw = o, o, c, c
+        else:                                        # the centre the zoom view keeps
+            oy, ox, ch, cw = zoom_box(side_h, side_w)
+        top, left = top + oy * h / side_h, left + ox * w / side_w
+        h, w = h * ch / side_h, w * cw / side_w
+        if kind == "member":
+            side_h = side_w = what.size
     return (top, left, h, w), flip
 
 

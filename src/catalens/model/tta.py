@@ -38,14 +38,19 @@ def check_views(views) -> list[str]:
     return list(dict.fromkeys(views))
 
 
+def zoom_box(h: int, w: int) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the centre the ``zoom`` view keeps of an ``h`` x ``w`` input."""
+    ch, cw = int(round(h * ZOOM)), int(round(w * ZOOM))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def view(x: torch.Tensor, name: str) -> torch.Tensor:
     """One view of pixels ``(n, 3, H, W)`` (square or not)."""
     if name == "hflip":
         return x.flip(-1)
     if name == "zoom":
         h, w = int(x.shape[-2]), int(x.shape[-1])   # plain ints when traced for ONNX too (a runner's size is fixed)
-        ch, cw = int(round(h * ZOOM)), int(round(w * ZOOM))
-        oy, ox = (h - ch) // 2, (w - cw) // 2
+        oy, ox, ch, cw = zoom_box(h, w)
         crop = x[..., oy:oy + ch, ox:ox + cw]
         return F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
     raise ValueError(f"unknown TTA view '{name}'; valid views: {', '.join(VIEWS)}")
