@@ -95,28 +95,6 @@ def _features(module, x, steps: list, passes: list, size: tuple[int, int], name:
     return feats
 
 
-def _blocks(module) -> list[tuple[object, object]]:
-    """``[(member input, backbone module)]`` of several backbones side by side (an ensemble's distinct backbones)."""
-    from catalens.embed.backbones import materialize
-
-    module = materialize(module)
-    return list(zip(module.inputs, module.members))
-
-
-def _modules(module) -> list:
-    """The feature extractors (normalisation buffers, networks) under a backbone module."""
-    from catalens.embed.backbones import materialize
-    from catalens.embed.multi import ConcatExtractor
-    from catalens.model.tta import TTAExtractor
-
-    module = materialize(module)
-    if isinstance(module, ConcatExtractor):
-        return [e for m in module.members for e in _modules(m)]
-    if isinstance(module, TTAExtractor):
-        return _modules(module.inner)
-    return [module]
-
-
 def _heads(model) -> list[tuple[float, tuple[int, ...], object]]:
     """``[(weight, feature blocks read, logits net)]``: one for a model (its one block of features), one per
     member for an ensemble (its blocks: the distinct backbones it reads, side by side)."""
@@ -164,19 +142,21 @@ def evidence(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
     task = task or tasks[0].name
     if task not in {t.name for t in tasks}:
         raise ExplainError(f"'{task}' is not a class task of the model; class tasks: {[t.name for t in tasks]}")
+    from catalens.embed.backbones import materialize
+
     n, height, width = pixels.shape[:3]
     heads = _heads(model)
-    module = model.backbone.module
+    backbone = materialize(model.backbone.module)
     ensemble = getattr(model, "members", None) is not None
-    tops = _blocks(module) if ensemble else [(None, module)]   # an ensemble's heads read its distinct backbones
-    extractors = [e for _, m in tops for e in _modules(m)]
-    nets = list({id(m): m for m in [e.net for e in extractors] + [h for _, _, h in heads]}.values())
-    for m in extractors + [h for _, _, h in heads]:
-        _normal_tensors(m)
+    # an ensemble's heads read its distinct backbones, side by side in one ConcatExtractor
+    tops = list(zip(backbone.inputs, backbone.members)) if ensemble else [(None, backbone)]
+    roots = [backbone] + [h for _, _, h in heads]
+    for root in roots:
+        _normal_tensors(root)
+    modes = [(m, m.training) for root in roots for m in root.modules()]
+    for root in roots:
+        root.eval()
     x = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float()   # (n,3,S,S)
-    was_training = [net.training for net in nets]
-    for net in nets:
-        net.eval()
     try:
         with torch.enable_grad():
             passes: list[_Pass] = []
@@ -195,8 +175,8 @@ def evidence(model, pixels: np.ndarray, task: str | None = None, classes: np.nda
             cam = (g.mean((2, 3), keepdim=True) * p.fmap).sum(1).detach().double()        # (n,h,w)
             out += _paste(torch.relu(cam) if positive else cam, p, height, width)
     finally:
-        for net, mode in zip(nets, was_training):
-            net.train(mode)
+        for m, mode in modes:
+            m.training = mode
     return out.numpy(), chosen.numpy()
 
 
