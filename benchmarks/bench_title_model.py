@@ -104,19 +104,17 @@ def fused_out_of_fold(prep, parts, heads, cfg) -> tuple[dict, dict]:
 
 
 def wrong_and_map(prep, probs: dict, rows, decided: dict | None = None) -> dict:
-    """Wrong answers per class task (argmax, or ``decided``) and mAP per tags task on ``rows``."""
+    """Wrong answers per class task (argmax, or ``decided``: bench_hierarchy_decoding's count) and mAP per
+    tags task on ``rows``."""
     import numpy as np
     from sklearn.metrics import average_precision_score
 
-    from catalens.tasks import MISSING
+    from bench_hierarchy_decoding import wrong
 
-    out = {}
+    out = wrong(prep, probs, rows, decided)
     for t in prep.tasks:
-        y, p = prep.Y[t.name][rows], probs[t.name][rows]
-        if t.kind == "class":
-            pred = decided[t.name][rows] if decided and t.name in decided else p.argmax(1)
-            out[t.name] = int(np.sum(pred[y != MISSING] != y[y != MISSING]))
-        else:
+        if t.kind != "class":
+            y, p = prep.Y[t.name][rows], probs[t.name][rows]
             aps = [average_precision_score(y[:, j][~np.isnan(y[:, j])], p[:, j][~np.isnan(y[:, j])])
                    for j in range(y.shape[1]) if np.nansum(y[:, j]) > 0]
             out[t.name] = round(float(np.mean(aps)), 4)
@@ -142,14 +140,13 @@ def confusions(prep, probs: dict, rows, decided: dict, task: str = "articleType"
     return out
 
 
-def measure(prep, parts, heads, cache: Path, setting: str) -> dict:
+def measure(prep, parts, heads, scored, cache: Path, setting: str) -> dict:
     from catalens.train.kfold import decoded_out_of_fold
 
     cfg = config(cache, SETTINGS[setting])
     t = time.time()
     fused, title = fused_out_of_fold(prep, parts, heads, cfg)
     seconds = time.time() - t
-    scored = sum(p[2] for p in parts).astype(bool)
     decided = decoded_out_of_fold(prep, fused, parts)
     return {"rows": int(scored.sum()), "title": wrong_and_map(prep, title, scored),
             "fused": wrong_and_map(prep, fused, scored), "decoded": wrong_and_map(prep, fused, scored, decided),
@@ -204,7 +201,7 @@ def main() -> None:
     for setting in args.settings:
         if setting in res:
             continue
-        res[setting] = measure(prep, parts, heads, cache, setting)
+        res[setting] = measure(prep, parts, heads, scored, cache, setting)
         RESULTS.write_text(json.dumps(res, indent=1))
         log(f"{setting}: {res[setting]}")
     write_section("bench_title_model", "The title model's settings, fused with the image head (5-fold CV)",
